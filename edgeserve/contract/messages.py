@@ -1,0 +1,316 @@
+"""MQTT payload schemas of contract v1.
+
+Every payload is a JSON object with ``"v": 1``. Receivers validate with :func:`decode`, which
+raises :class:`~edgeserve.errors.ContractError` (never anything else) for oversize, non-JSON,
+wrong-version or wrong-shape payloads, so a bad message is dropped, counted and logged, never fatal.
+Unknown keys are ignored on receipt (a newer minor sender stays readable); a breaking change bumps
+``v`` and the topic root together.
+
+| topic kind          | model              | direction      | QoS / retained |
+|---------------------|--------------------|----------------|----------------|
+| status              | :class:`Status`    | agent → all    | 1, retained; also the Last Will |
+| desired             | :class:`Desired`   | fleet → agent  | 1, retained |
+| reported            | :class:`Reported`  | agent → fleet  | 1, retained |
+| telemetry           | :class:`TelemetryBatch` | agent → fleet | 1 |
+| ack                 | :class:`Ack`       | fleet → agent  | 1 |
+| files/req           | :class:`FileRequest` | agent → fleet | 1 |
+| files/data          | :class:`FileChunk` | fleet → agent  | 1 |
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .._validation import validate_json
+from ..errors import ContractError
+from ..telemetry.histogram import HistogramData
+from ..telemetry.sketch import DriftScore, SketchData
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "Ack",
+    "Desired",
+    "DesiredModel",
+    "ErrorInfo",
+    "FeedbackSummary",
+    "FileChunk",
+    "FileRequest",
+    "Health",
+    "HealthPolicy",
+    "Message",
+    "ModelReport",
+    "Reported",
+    "ShadowReport",
+    "ShadowSpec",
+    "Status",
+    "TelemetryBatch",
+    "VersionRef",
+    "Window",
+    "decode",
+    "encode",
+]
+
+MAX_PAYLOAD_BYTES = 1 << 20
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_VERSION = r"^[0-9A-Za-z.+-]{1,64}$"
+_SHA256 = r"^[0-9a-f]{64}$"
+Id = Annotated[str, Field(pattern=_ID)]
+Ver = Annotated[str, Field(pattern=_VERSION)]
+Count = Annotated[int, Field(ge=0, le=2**53)]
+Seconds = Annotated[float, Field(ge=0, le=1e11)]
+
+
+class Message(BaseModel):
+    """Base of every payload: schema version 1, unknown keys ignored, immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    v: Literal[1] = 1
+
+
+# -- status -------------------------------------------------------------------------------------
+
+class Status(Message):
+    """Birth message (online) and Last Will (offline), retained on ``devices/{id}/status``."""
+
+    device_id: Id
+    state: Literal["online", "offline"]
+    ts: Seconds = Field(default_factory=time.time)
+    agent_version: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=64)
+    models: dict[Id, Ver] = Field(default_factory=dict, max_length=256,
+                                  description="active version per model")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    reason: str | None = Field(default=None, max_length=256)
+
+
+# -- desired --------------------------------------------------------------------------------------
+
+class VersionRef(Message):
+    """Where a device gets one version: the package's base URL (or MQTT) and its manifest hash."""
+
+    release: int = Field(ge=1)
+    transport: Literal["http", "mqtt"] = "http"
+    url: str | None = Field(default=None, max_length=2048,
+                            description="base URL serving manifest.json, signature, files/...")
+    manifest_sha256: str = Field(pattern=_SHA256)
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> VersionRef:
+        if self.transport == "http" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError("transport 'http' needs an http(s):// url")
+        return self
+
+
+class ShadowSpec(Message):
+    version: Ver
+    sample_rate: float = Field(default=1.0, gt=0, le=1)
+
+
+class HealthPolicy(Message):
+    """How a device decides to commit a new version after activation."""
+
+    min_inferences: int = Field(default=20, ge=0, le=1_000_000)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    sample_tolerance: float = Field(default=1e-2, ge=0)
+
+
+class DesiredModel(Message):
+    active: Ver
+    versions: dict[Ver, VersionRef] = Field(min_length=1, max_length=16)
+    traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16,
+                                      description="A/B weights; empty = all to active")
+    shadow: ShadowSpec | None = None
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+
+    @model_validator(mode="after")
+    def _versions_known(self) -> DesiredModel:
+        needed = {self.active, *self.traffic, *([self.shadow.version] if self.shadow else [])}
+        missing = needed - set(self.versions)
+        if missing:
+            raise ValueError(f"versions {sorted(missing)} are used but have no entry in 'versions'")
+        if any(w < 0 for w in self.traffic.values()):
+            raise ValueError("traffic weights must not be negative")
+        if self.traffic and sum(self.traffic.values()) <= 0:
+            raise ValueError("traffic weights must add up to more than 0")
+        return self
+
+
+class Desired(Message):
+    """Retained on ``devices/{id}/desired``; the agent applies only a higher ``revision``."""
+
+    revision: int = Field(ge=0, le=2**53)
+    ts: Seconds = Field(default_factory=time.time)
+    models: dict[Id, DesiredModel] = Field(default_factory=dict, max_length=64)
+    rollout: str | None = Field(default=None, max_length=128)
+
+
+# -- reported -------------------------------------------------------------------------------------
+
+class ErrorInfo(Message):
+    code: str = Field(max_length=64, description="the EdgeserveError class name")
+    message: str = Field(max_length=2000)
+    version: Ver | None = None
+
+
+class ModelReport(Message):
+    active: Ver | None = None
+    previous: Ver | None = None
+    installed: list[Ver] = Field(default_factory=list, max_length=64)
+    state: Literal["idle", "downloading", "verifying", "staged", "health-check", "committed",
+                   "rolled-back", "failed"] = "idle"
+    target: Ver | None = None
+    progress: float = Field(default=0.0, ge=0, le=1)
+    traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16)
+    shadow: Ver | None = None
+    last_error: ErrorInfo | None = None
+
+
+class Reported(Message):
+    device_id: Id
+    revision: int = Field(ge=0, le=2**53, description="last desired revision applied")
+    ts: Seconds = Field(default_factory=time.time)
+    models: dict[Id, ModelReport] = Field(default_factory=dict, max_length=64)
+
+
+# -- telemetry ------------------------------------------------------------------------------------
+
+class ShadowReport(Message):
+    version: Ver
+    compared: Count
+    disagreements: Count
+    max_abs_diff: float = Field(default=0.0, ge=0)
+    errors: Count = 0
+    latency: HistogramData | None = None
+
+
+class FeedbackSummary(Message):
+    """Rewards/labels received for this window's model version (per arm for experiments)."""
+
+    count: Count
+    reward_sum: float = 0.0
+    reward_sumsq: float = Field(default=0.0, ge=0)
+    correct: Count = 0
+    labeled: Count = 0
+
+
+class Health(Message):
+    mem_used_mb: float | None = Field(default=None, ge=0)
+    mem_total_mb: float | None = Field(default=None, ge=0)
+    disk_free_mb: float | None = Field(default=None, ge=0)
+    cpu_load: float | None = Field(default=None, ge=0)
+    temp_c: float | None = Field(default=None, ge=-100, le=300)
+
+
+class Window(Message):
+    """One aggregation window of one model version (or device health when ``model`` is None)."""
+
+    seq: int = Field(ge=1, le=2**53, description="per-device sequence number, from 1")
+    start: Seconds
+    end: Seconds
+    model: Id | None = None
+    version: Ver | None = None
+    requests: Count = 0
+    errors: Count = 0
+    latency: HistogramData | None = None
+    inputs: SketchData | None = None
+    outputs: SketchData | None = None
+    drift_inputs: DriftScore | None = None
+    drift_outputs: DriftScore | None = None
+    shadow: ShadowReport | None = None
+    feedback: FeedbackSummary | None = None
+    health: Health | None = None
+    dropped: Count = Field(default=0, description="windows the outbox dropped before this one")
+
+    @model_validator(mode="after")
+    def _sane(self) -> Window:
+        if self.end < self.start:
+            raise ValueError("window end is before its start")
+        if self.errors > self.requests:
+            raise ValueError("errors cannot exceed requests")
+        if (self.model is None) != (self.version is None):
+            raise ValueError("model and version go together")
+        return self
+
+
+class TelemetryBatch(Message):
+    device_id: Id
+    sent: Seconds = Field(default_factory=time.time)
+    windows: list[Window] = Field(min_length=1, max_length=1000)
+
+
+class Ack(Message):
+    """``seq`` is the highest sequence number below which every window is stored."""
+
+    seq: int = Field(ge=0, le=2**53)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+class FileRequest(Message):
+    transfer: Id
+    model: Id
+    version: Ver
+    file: str = Field(min_length=1, max_length=512, description="member path or 'manifest.json'")
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(default=65536, ge=1, le=512 * 1024)
+
+
+class FileChunk(Message):
+    transfer: Id
+    file: str = Field(min_length=1, max_length=512)
+    offset: int = Field(ge=0)
+    total: int = Field(ge=0)
+    data: str = Field(max_length=700_000, description="base64 bytes")
+    sha256: str = Field(pattern=_SHA256, description="of the decoded chunk")
+    error: str | None = Field(default=None, max_length=1000)
+
+    def payload(self) -> bytes:
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ContractError(f"file chunk {self.file}@{self.offset}: data is not base64") from None
+        if hashlib.sha256(raw).hexdigest() != self.sha256:
+            raise ContractError(f"file chunk {self.file}@{self.offset}: sha256 mismatch")
+        return raw
+
+    @classmethod
+    def of(cls, transfer: str, file: str, offset: int, total: int, raw: bytes) -> FileChunk:
+        return cls(transfer=transfer, file=file, offset=offset, total=total,
+                   data=base64.b64encode(raw).decode(), sha256=hashlib.sha256(raw).hexdigest())
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(model: type[M], payload: bytes | bytearray | str, where: str = "payload",
+           max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+    """Validate a received payload; every problem is a :class:`ContractError`."""
+    if isinstance(payload, bytearray):
+        payload = bytes(payload)
+    if not isinstance(payload, bytes | str):
+        raise ContractError(f"{where}: payload must be bytes, got {type(payload).__name__}")
+    if isinstance(payload, bytes):
+        head = payload.lstrip()[:1]
+    else:
+        head = payload.lstrip()[:1].encode("utf-8", "replace")
+    if len(payload) <= max_bytes and head != b"{":
+        raise ContractError(f"{where}: expected a JSON object (starting with '{{'), "
+                            f"got {payload[:20]!r}")
+    message = validate_json(model, payload, where, ContractError, max_bytes=max_bytes)
+    if "v" not in message.model_fields_set:
+        raise ContractError(f"{where}: missing schema version key 'v' (expected \"v\": 1)")
+    return message
+
+
+def encode(message: Message) -> bytes:
+    """Compact JSON bytes for publishing (``None`` fields left out)."""
+    data: dict[str, Any] = message.model_dump(mode="json", exclude_none=True)
+    return json.dumps(data, separators=(",", ":")).encode()

@@ -1,0 +1,217 @@
+"""The exception tree of edgeserve.
+
+Every failure a user can act on is an :class:`EdgeserveError` subclass whose message says what was
+wrong and what was expected. One table here maps each class to a CLI exit code and an HTTP status;
+the CLI and the HTTP servers use it instead of deciding on their own.
+
+::
+
+    EdgeserveError
+    ├── ConfigError                      settings, CLI arguments
+    │   └── ProfileError                 a hardware profile file is broken
+    │       └── UnknownProfileError      no profile of that name (lists close matches)
+    ├── SchemaError                      a document (manifest, MQTT payload, report) is invalid
+    │   └── ContractError                an MQTT topic or payload breaks the v1 contract
+    ├── PackageError                     a .edgepkg cannot be trusted or read
+    │   ├── CorruptPackageError          not a zip, truncated, unreadable member
+    │   ├── UnsafeMemberError            path traversal, absolute paths, links, unexpected members
+    │   ├── OversizeMemberError          larger than declared or than the configured limit (zip bomb)
+    │   ├── TamperedFileError            a file's bytes do not match the manifest's sha256/size
+    │   ├── TamperedManifestError        the manifest is not the one that was signed
+    │   ├── SignatureError               signature missing, malformed or not valid
+    │   │   └── UntrustedKeyError        signed, but by a key the reader does not pin
+    │   └── RollbackError                release number older than the installed one
+    ├── KeyFileError                     a key file is missing or not an ed25519 PEM key
+    ├── ConversionError                  a model could not be converted or validated
+    │   ├── UnsupportedOpError           the target lacks an op the model needs
+    │   └── ProfileLimitError            a profile limit (bytes, arena) cannot be met
+    ├── ModelNotFoundError               unknown model or version
+    ├── InvalidInputError                tensors with wrong names, shapes, dtypes or encodings
+    ├── RuntimeUnavailableError          the runtime cannot run here (e.g. Core ML off macOS)
+    ├── CacheError                       the local model cache is damaged or full
+    ├── OverloadedError                  bounded queue full: retry later
+    ├── AuthError                        missing or bad credentials
+    │   └── ForbiddenError               credentials valid, action not allowed
+    └── StoreError                       the fleet store cannot be used
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "CacheError",
+    "ConfigError",
+    "ContractError",
+    "ConversionError",
+    "CorruptPackageError",
+    "EdgeserveError",
+    "ForbiddenError",
+    "InvalidInputError",
+    "KeyFileError",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "OversizeMemberError",
+    "PackageError",
+    "ProfileError",
+    "ProfileLimitError",
+    "RollbackError",
+    "RuntimeUnavailableError",
+    "SchemaError",
+    "SignatureError",
+    "StoreError",
+    "TamperedFileError",
+    "TamperedManifestError",
+    "UnknownProfileError",
+    "UnsafeMemberError",
+    "UnsupportedOpError",
+    "UntrustedKeyError",
+    "exit_code_for",
+    "http_status_for",
+]
+
+
+class EdgeserveError(Exception):
+    """Root of every error edgeserve raises on purpose.
+
+    ``exit_code`` is what the CLI exits with, ``http_status`` what the HTTP servers answer.
+    """
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(EdgeserveError):
+    exit_code = 2
+    http_status = 400
+
+
+class ProfileError(ConfigError):
+    pass
+
+
+class UnknownProfileError(ProfileError):
+    http_status = 404
+
+
+class SchemaError(EdgeserveError):
+    exit_code = 3
+    http_status = 400
+
+
+class ContractError(SchemaError):
+    pass
+
+
+class PackageError(EdgeserveError):
+    exit_code = 4
+    http_status = 422
+
+
+class CorruptPackageError(PackageError):
+    pass
+
+
+class UnsafeMemberError(PackageError):
+    pass
+
+
+class OversizeMemberError(PackageError):
+    pass
+
+
+class TamperedFileError(PackageError):
+    pass
+
+
+class TamperedManifestError(PackageError):
+    pass
+
+
+class SignatureError(PackageError):
+    pass
+
+
+class UntrustedKeyError(SignatureError):
+    pass
+
+
+class RollbackError(PackageError):
+    pass
+
+
+class KeyFileError(EdgeserveError):
+    exit_code = 2
+    http_status = 400
+
+
+class ConversionError(EdgeserveError):
+    exit_code = 5
+    http_status = 422
+
+
+class UnsupportedOpError(ConversionError):
+    pass
+
+
+class ProfileLimitError(ConversionError):
+    pass
+
+
+class ModelNotFoundError(EdgeserveError):
+    exit_code = 6
+    http_status = 404
+
+
+class InvalidInputError(EdgeserveError):
+    exit_code = 7
+    http_status = 400
+
+
+class RuntimeUnavailableError(EdgeserveError):
+    exit_code = 8
+    http_status = 501
+
+
+class CacheError(EdgeserveError):
+    exit_code = 9
+    http_status = 500
+
+
+class OverloadedError(EdgeserveError):
+    exit_code = 10
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AuthError(EdgeserveError):
+    exit_code = 11
+    http_status = 401
+
+
+class ForbiddenError(AuthError):
+    http_status = 403
+
+
+class StoreError(EdgeserveError):
+    exit_code = 12
+    http_status = 500
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The CLI exit code for an exception (1 for anything that is not ours)."""
+    return exc.exit_code if isinstance(exc, EdgeserveError) else 1
+
+
+def http_status_for(exc: BaseException) -> int:
+    """The HTTP status for an exception (500 for anything that is not ours)."""
+    return exc.http_status if isinstance(exc, EdgeserveError) else 500

@@ -1,0 +1,226 @@
+"""The model package manifest (schema ``edgeserve.manifest/1``).
+
+The manifest is the one signed document of a package: it names the model, describes its input and
+output signature, lists every artifact (format, precision, target profiles, validation figures) and
+pins every file in the package by sha256 and size. Its canonical byte form (sorted keys, no
+whitespace, UTF-8) is what the ed25519 signature covers, so any edit to it or to any file it pins is
+detected. The JSON Schema generated from these models lives in ``docs/manifest.schema.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ._validation import validate, validate_json
+from .errors import SchemaError
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "Artifact",
+    "ArtifactFormat",
+    "DType",
+    "FileEntry",
+    "ImagePreprocessing",
+    "Manifest",
+    "Precision",
+    "QuantParams",
+    "Quantization",
+    "SourceInfo",
+    "TensorSpec",
+    "canonical_json",
+    "is_safe_member_name",
+    "manifest_json_schema",
+    "parse_manifest",
+]
+
+MANIFEST_SCHEMA = "edgeserve.manifest/1"
+
+DType = Literal[
+    "float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string"
+]
+ArtifactFormat = Literal["onnx", "tflite", "coreml"]
+Precision = Literal["fp32", "fp16", "int8", "int6", "int4", "mixed"]
+Quantization = Literal[
+    "none", "dynamic", "static", "full-integer", "weight-int8", "palettize-6", "palettize-4"
+]
+Task = Literal["classification", "regression", "embedding", "detection", "other"]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# semver.org 2.0.0, without build metadata restrictions relaxed
+_SEMVER = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+_SHA256 = r"^[0-9a-f]{64}$"
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Dim = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=64)] | None
+
+
+class QuantParams(_Strict):
+    """Affine quantization of an integer tensor: ``real = scale * (q - zero_point)``."""
+
+    scale: float = Field(gt=0)
+    zero_point: int
+
+
+class TensorSpec(_Strict):
+    """One named tensor of a model or artifact signature."""
+
+    name: str = Field(min_length=1, max_length=256)
+    dtype: DType
+    shape: list[Dim] = Field(max_length=16, description="int: fixed; str or null: dynamic axis")
+    layout: str | None = Field(default=None, max_length=16, description="e.g. NCHW, NHWC, NC")
+    quantization: QuantParams | None = None
+    description: str = Field(default="", max_length=1000)
+
+
+class ImagePreprocessing(_Strict):
+    """How an image file becomes the model input tensor (used by ``agent predict`` on images)."""
+
+    kind: Literal["image"] = "image"
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        description="(height, width) after resizing"
+    )
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    scale: float = Field(default=1 / 255, description="multiplied into the 0..255 pixel values")
+    mean: list[float] = Field(default_factory=list, max_length=4)
+    std: list[float] = Field(default_factory=list, max_length=4)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    invert: bool = Field(default=False, description="255 - pixel before scaling (e.g. MNIST ink)")
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=_SHA256)
+    size: int = Field(ge=0)
+
+
+class SourceInfo(_Strict):
+    framework: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=_SHA256)
+    filename: str | None = Field(default=None, max_length=512)
+
+
+class Artifact(_Strict):
+    """One runnable form of the model. ``path`` is a file, or a directory prefix (Core ML)."""
+
+    id: str = Field(pattern=_NAME)
+    format: ArtifactFormat
+    precision: Precision
+    quantization: Quantization = "none"
+    path: str = Field(min_length=1, max_length=512)
+    profiles: list[str] = Field(default_factory=list, max_length=64)
+    runtime: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    inputs: list[TensorSpec] | None = Field(
+        default=None, description="this artifact's own signature when it differs (layout, int8 I/O)"
+    )
+    outputs: list[TensorSpec] | None = None
+    size_bytes: int = Field(default=0, ge=0)
+    validation: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    schema_: Literal["edgeserve.manifest/1"] = Field(default="edgeserve.manifest/1", alias="schema")
+    name: str = Field(pattern=_NAME)
+    version: str = Field(pattern=_SEMVER)
+    release: int = Field(ge=1, description="monotonic; devices refuse a lower one than installed")
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    description: str = Field(default="", max_length=4000)
+    task: Task = "other"
+    source: SourceInfo
+    inputs: list[TensorSpec] = Field(min_length=1, max_length=256)
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=256)
+    preprocessing: dict[str, ImagePreprocessing] = Field(default_factory=dict)
+    labels: list[str] | None = Field(default=None, max_length=100_000)
+    artifacts: list[Artifact] = Field(min_length=1, max_length=256)
+    files: dict[str, FileEntry] = Field(default_factory=dict, max_length=10_000)
+    reference: str | None = None
+    samples: str | None = None
+    report: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("files")
+    @classmethod
+    def _safe_file_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in files:
+            if not is_safe_member_name(name) or name in ("manifest.json", "signature"):
+                raise ValueError(f"file name {name!r} is not a safe relative path in the package")
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        ids = [a.id for a in self.artifacts]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"artifact ids must be unique, repeated: {dupes}")
+        for artifact in self.artifacts:
+            if self.files and not self.artifact_files(artifact):
+                raise ValueError(f"artifact {artifact.id!r}: no file at path {artifact.path!r}")
+        for key in ("reference", "samples", "report"):
+            path = getattr(self, key)
+            if path is not None and self.files and path not in self.files:
+                raise ValueError(f"{key} file {path!r} is not listed in files")
+        input_names = {t.name for t in self.inputs}
+        unknown = set(self.preprocessing) - input_names
+        if unknown:
+            raise ValueError(f"preprocessing for unknown inputs {sorted(unknown)}")
+        return self
+
+    def artifact_files(self, artifact: Artifact) -> list[str]:
+        """The package members that make up ``artifact`` (one file, or a directory's files)."""
+        prefix = artifact.path.rstrip("/") + "/"
+        return sorted(n for n in self.files if n == artifact.path or n.startswith(prefix))
+
+    def artifact(self, artifact_id: str) -> Artifact:
+        for artifact in self.artifacts:
+            if artifact.id == artifact_id:
+                return artifact
+        known = ", ".join(a.id for a in self.artifacts)
+        raise SchemaError(f"package {self.name} {self.version} has no artifact {artifact_id!r}; "
+                          f"it has: {known}")
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", by_alias=True))
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a manifest, as published in docs/."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://edgeserve.dev/schemas/manifest-1.json"
+    return schema
+
+
+def canonical_json(data: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8 (what signatures cover)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def is_safe_member_name(name: str) -> bool:
+    """A relative POSIX path with no ``..``, no empty parts, no drive letter and no backslash."""
+    if not name or len(name) > 512 or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    if _WINDOWS_DRIVE.match(name):
+        return False
+    parts = name.split("/")
+    return all(part not in ("", ".", "..") for part in parts)
+
+
+def parse_manifest(raw: bytes | str | dict[str, Any], where: str = "manifest.json") -> Manifest:
+    """Parse and validate a manifest; every problem raises :class:`SchemaError` naming the key."""
+    if isinstance(raw, dict):
+        return validate(Manifest, raw, where)
+    return validate_json(Manifest, raw, where, max_bytes=8 * 1024 * 1024)

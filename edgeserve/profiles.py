@@ -1,0 +1,256 @@
+"""Hardware profiles: one TOML file per device class (schema ``edgeserve.profile/1``).
+
+A profile says what a device is (architecture, cores, memory and storage), what it can run
+(runtimes, execution providers, delegates, Core ML compute units), which artifacts the converter
+builds for it, in order of preference, the error budgets each artifact must meet, and hard limits
+that make a build fail early. Shipped profiles live in ``hw-profiles/`` (installed as
+``edgeserve.hw_profiles``); more directories can be added with ``EDGESERVE_PROFILE_PATH``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ._validation import validate
+from .errors import ProfileError, UnknownProfileError
+from .manifest import ArtifactFormat, Precision, Quantization
+
+__all__ = [
+    "PROFILE_SCHEMA",
+    "Accelerator",
+    "ArtifactTarget",
+    "Budgets",
+    "Hardware",
+    "HardwareProfile",
+    "Limits",
+    "Runtimes",
+    "ValidationBudget",
+    "list_profiles",
+    "load_profile",
+    "parse_profile",
+    "profile_dirs",
+]
+
+PROFILE_SCHEMA = "edgeserve.profile/1"
+DeviceClass = Literal[
+    "server", "desktop", "sbc", "gpu-sbc", "accelerator-board", "mcu", "phone", "industrial-pc"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Accelerator(_Strict):
+    name: str
+    kind: Literal["gpu", "npu", "tpu", "dsp", "vpu"]
+    tops_int8: float | None = Field(default=None, ge=0, description="vendor peak int8 TOPS")
+    precisions: list[Precision] = Field(default_factory=list)
+
+
+class Hardware(_Strict):
+    arch: Literal["x86_64", "aarch64", "armv7l", "xtensa", "riscv32", "riscv64", "any"]
+    cpu: str
+    cores: int = Field(ge=1, le=1024)
+    clock_mhz: int | None = Field(default=None, ge=1)
+    memory_mb: float = Field(gt=0, description="RAM; fractions allowed for MCUs (0.5 = 512 KB)")
+    storage_mb: float = Field(gt=0)
+    accelerators: list[Accelerator] = Field(default_factory=list)
+
+
+class Budgets(_Strict):
+    """Byte budgets on the device; a build that exceeds one fails before converting."""
+
+    max_model_bytes: int = Field(gt=0)
+    max_arena_bytes: int | None = Field(default=None, gt=0)
+    cache_bytes: int = Field(gt=0, description="the agent's model cache budget")
+
+
+class OrtRuntime(_Strict):
+    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    intra_op_threads: int = Field(default=0, ge=0, description="0 = let ONNX Runtime decide")
+    inter_op_threads: int = Field(default=1, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class LiteRtRuntime(_Strict):
+    delegates: list[str] = Field(default_factory=lambda: ["xnnpack"])
+    threads: int = Field(default=0, ge=0)
+
+
+class CoreMlRuntime(_Strict):
+    compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "ALL"
+    minimum_deployment_target: Literal[
+        "iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15"
+    ] = "iOS17"
+
+
+class TfliteMicroRuntime(_Strict):
+    arena_bytes: int = Field(gt=0)
+    ops: list[str] = Field(default_factory=list, description="ops the firmware registers")
+
+
+class Runtimes(_Strict):
+    onnxruntime: OrtRuntime | None = None
+    litert: LiteRtRuntime | None = None
+    coreml: CoreMlRuntime | None = None
+    tflite_micro: TfliteMicroRuntime | None = None
+
+    def available(self) -> list[str]:
+        return [k for k in ("onnxruntime", "litert", "coreml", "tflite_micro")
+                if getattr(self, k) is not None]
+
+
+_FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime",),
+    "tflite": ("litert", "tflite_micro"),
+    "coreml": ("coreml",),
+}
+
+
+class ArtifactTarget(_Strict):
+    """One artifact the converter builds for this device class."""
+
+    format: ArtifactFormat
+    precision: Precision
+    quantization: Quantization = "none"
+    required: bool = Field(default=True, description="a failure of this artifact fails the build")
+    io_dtype: Literal["float32", "int8", "uint8"] = "float32"
+
+    @property
+    def key(self) -> str:
+        suffix = "" if self.quantization in ("none", "static") and self.precision != "int8" \
+            else f"-{self.quantization}"
+        return f"{self.format}-{self.precision}{suffix}"
+
+
+class ValidationBudget(_Strict):
+    """How close an artifact must stay to the fp32 reference (``warn_*``: passed with a warning)."""
+
+    min_cosine: float = Field(ge=-1, le=1)
+    warn_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_abs_error: float | None = Field(default=None, ge=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
+                                            description="task metric drop, in fractions")
+
+
+def _default_budgets() -> dict[Precision, ValidationBudget]:
+    return {
+        "fp32": ValidationBudget(min_cosine=0.9999, warn_cosine=0.99999, max_abs_error=1e-3,
+                                 min_top1_agreement=0.999),
+        "fp16": ValidationBudget(min_cosine=0.999, warn_cosine=0.9999, min_top1_agreement=0.98),
+        "int8": ValidationBudget(min_cosine=0.98, warn_cosine=0.995, min_top1_agreement=0.95,
+                                 max_accuracy_drop=0.01),
+        "int6": ValidationBudget(min_cosine=0.98, min_top1_agreement=0.95),
+        "int4": ValidationBudget(min_cosine=0.95, min_top1_agreement=0.9),
+        "mixed": ValidationBudget(min_cosine=0.98, min_top1_agreement=0.95),
+    }
+
+
+class Limits(_Strict):
+    unsupported_ops: dict[ArtifactFormat, list[str]] = Field(
+        default_factory=dict, description="ONNX op types this device's runtime cannot run"
+    )
+    max_tensor_rank: int | None = Field(default=None, ge=1)
+    requires_static_shapes: bool = False
+
+
+class HardwareProfile(_Strict):
+    schema_: Literal["edgeserve.profile/1"] = Field(default="edgeserve.profile/1", alias="schema")
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+    title: str
+    device_class: DeviceClass
+    vendor: str
+    sources: list[str] = Field(default_factory=list, description="vendor spec pages used")
+    description: str = ""
+    hardware: Hardware
+    budgets: Budgets
+    runtimes: Runtimes
+    artifacts: list[ArtifactTarget] = Field(min_length=1)
+    validation: dict[Precision, ValidationBudget] = Field(default_factory=_default_budgets)
+    limits: Limits = Field(default_factory=Limits)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _runtimes_cover_artifacts(self) -> HardwareProfile:
+        available = set(self.runtimes.available())
+        for i, target in enumerate(self.artifacts):
+            if not available & set(_FORMAT_RUNTIMES[target.format]):
+                raise ValueError(
+                    f"artifacts[{i}] is {target.format}, but no runtime for it is declared "
+                    f"(declare one of {list(_FORMAT_RUNTIMES[target.format])} under [runtimes])"
+                )
+        return self
+
+    @field_validator("validation")
+    @classmethod
+    def _merge_default_budgets(
+        cls, given: dict[Precision, ValidationBudget]
+    ) -> dict[Precision, ValidationBudget]:
+        return {**_default_budgets(), **given}
+
+    def budget_for(self, precision: str) -> ValidationBudget:
+        return self.validation.get(precision) or _default_budgets()["int8"]  # type: ignore[call-overload]
+
+
+def profile_dirs() -> list[Path]:
+    """Directories searched for ``NAME.toml``: ``EDGESERVE_PROFILE_PATH`` first, then shipped."""
+    extra = [Path(p) for p in os.environ.get("EDGESERVE_PROFILE_PATH", "").split(os.pathsep) if p]
+    shipped = Path(str(resources.files("edgeserve.hw_profiles")))
+    return [*extra, shipped]
+
+
+def parse_profile(text: str, where: str) -> HardwareProfile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{where}: not valid TOML: {exc}") from None
+    return validate(HardwareProfile, data, where, ProfileError)
+
+
+def _load_file(path: Path) -> HardwareProfile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read profile: {exc}") from None
+    profile = parse_profile(text, str(path))
+    if path.stem != profile.name:
+        raise ProfileError(f"{path}: key 'name': found {profile.name!r}, expected {path.stem!r} "
+                           "(a profile's name must match its file name)")
+    return profile
+
+
+def _available() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in reversed(profile_dirs()):  # earlier directories win
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.toml")):
+                found[path.stem] = path
+    return found
+
+
+def list_profiles() -> list[HardwareProfile]:
+    return [_load_file(path) for _, path in sorted(_available().items())]
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A profile by name (``raspberry-pi-5``) or by path to a TOML file."""
+    text = str(name_or_path)
+    if text.endswith(".toml") or os.sep in text:
+        return _load_file(Path(text))
+    available = _available()
+    if text in available:
+        return _load_file(available[text])
+    close = difflib.get_close_matches(text, list(available), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else \
+        f"known profiles: {', '.join(sorted(available))}"
+    raise UnknownProfileError(f"unknown hardware profile {text!r}; {hint}")

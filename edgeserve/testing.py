@@ -1,0 +1,78 @@
+"""Helpers for tests of edgeserve and of code that embeds it (like ``structlog.testing``).
+
+They build *real* things: real key pairs, real signed packages whose artifacts are whatever bytes
+or files the caller gives (the converter's tests give real ONNX/TFLite files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .manifest import Manifest, parse_manifest
+from .package import PackageWriter
+from .signing import TrustStore, load_private_key, write_keypair
+
+__all__ = ["KeyPair", "make_keypair", "make_manifest", "write_test_package"]
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_path: Path
+    public_path: Path
+    key_id: str
+
+    @property
+    def private(self) -> Ed25519PrivateKey:
+        return load_private_key(self.private_path)
+
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore.from_paths([self.public_path])
+
+
+def make_keypair(directory: Path, name: str = "test") -> KeyPair:
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / f"{name}.key", directory / f"{name}.pub.pem"
+    keyid = write_keypair(private, public, overwrite=True)
+    return KeyPair(private, public, keyid)
+
+
+def make_manifest(name: str = "toy", version: str = "1.0.0", release: int = 1,
+                  artifacts: list[dict[str, Any]] | None = None, **extra: Any) -> Manifest:
+    """A valid manifest for a 4-float-in, 3-float-out classifier with one ONNX artifact."""
+    data: dict[str, Any] = {
+        "schema": "edgeserve.manifest/1",
+        "name": name,
+        "version": version,
+        "release": release,
+        "task": "classification",
+        "source": {"framework": "onnx", "sha256": hashlib.sha256(name.encode()).hexdigest()},
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}],
+        "labels": ["a", "b", "c"],
+        "artifacts": artifacts or [{
+            "id": "onnx-fp32", "format": "onnx", "precision": "fp32",
+            "path": "artifacts/model.onnx", "profiles": ["generic-cpu"],
+        }],
+    }
+    data.update(extra)
+    return parse_manifest(data)
+
+
+def write_test_package(out: Path, key: KeyPair | Ed25519PrivateKey,
+                       files: Mapping[str, bytes | Path] | None = None,
+                       manifest: Manifest | None = None) -> Manifest:
+    """Sign and write a package; by default one artifact file of 4 KiB of pseudo-random bytes."""
+    manifest = manifest or make_manifest()
+    writer = PackageWriter(manifest)
+    contents = dict(files or {"artifacts/model.onnx": hashlib.sha512(b"x").digest() * 64})
+    for name, content in contents.items():
+        writer.add_file(name, content)
+    private = key.private if isinstance(key, KeyPair) else key
+    return writer.write(out, private)
