@@ -8,6 +8,8 @@ import pytest
 
 from edgeserve.testing import KeyPair, make_keypair
 
+pytest_plugins = ["tests.services"]
+
 
 @pytest.fixture
 def keypair(tmp_path: Path) -> KeyPair:
