@@ -91,7 +91,7 @@ def demo(out: Path | None, no_wait: bool) -> None:
     writer.write(pkg, load_private_key(work / "demo.key"))
     trust = TrustStore.from_paths([work / "demo.pub.pem"])
     with open_package(pkg, trust=trust, verify_files=True) as opened:
-        console.print(f"[green]verified[/] {pkg.name}: signed by {(opened.signed_by or "")[:16]}, "
+        console.print(f"[green]verified[/] {pkg.name}: signed by {(opened.signed_by or '')[:16]}, "
                       f"{len(opened.manifest.files)} file(s) match")
     tampered = work / "iris-tampered.edgepkg"
     shutil.copy(pkg, tampered)
