@@ -206,9 +206,14 @@ class Package:
     """
 
     def __init__(self, path: Path, zf: zipfile.ZipFile, manifest: Manifest,
-                 signed_by: str | None, limits: PackageLimits) -> None:
+                 signed_by: str | None, limits: PackageLimits, manifest_bytes: bytes = b"",
+                 signature_bytes: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        #: the manifest exactly as signed, and the signature document (for re-verification
+        #: elsewhere, e.g. a fleet serving them to devices that check them with their own keys)
+        self.manifest_bytes = manifest_bytes
+        self.signature_bytes = signature_bytes
         self.signed_by = signed_by
         self._zf = zf
         self._limits = limits
@@ -399,7 +404,7 @@ def open_package(path: Path | str, trust: TrustStore | None = None,
         signed_by = trust.verify(manifest_bytes, signature) if trust is not None else None
         manifest = parse_manifest(manifest_bytes, where=f"{path.name}: manifest.json")
         _check_sizes(by_name, manifest, limits)
-        package = Package(path, zf, manifest, signed_by, limits)
+        package = Package(path, zf, manifest, signed_by, limits, manifest_bytes, signature)
         if verify_files:
             package.verify_all()
         return package
