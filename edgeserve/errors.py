@@ -29,6 +29,7 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     ├── InvalidInputError                tensors with wrong names, shapes, dtypes or encodings
     ├── RuntimeUnavailableError          the runtime cannot run here (e.g. Core ML off macOS)
     ├── CacheError                       the local model cache is damaged or full
+    ├── TransferError                    a download or chunked transfer failed (resumes on retry)
     ├── OverloadedError                  bounded queue full: retry later
     ├── AuthError                        missing or bad credentials
     │   └── ForbiddenError               credentials valid, action not allowed
@@ -61,6 +62,7 @@ __all__ = [
     "StoreError",
     "TamperedFileError",
     "TamperedManifestError",
+    "TransferError",
     "UnknownProfileError",
     "UnsafeMemberError",
     "UnsupportedOpError",
@@ -182,6 +184,11 @@ class RuntimeUnavailableError(EdgeserveError):
 class CacheError(EdgeserveError):
     exit_code = 9
     http_status = 500
+
+
+class TransferError(EdgeserveError):
+    exit_code = 13
+    http_status = 502
 
 
 class OverloadedError(EdgeserveError):
