@@ -1,0 +1,1 @@
+"""Model updates on the device: resumable verified downloads, staging, activation, health checks."""

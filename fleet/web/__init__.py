@@ -1,0 +1,1 @@
+"""The fleet's HTTP side: artifact endpoint (with Range), API, dashboard, metrics."""
