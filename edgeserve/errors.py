@@ -20,7 +20,8 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     │   ├── TamperedManifestError        the manifest is not the one that was signed
     │   ├── SignatureError               signature missing, malformed or not valid
     │   │   └── UntrustedKeyError        signed, but by a key the reader does not pin
-    │   └── RollbackError                release number older than the installed one
+    │   ├── RollbackError                release number older than the installed one
+    │   └── VersionConflictError         that version is installed with different content
     ├── KeyFileError                     a key file is missing or not an ed25519 PEM key
     ├── ConversionError                  a model could not be converted or validated
     │   ├── UnsupportedOpError           the target lacks an op the model needs
@@ -67,6 +68,7 @@ __all__ = [
     "UnsafeMemberError",
     "UnsupportedOpError",
     "UntrustedKeyError",
+    "VersionConflictError",
     "exit_code_for",
     "http_status_for",
 ]
@@ -146,6 +148,10 @@ class UntrustedKeyError(SignatureError):
 
 class RollbackError(PackageError):
     pass
+
+
+class VersionConflictError(PackageError):
+    http_status = 409
 
 
 class KeyFileError(EdgeserveError):

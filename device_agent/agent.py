@@ -1,0 +1,404 @@
+"""The agent: the Python API apps and firmware call, and the core every transport adapts.
+
+``Agent`` owns a :class:`~.cache.ModelCache`, a hardware profile and a trust store. Models are
+loaded once per (model, version), integrity-checked while loading, warmed up, and then run from
+any number of threads. Every inference, successful or not, is reported to the registered
+:class:`~.observe.InferenceObserver` objects. HTTP, gRPC and the CLI are thin adapters over this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeserve.errors import CacheError, ConfigError, InvalidInputError, ModelNotFoundError
+from edgeserve.manifest import Artifact, Manifest, parse_manifest
+from edgeserve.package import atomic_write
+from edgeserve.profiles import HardwareProfile, load_profile
+from edgeserve.signing import TrustStore
+from edgeserve.telemetry import ReferenceStats
+
+from .adapter import IOAdapter
+from .cache import CacheCheck, ModelCache, VersionRecord
+from .installer import install_package, install_parts
+from .observe import InferenceEvent, InferenceObserver
+from .runtimes import ArtifactSource, Runtime, load_runtime
+from .samples import SampleCheck, compare_samples, load_samples
+
+__all__ = ["Agent", "InstalledVersion", "LoadedModel", "PredictResult"]
+
+_STATE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class InstalledVersion:
+    """One installed version of a model, as ``list_models`` and ``install`` report it."""
+
+    name: str
+    version: str
+    release: int
+    artifact_id: str
+    format: str
+    size_bytes: int
+    signed_by: str
+    installed_at: float
+    active: bool = False
+    previous: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True, slots=True)
+class PredictResult:
+    """Outputs by name in the model's signature, and which version produced them."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    latency_ms: float
+    request_id: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A version ready to run: its manifest, artifact, runtime and tensor adapter."""
+
+    record: VersionRecord
+    manifest: Manifest
+    artifact: Artifact
+    runtime: Runtime
+    adapter: IOAdapter
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def version(self) -> str:
+        return self.record.version
+
+
+def _trust(trusted_keys: TrustStore | Iterable[Path | str] | None) -> TrustStore:
+    if isinstance(trusted_keys, TrustStore):
+        return trusted_keys
+    return TrustStore.from_paths([Path(p) for p in trusted_keys or []])
+
+
+class Agent:
+    """Install, activate and run models from a local cache.
+
+    ``profile`` is a profile name, a TOML path or a :class:`HardwareProfile`; ``trusted_keys`` the
+    public keys packages must be signed with (paths or a :class:`TrustStore`). ``cache_bytes``
+    overrides the profile's cache budget; ``concurrency`` is how many inferences per model may run
+    at once (LiteRT keeps that many interpreters); ``warmup`` runs one zero input after loading.
+    """
+
+    def __init__(self, cache_dir: Path | str,
+                 profile: str | Path | HardwareProfile = "generic-cpu",
+                 trusted_keys: TrustStore | Iterable[Path | str] | None = None, *,
+                 cache_bytes: int | None = None, concurrency: int = 4, warmup: bool = True,
+                 observers: Iterable[InferenceObserver] = ()) -> None:
+        self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+        self.trust = _trust(trusted_keys)
+        self.cache = ModelCache(cache_dir, cache_bytes or self.profile.budgets.cache_bytes)
+        self.concurrency = concurrency
+        self.warmup = warmup
+        self._observers: list[InferenceObserver] = list(observers)
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._active: dict[str, str] = {}
+        self._state_mtimes: dict[str, float] = {}
+        self._checked_at = 0.0
+        self._lock = threading.RLock()
+        self._closed = False
+        self._refresh_states()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unload every model. The agent cannot predict afterwards."""
+        with self._lock:
+            self._closed = True
+            for loaded in self._loaded.values():
+                loaded.runtime.close()
+            self._loaded.clear()
+
+    def add_observer(self, observer: InferenceObserver) -> None:
+        """Call ``observer.on_inference(event)`` after every inference from now on."""
+        with self._lock:
+            self._observers = [*self._observers, observer]
+
+    def remove_observer(self, observer: InferenceObserver) -> None:
+        with self._lock:
+            self._observers = [o for o in self._observers if o is not observer]
+
+    # -- installing --------------------------------------------------------------------------------
+
+    def install(self, pkg_path: Path | str, activate: bool = True,
+                artifact_id: str | None = None) -> InstalledVersion:
+        """Verify a package (signature, hashes, release) and keep what this profile needs.
+
+        With ``activate`` (the default) the new version serves at once; the rollout engine passes
+        ``activate=False`` to stage it, then :meth:`activate` after its checks.
+        """
+        record = install_package(self.cache, self.trust, self.profile, Path(pkg_path),
+                                 activate, artifact_id)
+        return self._after_install(record)
+
+    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes,
+                      files: Mapping[str, Path], activate: bool = True,
+                      artifact_id: str | None = None, move: bool = False) -> InstalledVersion:
+        """Install from downloaded parts: the signed manifest, its signature and the files
+        :func:`~.selection.required_files` names (member name → local path), each verified."""
+        record = install_parts(self.cache, self.trust, self.profile, manifest_bytes,
+                               signature_bytes, files, activate, artifact_id, move)
+        return self._after_install(record)
+
+    def _after_install(self, record: VersionRecord) -> InstalledVersion:
+        self._refresh_states(force=True)
+        return self._info(record)
+
+    def _info(self, record: VersionRecord) -> InstalledVersion:
+        state = self.cache.state(record.name)
+        return InstalledVersion(
+            name=record.name, version=record.version, release=record.release,
+            artifact_id=record.artifact_id, format=record.artifact_format,
+            size_bytes=record.size_bytes, signed_by=record.signed_by,
+            installed_at=record.installed_at, active=state.active == record.version,
+            previous=state.previous == record.version)
+
+    # -- pointers ----------------------------------------------------------------------------------
+
+    def activate(self, model: str, version: str) -> InstalledVersion:
+        """Make ``version`` serve (atomically); the old active version becomes previous."""
+        self.cache.activate(model, version)
+        self._refresh_states(force=True)
+        self._unload_stale(model)
+        return self._info(self.cache.record(model, version))
+
+    def rollback(self, model: str) -> InstalledVersion:
+        """Return to the previous version (the current one becomes previous)."""
+        state = self.cache.rollback(model)
+        self._refresh_states(force=True)
+        assert state.active is not None
+        return self._info(self.cache.record(model, state.active))
+
+    def remove(self, model: str, version: str | None = None,
+               force: bool = False) -> list[str]:
+        """Remove a version (not the active one unless ``force``) or, without version, the model."""
+        removed = self.cache.remove(model, version, force)
+        with self._lock:
+            for v in removed:
+                loaded = self._loaded.pop((model, v), None)
+                if loaded is not None:
+                    loaded.runtime.close()
+        self._refresh_states(force=True)
+        return removed
+
+    def list_models(self) -> list[InstalledVersion]:
+        """Every installed version of every model, newest release last within a model."""
+        return [self._info(r) for name in self.cache.models() for r in self.cache.records(name)]
+
+    def check(self, repair: bool = True) -> CacheCheck:
+        """Verify (and repair) the cache; drop loaded models whose versions are gone."""
+        result = self.cache.check(repair=repair)
+        self._refresh_states(force=True)
+        with self._lock:
+            for key in list(self._loaded):
+                if key[0] not in self.cache.models() or \
+                        key[1] not in {r.version for r in self.cache.records(key[0])}:
+                    self._loaded.pop(key).runtime.close()
+        return result
+
+    def active_version(self, model: str) -> str:
+        self._maybe_refresh()
+        version = self._active.get(model)
+        if version is None:
+            if model in self.cache.models():
+                raise ModelNotFoundError(f"model {model!r} has no active version; activate one")
+            known = ", ".join(sorted(self._active)) or "none"
+            raise ModelNotFoundError(f"unknown model {model!r} (models: {known})")
+        return version
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._checked_at > _STATE_POLL_S:
+            self._refresh_states()
+
+    def _refresh_states(self, force: bool = False) -> None:
+        """Pick up activations made by other processes (e.g. the CLI while serving)."""
+        self._checked_at = time.monotonic()
+        active = {}
+        for name in self.cache.models():
+            mtime = self.cache.state_mtime(name)
+            if not force and self._state_mtimes.get(name) == mtime and name in self._active:
+                active[name] = self._active[name]
+                continue
+            self._state_mtimes[name] = mtime
+            state = self.cache.state(name)
+            if state.active is not None:
+                active[name] = state.active
+        self._active = active
+
+    def _unload_stale(self, model: str) -> None:
+        """Keep the active and previous versions loaded (instant rollback), drop the rest."""
+        state = self.cache.state(model)
+        with self._lock:
+            for key in [k for k in self._loaded if k[0] == model]:
+                if key[1] not in (state.active, state.previous):
+                    self._loaded.pop(key).runtime.close()
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def model(self, model: str, version: str | None = None) -> LoadedModel:
+        """The loaded model (loading, verifying and warming it up on first use)."""
+        version = version or self.active_version(model)
+        loaded = self._loaded.get((model, version))
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            if self._closed:
+                raise ConfigError("the agent is closed")
+            loaded = self._loaded.get((model, version))
+            if loaded is None:
+                loaded = self._load(model, version)
+                self._loaded[(model, version)] = loaded
+        return loaded
+
+    def _load(self, model: str, version: str) -> LoadedModel:
+        record = self.cache.record(model, version)
+        manifest_bytes = self.cache.read_verified(record.manifest_sha256, f"{model} {version}")
+        manifest = parse_manifest(manifest_bytes, where=f"{model} {version} manifest")
+        artifact = manifest.artifact(record.artifact_id)
+        source = self._source(record, manifest, artifact)
+        runtime = load_runtime(artifact.format, source, self.profile, self.concurrency)
+        adapter = IOAdapter(manifest, artifact, runtime)
+        if self.warmup:
+            with contextlib.suppress(InvalidInputError):
+                runtime.run(adapter.to_runtime(adapter.warmup_inputs()))
+        self.cache.touch(model, version)
+        extra = {"artifact": artifact.id, "format": artifact.format}
+        return LoadedModel(record, manifest, artifact, runtime, adapter, extra)
+
+    def _source(self, record: VersionRecord, manifest: Manifest,
+                artifact: Artifact) -> ArtifactSource:
+        names = manifest.artifact_files(artifact)
+        what = f"{record.name} {record.version} {artifact.id}"
+        if len(names) == 1 and names[0] == artifact.path and artifact.format != "coreml":
+            return ArtifactSource(content=self.cache.read_verified(record.files[names[0]], what))
+        # Multi-file artifacts (Core ML packages, external ONNX weights) need a directory:
+        # materialize verified copies under tmp/, named by the record so reloads reuse it.
+        base = self.cache.root / "materialized" / record.name / record.version
+        for name in names:
+            target = base / name
+            if not target.is_file():
+                atomic_write(target, self.cache.read_verified(record.files[name], what))
+        return ArtifactSource(path=base / artifact.path)
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def predict(self, model: str, inputs: Mapping[str, Any], version: str | None = None,
+                request_id: str | None = None) -> PredictResult:
+        """Run one request. ``inputs`` are named arrays in the model's signature."""
+        start = time.perf_counter()
+        loaded: LoadedModel | None = None
+        arrays: Mapping[str, Any] = inputs
+        try:
+            loaded = self.model(model, version)
+            arrays = loaded.adapter.check(inputs)
+            outputs = loaded.adapter.from_runtime(
+                loaded.runtime.run(loaded.adapter.to_runtime(arrays)))
+        except Exception as exc:
+            self._notify(model, version, loaded, arrays, None, start, exc, request_id)
+            raise
+        latency = self._notify(model, version, loaded, arrays, outputs, start, None, request_id)
+        return PredictResult(model, loaded.version, outputs, latency, request_id)
+
+    def predict_batch(self, model: str, batch: Sequence[Mapping[str, Any]],
+                      version: str | None = None) -> list[PredictResult]:
+        """Run many requests as one runtime call (stacked on axis 0), results in order."""
+        if not batch:
+            return []
+        loaded = self.model(model, version)
+        checked = [loaded.adapter.check(item) for item in batch]
+        sizes = [next(iter(item.values())).shape[0] if item else 0 for item in checked]
+        try:
+            stacked = {name: np.concatenate([item[name] for item in checked])
+                       for name in checked[0]}
+        except ValueError as exc:
+            raise InvalidInputError(f"batch items cannot be stacked: {exc}") from None
+        result = self.predict(model, stacked, loaded.version)
+        results = []
+        offset = 0
+        for size in sizes:
+            outputs = {k: v[offset:offset + size] for k, v in result.outputs.items()}
+            results.append(PredictResult(model, result.version, outputs,
+                                         result.latency_ms, None))
+            offset += size
+        return results
+
+    def _notify(self, model: str, version: str | None, loaded: LoadedModel | None,
+                inputs: Mapping[str, Any], outputs: dict[str, np.ndarray] | None, start: float,
+                error: BaseException | None, request_id: str | None) -> float:
+        latency = (time.perf_counter() - start) * 1000.0
+        observers = self._observers
+        if not observers:
+            return latency
+        first = next(iter(inputs.values()), None) if inputs else None
+        batch = int(first.shape[0]) if isinstance(first, np.ndarray) and first.ndim else 1
+        event = InferenceEvent(
+            model=model, version=loaded.version if loaded else (version or ""), inputs=inputs,
+            outputs=outputs, latency_ms=latency, error=error, request_id=request_id,
+            batch_size=batch, extra=loaded.extra if loaded else {})
+        for observer in observers:
+            with contextlib.suppress(Exception):
+                observer.on_inference(event)
+        return latency
+
+    # -- package data ------------------------------------------------------------------------------
+
+    def manifest(self, model: str, version: str | None = None) -> Manifest:
+        version = version or self.active_version(model)
+        record = self.cache.record(model, version)
+        raw = self.cache.read_verified(record.manifest_sha256, f"{model} {version}")
+        return parse_manifest(raw, where=f"{model} {version} manifest")
+
+    def reference_stats(self, model: str, version: str | None = None) -> ReferenceStats | None:
+        """The package's drift reference (``reference/stats.json``), if it has one."""
+        version = version or self.active_version(model)
+        record = self.cache.record(model, version)
+        manifest = self.manifest(model, version)
+        name = manifest.reference or "reference/stats.json"
+        if name not in record.files:
+            return None
+        raw = self.cache.read_verified(record.files[name], f"{model} {version} {name}")
+        return ReferenceStats.from_json(raw, where=f"{model} {version} {name}")
+
+    def check_samples(self, model: str, version: str | None = None) -> SampleCheck:
+        """Run the package's sample inputs and compare with its expected (fp32) outputs.
+
+        The tolerance is derived from the artifact's own build-time error on the same samples
+        (``validation.sample_max_abs_error``); see :func:`~.samples.tolerance_for`.
+        """
+        version = version or self.active_version(model)
+        loaded = self.model(model, version)
+        try:
+            inputs, expected = load_samples(self.cache, loaded.record, loaded.manifest)
+        except KeyError as exc:
+            raise CacheError(f"{model} {version}: {exc.args[0]}") from None
+        result = self.predict(model, inputs, version)
+        return compare_samples(loaded.manifest, loaded.artifact, self.profile, result.outputs,
+                               expected)
