@@ -34,13 +34,15 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     ├── OverloadedError                  bounded queue full: retry later
     ├── AuthError                        missing or bad credentials
     │   └── ForbiddenError               credentials valid, action not allowed
-    └── StoreError                       the fleet store cannot be used
+    ├── StoreError                       the fleet store cannot be used
+    └── BrokerError                      the MQTT broker cannot be reached or refused us
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BrokerError",
     "CacheError",
     "ConfigError",
     "ContractError",
@@ -218,6 +220,11 @@ class ForbiddenError(AuthError):
 class StoreError(EdgeserveError):
     exit_code = 12
     http_status = 500
+
+
+class BrokerError(EdgeserveError):
+    exit_code = 14
+    http_status = 502
 
 
 def exit_code_for(exc: BaseException) -> int:

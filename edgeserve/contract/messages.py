@@ -244,6 +244,10 @@ class TelemetryBatch(Message):
     device_id: Id
     sent: Seconds = Field(default_factory=time.time)
     windows: list[Window] = Field(min_length=1, max_length=1000)
+    floor: int | None = Field(default=None, ge=1, le=2**53,
+                              description="lowest seq the device still holds: every seq below "
+                                          "it was acked or dropped by its outbox and will never "
+                                          "be sent, so the fleet may ack past gaps below it")
 
 
 class Ack(Message):
