@@ -6,9 +6,16 @@ import click
 
 from edgeserve.cli import SuggestingGroup
 
+from .cli_telemetry import devices_command, serve_command, telemetry_command
+
 __all__ = ["fleet"]
 
 
 @click.group("fleet", cls=SuggestingGroup)
 def fleet() -> None:
     """Fleet service: devices, telemetry, rollouts, experiments."""
+
+
+fleet.add_command(serve_command)
+fleet.add_command(devices_command)
+fleet.add_command(telemetry_command)

@@ -1,0 +1,239 @@
+"""``edgeserve fleet serve | devices | telemetry``: run ingestion, read the registry and windows."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeserve.console import console, emit, json_option, table, to_json
+
+from .store import Store, default_url
+
+__all__ = ["devices_command", "parse_time", "serve_command", "telemetry_command"]
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+db_option = click.option(
+    "--db", envvar="EDGESERVE_FLEET_DB", default=None, metavar="URL",
+    help="Fleet store: sqlite:///PATH or postgresql://USER@HOST/DB "
+         "[default: SQLite in the user data directory; env EDGESERVE_FLEET_DB].")
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """``30s``/``15m``/``2h``/``7d``/``1w`` ago, an ISO 8601 time (UTC if no zone) or epoch seconds."""
+    now = time.time() if now is None else now
+    value = text.strip()
+    match = _RELATIVE.match(value)
+    if match:
+        return now - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a time; expected e.g. 15m, 2h, 7d (ago), "
+                                 "2026-11-25T10:00 or epoch seconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(ts: float, now: float) -> str:
+    seconds = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+@click.command("serve")
+@click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", required=True,
+              help="Fleet name: the MQTT topic prefix edgeserve/v1/FLEET/… [env EDGESERVE_FLEET].")
+@click.option("--broker", envvar="EDGESERVE_BROKER", default=None, metavar="URL",
+              help="mqtt[s]://[USER[:PASS]@]HOST[:PORT]. Without it an embedded broker starts "
+                   "(MQTT 5 on --broker-port, 3.1.1 on the port after it).")
+@db_option
+@click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None)
+@click.option("--password", envvar="EDGESERVE_MQTT_PASSWORD", default=None,
+              help="MQTT password [env EDGESERVE_MQTT_PASSWORD].")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA certificate(s) to verify the broker (implies TLS).")
+@click.option("--cert-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Client certificate (PEM) for brokers that authenticate by certificate.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Private key of --cert-file.")
+@click.option("--tls-insecure", is_flag=True, help="Do not check the broker's host name.")
+@click.option("--mqtt-version", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
+              show_default=True, help="auto = MQTT 5, falling back to 3.1.1.")
+@click.option("--worker", default="0", show_default=True,
+              help="Name of this worker; workers of one fleet share the telemetry load.")
+@click.option("--client-id", default=None,
+              help="MQTT client id [default: edgeserve-fleet-FLEET-WORKER]; keep it stable so a "
+                   "restart resumes the broker session.")
+@click.option("--shared", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="Subscribe to telemetry as a shared subscription.")
+@click.option("--broker-host", default="127.0.0.1", show_default=True,
+              help="Embedded broker: address to listen on.")
+@click.option("--broker-port", default=1883, show_default=True, type=int,
+              help="Embedded broker: MQTT 5 port (3.1.1 on the next port).")
+@click.option("--duration", type=float, default=None,
+              help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@json_option
+def serve_command(fleet_name: str, broker: str | None, db: str | None, username: str | None,
+                  password: str | None, ca_file: Path | None, cert_file: Path | None,
+                  key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
+                  client_id: str | None, shared: str, broker_host: str, broker_port: int,
+                  duration: float | None, log_level: str, as_json: bool) -> None:
+    """Ingest telemetry and device status of a fleet into the store, acking what is stored."""
+    from edgeserve.contract import check_id
+
+    from .broker import EmbeddedBroker
+    from .connection import BrokerSettings
+    from .ingest import Ingestor
+    from .service import FleetService
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_id(fleet_name, "fleet name")
+    check_id(worker, "worker name")
+    if log_level != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    log = logging.getLogger("edgeserve.fleet")
+    embedded: EmbeddedBroker | None = None
+    store = Store.open(db, fleet=fleet_name)
+    try:
+        if broker is None:
+            embedded = EmbeddedBroker(broker_host, broker_port).start()
+            broker = embedded.url
+        settings = BrokerSettings.from_url(
+            broker, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
+            key_file=key_file, tls_insecure=tls_insecure or None, protocol=mqtt_version)
+        service = FleetService(Ingestor(store, fleet_name), settings,
+                               client_id or f"edgeserve-fleet-{fleet_name}-{worker}",
+                               shared=shared)  # type: ignore[arg-type]
+        service.start()
+        log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s",
+                 fleet_name, _redacted(store.url), settings.url, service.protocol,
+                 service.telemetry_filter)
+        previous = signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+        try:
+            service.run(duration)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            service.stop()
+        stats = service.ingestor.stats.snapshot()
+        log.info("stopped: %s", stats)
+        if as_json:
+            click.echo(to_json(stats))
+    finally:
+        if embedded is not None:
+            embedded.close()
+        store.close()
+
+
+def _redacted(url: str) -> str:
+    from .store import redact_url
+
+    return redact_url(url)
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+@click.command("devices")
+@db_option
+@click.option("--state", type=click.Choice(["online", "offline", "unknown"]), default=None,
+              help="Only devices in this state.")
+@json_option
+def devices_command(db: str | None, state: str | None, as_json: bool) -> None:
+    """List the fleet's devices: online/offline, last seen, profile, active versions."""
+    from .registry import list_devices
+
+    with Store.open(db, create=False) as store:
+        rows = [d.to_dict() for d in list_devices(store, state=state)]
+    now = time.time()
+
+    def render(data: list[dict[str, Any]]) -> None:
+        if not data:
+            console.print(f"no devices{f' {state}' if state else ''} in {db or default_url()}")
+            return
+        console.print(table(f"{len(data)} device(s)", [
+            "device", "state", "last seen", "profile", "agent", "models", "windows", "acked",
+            "dropped", "labels"], [
+            (d["device_id"], d["state"], _ago(d["last_seen"], now), d["profile"],
+             d["agent_version"], ", ".join(f"{m}={v}" for m, v in sorted(d["models"].items())),
+             d["windows_stored"], d["acked_seq"], d["dropped_total"],
+             ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())))
+            for d in data]))
+
+    emit(rows, as_json, render)
+
+
+# -- telemetry -------------------------------------------------------------------------------------
+
+@click.command("telemetry")
+@db_option
+@click.option("--device", default=None, help="Only this device.")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--version", "version", default=None, help="Only this model version.")
+@click.option("--since", default=None, help="Windows ending after: 15m, 2h, 7d, ISO time, epoch.")
+@click.option("--until", default=None, help="Windows starting before (same forms as --since).")
+@click.option("--health", "kind", flag_value="health", help="Only device-health windows.")
+@click.option("--models", "kind", flag_value="models", help="Only model windows.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True,
+              help="Show the newest N matching windows (in time order).")
+@click.option("--full", is_flag=True, help="With --json: include each window's full payload.")
+@json_option
+def telemetry_command(db: str | None, device: str | None, model: str | None,
+                      version: str | None, since: str | None, until: str | None,
+                      kind: str | None, limit: int, full: bool, as_json: bool) -> None:
+    """Show stored telemetry windows: device, seq, model, version, requests, errors, latency."""
+    from .telemetry import query_windows
+
+    with Store.open(db, create=False) as store:
+        found = query_windows(
+            store, device=device, model=model, version=version,
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            health=None if kind is None else kind == "health", limit=limit, newest_first=True)
+    rows = [w.to_dict(with_data=full) for w in reversed(found)]
+
+    def render(data: list[dict[str, Any]]) -> None:
+        if not data:
+            console.print("no telemetry windows match")
+            return
+        console.print(table(f"{len(data)} window(s)", [
+            "device", "seq", "model", "version", "start (UTC)", "s", "requests", "errors",
+            "p50 ms", "p95 ms", "drift psi", "dropped"], [
+            (w["device_id"], w["seq"], w["model"] or "(health)", w["version"],
+             _when(w["start"]), f"{w['end'] - w['start']:.0f}", w["requests"], w["errors"],
+             _num(w["latency_p50_ms"]), _num(w["latency_p95_ms"]), _num(w["drift_psi"]),
+             w["dropped"] or "")
+            for w in data]))
+
+    emit(rows, as_json, render)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"

@@ -1,0 +1,160 @@
+"""Telemetry ingestion, transport-free: validate messages, store them, decide the acks.
+
+The MQTT adapter (:mod:`.service`) hands every received message to :meth:`Ingestor.parse`, then a
+group of parsed messages to :meth:`Ingestor.commit`, which writes them in one transaction and
+returns the acks to publish. A bad payload never stops ingestion: it is counted under a reason,
+logged (throttled, so a flood of garbage cannot flood the log) and dropped.
+
+Rejection reasons: ``topic`` (not a v1 device topic of this fleet, or a kind the fleet does not
+ingest), ``oversize`` (over :data:`~edgeserve.contract.MAX_PAYLOAD_BYTES`), ``malformed`` (not a
+JSON object), ``schema`` (JSON that breaks the contract), ``device-mismatch`` (the payload names
+another device than its topic: a device may publish only under its own id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeserve.contract import (
+    MAX_PAYLOAD_BYTES,
+    Status,
+    TelemetryBatch,
+    decode,
+    parse_topic,
+)
+from edgeserve.errors import ContractError
+
+from .registry import apply_status, ensure_devices
+from .store import Store
+from .telemetry import advance_acks, store_windows, window_row
+
+__all__ = ["REJECT_REASONS", "IngestStats", "Ingestor", "Parsed"]
+
+log = logging.getLogger(__name__)
+
+REJECT_REASONS = ("topic", "oversize", "malformed", "schema", "device-mismatch")
+_LOG_FIRST = 20
+_LOG_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A validated message: a telemetry batch or a status, with the device it came from."""
+
+    device_id: str
+    batch: TelemetryBatch | None = None
+    status: Status | None = None
+
+
+@dataclass
+class IngestStats:
+    """Counters since start (read them with :meth:`snapshot`)."""
+
+    messages: int = 0
+    batches: int = 0
+    statuses: int = 0
+    windows_received: int = 0
+    windows_stored: int = 0
+    duplicates: int = 0
+    acks: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"messages": self.messages, "batches": self.batches, "statuses": self.statuses,
+                "windows_received": self.windows_received, "windows_stored": self.windows_stored,
+                "duplicates": self.duplicates, "acks": self.acks,
+                "rejected": {r: self.rejected.get(r, 0) for r in REJECT_REASONS},
+                "rejected_total": sum(self.rejected.values())}
+
+
+class Ingestor:
+    """Validates and stores what devices of one fleet publish; thread-safe counters."""
+
+    def __init__(self, store: Store, fleet: str, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.clock = clock
+        self.stats = IngestStats()
+        self._lock = threading.Lock()
+
+    def parse(self, topic: str, payload: bytes) -> Parsed | None:
+        """Validate one message; None (counted and logged) when it must be dropped."""
+        with self._lock:
+            self.stats.messages += 1
+        try:
+            where = parse_topic(topic)
+        except ContractError as exc:
+            return self._reject("topic", topic, str(exc))
+        if where.fleet != self.fleet or where.kind not in ("telemetry", "status"):
+            return self._reject("topic", topic, f"not a telemetry or status topic of fleet "
+                                                f"{self.fleet!r}")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return self._reject("oversize", topic, f"{len(payload)} bytes, at most "
+                                                   f"{MAX_PAYLOAD_BYTES} allowed")
+        try:
+            message: TelemetryBatch | Status = (
+                decode(TelemetryBatch, payload, where=topic) if where.kind == "telemetry"
+                else decode(Status, payload, where=topic))
+        except ContractError as exc:
+            return self._reject(_classify(payload), topic, str(exc))
+        if message.device_id != where.device_id:
+            return self._reject("device-mismatch", topic,
+                                f"payload is from device {message.device_id!r}")
+        if isinstance(message, TelemetryBatch):
+            return Parsed(where.device_id, batch=message)
+        return Parsed(where.device_id, status=message)
+
+    def commit(self, items: Sequence[Parsed]) -> dict[str, int]:
+        """Store a group of parsed messages; returns the ack (seq) to send to each device that
+        sent telemetry. Raises :class:`~edgeserve.errors.StoreError` if the store fails (then
+        nothing is acked and the messages must be processed again)."""
+        now = self.clock()
+        batches = [p for p in items if p.batch is not None]
+        statuses = [p.status for p in items if p.status is not None]
+        rows: list[dict[str, Any]] = []
+        floors: dict[str, int] = {}
+        for item in batches:
+            assert item.batch is not None
+            seqs = [w.seq for w in item.batch.windows]
+            floor = min(*seqs, item.batch.floor or 1)
+            floors[item.device_id] = max(floors.get(item.device_id, 1), floor)
+            rows.extend(window_row(item.device_id, w, now) for w in item.batch.windows)
+        stored = 0
+        with self.store.write() as conn:
+            for status in sorted(statuses, key=lambda s: s.ts):
+                apply_status(self.store, conn, status, now)
+            if rows:
+                ensure_devices(self.store, conn, floors, now)
+                stored = store_windows(self.store, conn, rows, now)
+        acks = advance_acks(self.store, floors)
+        with self._lock:
+            self.stats.batches += len(batches)
+            self.stats.statuses += len(statuses)
+            self.stats.windows_received += len(rows)
+            self.stats.windows_stored += stored
+            self.stats.duplicates += len(rows) - stored
+            self.stats.acks += len(acks)
+        return acks
+
+    def _reject(self, reason: str, topic: str, detail: str) -> Parsed | None:
+        with self._lock:
+            self.stats.rejected[reason] += 1
+            count = self.stats.rejected[reason]
+        if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
+            log.warning("dropped a message on %s (%s, #%d): %s", topic[:200], reason, count,
+                        detail.splitlines()[0][:300] if detail else "")
+        return None
+
+
+def _classify(payload: bytes) -> str:
+    try:
+        return "schema" if isinstance(json.loads(payload), dict) else "malformed"
+    except (ValueError, UnicodeDecodeError):
+        return "malformed"

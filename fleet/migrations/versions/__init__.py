@@ -1,0 +1,1 @@
+"""Migration revisions, oldest first; each file's ``down_revision`` names its parent."""

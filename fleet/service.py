@@ -1,0 +1,234 @@
+"""The fleet's MQTT adapter for ingestion: subscribe, hand messages to the :class:`Ingestor`, ack.
+
+Threads: paho's network thread receives messages into a queue; one worker thread takes them in
+groups (up to ``group_messages`` or ``group_wait`` seconds), validates them, stores the group in
+one transaction, publishes each device's ack, and only then acknowledges the MQTT messages
+(``manual_ack``). So a message the fleet had not committed when it was killed is still the
+broker's: the persistent session (clean start off, session expiry set) hands it over again after
+a restart, and the primary key makes the second copy a no-op.
+
+Telemetry is subscribed as a shared subscription (``$share/edgeserve-fleet/…``) when the broker
+says it supports them (MQTT 5 ``SharedSubscriptionAvailable``, absent = yes), so several fleet
+workers split the load; ``status`` is subscribed plainly by every worker, because retained
+messages are not delivered to shared subscriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeserve.contract import Ack, device_topic, encode, fleet_filter, shared_filter
+from edgeserve.errors import StoreError
+
+from .connection import BrokerSettings, connect
+from .ingest import Ingestor, Parsed
+
+__all__ = ["FleetService", "SharedMode"]
+
+log = logging.getLogger(__name__)
+
+SharedMode = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class _Received:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+
+
+class FleetService:
+    """Runs ingestion for one fleet over one broker connection (start/stop; thread-safe stats)."""
+
+    def __init__(self, ingestor: Ingestor, broker: BrokerSettings, client_id: str, *,
+                 shared: SharedMode = "auto", session_expiry_s: int = 7 * 86400,
+                 receive_maximum: int = 1000, group_messages: int = 400,
+                 group_wait_s: float = 0.02, stats_interval_s: float = 30.0) -> None:
+        self.ingestor = ingestor
+        self.broker = broker
+        self.client_id = client_id
+        self.shared = shared
+        self.session_expiry_s = session_expiry_s
+        self.receive_maximum = receive_maximum
+        self.group_messages = group_messages
+        self.group_wait_s = group_wait_s
+        self.stats_interval_s = stats_interval_s
+        self.ready = threading.Event()
+        self.protocol: str | None = None
+        self.telemetry_filter: str | None = None
+        self._queue: queue.Queue[_Received] = queue.Queue()
+        self._stop = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._worker: threading.Thread | None = None
+        self._shared_available = True
+        self._pending_subs: dict[int, str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect, subscribe and start the worker; returns when subscriptions are granted."""
+        # Messages may arrive during the handshake (a resumed session's queue): they wait in
+        # the queue until the worker, which needs the connected client to ack them, starts.
+        self._client = connect(self.broker, self.client_id, self._prepare,
+                               self._connect_properties, manual_ack=True)
+        self._worker = threading.Thread(target=self._work, name="fleet-ingest", daemon=True)
+        self._worker.start()
+        self.protocol = "5" if self._client.protocol == mqtt.MQTTv5 else "3.1.1"
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.loop_start()
+        if not self.ready.wait(timeout):
+            self.stop()
+            raise StoreError(f"the broker at {self.broker.url} did not grant the fleet's "
+                             f"subscriptions within {timeout:.0f} s")
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop the worker (after its current group) and disconnect."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def run(self, duration_s: float | None = None) -> None:
+        """Block until :meth:`stop` is called from another thread, or ``duration_s`` passed."""
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        last = self.ingestor.stats.snapshot()
+        next_log = time.monotonic() + self.stats_interval_s
+        while not self._stop.is_set():
+            remaining = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            self._stop.wait(remaining)
+            if time.monotonic() >= next_log:
+                next_log += self.stats_interval_s
+                now = self.ingestor.stats.snapshot()
+                if now != last:
+                    log.info("ingest: %s", now)
+                    last = now
+
+    # -- MQTT callbacks ----------------------------------------------------------------------------
+
+    def _prepare(self, client: mqtt.Client) -> None:
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+
+    def _connect_properties(self, version: int) -> Properties | None:
+        if version != mqtt.MQTTv5:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = self.receive_maximum
+        return props
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any,
+                    props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        self._shared_available = bool(getattr(props, "SharedSubscriptionAvailable", 1))
+        use_shared = self.shared == "on" or (self.shared == "auto" and self._shared_available
+                                             and client.protocol == mqtt.MQTTv5)
+        telemetry = fleet_filter(self.ingestor.fleet, "telemetry")
+        self.telemetry_filter = shared_filter(telemetry) if use_shared else telemetry
+        log.info("connected to %s (MQTT %s, session %s); telemetry on %s", self.broker.url,
+                 "5" if client.protocol == mqtt.MQTTv5 else "3.1.1",
+                 "resumed" if flags.session_present else "new", self.telemetry_filter)
+        for topic in (fleet_filter(self.ingestor.fleet, "status"), self.telemetry_filter):
+            _rc, mid = client.subscribe(topic, qos=1)
+            self._pending_subs[mid or 0] = topic
+
+    def _on_subscribe(self, client: mqtt.Client, _userdata: Any, mid: int, reasons: Any,
+                      _props: Any) -> None:
+        topic = self._pending_subs.pop(mid, "?")
+        failed = [r for r in reasons if r.is_failure]
+        if failed and topic.startswith("$share/") and self.shared == "auto":
+            plain = topic.split("/", 2)[2]
+            log.warning("broker refused the shared subscription (%s); subscribing to %s",
+                        failed[0], plain)
+            self.telemetry_filter = plain
+            _rc, new_mid = client.subscribe(plain, qos=1)
+            self._pending_subs[new_mid or 0] = plain
+            return
+        if failed:
+            log.error("broker refused the subscription to %s: %s", topic, failed[0])
+            return
+        if not self._pending_subs:
+            self.ready.set()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._queue.put(_Received(message.mid, message.qos, message.topic,
+                                  bytes(message.payload)))
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
+        if not self._stop.is_set():
+            log.warning("disconnected from %s (%s); reconnecting", self.broker.url, reason)
+
+    # -- worker ------------------------------------------------------------------------------------
+
+    def _take_group(self) -> list[_Received]:
+        try:
+            group = [self._queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.group_wait_s
+        while len(group) < self.group_messages:
+            remaining = deadline - time.monotonic()
+            try:
+                group.append(self._queue.get(timeout=remaining) if remaining > 0
+                             else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return group
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            group = self._take_group()
+            if not group:
+                continue
+            parsed = [p for p in (self.ingestor.parse(m.topic, m.payload) for m in group)
+                      if p is not None]
+            acks = self._commit(parsed)
+            if acks is None:
+                return
+            self._publish_acks(acks)
+            client = self._client
+            for message in group:
+                if message.qos > 0 and client is not None:
+                    client.ack(message.mid, message.qos)
+
+    def _commit(self, parsed: list[Parsed]) -> dict[str, int] | None:
+        delay = 0.5
+        while True:
+            try:
+                return self.ingestor.commit(parsed) if parsed else {}
+            except StoreError as exc:
+                log.error("storing telemetry failed, retrying in %.1f s: %s", delay, exc)
+                if self._stop.wait(delay):
+                    return None
+                delay = min(delay * 2, 30.0)
+
+    def _publish_acks(self, acks: dict[str, int]) -> None:
+        client = self._client
+        if client is None:
+            return
+        for device_id, seq in acks.items():
+            topic = device_topic(self.ingestor.fleet, device_id, "ack")
+            client.publish(topic, encode(Ack(seq=seq)), qos=1)
