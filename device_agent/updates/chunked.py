@@ -25,8 +25,12 @@ __all__ = ["ChunkedDownload", "fetch_chunked"]
 
 
 class ChunkedDownload:
-    def __init__(self, model: str, version: str, file: str, dest: Path, size: int, sha256: str,
-                 chunk_bytes: int = 64 * 1024) -> None:
+    """One file's transfer. ``size``/``sha256`` come from the signed manifest; for the manifest
+    and signature themselves they may be None (the size is then learnt from the first chunk and
+    the content is verified by the caller: a hash from desired state, or the signature check)."""
+
+    def __init__(self, model: str, version: str, file: str, dest: Path, size: int | None,
+                 sha256: str | None, chunk_bytes: int = 64 * 1024) -> None:
         self.model, self.version, self.file = model, version, file
         self.dest = Path(dest)
         self.part = self.dest.with_name(self.dest.name + ".part")
@@ -34,7 +38,7 @@ class ChunkedDownload:
         self.chunk_bytes = chunk_bytes
         self.transfer = uuid.uuid4().hex[:16]
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.part.exists() and self.part.stat().st_size > size:
+        if self.part.exists() and (size is None or self.part.stat().st_size > size):
             self.part.unlink()
         self.resumed_from = self.offset
         self.transferred = 0
@@ -45,12 +49,13 @@ class ChunkedDownload:
 
     @property
     def complete(self) -> bool:
-        return self.offset >= self.size
+        return self.size is not None and self.offset >= self.size
 
     def request(self) -> FileRequest:
+        left = self.chunk_bytes if self.size is None else max(self.size - self.offset, 1)
         return FileRequest(transfer=self.transfer, model=self.model, version=self.version,
                            file=self.file, offset=self.offset,
-                           length=min(self.chunk_bytes, max(self.size - self.offset, 1)))
+                           length=min(self.chunk_bytes, left))
 
     def accept(self, chunk: FileChunk) -> bool:
         """Append a chunk if it is the one expected; True when the file is complete."""
@@ -61,10 +66,14 @@ class ChunkedDownload:
                                 f"{chunk.error}")
         if chunk.offset != self.offset:
             return self.complete  # a duplicate or late answer; the next request re-asks
+        if self.size is None:
+            self.size = chunk.total
         if chunk.total != self.size:
             raise TamperedFileError(f"{self.file}: fleet reports {chunk.total} bytes, the signed "
                                     f"manifest {self.size}")
         data = chunk.payload()
+        if self.offset + len(data) > self.size:
+            raise TamperedFileError(f"{self.file}: chunk runs past the declared {self.size} bytes")
         if not data and not self.complete:
             raise TransferError(f"{self.file}: empty chunk at offset {chunk.offset}")
         with self.part.open("ab") as fh:
@@ -75,11 +84,14 @@ class ChunkedDownload:
         return self.complete
 
     def finish(self) -> DownloadResult:
+        assert self.size is not None
+        if not self.part.exists():  # a zero-byte file
+            self.part.write_bytes(b"")
         digest = hashlib.sha256()
         with self.part.open("rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
-        if digest.hexdigest() != self.sha256:
+        if self.sha256 is not None and digest.hexdigest() != self.sha256:
             self.part.unlink(missing_ok=True)
             raise TamperedFileError(f"{self.file}: sha256 does not match the signed manifest; "
                                     "discarded")

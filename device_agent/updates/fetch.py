@@ -1,0 +1,109 @@
+"""Fetch one model version named by desired state, verify it, and stage it in the cache.
+
+Order matters for safety and bandwidth: the manifest is checked against the hash desired state
+names, then its signature against the device's pinned keys, and only then are the (large) files
+this profile needs downloaded — each resumable and checked against the manifest — and handed to
+the agent, which re-verifies everything and refuses an older release than the one installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from edgeserve.contract import FileChunk, FileRequest, VersionRef
+from edgeserve.errors import TamperedManifestError, TransferError
+from edgeserve.manifest import parse_manifest
+
+from ..agent import Agent, InstalledVersion
+from ..selection import required_files
+from .chunked import ChunkedDownload, fetch_chunked
+from .download import download_file, fetch_bytes
+
+__all__ = ["MqttTransport", "Progress", "fetch_version"]
+
+Progress = Callable[[int, int], None]
+
+
+class MqttTransport:
+    """Send file requests and wait for chunks; the MQTT link provides both callables."""
+
+    def __init__(self, send: Callable[[FileRequest], None],
+                 receive: Callable[[float], FileChunk | None], timeout: float = 10.0) -> None:
+        self.send, self.receive, self.timeout = send, receive, timeout
+
+    def get(self, model: str, version: str, member: str, dest: Path, size: int | None,
+            sha256: str | None) -> tuple[Path, int]:
+        download = ChunkedDownload(model, version, member, dest, size, sha256)
+        result = fetch_chunked(download, self.send, self.receive, self.timeout)
+        return result.path, result.bytes_transferred
+
+
+def _check_manifest(manifest_bytes: bytes, ref: VersionRef, where: str) -> None:
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if digest != ref.manifest_sha256:
+        raise TamperedManifestError(
+            f"{where}: manifest sha256 {digest[:16]}… is not the {ref.manifest_sha256[:16]}… that "
+            "desired state names; refusing it"
+        )
+
+
+def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_dir: Path,
+                  progress: Progress | None = None,
+                  mqtt: MqttTransport | None = None) -> tuple[InstalledVersion, int]:
+    """Download, verify and stage (not activate) ``model`` ``version``.
+
+    Returns the installed version and the bytes that crossed the network. Partial downloads stay
+    in ``work_dir`` so a later attempt resumes them.
+    """
+    work = Path(work_dir) / model / version
+    work.mkdir(parents=True, exist_ok=True)
+    where = f"{model} {version}"
+    if ref.transport == "mqtt":
+        if mqtt is None:
+            raise TransferError(f"{where}: desired state asks for MQTT transfer, but this agent "
+                                "has no MQTT link")
+        path, moved = mqtt.get(model, version, "manifest.json", work / "manifest.json", None,
+                               ref.manifest_sha256)
+        manifest_bytes = path.read_bytes()
+        path, n = mqtt.get(model, version, "signature", work / "signature", None, None)
+        signature = path.read_bytes()
+        moved += n
+    else:
+        assert ref.url is not None
+        manifest_bytes = fetch_bytes(ref.url + "manifest.json")
+        signature = fetch_bytes(ref.url + "signature", max_bytes=65536)
+        moved = len(manifest_bytes) + len(signature)
+    _check_manifest(manifest_bytes, ref, where)
+    agent.trust.verify(manifest_bytes, signature)
+    manifest = parse_manifest(manifest_bytes, where=f"{where} manifest.json")
+    names = required_files(manifest, agent.profile)
+    total = sum(manifest.files[n].size for n in names)
+    done = 0
+    files: dict[str, Path] = {}
+    for name in names:
+        entry = manifest.files[name]
+        dest = work / "files" / name
+
+        def report(got: int, size: int, base: int = done) -> None:
+            if progress is not None:
+                progress(base + got, total)
+
+        if dest.exists() and dest.stat().st_size == entry.size:
+            files[name] = dest  # completed earlier; the agent re-verifies its hash
+        elif ref.transport == "mqtt":
+            assert mqtt is not None
+            files[name], n = mqtt.get(model, version, name, dest, entry.size, entry.sha256)
+            moved += n
+        else:
+            result = download_file(f"{ref.url}files/{name}", dest, entry.size, entry.sha256,
+                                   progress=report)
+            files[name] = result.path
+            moved += result.bytes_transferred
+        done += entry.size
+        report(0, entry.size)
+    installed = agent.install_parts(manifest_bytes, signature, files, activate=False, move=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return installed, moved

@@ -1,0 +1,310 @@
+"""Apply desired state on the device: fetch, verify, stage, activate, health-check, commit or roll back.
+
+The MQTT link hands every ``Desired`` message to :meth:`Updater.submit`; a worker thread applies
+only the newest revision (older or equal revisions are ignored, so a retained message replayed on
+reconnect changes nothing) and reports progress and outcome through the ``report`` callback,
+which the link publishes (retained) on ``devices/{id}/reported``.
+
+Per model, in order:
+
+1. every version the model needs (active, traffic arms, shadow) that is not installed is fetched
+   and staged (see :mod:`.fetch`) — a failure leaves the running version serving and is reported;
+2. if the active version changes: activate (atomic), run the package's sample check, then watch the
+   first ``min_inferences`` live requests (:mod:`.health`); healthy → *committed*, otherwise the
+   previous version is re-activated by itself and the reason reported (*rolled-back*);
+3. traffic weights and the shadow version are applied through the router / shadow runner when the
+   agent provides them.
+
+State (revision applied, per-model reports, watches in progress) is persisted, so a reboot neither
+repeats nor loses an update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeserve.contract import (
+    Desired,
+    DesiredModel,
+    ErrorInfo,
+    HealthPolicy,
+    ModelReport,
+    Reported,
+)
+from edgeserve.errors import EdgeserveError, ModelNotFoundError
+from edgeserve.package import atomic_write
+
+from ..agent import Agent
+from .fetch import MqttTransport, fetch_version
+from .health import HealthWatch
+
+__all__ = ["Updater"]
+
+log = logging.getLogger(__name__)
+_PROGRESS_EVERY_S = 1.0
+
+
+class Updater:
+    def __init__(self, agent: Agent, device_id: str, state_dir: Path,
+                 report: Callable[[Reported], None] | None = None,
+                 mqtt: MqttTransport | None = None) -> None:
+        self.agent = agent
+        self.device_id = device_id
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.mqtt = mqtt
+        self._report_cb = report
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: Desired | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._watches: dict[str, tuple[HealthWatch, str | None]] = {}
+        self._last_progress = 0.0
+        self.bytes_downloaded = 0
+        self.revision, self.models = self._load()
+        self._resume_watches()
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state_dir / "updater.json"
+
+    def _load(self) -> tuple[int, dict[str, ModelReport]]:
+        try:
+            data = json.loads(self._state_file.read_text())
+            models = {k: ModelReport.model_validate(v) for k, v in data.get("models", {}).items()}
+            return int(data.get("revision", 0)), models
+        except FileNotFoundError:
+            return 0, {}
+        except (ValueError, TypeError, EdgeserveError) as exc:
+            log.warning("updater state unreadable (%s); starting from revision 0", exc)
+            return 0, {}
+
+    def _save(self) -> None:
+        data: dict[str, Any] = {
+            "revision": self.revision,
+            "models": {k: v.model_dump(mode="json") for k, v in self.models.items()},
+        }
+        atomic_write(self._state_file, json.dumps(data).encode())
+
+    def _resume_watches(self) -> None:
+        """A reboot during a health check restarts the watch on the version that was active."""
+        for name, report in self.models.items():
+            if report.state == "health-check" and report.target:
+                self._start_watch(name, report.target, report.previous, None)
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def current_report(self) -> Reported:
+        with self._lock:
+            models = {}
+            for name, report in self.models.items():
+                try:
+                    installed = sorted(v.version for v in self.agent.list_models()
+                                       if v.name == name)
+                    active = self.agent.active_version(name)
+                except EdgeserveError:
+                    installed, active = [], None
+                models[name] = report.model_copy(update={"installed": installed,
+                                                         "active": active})
+            return Reported(device_id=self.device_id, revision=self.revision, models=models)
+
+    def _publish(self) -> None:
+        if self._report_cb is not None:
+            try:
+                self._report_cb(self.current_report())
+            except Exception:  # the link may be down; the retained report is re-sent on connect
+                log.exception("publishing the update report failed")
+
+    def _set(self, name: str, **changes: Any) -> None:
+        with self._lock:
+            current = self.models.get(name, ModelReport())
+            self.models[name] = current.model_copy(update=changes)
+            self._save()
+        self._publish()
+
+    # -- worker ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="edgeserve-updater",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for watch, _ in list(self._watches.values()):
+            self.agent.remove_observer(watch)
+
+    def submit(self, desired: Desired) -> None:
+        """Queue a desired state (only the newest revision is kept)."""
+        with self._wake:
+            if desired.revision <= self.revision:
+                log.info("ignoring stale desired revision %d (applied %d)", desired.revision,
+                         self.revision)
+                self._wake.notify_all()
+                return
+            if self._pending is None or desired.revision > self._pending.revision:
+                self._pending = desired
+            self._wake.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._stop:
+                    return
+                desired, self._pending = self._pending, None
+                if desired is None and not self._watches:
+                    self._wake.wait(1.0)
+                    continue
+            if desired is not None:
+                self.apply(desired)
+            self.check_watches()
+            if desired is None:
+                with self._wake:
+                    self._wake.wait(0.2)
+
+    # -- applying ---------------------------------------------------------------------------------
+
+    def apply(self, desired: Desired) -> Reported:
+        """Apply one desired state synchronously (the worker calls this; so can tests)."""
+        if desired.revision <= self.revision:
+            return self.current_report()
+        for name, model in desired.models.items():
+            try:
+                self._apply_model(name, model)
+            except EdgeserveError as exc:
+                self._set(name, state="failed", last_error=_error(exc, model.active))
+            except Exception as exc:  # never let one model's bug stop the agent
+                log.exception("applying desired state for %s failed", name)
+                self._set(name, state="failed", last_error=_error(exc, model.active))
+        with self._lock:
+            self.revision = desired.revision
+            self._save()
+        self._publish()
+        return self.current_report()
+
+    def _active(self, name: str) -> str | None:
+        try:
+            return self.agent.active_version(name)
+        except ModelNotFoundError:
+            return None
+
+    def _installed(self, name: str) -> set[str]:
+        return {v.version for v in self.agent.list_models() if v.name == name}
+
+    def _apply_model(self, name: str, desired: DesiredModel) -> None:
+        needed = [desired.active, *desired.traffic, *([desired.shadow.version]
+                                                      if desired.shadow else [])]
+        for version in dict.fromkeys(needed):
+            if version not in self._installed(name):
+                self._fetch(name, version, desired)
+        self._configure_routing(name, desired)
+        current = self._active(name)
+        if desired.active == current:
+            report = self.models.get(name)
+            if report is None or report.state in ("idle", "downloading", "failed"):
+                self._set(name, state="committed", target=current, progress=1.0)
+            return
+        watch = self._watches.pop(name, None)
+        if watch is not None:
+            self.agent.remove_observer(watch[0])
+        self._activate(name, desired, current)
+
+    def _fetch(self, name: str, version: str, desired: DesiredModel) -> None:
+        self._set(name, state="downloading", target=version, progress=0.0, last_error=None)
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - self._last_progress >= _PROGRESS_EVERY_S or done >= total:
+                self._last_progress = now
+                self._set(name, progress=round(done / total, 3) if total else 1.0)
+
+        try:
+            _, moved = fetch_version(self.agent, name, version, desired.versions[version],
+                                     self.state_dir / "downloads", progress, self.mqtt)
+        except EdgeserveError as exc:
+            self._set(name, state="failed", last_error=_error(exc, version))
+            raise
+        self.bytes_downloaded += moved
+        self._set(name, state="staged", progress=1.0)
+
+    def _activate(self, name: str, desired: DesiredModel, previous: str | None) -> None:
+        version = desired.active
+        self.agent.activate(name, version)
+        self._set(name, state="health-check", target=version, previous=previous)
+        try:
+            check = self.agent.check_samples(name, version)
+            ok = check.ok
+            why = check.message or (f"sample outputs differ by {check.max_abs_error:g} "
+                                    f"(tolerance {check.tolerance:g})")
+        except EdgeserveError as exc:
+            ok, why = False, f"sample check could not run: {exc}"
+        if not ok:
+            self._revert(name, version, previous, f"health check failed: {why}")
+            return
+        if desired.health.min_inferences == 0:
+            self._set(name, state="committed")
+            return
+        self._start_watch(name, version, previous, desired)
+
+    def _start_watch(self, name: str, version: str, previous: str | None,
+                     desired: DesiredModel | None) -> None:
+        policy = desired.health if desired is not None else HealthPolicy()
+        watch = HealthWatch(name, version, policy)
+        self._watches[name] = (watch, previous)
+        self.agent.add_observer(watch)
+
+    def check_watches(self) -> None:
+        """Commit or roll back versions whose health watch has enough inferences."""
+        for name, (watch, previous) in list(self._watches.items()):
+            verdict = watch.verdict()
+            if verdict is None:
+                continue
+            self.agent.remove_observer(watch)
+            self._watches.pop(name, None)
+            if verdict.healthy:
+                self._set(name, state="committed", last_error=None)
+            else:
+                self._revert(name, watch.version, previous, f"health check failed: "
+                                                            f"{verdict.reason}")
+
+    def _revert(self, name: str, version: str, previous: str | None, reason: str) -> None:
+        if previous is not None:
+            self.agent.activate(name, previous)
+        log.warning("%s %s rolled back to %s: %s", name, version, previous, reason)
+        self._set(name, state="rolled-back", target=version,
+                  last_error=ErrorInfo(code="HealthCheckFailed", message=reason[:2000],
+                                       version=version))
+
+    def _configure_routing(self, name: str, desired: DesiredModel) -> None:
+        """Traffic split and shadow, when the agent supports them (see the router/shadow runner)."""
+        set_traffic = getattr(self.agent, "set_traffic", None)
+        if set_traffic is not None:
+            set_traffic(name, dict(desired.traffic))
+        set_shadow = getattr(self.agent, "set_shadow", None)
+        if set_shadow is not None:
+            set_shadow(name, desired.shadow.version if desired.shadow else None,
+                       desired.shadow.sample_rate if desired.shadow else 0.0)
+        with self._lock:
+            report = self.models.get(name, ModelReport())
+            self.models[name] = report.model_copy(update={
+                "traffic": dict(desired.traffic),
+                "shadow": desired.shadow.version if desired.shadow else None})
+
+
+def _error(exc: BaseException, version: str | None) -> ErrorInfo:
+    return ErrorInfo(code=type(exc).__name__, message=str(exc)[:2000], version=version)

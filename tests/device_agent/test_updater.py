@@ -1,0 +1,130 @@
+"""Applying desired state on a device: fetch over HTTP, verify, activate, health-check, roll back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+
+from edgeserve.contract import Desired, Reported
+from edgeserve.device_agent.agent import Agent
+from edgeserve.device_agent.updates.updater import Updater
+from edgeserve.fleet.artifacts import ArtifactStore
+from edgeserve.fleet.web.artifacts import artifact_routes, package_base_url
+from edgeserve.fleet.web.server import ServerHandle, start_server
+from edgeserve.testing import KeyPair
+
+from .models import build_mlp_package
+
+X = np.random.default_rng(5).normal(size=(1, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, keypair: KeyPair) -> Iterator[tuple[ArtifactStore, ServerHandle]]:
+    store = ArtifactStore(tmp_path / "artifacts", keypair.trust)
+    for version, release, seed in (("1.0.0", 1, 1), ("2.0.0", 2, 2)):
+        pkg = build_mlp_package(tmp_path / f"toy-{version}.edgepkg", keypair, version, release,
+                                seed=seed, tflite=False)
+        store.publish(pkg)
+    server = start_server(Starlette(routes=artifact_routes(store)))
+    try:
+        yield store, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, keypair: KeyPair) -> Iterator[Agent]:
+    with Agent(tmp_path / "cache", "generic-cpu", [keypair.public_path]) as a:
+        yield a
+
+
+def desired(store: ArtifactStore, server: ServerHandle, revision: int, active: str,
+            min_inferences: int = 5, **health: object) -> Desired:
+    versions = {}
+    for v in store.versions("toy"):
+        versions[v.version] = {"release": v.release, "manifest_sha256": v.manifest_sha256,
+                               "url": package_base_url(server.url, "toy", v.version)}
+    return Desired.model_validate({"v": 1, "revision": revision, "models": {"toy": {
+        "active": active, "versions": versions,
+        "health": {"min_inferences": min_inferences, **health}}}})
+
+
+def test_update_commits_after_healthy_inferences(tmp_path: Path, agent: Agent,
+                                                 fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A new version is fetched, staged, activated, watched over N inferences, then committed."""
+    store, server = fleet
+    reports: list[Reported] = []
+    updater = Updater(agent, "dev1", tmp_path / "updater", reports.append)
+    updater.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    assert agent.active_version("toy") == "1.0.0"
+    report = updater.apply(desired(store, server, 2, "2.0.0"))
+    assert report.models["toy"].state == "health-check" and report.models["toy"].active == "2.0.0"
+    for _ in range(5):
+        agent.predict("toy", {"x": X})
+    updater.check_watches()
+    final = updater.current_report()
+    assert final.revision == 2 and final.models["toy"].state == "committed"
+    assert final.models["toy"].previous == "1.0.0"
+    assert {"downloading", "staged", "health-check", "committed"} <= \
+        {r.models["toy"].state for r in reports}
+    assert updater.bytes_downloaded > 0
+
+
+def test_stale_revision_is_ignored(tmp_path: Path, agent: Agent,
+                                   fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A replayed or older desired revision changes nothing, even after a restart."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 5, "2.0.0", min_inferences=0))
+    restarted = Updater(agent, "dev1", tmp_path / "updater")
+    assert restarted.revision == 5
+    restarted.apply(desired(store, server, 4, "1.0.0", min_inferences=0))
+    assert agent.active_version("toy") == "2.0.0"
+
+
+def test_wrong_manifest_hash_is_refused_and_old_version_serves(
+        tmp_path: Path, agent: Agent, fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A manifest that is not the one desired state names is refused; the active one keeps serving."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    bad = desired(store, server, 2, "2.0.0").model_dump(mode="json")
+    bad["models"]["toy"]["versions"]["2.0.0"]["manifest_sha256"] = hashlib.sha256(b"x").hexdigest()
+    report = updater.apply(Desired.model_validate(bad))
+    assert report.models["toy"].state == "failed"
+    assert report.models["toy"].last_error is not None
+    assert report.models["toy"].last_error.code == "TamperedManifestError"
+    assert agent.active_version("toy") == "1.0.0"
+    assert agent.predict("toy", {"x": X}).version == "1.0.0"
+
+
+def test_unhealthy_version_rolls_back_by_itself(tmp_path: Path, agent: Agent,
+                                                fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A version over its latency budget on live requests is rolled back and the reason reported."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    updater.apply(desired(store, server, 2, "2.0.0", min_inferences=3, max_latency_ms=1e-6))
+    for _ in range(3):
+        agent.predict("toy", {"x": X})
+    updater.check_watches()
+    report = updater.current_report().models["toy"]
+    assert report.state == "rolled-back" and agent.active_version("toy") == "1.0.0"
+    assert report.last_error is not None and "p95 latency" in report.last_error.message
+
+
+def test_release_older_than_installed_is_refused(tmp_path: Path, keypair: KeyPair, agent: Agent,
+                                                 fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A downgrade to a lower release number than installed is refused (rollback attack)."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 1, "2.0.0", min_inferences=0))
+    report = updater.apply(desired(store, server, 2, "1.0.0", min_inferences=0))
+    assert report.models["toy"].last_error is not None
+    assert report.models["toy"].last_error.code == "RollbackError"
+    assert agent.active_version("toy") == "2.0.0"
