@@ -106,13 +106,16 @@ class IOAdapter:
         self._output_index = [order[p.runtime_name] for p in self.outputs]
         self._names = {p.spec.name for p in self.inputs}
 
-    def check(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        """Inputs as arrays of the model's dtypes; raises InvalidInputError naming the tensor."""
+    def check(self, inputs: Mapping[str, object], strict: bool = False) -> dict[str, np.ndarray]:
+        """Inputs as arrays of the model's dtypes; raises InvalidInputError naming the tensor.
+
+        ``strict`` refuses arrays of any other dtype instead of converting them safely.
+        """
         if len(inputs) != len(self.inputs) or any(n not in self._names for n in inputs):
             self._name_error(inputs)
         arrays = {}
         for plan in self.inputs:
-            arrays[plan.spec.name] = _check_tensor(plan, inputs[plan.spec.name])
+            arrays[plan.spec.name] = _check_tensor(plan, inputs[plan.spec.name], strict)
         return arrays
 
     def _name_error(self, inputs: Mapping[str, object]) -> None:
@@ -161,7 +164,7 @@ class IOAdapter:
                                       dtype=p.dtype) for p in self.inputs}
 
 
-def _check_tensor(plan: TensorPlan, value: object) -> np.ndarray:
+def _check_tensor(plan: TensorPlan, value: object, strict: bool = False) -> np.ndarray:
     spec = plan.spec
     if not isinstance(value, np.ndarray):
         try:
@@ -170,6 +173,9 @@ def _check_tensor(plan: TensorPlan, value: object) -> np.ndarray:
             raise InvalidInputError(f"input {spec.name!r}: cannot be read as a {spec.dtype} "
                                     f"tensor ({exc})") from None
     if value.dtype != plan.dtype:
+        if strict and not (plan.dtype.kind == "O" and value.dtype.kind in "OSU"):
+            raise InvalidInputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got "
+                                    f"{value.dtype}")
         value = _cast(spec, plan.dtype, value)
     if value.ndim != len(spec.shape):
         raise InvalidInputError(

@@ -311,14 +311,23 @@ class Agent:
     # -- inference ---------------------------------------------------------------------------------
 
     def predict(self, model: str, inputs: Mapping[str, Any], version: str | None = None,
-                request_id: str | None = None) -> PredictResult:
-        """Run one request. ``inputs`` are named arrays in the model's signature."""
+                request_id: str | None = None, strict_dtypes: bool = False) -> PredictResult:
+        """Run one request. ``inputs`` are named arrays in the model's signature.
+
+        Arrays of another numeric dtype are converted when that is safe (int → float, float64 →
+        float32); with ``strict_dtypes`` (the servers) any dtype mismatch is an error.
+        """
         start = time.perf_counter()
-        loaded: LoadedModel | None = None
-        arrays: Mapping[str, Any] = inputs
         try:
             loaded = self.model(model, version)
-            arrays = loaded.adapter.check(inputs)
+        except Exception as exc:
+            self._notify(model, version, None, inputs, None, start, exc, request_id)
+            raise
+        # Latency covers the request itself, not a first-use load of the model.
+        start = time.perf_counter()
+        arrays: Mapping[str, Any] = inputs
+        try:
+            arrays = loaded.adapter.check(inputs, strict_dtypes)
             outputs = loaded.adapter.from_runtime(
                 loaded.runtime.run(loaded.adapter.to_runtime(arrays)))
         except Exception as exc:

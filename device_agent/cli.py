@@ -1,14 +1,293 @@
-"""``edgeserve agent``: the device-side commands."""
+"""``edgeserve agent``: install, list, predict, batch, activate, rollback, remove, check, serve.
+
+Every command takes ``--cache DIR`` (default: see :mod:`.config`) and ``--json``. The telemetry
+part adds ``agent run`` (serving + MQTT link) in ``run.py`` with the same options.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
 import click
+import numpy as np
 
 from edgeserve.cli import SuggestingGroup
+from edgeserve.console import console, emit, format_bytes, json_option, table
+from edgeserve.errors import ConfigError, InvalidInputError
 
-__all__ = ["agent"]
+from .agent import Agent
+from .config import load_config, open_agent
+from .inputs import INPUT_SUFFIXES, read_inputs
+
+__all__ = ["agent", "agent_from_options", "agent_options"]
+
+
+def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--cache``, ``--profile`` and ``--trusted-key`` (shared with ``agent run``)."""
+    f = click.option("--trusted-key", "trusted_keys", multiple=True,
+                     type=click.Path(exists=True, path_type=Path),
+                     help="Public key PEM (or directory of them) packages must be signed "
+                          "with; repeatable. Adds to EDGESERVE_TRUSTED_KEYS and agent.toml.")(f)
+    f = click.option("--profile", default=None,
+                     help="Hardware profile name or TOML path (default: agent.toml, "
+                          "EDGESERVE_PROFILE or generic-cpu).")(f)
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=None, help="Model cache directory (default: EDGESERVE_CACHE or "
+                                           "the user data directory).")(f)
+
+
+def agent_from_options(cache_dir: Path | None, profile: str | None,
+                       trusted_keys: tuple[Path, ...], **kwargs: Any) -> Agent:
+    return open_agent(load_config(cache_dir, profile, trusted_keys), **kwargs)
+
+
+@contextlib.contextmanager
+def _agent(cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
+           **kwargs: Any) -> Iterator[Agent]:
+    made = agent_from_options(cache_dir, profile, trusted_keys, **kwargs)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 @click.group("agent", cls=SuggestingGroup)
 def agent() -> None:
     """Run models on this device: install, predict, serve."""
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@agent.command("install")
+@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--no-activate", is_flag=True, help="Stage the version without activating it.")
+@click.option("--artifact", "artifact_id", default=None,
+              help="Keep this artifact id instead of the profile's choice.")
+@agent_options
+@json_option
+def install(pkg: Path, no_activate: bool, artifact_id: str | None, cache_dir: Path | None,
+            profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Verify a package (signature, hashes, release) and install what this device needs."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        info = a.install(pkg, activate=not no_activate, artifact_id=artifact_id)
+    emit(info.to_dict(), as_json, lambda d: console.print(
+        f"[green]installed[/] {d['name']} {d['version']} (release {d['release']}, artifact "
+        f"{d['artifact_id']}, {format_bytes(d['size_bytes'])})"
+        + (" - [bold]active[/]" if d["active"] else " - staged")))
+
+
+@agent.command("list")
+@agent_options
+@json_option
+def list_models(cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
+                as_json: bool) -> None:
+    """List installed models and versions (active and previous marked)."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        rows = [v.to_dict() for v in a.list_models()]
+    emit(rows, as_json, lambda rs: console.print(table(
+        "installed models", ["model", "version", "release", "state", "artifact", "size",
+                             "installed"],
+        [(r["name"], r["version"], r["release"],
+          "active" if r["active"] else "previous" if r["previous"] else "",
+          r["artifact_id"], format_bytes(r["size_bytes"]), _when(r["installed_at"]))
+         for r in rs])))
+
+
+def _summary(outputs: dict[str, np.ndarray], labels: list[str] | None) -> dict[str, Any]:
+    data: dict[str, Any] = {name: value.tolist() for name, value in outputs.items()}
+    if labels and len(outputs) == 1:
+        scores = next(iter(outputs.values()))
+        if scores.ndim == 2 and scores.shape[1] == len(labels):
+            data["top"] = [[{"label": labels[i], "score": float(row[i])}
+                            for i in np.argsort(row)[::-1][:3]] for row in scores]
+    return data
+
+
+def _render_prediction(d: dict[str, Any]) -> None:
+    console.print(f"[bold]{d['model']}[/] {d['version']} in {d['latency_ms']:.2f} ms")
+    outputs = d["outputs"]
+    for row, top in enumerate(outputs.get("top", [])):
+        console.print(f"  [{row}] " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
+    for name, value in outputs.items():
+        if name != "top":
+            text = str(np.asarray(value).round(5).tolist())
+            console.print(f"  {name}: {text[:300]}{'…' if len(text) > 300 else ''}")
+
+
+@agent.command("predict")
+@click.argument("model")
+@click.option("--input", "input_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Input file ({', '.join(INPUT_SUFFIXES)}).")
+@click.option("--version", default=None, help="A specific installed version (default: active).")
+@agent_options
+@json_option
+def predict(model: str, input_path: Path, version: str | None, cache_dir: Path | None,
+            profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Run one prediction on an input file."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        manifest = a.manifest(model, version)
+        result = a.predict(model, read_inputs(manifest, input_path), version)
+    data = {"model": result.model, "version": result.version, "latency_ms": result.latency_ms,
+            "outputs": _summary(result.outputs, manifest.labels)}
+    emit(data, as_json, _render_prediction)
+
+
+@agent.command("batch")
+@click.argument("model")
+@click.argument("input_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for one NAME.npz of outputs per input file.")
+@click.option("--version", default=None, help="A specific installed version (default: active).")
+@agent_options
+@json_option
+def batch(model: str, input_dir: Path, out_dir: Path, version: str | None,
+          cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
+          as_json: bool) -> None:
+    """Predict every input file in INPUT_DIR, writing OUT/NAME.npz (with a progress bar)."""
+    from rich.progress import Progress
+
+    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{input_dir} holds no input files ({', '.join(INPUT_SUFFIXES)})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures: list[dict[str, str]] = []
+    done = 0
+    with _agent(cache_dir, profile, trusted_keys) as a, \
+            Progress(console=console, disable=as_json, transient=False) as progress:
+        manifest = a.manifest(model, version)
+        task = progress.add_task(f"{model}: predicting", total=len(files))
+        for path in files:
+            try:
+                result = a.predict(model, read_inputs(manifest, path), version)
+                np.savez(out_dir / f"{path.stem}.npz", **result.outputs)  # type: ignore[arg-type]
+                done += 1
+            except InvalidInputError as exc:
+                failures.append({"file": path.name, "error": str(exc)})
+            progress.advance(task)
+    data = {"model": model, "predicted": done, "failed": failures, "out": str(out_dir)}
+    emit(data, as_json, lambda d: console.print(
+        f"{d['predicted']} predictions written to {d['out']}"
+        + "".join(f"\n[red]failed[/] {f['file']}: {f['error']}" for f in d["failed"])))
+    if failures:
+        raise click.exceptions.Exit(7)
+
+
+@agent.command("activate")
+@click.argument("model")
+@click.argument("version")
+@agent_options
+@json_option
+def activate(model: str, version: str, cache_dir: Path | None, profile: str | None,
+             trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Make an installed version the active one (atomically)."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        info = a.activate(model, version)
+    emit(info.to_dict(), as_json, lambda d: console.print(
+        f"{d['name']} {d['version']} is now active"))
+
+
+@agent.command("rollback")
+@click.argument("model")
+@agent_options
+@json_option
+def rollback(model: str, cache_dir: Path | None, profile: str | None,
+             trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Return MODEL to its previous version."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        info = a.rollback(model)
+    emit(info.to_dict(), as_json, lambda d: console.print(
+        f"{d['name']} rolled back to {d['version']}"))
+
+
+@agent.command("remove")
+@click.argument("model")
+@click.option("--version", default=None, help="Remove only this version.")
+@click.option("--force", is_flag=True, help="Allow removing the active version.")
+@agent_options
+@json_option
+def remove(model: str, version: str | None, force: bool, cache_dir: Path | None,
+           profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Remove a model (every version) or one version of it."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        removed = a.remove(model, version, force)
+    emit({"model": model, "removed": removed}, as_json, lambda d: console.print(
+        f"removed {d['model']} {', '.join(d['removed'])}"))
+
+
+@agent.command("check")
+@click.option("--no-repair", is_flag=True, help="Only report problems.")
+@agent_options
+@json_option
+def check(no_repair: bool, cache_dir: Path | None, profile: str | None,
+          trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Verify every cached file against its hash; repair what can be repaired."""
+    with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
+        report = a.check(repair=not no_repair)
+    emit(report.to_dict(), as_json, lambda d: console.print(
+        ("[green]cache OK[/]" if d["ok"] else "[red]cache has problems[/]")
+        + "".join(f"\n  repaired: {r}" for r in d["repaired"])
+        + "".join(f"\n  problem: {p}" for p in d["problems"])))
+    if not report.ok:
+        raise click.exceptions.Exit(9)
+
+
+@agent.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0: any).")
+@click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
+              help="Inference worker threads.")
+@click.option("--queue", default=64, show_default=True, type=click.IntRange(0, 100_000),
+              help="Requests that may wait for a worker before 503s are returned.")
+@click.option("--threads", default=None, type=click.IntRange(0, 256),
+              help="Runtime threads per inference (default: the profile's).")
+@click.option("--max-body", default=64 << 20, show_default=True, type=click.IntRange(1),
+              help="Largest request body in bytes (413 past it).")
+@click.option("--auth", default=None, envvar="EDGESERVE_AUTH",
+              help="token:SECRET | jwt-hs256:SECRET[,aud=A][,scope=S] | "
+                   "jwt-rs256:KEY.pem[,aud=A] | basic:USER:PASS[;USER:PASS]")
+@agent_options
+def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
+          threads: int | None, max_body: int, auth: str | None, cache_dir: Path | None,
+          profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
+    """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
+    from .server import parse_auth_option, start_grpc_server, start_http_server
+
+    authenticator = parse_auth_option(auth)
+    config = load_config(cache_dir, profile, trusted_keys)
+    with _agent(config.cache_dir, config.profile, tuple(config.trusted_keys),
+                concurrency=workers) as a:
+        if threads is not None:
+            a.profile = _with_threads(a, threads)
+        grpc_handle = None
+        if grpc_port is not None:
+            grpc_handle = start_grpc_server(a, host, grpc_port, auth=authenticator,
+                                            workers=workers, queue=queue,
+                                            max_message_bytes=max_body)
+            console.print(f"gRPC listening on {grpc_handle.address}")
+        console.print(f"HTTP listening on http://{host}:{port} (models: "
+                      f"{', '.join(a.cache.models()) or 'none'})")
+        try:
+            start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,
+                              max_body_bytes=max_body, block=True)
+        finally:
+            if grpc_handle is not None:
+                grpc_handle.stop()
+
+
+def _with_threads(a: Agent, threads: int) -> Any:
+    runtimes = a.profile.runtimes
+    update: dict[str, Any] = {}
+    if runtimes.onnxruntime is not None:
+        update["onnxruntime"] = runtimes.onnxruntime.model_copy(
+            update={"intra_op_threads": threads})
+    if runtimes.litert is not None:
+        update["litert"] = runtimes.litert.model_copy(update={"threads": threads})
+    return a.profile.model_copy(update={"runtimes": runtimes.model_copy(update=update)})

@@ -1,0 +1,1 @@
+"""Code generated from the Open Inference Protocol proto by generate.py; do not edit."""

@@ -1,0 +1,28 @@
+"""The agent's servers: Open Inference Protocol v2 over HTTP (JSON + binary tensors) and gRPC.
+
+Both are thin adapters over :class:`~.dataplane.DataPlane` and the :class:`~..agent.Agent`.
+Start them in-process with :func:`start_http_server` / :func:`start_grpc_server`; each returns a
+handle with ``url``, ``port`` and ``stop()``.
+"""
+
+from __future__ import annotations
+
+from .auth import Authenticator, BasicAuth, BearerTokenAuth, JwtAuth, parse_auth_option
+from .dataplane import DataPlane, LoadGate
+from .metrics import MetricsRegistry
+from .runner import GrpcServerHandle, HttpServerHandle, start_grpc_server, start_http_server
+
+__all__ = [
+    "Authenticator",
+    "BasicAuth",
+    "BearerTokenAuth",
+    "DataPlane",
+    "GrpcServerHandle",
+    "HttpServerHandle",
+    "JwtAuth",
+    "LoadGate",
+    "MetricsRegistry",
+    "parse_auth_option",
+    "start_grpc_server",
+    "start_http_server",
+]

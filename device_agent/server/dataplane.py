@@ -1,0 +1,135 @@
+"""The Open Inference Protocol's operations, transport-free (HTTP and gRPC adapt this).
+
+Also holds the load control both servers share in spirit: a fixed pool of inference workers and a
+bounded number of requests admitted at once (running + queued); past that, requests are refused
+at once with :class:`~edgeserve.errors.OverloadedError` (HTTP 503 + Retry-After, gRPC
+RESOURCE_EXHAUSTED) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edgeserve import __version__
+from edgeserve.errors import ModelNotFoundError, OverloadedError
+
+from ..agent import Agent, PredictResult
+from .codec import tensor_metadata
+
+__all__ = ["PLATFORMS", "DataPlane", "LoadGate"]
+
+T = TypeVar("T")
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "litert_tflite", "coreml": "coreml_mlpackage"}
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
+
+
+class LoadGate:
+    """``workers`` threads run inferences; at most ``workers + queue`` requests are admitted."""
+
+    def __init__(self, workers: int = 2, queue: int = 64, retry_after_s: float = 1.0) -> None:
+        self.workers = max(1, workers)
+        self.capacity = self.workers + max(0, queue)
+        self.retry_after_s = retry_after_s
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeserve-infer")
+        self.admitted = 0
+        self.rejected = 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                self.rejected += 1
+                raise OverloadedError(
+                    f"server busy: {self.admitted} requests in progress or queued (limit "
+                    f"{self.capacity}); retry after {self.retry_after_s:g} s", self.retry_after_s)
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on a worker (admission already counted by the caller)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DataPlane:
+    """Health, metadata and inference over one :class:`Agent`."""
+
+    def __init__(self, agent: Agent, name: str = "edgeserve") -> None:
+        self.agent = agent
+        self.name = name
+
+    def live(self) -> bool:
+        return True
+
+    def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
+              request_id: str | None) -> PredictResult:
+        """Predict with exact dtypes: the Python API converts safely between dtypes, the wire
+        protocols do not (as in the OIP, an INT64 tensor for an FP32 input is a client error)."""
+        return self.agent.predict(model, inputs, version, request_id, strict_dtypes=True)
+
+    def ready(self) -> bool:
+        """Ready when every model with an active version is loaded (loading it if needed)."""
+        try:
+            for name in self.agent.cache.models():
+                if self.agent.cache.state(name).active is not None:
+                    self.agent.model(name)
+        except Exception:
+            return False
+        return True
+
+    def preload(self) -> list[str]:
+        """Load and warm up every active version; return the failures (never raises)."""
+        failures = []
+        for name in self.agent.cache.models():
+            if self.agent.cache.state(name).active is None:
+                continue
+            try:
+                self.agent.model(name)
+            except Exception as exc:
+                failures.append(f"{name}: {exc}")
+        return failures
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "version": __version__, "extensions": EXTENSIONS}
+
+    def _versions(self, model: str) -> list[str]:
+        versions = [r.version for r in self.agent.cache.records(model)]
+        if not versions:
+            raise ModelNotFoundError(f"unknown model {model!r}")
+        return versions
+
+    def model_ready(self, model: str, version: str | None) -> bool:
+        versions = self._versions(model)
+        if version is not None and version not in versions:
+            raise ModelNotFoundError(f"model {model!r} has no version {version!r} (installed: "
+                                     f"{', '.join(versions)})")
+        self.agent.model(model, version)
+        return True
+
+    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        versions = self._versions(model)
+        if version is not None and version not in versions:
+            raise ModelNotFoundError(f"model {model!r} has no version {version!r} (installed: "
+                                     f"{', '.join(versions)})")
+        manifest = self.agent.manifest(model, version)
+        record = self.agent.cache.record(model, manifest.version)
+        return {
+            "name": model,
+            "versions": versions,
+            "platform": PLATFORMS.get(record.artifact_format, record.artifact_format),
+            "inputs": [tensor_metadata(t) for t in manifest.inputs],
+            "outputs": [tensor_metadata(t) for t in manifest.outputs],
+            "parameters": {"version": manifest.version, "artifact": record.artifact_id,
+                           "release": manifest.release},
+        }

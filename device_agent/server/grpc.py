@@ -1,0 +1,177 @@
+"""The gRPC server: the OIP ``inference.GRPCInferenceService`` from the published proto.
+
+Message and service code is generated (``.._grpc_gen``); this module maps it onto the
+:class:`~.dataplane.DataPlane`. Tensors travel in ``raw_input_contents``/``raw_output_contents``
+(what tritonclient sends and expects) or in the typed ``contents`` fields. The server's thread pool
+is the inference worker pool; ``maximum_concurrent_rpcs`` bounds admission, so excess calls get
+RESOURCE_EXHAUSTED at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from edgeserve.errors import (
+    AuthError,
+    EdgeserveError,
+    ForbiddenError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+
+from .._grpc_gen import open_inference_grpc_pb2 as pb
+from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
+from .auth import Authenticator
+from .codec import DATATYPES, datatype_of, decode_bytes_tensor, encode_bytes_tensor
+from .dataplane import DataPlane
+from .metrics import MetricsRegistry
+
+__all__ = ["InferenceServicer", "status_for"]
+
+log = logging.getLogger("edgeserve.agent.grpc")
+T = TypeVar("T")
+
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+             "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+             "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ForbiddenError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, EdgeserveError) and 400 <= exc.http_status < 500:
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+def _shape(raw: Any, name: str) -> list[int]:
+    shape = [int(d) for d in raw]
+    if any(d < 0 for d in shape) or len(shape) > 16:
+        raise InvalidInputError(f"input {name!r}: shape {shape} must have at most 16 "
+                                "non-negative dimensions")
+    return shape
+
+
+def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
+    name, datatype = tensor.name, tensor.datatype
+    if datatype not in DATATYPES:
+        raise InvalidInputError(f"input {name!r}: datatype {datatype!r} is not one of "
+                                f"{sorted(DATATYPES)}")
+    shape = _shape(tensor.shape, name)
+    count = int(np.prod(shape)) if shape else 1
+    if raw is not None:
+        if datatype == "BYTES":
+            return decode_bytes_tensor(raw, count, name).reshape(shape)
+        dtype = DATATYPES[datatype]
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInputError(f"input {name!r}: raw content is {len(raw)} bytes, shape "
+                                    f"{shape} of {datatype} needs {count * dtype.itemsize}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise InvalidInputError(f"input {name!r}: {datatype} must be sent in raw_input_contents")
+    values = list(getattr(tensor.contents, field))
+    if len(values) != count:
+        raise InvalidInputError(f"input {name!r}: shape {shape} needs {count} values, contents "
+                                f"has {len(values)}")
+    if datatype == "BYTES":
+        return np.array(values, dtype=object).reshape(shape)
+    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Implements every RPC of the OIP service over a :class:`DataPlane`."""
+
+    def __init__(self, plane: DataPlane, metrics: MetricsRegistry,
+                 auth: Authenticator | None = None) -> None:
+        self.plane = plane
+        self.metrics = metrics
+        self.auth = auth
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T], public: bool = False) -> T:
+        try:
+            if self.auth is not None and not public:
+                metadata = dict(context.invocation_metadata())
+                self.auth.check(metadata.get("authorization"))
+            result = fn()
+        except Exception as exc:
+            code = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, EdgeserveError):
+                log.exception("internal error in a gRPC call")
+                message = f"internal server error ({type(exc).__name__})"
+            else:
+                message = str(exc)
+            self.metrics.count_request("grpc", code.name)
+            context.abort(code, message)
+        self.metrics.count_request("grpc", "OK")
+        return result
+
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call(context, lambda: pb.ServerLiveResponse(live=self.plane.live()), True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call(context, lambda: pb.ServerReadyResponse(ready=self.plane.ready()), True)
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call(context, lambda: pb.ModelReadyResponse(
+            ready=self.plane.model_ready(request.name, request.version or None)))
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call(context, lambda: pb.ServerMetadataResponse(
+            **self.plane.server_metadata()))
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> Any:
+            meta = self.plane.model_metadata(request.name, request.version or None)
+            tensor = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                inputs=[tensor(**t) for t in meta["inputs"]],
+                outputs=[tensor(**t) for t in meta["outputs"]],
+                properties={k: str(v) for k, v in meta["parameters"].items()})
+        return self._call(context, build)
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call(context, lambda: self._infer(request))
+
+    def _infer(self, request: Any) -> Any:
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
+                                    "inputs; send one per input, in order")
+        inputs: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name in inputs:
+                raise InvalidInputError(f"input {tensor.name!r} appears twice")
+            inputs[tensor.name] = _decode_input(tensor, raw[i] if raw else None)
+        result = self.plane.infer(request.model_name, request.model_version or None, inputs,
+                                  request.id or None)
+        wanted = [o.name for o in request.outputs] or list(result.outputs)
+        unknown = [n for n in wanted if n not in result.outputs]
+        if unknown:
+            raise InvalidInputError(f"requested output(s) {unknown} do not exist; the model has "
+                                    f"{list(result.outputs)}")
+        response = pb.ModelInferResponse(model_name=request.model_name,
+                                         model_version=result.version, id=request.id)
+        for name in wanted:
+            array = result.outputs[name]
+            response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
+            response.raw_output_contents.append(
+                encode_bytes_tensor(array) if array.dtype.kind in "OSU"
+                else np.ascontiguousarray(array).tobytes())
+        return response

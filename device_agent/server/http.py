@@ -1,0 +1,240 @@
+"""The HTTP server: a lean ASGI app speaking the Open Inference Protocol v2, run by uvicorn.
+
+No web framework: routing is a few string splits, bodies are read with a hard size limit, and
+inference (decode → predict → encode) runs on the :class:`~.dataplane.LoadGate` worker pool, so
+the event loop only moves bytes. Every failure becomes ``{"error": "…"}`` with the status from
+:mod:`edgeserve.errors`; nothing ever answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgeserve.errors import (
+    AuthError,
+    EdgeserveError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+
+from ..agent import Agent
+from .auth import Authenticator
+from .codec import decode_request, encode_response
+from .dataplane import DataPlane, LoadGate
+from .metrics import MetricsRegistry
+from .openapi import openapi_document
+
+__all__ = ["DEFAULT_MAX_BODY", "HttpApp", "HttpError"]
+
+log = logging.getLogger("edgeserve.agent.http")
+
+DEFAULT_MAX_BODY = 64 << 20
+PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+_JSON = [(b"content-type", b"application/json")]
+
+
+class HttpError(EdgeserveError):
+    """An HTTP-level refusal with its own status (405, 413, 415)."""
+
+    def __init__(self, message: str, status: int, headers: list[tuple[bytes, bytes]] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.headers = headers or []
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+def _json(status: int, data: Any) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":")).encode(), list(_JSON))
+
+
+def _error(exc: BaseException, auth: Authenticator | None) -> Response:
+    if isinstance(exc, EdgeserveError):
+        response = _json(exc.http_status, {"error": str(exc)})
+        if isinstance(exc, HttpError):
+            response.headers += exc.headers
+        if isinstance(exc, OverloadedError):
+            response.headers.append((b"retry-after", str(max(1, round(exc.retry_after_s))).encode()))
+        if type(exc) is AuthError and auth is not None:
+            response.headers.append((b"www-authenticate", auth.challenge().encode()))
+        return response
+    log.exception("internal error while serving a request")
+    return _json(500, {"error": f"internal server error ({type(exc).__name__})"})
+
+
+class HttpApp:
+    """ASGI application. ``max_body_bytes`` bounds request bodies (413 past it)."""
+
+    def __init__(self, agent: Agent, gate: LoadGate, metrics: MetricsRegistry,
+                 auth: Authenticator | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+                 ) -> None:
+        self.plane = DataPlane(agent)
+        self.gate = gate
+        self.metrics = metrics
+        self.auth = auth
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            response = await self._handle(scope, receive)
+        except Exception as exc:
+            response = _error(exc, self.auth)
+        self.metrics.count_request("http", response.status)
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": [*response.headers,
+                                (b"content-length", str(len(response.body)).encode())]})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _handle(self, scope: Scope, receive: Receive) -> Response:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.auth is not None and path not in PUBLIC_PATHS:
+            self.auth.check(headers.get("authorization"))
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] == ["v2"] and len(parts) >= 3 and parts[1] == "models":
+            return await self._model_route(parts[2:], method, headers, receive)
+        return self._simple_route(path, method)
+
+    def _simple_route(self, path: str, method: str) -> Response:
+        routes: dict[str, Callable[[], Response]] = {
+            "/v2/health/live": lambda: _json(200, {"live": self.plane.live()}),
+            "/v2/health/ready": self._ready,
+            "/v2": lambda: _json(200, self.plane.server_metadata()),
+            "/metrics": self._metrics,
+            "/openapi.json": lambda: _json(200, openapi_document()),
+        }
+        handler = routes.get(path.rstrip("/") or path)
+        if handler is None:
+            raise ModelNotFoundError(f"no such endpoint: {path[:200]}")
+        _allow(method, "GET")
+        return handler()
+
+    def _ready(self) -> Response:
+        ready = self.plane.ready()
+        return _json(200 if ready else 503, {"ready": ready})
+
+    def _metrics(self) -> Response:
+        self.metrics.gauges["edgeserve_requests_admitted"] = self.gate.admitted
+        self.metrics.gauges["edgeserve_requests_rejected_total"] = self.gate.rejected
+        return Response(200, self.metrics.render().encode(),
+                        [(b"content-type", b"text/plain; version=0.0.4")])
+
+    async def _model_route(self, parts: list[str], method: str, headers: dict[str, str],
+                           receive: Receive) -> Response:
+        model, rest = parts[0], parts[1:]
+        version = None
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2:
+                raise ModelNotFoundError("missing version after /versions/")
+            version, rest = rest[1], rest[2:]
+        if rest == []:
+            _allow(method, "GET")
+            return _json(200, self.plane.model_metadata(model, version))
+        if rest == ["ready"]:
+            _allow(method, "GET")
+            return _json(200, {"name": model, "ready": self.plane.model_ready(model, version)})
+        if rest == ["infer"]:
+            _allow(method, "POST")
+            body = await self._read_body(headers, receive)
+            return await self._infer(model, version, body, headers)
+        raise ModelNotFoundError(f"no such endpoint under model {model!r}: /{'/'.join(rest)}")
+
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HttpError(f"request body of {declared} bytes exceeds the limit of "
+                            f"{self.max_body} bytes", 413)
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInputError("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise HttpError(f"request body exceeds the limit of {self.max_body} bytes", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _infer(self, model: str, version: str | None, body: bytes,
+                     headers: dict[str, str]) -> Response:
+        header_length = headers.get("inference-header-content-length")
+        if header_length is not None and not header_length.strip().isdigit():
+            raise InvalidInputError("Inference-Header-Content-Length must be an integer")
+        encoding = headers.get("content-encoding", "identity").lower()
+        accept = headers.get("accept-encoding", "")
+        self.gate.admit()
+        try:
+            return await self.gate.run(lambda: self._infer_sync(
+                model, version, body, int(header_length) if header_length else None, encoding,
+                accept))
+        finally:
+            self.gate.release()
+
+    def _infer_sync(self, model: str, version: str | None, body: bytes,
+                    header_length: int | None, encoding: str, accept: str) -> Response:
+        body = _decompress(body, encoding, self.max_body)
+        request = decode_request(body, header_length)
+        result = self.plane.infer(model, version, request.inputs, request.id)
+        payload, json_length = encode_response(model, result.version, result.outputs, request)
+        out = list(_JSON) if json_length is None else [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(json_length).encode())]
+        if "gzip" in accept and len(payload) > 1024:
+            payload = gzip.compress(payload, 1)
+            out.append((b"content-encoding", b"gzip"))
+        return Response(200, payload, out)
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise HttpError(f"method {method} is not allowed here; use {allowed}", 405,
+                        [(b"allow", allowed.encode())])
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise HttpError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)", 415)
+    decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInputError(f"body is not valid {encoding} data ({exc})") from None
+    if len(data) > limit:
+        raise HttpError(f"decompressed body exceeds the limit of {limit} bytes", 413)
+    return data

@@ -1,0 +1,172 @@
+"""Start the HTTP and gRPC servers in-process (tests, ``agent serve``, ``agent run``)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeserve.errors import ConfigError
+
+from ..agent import Agent
+from .auth import Authenticator
+from .dataplane import DataPlane, LoadGate
+from .http import DEFAULT_MAX_BODY, HttpApp
+from .metrics import MetricsRegistry
+
+__all__ = ["GrpcServerHandle", "HttpServerHandle", "start_grpc_server", "start_http_server"]
+
+
+@dataclass
+class HttpServerHandle:
+    """A running HTTP server: ``url`` (http://host:port), ``port``, ``stop()``."""
+
+    url: str
+    port: int
+    gate: LoadGate
+    metrics: MetricsRegistry
+    server: Any
+    thread: threading.Thread | None
+    preload_failures: list[str] = field(default_factory=list)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+        self.gate.close()
+
+    def __enter__(self) -> HttpServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class GrpcServerHandle:
+    """A running gRPC server: ``address`` (host:port), ``port``, ``stop()``."""
+
+    address: str
+    port: int
+    server: Any
+    metrics: MetricsRegistry
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait(grace + 5)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def __enter__(self) -> GrpcServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _metrics_for(agent: Agent, metrics: MetricsRegistry | None) -> MetricsRegistry:
+    if metrics is None:
+        metrics = MetricsRegistry()
+        agent.add_observer(metrics)
+    return metrics
+
+
+def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
+                      auth: Authenticator | None = None, workers: int = 2, queue: int = 64,
+                      max_body_bytes: int = DEFAULT_MAX_BODY,
+                      metrics: MetricsRegistry | None = None, block: bool = False,
+                      log_level: str = "warning") -> HttpServerHandle:
+    """Serve OIP v2 over HTTP (port 0 picks a free port).
+
+    Runs in a background thread and returns once listening; with ``block`` it runs in the
+    calling thread (handling SIGINT/SIGTERM) and returns after shutdown.
+    """
+    import uvicorn
+
+    metrics = _metrics_for(agent, metrics)
+    gate = LoadGate(workers, queue)
+    app = HttpApp(agent, gate, metrics, auth, max_body_bytes)
+    failures = DataPlane(agent).preload()
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    fast = importlib.util.find_spec("uvloop") is not None
+    config = uvicorn.Config(
+        app, loop="uvloop" if fast else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="on", log_level=log_level, access_log=False, server_header=False,
+        date_header=False, timeout_keep_alive=30, backlog=2048)
+    server = uvicorn.Server(config)
+    display = f"[{host}]" if ":" in host else host
+    handle = HttpServerHandle(f"http://{display}:{bound}", bound, gate, metrics, server, None,
+                              failures)
+    if block:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            gate.close()
+            sock.close()
+        return handle
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="edgeserve-http", daemon=True)
+    thread.start()
+    handle.thread = thread
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            with contextlib.suppress(Exception):
+                handle.stop(1)
+            raise ConfigError(f"the HTTP server on {host}:{bound} did not start")
+        time.sleep(0.01)
+    return handle
+
+
+def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
+                      auth: Authenticator | None = None, workers: int = 2, queue: int = 64,
+                      max_message_bytes: int = DEFAULT_MAX_BODY,
+                      metrics: MetricsRegistry | None = None) -> GrpcServerHandle:
+    """Serve the OIP gRPC service (port 0 picks a free port); returns once listening."""
+    import grpc
+
+    from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
+    from .grpc import InferenceServicer
+
+    metrics = _metrics_for(agent, metrics)
+    plane = DataPlane(agent)
+    plane.preload()
+    server = grpc.server(
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="edgeserve-grpc"),
+        maximum_concurrent_rpcs=max(1, workers) + max(0, queue),
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.so_reuseport", 0)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(plane, metrics, auth), server)
+    display = f"[{host}]" if ":" in host else host
+    bound = server.add_insecure_port(f"{display}:{port}")
+    if bound == 0:
+        raise ConfigError(f"cannot listen for gRPC on {host}:{port}")
+    server.start()
+    return GrpcServerHandle(f"{display}:{bound}", bound, server, metrics)
