@@ -2,14 +2,114 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
-__all__ = ["convert"]
+from edgeserve.console import console, emit, json_option
+from edgeserve.errors import ConfigError, ConversionError
+
+__all__ = ["convert", "parse_input_shape"]
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """``NAME=1x3x224x224`` → ``("NAME", [1, 3, 224, 224])``."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"--input-shape {text!r}: expected NAME=D1xD2x… with positive "
+                          "integers, e.g. image=1x3x224x224")
+    return name, shape
+
+
+def _layouts(values: tuple[str, ...]) -> dict[str, str]:
+    layouts = {}
+    for text in values:
+        name, sep, layout = text.rpartition("=")
+        if not sep or not name or not layout.isalpha():
+            raise ConfigError(f"--layout {text!r}: expected NAME=LAYOUT, e.g. image=NCHW")
+        layouts[name] = layout.upper()
+    return layouts
+
+
+def _labels(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) < 2:
+        raise ConfigError(f"--labels {path}: expected one class name per line, at least two")
+    return labels
 
 
 @click.command("convert")
-def convert() -> None:
-    """Convert a trained model into a validated, signed package (being built: issue #3)."""
-    from edgeserve.errors import ConfigError
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--profile", "profiles", multiple=True, required=True,
+              help="Hardware profile name or TOML path; repeatable.")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path),
+              help=".npz (one array per input, keyed by name; optional 'labels') or image folder.")
+@click.option("--eval", "evaluation", type=click.Path(exists=True, path_type=Path),
+              help="Held-out evaluation data, same forms as --calibration.")
+@click.option("--name", required=True, help="Package name.")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--release", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Monotonic release number (devices refuse lower ones).")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="ed25519 private key (edgeserve keys generate).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder for NAME-VERSION.edgepkg, report.json and report.md.")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="Fix an input's shape: NAME=1x3x224x224; repeatable.")
+@click.option("--layout", "layouts", multiple=True, help="Tensor layout: NAME=NCHW; repeatable.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file with one class name per line.")
+@click.option("--task", type=click.Choice(["classification", "regression", "embedding",
+                                           "detection", "other"]), help="Override task detection.")
+@click.option("--keep-going", is_flag=True, help="Build the other targets when one fails pre-flight.")
+@click.option("--allow-random-calibration", is_flag=True,
+              help="Calibrate int8 on random data when none is given (the report says so).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep intermediate files here (default: a temporary folder).")
+@json_option
+def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
+            evaluation: Path | None, name: str, version: str, release: int, sign_key: Path,
+            out: Path, input_shapes: tuple[str, ...], layouts: tuple[str, ...],
+            labels: Path | None, task: str | None, keep_going: bool,
+            allow_random_calibration: bool, work_dir: Path | None, as_json: bool) -> None:
+    """Convert a trained model into a validated, signed package.
 
-    raise ConfigError("'edgeserve convert' is not available in this build yet (issue #3)")
+    SOURCE is an .onnx file, a TorchScript (.pt/.pth) or .pt2 file, a .keras file or SavedModel
+    folder, or a pickled scikit-learn estimator (.pkl/.joblib; only files you trust).
+    """
+    from .pipeline import Converter
+
+    converter = Converter(
+        profiles=list(profiles), name=name, version=version, release=release,
+        calibration=calibration, evaluation=evaluation,
+        input_shapes=dict(parse_input_shape(s) for s in input_shapes),
+        layouts=_layouts(layouts), labels=_labels(labels), task=task, keep_going=keep_going,
+        allow_random_calibration=allow_random_calibration, show_progress=not as_json,
+        work_dir=work_dir)
+    result = converter.run(source, out, sign_key)
+    emit(result.report, as_json, _render)
+    if not result.ok:
+        failed = [p for p, v in result.report["profiles"].items() if v["status"] == "failed"]
+        raise ConversionError(f"required artifact(s) failed for profile(s) {', '.join(failed)}; "
+                              f"see {result.report_md}")
+
+
+def _render(report: dict[str, Any]) -> None:
+    from .report import render_table
+
+    console.print(render_table(report))
+    for name, profile in report["profiles"].items():
+        colour = {"failed": "red", "warned": "yellow"}.get(profile["status"], "green")
+        why = "; ".join(profile.get("reasons", []))
+        console.print(f"profile [bold]{name}[/]: [{colour}]{profile['status']}[/]"
+                      + (f" — {why}" if why else ""))
+    package = report.get("package")
+    if package:
+        console.print(f"package: {package['path']}")

@@ -1,0 +1,275 @@
+"""Build and validate the planned artifacts of each format against the fp32 reference.
+
+Every artifact is *run* on the evaluation data (ONNX Runtime, LiteRT) and judged with the budgets
+of the profiles it serves; a static int8 ONNX artifact that fails is analysed layer by layer and
+rebuilt once with its worst layers kept in float. Core ML artifacts are run on macOS; elsewhere
+they get the structural and weight checks and the status ``not-executed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeserve.errors import ConversionError
+
+from .context import BuildContext, BuiltArtifact
+from .onnx_build import build_onnx, opset_of, worst_layers
+from .plan import PlannedArtifact
+from .runners import LiteRtRunner, OrtRunner, Runner, measure_latency, run_dataset
+from .validate import compare_outputs, judge
+
+__all__ = ["build_coreml_artifacts", "build_onnx_artifact", "build_tflite_artifacts", "new_artifact"]
+
+
+def new_artifact(plan: PlannedArtifact) -> BuiltArtifact:
+    key = plan.key
+    return BuiltArtifact(plan, key.format, key.precision, key.quantization)
+
+
+def _validate(ctx: BuildContext, built: BuiltArtifact, runner: Runner) -> BuiltArtifact:
+    outputs = run_dataset(runner, ctx.evaluation.inputs)
+    metrics = compare_outputs(ctx.reference_eval, outputs, ctx.classifier_indices,
+                              ctx.evaluation.labels)
+    samples = run_dataset(runner, ctx.samples.inputs)
+    sample_error = compare_outputs(ctx.reference_samples, samples).get("max_abs_error")
+    latency = measure_latency(runner, ctx.evaluation.sample(0))
+    status, reasons, per_profile = judge(metrics, built.plan.budgets)
+    size = built.size_bytes
+    built.validation = {
+        "status": status, **metrics, "sample_max_abs_error": sample_error,
+        "latency_ms_p50": round(latency, 4),
+        "latency_ratio": round(latency / ctx.reference_latency_ms, 3)
+        if ctx.reference_latency_ms else None,
+        "size_ratio": round(size / ctx.reference_bytes, 4) if ctx.reference_bytes else None,
+        "executed_with": built.runtime.get("name"), "reasons": reasons, "profiles": per_profile,
+    }
+    return built
+
+
+def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path) -> BuiltArtifact:
+    built = new_artifact(plan)
+    built.path = out_dir / f"{plan.id}.onnx"
+    try:
+        built.notes = build_onnx(ctx.reference_path, built.path, built.precision,
+                                 built.quantization, ctx.calibration)
+        built.runtime = {"name": "onnxruntime", "opset": opset_of(built.path)}
+        _validate(ctx, built, OrtRunner(built.path))
+    except ConversionError as exc:
+        return built.fail(str(exc))
+    except Exception as exc:
+        return built.fail(f"ONNX {plan.id} build failed: {type(exc).__name__}: {str(exc)[:400]}")
+    if built.status == "failed" and plan.key.quantization == "static" and ctx.calibration:
+        return _retry_static(ctx, built)
+    return built
+
+
+def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
+    """Rank layers by quantization noise, keep the worst in float, build and validate again."""
+    assert built.path is not None and ctx.calibration is not None
+    first = dict(built.validation)
+    try:
+        worst = worst_layers(ctx.reference_path, built.path, ctx.calibration, built.path.parent)
+    except Exception as exc:
+        built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return built
+    exclude = [str(w["node"]) for w in worst]
+    retry_path = built.path.with_name(f"{built.plan.id}.retry.onnx")
+    try:
+        notes = build_onnx(ctx.reference_path, retry_path, built.precision, built.quantization,
+                           ctx.calibration, exclude=exclude)
+        retry = new_artifact(built.plan)
+        retry.path, retry.runtime = retry_path, dict(built.runtime)
+        _validate(ctx, retry, OrtRunner(retry_path))
+    except Exception as exc:
+        built.notes.append(f"retry with {exclude} in float failed: {str(exc)[:200]}")
+        built.validation["worst_layers"] = worst
+        return built
+    retry.notes = notes
+    retry.validation["worst_layers"] = worst
+    retry.validation["first_attempt"] = {k: first.get(k) for k in
+                                         ("status", "cosine_similarity", "top1_agreement",
+                                          "accuracy", "max_abs_error", "reasons")}
+    retry_path.replace(built.path)
+    retry.path = built.path
+    return retry
+
+
+def _static_graph(ctx: BuildContext) -> Path:
+    import onnx
+
+    from .graph import prepare_static
+
+    if ctx.static_path is None:
+        model = onnx.load(str(ctx.reference_path))
+        feeds = ctx.calibration.inputs if ctx.calibration else ctx.evaluation.inputs
+        prepared = prepare_static(model, ctx.input_shapes, feeds)
+        ctx.static_path = ctx.work / "static.onnx"
+        onnx.save(prepared, str(ctx.static_path))
+    return ctx.static_path
+
+
+def build_tflite_artifacts(ctx: BuildContext, plans: Sequence[PlannedArtifact],
+                           out_dir: Path) -> list[BuiltArtifact]:
+    """One onnx2tf run per I/O dtype for all TFLite plans, then each variant validated."""
+    from .tflite_build import build_tflite, variant_of
+
+    built = {p.id: new_artifact(p) for p in plans}
+    try:
+        static = _static_graph(ctx)
+    except ConversionError as exc:
+        return [b.fail(str(exc)) for b in built.values()]
+    by_io: dict[str, list[PlannedArtifact]] = {}
+    for plan in plans:
+        by_io.setdefault(plan.key.io_dtype if plan.key.quantization == "full-integer" else "int8",
+                         []).append(plan)
+    for io_dtype, group in by_io.items():
+        wanted = {}
+        for plan in group:
+            try:
+                wanted[plan.id] = variant_of(plan.key.precision, plan.key.quantization)
+            except ConversionError as exc:
+                built[plan.id].fail(str(exc))
+        if not wanted:
+            continue
+        try:
+            result = build_tflite(static, ctx.work / f"tflite-{io_dtype}", ctx.signature.inputs,
+                                  ctx.signature.outputs, set(wanted.values()), io_dtype,
+                                  ctx.calibration)
+        except ConversionError as exc:
+            for artifact_id in wanted:
+                built[artifact_id].fail(str(exc))
+            continue
+        _apply_output_layouts(ctx, result.model_output_layouts)
+        for artifact_id, variant in wanted.items():
+            _finish_tflite(ctx, built[artifact_id], result, variant, out_dir)
+    return list(built.values())
+
+
+def _apply_output_layouts(ctx: BuildContext, layouts: dict[str, str]) -> None:
+    """Give model outputs a layout name where an artifact stores them transposed."""
+    if not layouts:
+        return
+    outputs = [t.model_copy(update={"layout": layouts[t.name]}) if t.name in layouts and not t.layout
+               else t for t in ctx.signature.outputs]
+    ctx.signature = type(ctx.signature)(ctx.signature.inputs, outputs)
+
+
+def _finish_tflite(ctx: BuildContext, built: BuiltArtifact, result: Any, variant: str,
+                   out_dir: Path) -> None:
+    source = result.files.get(variant)
+    if source is None:
+        built.fail(f"onnx2tf wrote no {variant} file; its log ends: {result.log_tail[-600:]}")
+        return
+    built.path = out_dir / f"{built.plan.id}.tflite"
+    built.path.write_bytes(Path(source).read_bytes())
+    built.runtime = {"name": "litert"}
+    built.inputs, built.outputs = result.inputs[variant], result.outputs[variant]
+    try:
+        runner = LiteRtRunner(built.path, ctx.signature.inputs, ctx.signature.outputs,
+                              built.inputs, built.outputs)
+        _validate(ctx, built, runner)
+    except Exception as exc:
+        built.fail(f"LiteRT could not run {built.plan.id}: {type(exc).__name__}: {str(exc)[:300]}")
+    if built.inputs == ctx.signature.inputs and built.outputs == ctx.signature.outputs:
+        built.inputs = built.outputs = None
+
+
+def _torch_module(ctx: BuildContext) -> tuple[Any, tuple[Any, ...]]:
+    """The module to trace (the source's, else the static ONNX graph as torch) and batch-1 inputs."""
+    import torch
+
+    examples = tuple(torch.from_numpy(np.ascontiguousarray(v[:1]))
+                     for v in ctx.evaluation.inputs.values())
+    if ctx.imported.torch_module is not None:
+        return ctx.imported.torch_module, examples
+    import onnx
+
+    from .onnx_torch import OnnxModule
+
+    return OnnxModule(onnx.load(str(_static_graph(ctx)))), examples
+
+
+def _reference_weights(ctx: BuildContext) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {}
+    for init in onnx.load(str(_static_graph(ctx))).graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and array.size >= 16:
+            weights[init.name] = array
+    return weights
+
+
+def build_coreml_artifacts(ctx: BuildContext, plans: Sequence[PlannedArtifact],
+                           out_dir: Path) -> list[BuiltArtifact]:
+    from .coreml_build import build_coreml, check_coreml, on_macos
+
+    built = {p.id: new_artifact(p) for p in plans}
+    try:
+        module, examples = _torch_module(ctx)
+    except Exception as exc:
+        message = (f"cannot reach Core ML from this {ctx.imported.framework} source: "
+                   f"{type(exc).__name__}: {str(exc)[:300]}")
+        return [b.fail(message) for b in built.values()]
+    targets = {p.id: (p.key.quantization, p.key.deployment_target or "iOS17") for p in plans}
+    paths, errors, notes = build_coreml(module, examples, ctx.signature.inputs,
+                                        ctx.signature.outputs, targets, out_dir)
+    weights = _reference_weights(ctx)
+    for artifact_id, artifact in built.items():
+        artifact.notes = list(notes)
+        if artifact_id in errors:
+            artifact.fail(errors[artifact_id])
+            continue
+        artifact.path = paths[artifact_id]
+        artifact.runtime = {"name": "coreml",
+                            "minimum_deployment_target": targets[artifact_id][1]}
+        _check_coreml_artifact(ctx, artifact, weights, check_coreml, on_macos())
+    return list(built.values())
+
+
+def _check_coreml_artifact(ctx: BuildContext, artifact: BuiltArtifact,
+                           weights: dict[str, np.ndarray], check: Any, macos: bool) -> None:
+    assert artifact.path is not None
+    try:
+        checks = check(artifact.path, ctx.signature.inputs, ctx.signature.outputs, weights,
+                       artifact.quantization)
+    except Exception as exc:
+        artifact.fail(f"Core ML package could not be read back: {type(exc).__name__}: {exc}")
+        return
+    size = artifact.size_bytes
+    base = {"checks": checks,
+            "size_ratio": round(size / ctx.reference_bytes, 4) if ctx.reference_bytes else None}
+    if checks["problems"]:
+        artifact.validation = {**base, "status": "failed", "reasons": checks["problems"]}
+        return
+    if macos:
+        with contextlib.suppress(Exception):
+            _validate(ctx, artifact, _CoreMlRunner(artifact.path))
+            artifact.validation.update(base)
+            return
+    artifact.validation = {**base, "status": "not-executed",
+                           "reasons": ["not executed (needs macOS): structure and "
+                                       f"{checks['weights_matched']}/{checks['weights_checked']} "
+                                       "weights checked against the reference"]}
+
+
+class _CoreMlRunner:
+    """Core ML prediction (macOS only), batch one."""
+
+    batch_one = True
+
+    def __init__(self, path: Path) -> None:
+        import coremltools as ct
+
+        self._model = ct.models.MLModel(str(path))
+        self._outputs = [o.name for o in self._model.get_spec().description.output]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - macOS
+        result = self._model.predict({k: v.astype(np.float32) for k, v in feeds.items()})
+        return [np.asarray(result[name]) for name in self._outputs]

@@ -1,0 +1,267 @@
+"""ONNX graph preparation shared by every route.
+
+Real ONNX files trip converters in the same few ways (measured on trained models from PyPI wheels:
+see docs/converters.md), so one preparation runs before any export:
+
+* fixed input shapes (``--input-shape``) and, for the static routes (TFLite, Core ML), batch 1;
+* simplification with onnxsim (constant folding, which also folds ``If`` nodes whose condition
+  became constant), checked with ONNX Runtime against the unsimplified graph and dropped when the
+  outputs differ;
+* ``Constant`` nodes turned into initializers, node names made valid TensorFlow scope names
+  (``Softmax@0`` from Paddle breaks onnx2tf), and ``Slice`` nodes with axes listed out of order
+  rewritten in ascending axis order (onnx2tf applied them to the wrong axis).
+
+Every function takes and returns an ``onnx.ModelProto``; ``onnx`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeserve.errors import ConfigError, ConversionError
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "canonicalize_slices",
+    "constants_to_initializers",
+    "dynamic_inputs",
+    "fix_input_shapes",
+    "iter_nodes",
+    "op_types",
+    "prepare_static",
+    "rename_nodes",
+    "run_onnx",
+    "simplify",
+    "tensor_shapes",
+]
+
+_SCOPE_SAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph``, including those inside ``If``/``Loop``/``Scan`` bodies."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from iter_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from iter_nodes(sub)
+
+
+def op_types(model: onnx.ModelProto) -> set[str]:
+    """The op types the model uses, subgraphs included."""
+    return {node.op_type for node in iter_nodes(model.graph)}
+
+
+def _initializer_names(model: onnx.ModelProto) -> set[str]:
+    return {init.name for init in model.graph.initializer}
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = _initializer_names(model)
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Inputs with a dynamic dimension other than the first (batch) axis, with their shapes."""
+    found: dict[str, list[int | str]] = {}
+    for value in _graph_inputs(model):
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                 for d in value.type.tensor_type.shape.dim]
+        if any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+            found[value.name] = dims
+    return found
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                     batch: int | None = None) -> onnx.ModelProto:
+    """Set input dims: ``shapes`` wins; otherwise a dynamic first axis becomes ``batch``.
+
+    Output and intermediate shapes are cleared and re-inferred, so no stale dynamic dims remain.
+    """
+    import onnx
+
+    model = _copy(model)
+    names = {v.name for v in _graph_inputs(model)}
+    unknown = sorted(set(shapes) - names)
+    if unknown:
+        raise ConfigError(f"--input-shape names unknown input(s) {unknown}; the model's inputs "
+                          f"are {sorted(names)}")
+    for value in _graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if value.name in shapes:
+            wanted = list(shapes[value.name])
+            if len(wanted) != len(dims):
+                raise ConfigError(f"--input-shape {value.name}: rank {len(wanted)} given, the "
+                                  f"model's input has rank {len(dims)}")
+            for dim, size in zip(dims, wanted, strict=True):
+                dim.Clear()
+                dim.dim_value = int(size)
+        elif batch is not None and dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    if shapes or batch is not None:
+        del model.graph.value_info[:]
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
+    inferred: onnx.ModelProto = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return inferred
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def run_onnx(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model once with ONNX Runtime on the CPU (basic optimisations, one thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return [np.asarray(o) for o in session.run(None, {k: v for k, v in feeds.items() if k in names})]
+
+
+def _same_outputs(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind == "f" and not np.allclose(x, y, rtol=1e-3, atol=1e-4):
+            return False
+        if x.dtype.kind != "f" and not np.array_equal(x, y):
+            return False
+    return True
+
+
+def simplify(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """onnxsim's simplification, kept only if it ran and (given ``feeds``) outputs still match."""
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(_copy(model))
+    except Exception:  # onnxsim raises bare RuntimeErrors from C++; the original still works
+        return model
+    if not ok:
+        return model
+    if feeds is not None:
+        try:
+            if not _same_outputs(run_onnx(model, feeds), run_onnx(simplified, feeds)):
+                return model
+        except Exception:
+            return model
+    return simplified  # type: ignore[no-any-return]
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Top-level ``Constant`` nodes with a tensor value become initializers."""
+    from onnx import numpy_helper
+
+    model = _copy(model)
+    keep = []
+    existing = _initializer_names(model)
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and node.output[0] not in existing:
+            array = numpy_helper.to_array(value.t)
+            model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def rename_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name made of TensorFlow-scope-safe characters."""
+    model = _copy(model)
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        base = _SCOPE_SAFE.sub("_", node.name or f"{node.op_type}_{i}").lstrip("_-./") \
+            or f"{node.op_type}_{i}"
+        name = base
+        while name in seen:
+            name = f"{base}_{i}"
+        seen.add(name)
+        node.name = name
+    return model
+
+
+def _const(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def canonicalize_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Slice`` nodes whose constant ``axes`` are not ascending into ascending order."""
+    from onnx import numpy_helper
+
+    model = _copy(model)
+    for node in model.graph.node:
+        if node.op_type != "Slice" or len(node.input) < 4 or not node.input[3]:
+            continue
+        params = [_const(model, n) if n else None for n in node.input[1:]]
+        axes = params[2]
+        if axes is None or any(p is None for p in params[:2]) or list(axes) == sorted(axes):
+            continue
+        if len(params) > 3 and node.input[4] and params[3] is None:
+            continue
+        order = np.argsort(axes, kind="stable")
+        for k, array in enumerate(params):
+            if array is None:
+                continue
+            fresh = f"{node.name or node.output[0]}_sorted_{k}"
+            model.graph.initializer.append(numpy_helper.from_array(array[order], fresh))
+            node.input[k + 1] = fresh
+    return model
+
+
+def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                   feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed.
+
+    Raises :class:`ConversionError` when an input still has a dynamic dimension, naming it and
+    the ``--input-shape`` option that fixes it.
+    """
+    fixed = fix_input_shapes(model, shapes, batch=1)
+    still = {k: v for k, v in dynamic_inputs(fixed).items()}
+    if still:
+        hint = " ".join(f"{k}={'x'.join(str(d) if isinstance(d, int) and d > 0 else 'N' for d in v)}"
+                        for k, v in still.items())
+        raise ConversionError(f"input(s) {sorted(still)} have dynamic dimensions {still}; TFLite "
+                              f"and Core ML need static shapes: pass --input-shape {hint} "
+                              "(N = the size you want)")
+    one = {k: v[:1] for k, v in (feeds or {}).items()}
+    prepared = simplify(constants_to_initializers(fixed), one or None)
+    prepared = canonicalize_slices(rename_nodes(constants_to_initializers(prepared)))
+    return prepared
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[Any]]:
+    """Shapes of every typed value (inputs, outputs, inferred intermediates) by name."""
+    shapes: dict[str, list[Any]] = {}
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                  for d in t.shape.dim]
+    return shapes

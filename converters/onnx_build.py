@@ -1,0 +1,159 @@
+"""ONNX artifacts from the fp32 reference: fp32, fp16, int8 dynamic, int8 static QDQ per-channel.
+
+Measured choices (docs/benchmarks.md): static QDQ with per-channel int8 weights and uint8
+activations is the fast int8 on CPUs; ``quantize_dynamic`` is applied to MatMul/Gemm-style ops
+only, because dynamically quantized convolutions (ConvInteger) ran 5× *slower* than fp32. fp16
+keeps float32 inputs and outputs so the agent feeds every ONNX artifact the same tensors.
+
+When a static int8 artifact misses its budget, :func:`worst_layers` ranks the tensors by the
+signal-to-quantization-noise ratio between the fp32 and the QDQ graph (onnxruntime's
+``qdq_loss_debug``), and the caller rebuilds with the worst producers left in float.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeserve.errors import ConversionError
+
+from .data import Dataset
+
+__all__ = ["DYNAMIC_OPS", "build_onnx", "opset_of", "worst_layers"]
+
+DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization"]
+_CALIBRATION_LIMIT = 256
+
+
+class _Reader:
+    """ORT CalibrationDataReader over a dataset, one sample per call (batch of one)."""
+
+    def __init__(self, data: Dataset, names: Sequence[str]) -> None:
+        self._data = data
+        self._names = list(names)
+        self._it: Iterator[int] = iter(range(min(len(data), _CALIBRATION_LIMIT)))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        i = next(self._it, None)
+        if i is None:
+            return None
+        return {k: v for k, v in self._data.sample(i).items() if k in self._names}
+
+    def rewind(self) -> None:
+        self._it = iter(range(min(len(self._data), _CALIBRATION_LIMIT)))
+
+
+def opset_of(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _input_names(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def build_onnx(reference: Path, out: Path, precision: str, quantization: str,
+               calibration: Dataset | None, exclude: Sequence[str] = ()) -> list[str]:
+    """Write one ONNX artifact to ``out``; returns notes for the report."""
+    if precision == "fp32":
+        shutil.copyfile(reference, out)
+        return []
+    if precision == "fp16":
+        return _fp16(reference, out)
+    if precision == "int8" and quantization == "dynamic":
+        return _dynamic(reference, out)
+    if precision == "int8" and quantization == "static":
+        if calibration is None:
+            raise ConversionError("int8 static needs calibration data")
+        return _static(reference, out, calibration, exclude)
+    raise ConversionError(f"no ONNX builder for precision {precision!r} with quantization "
+                          f"{quantization!r}; ONNX artifacts are fp32, fp16, int8 dynamic or static")
+
+
+def _fp16(reference: Path, out: Path) -> list[str]:
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(reference))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about every value it clamps to the fp16 range
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(converted, str(out))
+    return ["float32 inputs and outputs kept (cast inside the graph)"]
+
+
+def _preprocessed(reference: Path, work: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / f"{reference.stem}.preq.onnx"
+    if not pre.exists():
+        try:
+            quant_pre_process(str(reference), str(pre), skip_symbolic_shape=False)
+        except Exception:
+            # symbolic shape inference fails on some graphs; quantization works without it
+            quant_pre_process(str(reference), str(pre), skip_symbolic_shape=True)
+    return pre
+
+
+def _dynamic(reference: Path, out: Path) -> list[str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    pre = _preprocessed(reference, out.parent)
+    quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OPS, per_channel=False,
+                     weight_type=QuantType.QInt8)
+    return [f"int8 weights for {', '.join(DYNAMIC_OPS[:2])}-style ops; convolutions stay float "
+            "(dynamic ConvInteger is slower than fp32 on CPUs)"]
+
+
+def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[str]) -> list[str]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    pre = _preprocessed(reference, out.parent)
+    names = _input_names(pre)
+    quantize_static(str(pre), str(out), _Reader(calibration, names), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    notes = [f"QDQ, per-channel int8 weights, uint8 activations, calibrated on "
+             f"{min(len(calibration), _CALIBRATION_LIMIT)} samples"]
+    if exclude:
+        notes.append(f"kept in float: {', '.join(exclude)}")
+    return notes
+
+
+def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
+                 count: int = 3, samples: int = 16) -> list[dict[str, float | str]]:
+    """The ``count`` node outputs with the lowest SQNR (dB) fp32-vs-QDQ, with their producers."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    pre = _preprocessed(reference, work)
+    float_aug, qdq_aug = work / "debug-float.onnx", work / "debug-qdq.onnx"
+    modify_model_output_intermediate_tensors(str(pre), str(float_aug))
+    modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug))
+    subset = data.take(slice(0, samples))
+    names = _input_names(pre)
+    float_acts = collect_activations(str(float_aug), _Reader(subset, names))
+    qdq_acts = collect_activations(str(qdq_aug), _Reader(subset, names))
+    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    producers = {out: node.name for node in onnx.load(str(pre)).graph.node for out in node.output}
+    ranked = sorted(((v["xmodel_err"], k) for k, v in errors.items()
+                     if "xmodel_err" in v and k in producers and np.isfinite(v["xmodel_err"])))
+    return [{"tensor": k, "node": producers[k], "sqnr_db": round(float(err), 2)}
+            for err, k in ranked[:count]]

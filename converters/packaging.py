@@ -1,0 +1,214 @@
+"""Step 5: the report, and the signed package holding every artifact that did not fail.
+
+Package members::
+
+    artifacts/<id>.onnx | .tflite | .mlpackage/…   one per built artifact (failed ones left out)
+    reference/stats.json    ReferenceStats of inputs and fp32 outputs over the calibration data
+    samples/inputs.npz      the first 8 evaluation samples, one array per model input
+    samples/expected.npz    the fp32 reference's outputs for them, one array per model output
+    report.json             the conversion report (also written next to the package)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgeserve import __version__
+from edgeserve.manifest import Artifact, Manifest, SourceInfo, parse_manifest
+from edgeserve.package import PackageWriter, atomic_write
+from edgeserve.profiles import HardwareProfile
+from edgeserve.telemetry import ReferenceStats
+
+from .context import BuildContext, BuiltArtifact
+from .preflight import PreflightIssue
+from .progress import Progress
+from .reference import reference_outputs
+from .report import REPORT_SCHEMA, render_markdown
+from .validate import worst_status
+
+if TYPE_CHECKING:
+    from .pipeline import ConversionResult, Converter
+
+__all__ = ["assemble_report", "member_path", "write_outputs"]
+
+_EXTENSIONS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
+_TASKS = ("classification", "regression", "embedding", "detection", "other")
+
+
+def member_path(artifact: BuiltArtifact) -> str:
+    return f"artifacts/{artifact.plan.id}{_EXTENSIONS[artifact.format]}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: no NaN/inf, numpy scalars as Python numbers, floats rounded to 7 digits."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else float(f"{value:.7g}")
+    return value
+
+
+def _profile_verdicts(profiles: Sequence[HardwareProfile], built: Sequence[BuiltArtifact],
+                      issues: Sequence[PreflightIssue]) -> dict[str, dict[str, Any]]:
+    verdicts: dict[str, dict[str, Any]] = {}
+    for profile in profiles:
+        mine = [b for b in built if profile.name in b.plan.profiles]
+        reasons = [i.message for i in issues if i.profile == profile.name]
+        failed = bool(reasons)
+        statuses = []
+        for artifact in mine:
+            status = artifact.validation.get("profiles", {}).get(profile.name, artifact.status)
+            if artifact.size_bytes > profile.budgets.max_model_bytes:
+                status = "failed"
+                reasons.append(f"{artifact.plan.id} is {artifact.size_bytes:,} bytes, over "
+                               f"max_model_bytes {profile.budgets.max_model_bytes:,}")
+            if profile.name in artifact.plan.required_by:
+                statuses.append(status)
+                if status == "failed":
+                    failed = True
+                    reasons.append(f"required artifact {artifact.plan.id} failed"
+                                   + (f": {artifact.error}" if artifact.error else ""))
+        status = "failed" if failed else worst_status(statuses)
+        verdicts[profile.name] = {"status": status, "artifacts": [b.plan.id for b in mine],
+                                  "required": [b.plan.id for b in mine
+                                               if profile.name in b.plan.required_by],
+                                  "reasons": reasons}
+    return verdicts
+
+
+def _artifact_entry(artifact: BuiltArtifact, reference_bytes: int) -> dict[str, Any]:
+    size = artifact.size_bytes
+    return {
+        "id": artifact.plan.id, "format": artifact.format, "precision": artifact.precision,
+        "quantization": artifact.quantization, "size_bytes": size,
+        "size_ratio": round(size / reference_bytes, 4) if size and reference_bytes else None,
+        "profiles": list(artifact.plan.profiles), "required_by": list(artifact.plan.required_by),
+        "runtime": artifact.runtime,
+        "path": member_path(artifact) if artifact.status != "failed" and size else None,
+        "inputs": [t.model_dump(mode="json", exclude_defaults=True) for t in artifact.inputs]
+        if artifact.inputs else None,
+        "outputs": [t.model_dump(mode="json", exclude_defaults=True) for t in artifact.outputs]
+        if artifact.outputs else None,
+        "notes": artifact.notes, "error": artifact.error, "validation": artifact.validation,
+    }
+
+
+def _data_text(data: Any) -> str | None:
+    return None if data is None else f"{data.source} ({len(data)} samples)"
+
+
+def assemble_report(options: Converter, ctx: BuildContext, profiles: Sequence[HardwareProfile],
+                    built: Sequence[BuiltArtifact], issues: Sequence[PreflightIssue],
+                    elapsed_s: float) -> dict[str, Any]:
+    verdicts = _profile_verdicts(profiles, built, issues)
+    imported = ctx.imported
+    notes = [*imported.notes, *(ctx.calibration.notes if ctx.calibration else []),
+             *ctx.evaluation.notes]
+    report = {
+        "schema": REPORT_SCHEMA, "created": datetime.now(UTC).isoformat(),
+        "converter": __version__, "elapsed_s": round(elapsed_s, 1),
+        "ok": all(v["status"] != "failed" for v in verdicts.values()),
+        "model": {"name": options.name, "version": options.version, "release": options.release,
+                  "task": ctx.task,
+                  "source": {"framework": imported.framework, "sha256": imported.sha256,
+                             "filename": imported.filename},
+                  "inputs": [t.model_dump(mode="json", exclude_defaults=True)
+                             for t in ctx.signature.inputs],
+                  "outputs": [t.model_dump(mode="json", exclude_defaults=True)
+                              for t in ctx.signature.outputs]},
+        "reference": {"size_bytes": ctx.reference_bytes,
+                      "latency_ms_p50": ctx.reference_latency_ms},
+        "data": {"calibration": _data_text(ctx.calibration),
+                 "evaluation": _data_text(ctx.evaluation),
+                 "random_calibration": bool(ctx.calibration is not None and
+                                            ctx.calibration.source.startswith("random")),
+                 "notes": notes},
+        "preflight": [{"profile": i.profile, "target": i.target, "kind": i.kind,
+                       "message": i.message} for i in issues],
+        "profiles": verdicts,
+        "artifacts": [_artifact_entry(b, ctx.reference_bytes) for b in built],
+    }
+    cleaned: dict[str, Any] = _clean(report)
+    return cleaned
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _stats(ctx: BuildContext) -> ReferenceStats:
+    data = ctx.calibration if ctx.calibration is not None else ctx.evaluation
+    data = data.take(slice(0, 2000))
+    outputs = reference_outputs(ctx, data)
+    named = dict(zip(ctx.signature.output_names, outputs, strict=True))
+    return ReferenceStats.from_arrays(data.inputs, named, ctx.signature.layouts(),
+                                      ctx.signature.classifier_outputs(ctx.task))
+
+
+def _manifest(options: Converter, ctx: BuildContext, report: dict[str, Any],
+              kept: Sequence[BuiltArtifact]) -> Manifest:
+    entries = {a["id"]: a for a in report["artifacts"]}
+    artifacts = [Artifact(
+        id=a.plan.id, format=a.format, precision=a.precision,  # type: ignore[arg-type]
+        quantization=a.quantization, path=member_path(a),  # type: ignore[arg-type]
+        profiles=list(a.plan.profiles), runtime=a.runtime, inputs=a.inputs, outputs=a.outputs,
+        validation=entries[a.plan.id]["validation"]) for a in kept]
+    task = ctx.task if ctx.task in _TASKS else "other"
+    return parse_manifest(Manifest(
+        name=options.name, version=options.version, release=options.release,
+        description=options.description, task=task,  # type: ignore[arg-type]
+        source=SourceInfo(framework=ctx.imported.framework, sha256=ctx.imported.sha256,
+                          filename=ctx.imported.filename),
+        inputs=ctx.signature.inputs, outputs=ctx.signature.outputs,
+        preprocessing=dict(options.preprocessing),
+        labels=list(options.labels) if options.labels else None, artifacts=artifacts,
+        reference="reference/stats.json", samples="samples/inputs.npz", report="report.json",
+        metadata={"expected_outputs": "samples/expected.npz", "converter": __version__},
+    ).model_dump(by_alias=True))
+
+
+def write_outputs(options: Converter, ctx: BuildContext, report: dict[str, Any],
+                  built: Sequence[BuiltArtifact], out: Path, key: Ed25519PrivateKey,
+                  progress: Progress) -> ConversionResult:
+    from .pipeline import ConversionResult
+
+    out.mkdir(parents=True, exist_ok=True)
+    kept = [b for b in built if b.status != "failed" and b.path is not None and b.path.exists()]
+    package, manifest = None, None
+    if kept:
+        with progress.step("sign and write the package"):
+            writer = PackageWriter(_manifest(options, ctx, report, kept))
+            for artifact in kept:
+                assert artifact.path is not None
+                writer.add_file(member_path(artifact), artifact.path)
+            writer.add_file("reference/stats.json", _stats(ctx).to_json())
+            writer.add_file("samples/inputs.npz", _npz(dict(ctx.samples.inputs)))
+            writer.add_file("samples/expected.npz", _npz(dict(zip(
+                ctx.signature.output_names, ctx.reference_samples, strict=True))))
+            writer.add_file("report.json", json.dumps(report, indent=2).encode())
+            package = out / f"{options.name}-{options.version}.edgepkg"
+            manifest = writer.write(package, key)
+        report = {**report, "package": {"path": str(package),
+                                        "sha256": hashlib.sha256(package.read_bytes()).hexdigest()}}
+    else:
+        report = {**report, "ok": False, "package": None}
+    report_json, report_md = out / "report.json", out / "report.md"
+    atomic_write(report_json, json.dumps(report, indent=2).encode())
+    atomic_write(report_md, render_markdown(report).encode())
+    return ConversionResult(report, package, report_json, report_md, manifest)
