@@ -6,6 +6,7 @@ import click
 
 from edgeserve.cli import SuggestingGroup
 
+from .cli_rollout import publish_command, rollout
 from .cli_telemetry import devices_command, serve_command, telemetry_command
 
 __all__ = ["fleet"]
@@ -19,3 +20,5 @@ def fleet() -> None:
 fleet.add_command(serve_command)
 fleet.add_command(devices_command)
 fleet.add_command(telemetry_command)
+fleet.add_command(publish_command)
+fleet.add_command(rollout)

@@ -124,6 +124,9 @@ def connect(settings: BrokerSettings, client_id: str, prepare: Callable[[mqtt.Cl
         prepare(client)
         outcome = _handshake(client, settings, connect_properties(_VERSIONS[name]), timeout)
         if outcome.reason is not None and not outcome.reason.is_failure:
+            # client.loop() made a wake-up socket pair; loop_start() makes its own and would
+            # leak this one (an unclosed-socket ResourceWarning), so close it now.
+            client._reset_sockets(sockpair_only=True)
             return client
         _close(client)
         last = (f"MQTT {name}: " + ("connection closed before CONNACK" if outcome.reason is None

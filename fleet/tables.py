@@ -17,7 +17,17 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["devices", "fleet_meta", "metadata", "windows"]
+__all__ = [
+    "desired_state",
+    "device_models",
+    "devices",
+    "fleet_meta",
+    "metadata",
+    "rollout_actions",
+    "rollout_events",
+    "rollouts",
+    "windows",
+]
 
 metadata = sa.MetaData()
 
@@ -74,4 +84,79 @@ windows = sa.Table(
     sa.Column("data", sa.Text, nullable=False, comment="the whole window, compact JSON"),
     sa.Index("ix_windows_model_version_start", "model", "version", "window_start"),
     sa.Index("ix_windows_start", "window_start"),
+)
+
+# -- desired state and rollouts (fleet/desired.py, fleet/rollouts/) --------------------------------
+
+# SQLite autoincrements only INTEGER PRIMARY KEY columns
+_SERIAL = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+desired_state = sa.Table(
+    "desired_state", metadata,
+    sa.Column("device_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("doc", sa.Text, nullable=False, comment="the Desired message (JSON)"),
+    sa.Column("updated", sa.Double, nullable=False),
+    sa.Column("published", sa.Double, nullable=True,
+              comment="when this revision was published (retained); NULL = not yet"),
+)
+
+device_models = sa.Table(
+    "device_models", metadata,
+    sa.Column("device_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("model", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("active", sa.String(VERSION_LENGTH), nullable=True),
+    sa.Column("previous", sa.String(VERSION_LENGTH), nullable=True),
+    sa.Column("shadow", sa.String(VERSION_LENGTH), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False, server_default="idle"),
+    sa.Column("target", sa.String(VERSION_LENGTH), nullable=True),
+    sa.Column("progress", sa.Double, nullable=False, server_default="0"),
+    sa.Column("traffic", sa.Text, nullable=False, server_default="{}",
+              comment="JSON: version -> weight, as the device applied it"),
+    sa.Column("error_code", sa.String(64), nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("error_version", sa.String(VERSION_LENGTH), nullable=True),
+    sa.Column("revision", sa.BigInteger, nullable=False, server_default="0",
+              comment="desired revision the device reports as applied"),
+    sa.Column("updated", sa.Double, nullable=False),
+    comment="what each device reports per model (from devices/{id}/reported)",
+)
+
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(ID_LENGTH), nullable=False),
+    sa.Column("version", sa.String(VERSION_LENGTH), nullable=False),
+    sa.Column("strategy", sa.String(16), nullable=False),
+    sa.Column("phase", sa.String(24), nullable=False),
+    sa.Column("spec", sa.Text, nullable=False, comment="RolloutSpec (JSON)"),
+    sa.Column("state", sa.Text, nullable=False, comment="RolloutState (JSON)"),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("created", sa.Double, nullable=False),
+    sa.Column("updated", sa.Double, nullable=False),
+    sa.Index("ix_rollouts_model_phase", "model", "phase"),
+)
+
+rollout_events = sa.Table(
+    "rollout_events", metadata,
+    sa.Column("id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.String(64), nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+    sa.Column("data", sa.Text, nullable=False, server_default="{}",
+              comment="JSON: gate results, canary and control metrics, device counts"),
+    sa.Index("ix_rollout_events_rollout_ts", "rollout_id", "ts"),
+)
+
+rollout_actions = sa.Table(
+    "rollout_actions", metadata,
+    sa.Column("id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False, comment="promote|pause|resume|rollback"),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("created", sa.Double, nullable=False),
+    sa.Column("done", sa.Double, nullable=True),
+    comment="operator actions queued by the CLI/API, carried out by the rollout controller",
 )

@@ -194,6 +194,9 @@ class RolloutState(BaseModel):
     reason: str | None = None
     failed_gate: str | None = None
     gate_results: list[GateResult] = Field(default_factory=list)
+    baseline: CohortMetrics | None = Field(
+        default=None, description="the control cohort as last measured; relative gates use it "
+                                  "once every device in scope has moved (no control left)")
     history: list[HistoryEntry] = Field(default_factory=list)
 
     @property
@@ -327,7 +330,11 @@ def _tick(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> list[Comman
         return _start_rollback(spec, state, snap.now,
                                f"on-device health check failed on {len(state.failed_devices)} "
                                f"device(s), e.g. {device}: {error}", "device_health")
-    state.gate_results = [parse_gate(g).evaluate(snap.canary, snap.control, spec.min_requests)
+    if snap.control is not None and snap.control.requests:
+        state.baseline = snap.control
+    control = snap.control if snap.control is not None and snap.control.requests \
+        else state.baseline
+    state.gate_results = [parse_gate(g).evaluate(snap.canary, control, spec.min_requests)
                           for g in spec.gates]
     failed = next((r for r in state.gate_results if r.verdict == "fail"), None)
     if failed is not None:

@@ -95,8 +95,8 @@ def test_chunked_download_over_mqtt_resumes(tmp_path: Path, store: ArtifactStore
             fetch_chunked(unknown, send, receive, timeout=5)
     finally:
         for c in (fleet, device):
-            c.loop_stop()
             c.disconnect()
+            c.loop_stop()
 
 
 def test_chunk_for_wrong_size_or_hash_is_refused(tmp_path: Path, store: ArtifactStore) -> None:

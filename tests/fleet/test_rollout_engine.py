@@ -245,3 +245,20 @@ def test_spec_validation() -> None:
         spec(stages=[10, 50])
     with pytest.raises(ValidationError):
         spec(gates=["nonsense"])
+
+
+def test_relative_gates_use_last_control_once_everyone_moved() -> None:
+    """At 100% there is no control cohort left: relative gates compare with the last one seen."""
+    fleet = Fleet(10)
+    s = spec(stages=[50, 100])
+    state = run(s, fleet, 4)
+    assert state.stage == 1 and state.baseline is not None
+    for i in range(10):
+        state, commands = step(s, state, Tick(snapshot=fleet.snap(100 + i * 5, control=None)))
+        fleet.apply(commands)
+    assert state.phase == "completed"
+    slow = spec(stages=[50, 100], id="r2")
+    state = run(slow, Fleet(10), 4)
+    state, _ = step(slow, state, Tick(snapshot=Fleet(10).snap(
+        100, CohortMetrics(requests=1000, p95_ms=9.0), control=None)))
+    assert state.phase == "rolling-back" and state.failed_gate == "p95_ms<=1.5*control"

@@ -1,0 +1,281 @@
+"""``edgeserve fleet publish`` and ``edgeserve fleet rollout …``: the fleet manager's rollout CLI.
+
+The CLI reads and writes the fleet store (``--db``) and the artifact store (``--artifacts``); the
+rollout controller inside ``edgeserve fleet serve`` carries rollouts out. Operator actions
+(promote, pause, resume, roll back) are queued in the store and applied on its next tick.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from edgeserve.cli import SuggestingGroup
+from edgeserve.console import console, emit, json_option, table
+from edgeserve.errors import ConfigError
+from edgeserve.signing import TrustStore
+
+from .artifacts import ArtifactStore
+from .cli_telemetry import db_option
+from .rollouts.controller import device_views
+from .rollouts.repo import RolloutRecord, Rollouts
+from .store import Store, default_url
+
+__all__ = ["artifacts_option", "default_artifacts_dir", "publish_command", "rollout",
+           "trusted_keys_option"]
+
+
+def default_artifacts_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(os.environ.get("EDGESERVE_FLEET_ARTIFACTS")
+                or Path(user_data_dir("edgeserve")) / "fleet" / "artifacts")
+
+
+artifacts_option = click.option(
+    "--artifacts", "artifacts_dir", type=click.Path(file_okay=False, path_type=Path),
+    default=None, metavar="DIR",
+    help="Artifact store directory [default: the user data directory; env "
+         "EDGESERVE_FLEET_ARTIFACTS].")
+trusted_keys_option = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
+    help="Public key (PEM, or a directory of them) packages must be signed with; repeatable "
+         "[env EDGESERVE_FLEET_TRUSTED_KEYS, separated by ':'].")
+
+
+def _trust(paths: tuple[Path, ...]) -> TrustStore:
+    given = list(paths) or [Path(p) for p in
+                            os.environ.get("EDGESERVE_FLEET_TRUSTED_KEYS", "").split(os.pathsep)
+                            if p]
+    if not given:
+        raise ConfigError("no trusted keys: pass --trusted-key PUB.pem (the key packages are "
+                          "signed with) or set EDGESERVE_FLEET_TRUSTED_KEYS")
+    return TrustStore.from_paths(given)
+
+
+@click.command("publish")
+@click.argument("package", type=click.Path(dir_okay=False, path_type=Path))
+@artifacts_option
+@trusted_keys_option
+@json_option
+def publish_command(package: Path, artifacts_dir: Path | None, trusted_keys: tuple[Path, ...],
+                    as_json: bool) -> None:
+    """Verify a package and store it in the fleet's artifact store."""
+    store = ArtifactStore(artifacts_dir or default_artifacts_dir(), _trust(trusted_keys))
+    published = store.publish(package)
+    emit(published.to_dict(), as_json, lambda d: console.print(
+        f"published [bold]{d['name']} {d['version']}[/] (release {d['release']}, "
+        f"{len(d['artifacts'])} artifacts) to {store.root}"))
+
+
+@click.group("rollout", cls=SuggestingGroup)
+def rollout() -> None:
+    """Create, watch and steer rollouts of model versions."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``5m``, ``2h`` or ``1d``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration; expected e.g. 30, 30s, 5m, 2h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"label {pair!r} is not KEY=VALUE", param_hint="--label")
+        key, value = pair.split("=", 1)
+        out[key] = value
+    return out
+
+
+@rollout.command("create")
+@click.argument("model")
+@click.argument("version")
+@click.option("--strategy", type=click.Choice(["canary", "blue-green"]), default="canary",
+              show_default=True)
+@click.option("--stages", default="1,10,50,100", show_default=True,
+              help="Percent of devices in scope per stage, ending at 100.")
+@click.option("--gate", "gates", multiple=True,
+              help="Gate, e.g. 'error_rate<=0.01' or 'p95_ms<=1.2*control'; repeatable. "
+                   "[default: error_rate<=0.01, p95_ms<=1.5*control]")
+@click.option("--no-gates", is_flag=True, help="No gates (e.g. a first deployment).")
+@click.option("--soak", default="5m", show_default=True,
+              help="Minimum time per stage: seconds or 30s/5m/1h.")
+@click.option("--soak-inferences", type=int, default=0, show_default=True,
+              help="Minimum canary inferences per stage.")
+@click.option("--min-requests", type=int, default=50, show_default=True,
+              help="Canary inferences before a gate may pass or fail.")
+@click.option("--min-devices", type=int, default=1, show_default=True,
+              help="Minimum devices per stage.")
+@click.option("--max-failed-devices", type=int, default=0, show_default=True,
+              help="On-device health-check failures tolerated before rolling back.")
+@click.option("--silent-after", default="10m", show_default=True,
+              help="A device silent this long does not block a stage.")
+@click.option("--manual", is_flag=True, help="Wait for 'rollout promote' after each stage.")
+@click.option("--shadow-sample", type=float, default=1.0, show_default=True,
+              help="Blue-green: fraction of live requests the shadow also runs.")
+@click.option("--profile", "profiles", multiple=True, help="Only devices of this profile.")
+@click.option("--label", "labels", multiple=True, help="Only devices with KEY=VALUE.")
+@click.option("--device", "device_ids", multiple=True, help="Only these devices.")
+@db_option
+@artifacts_option
+@json_option
+def rollout_create(model: str, version: str, strategy: str, stages: str,
+                   gates: tuple[str, ...], no_gates: bool, soak: str, soak_inferences: int,
+                   min_requests: int, min_devices: int, max_failed_devices: int,
+                   silent_after: str, manual: bool, shadow_sample: float,
+                   profiles: tuple[str, ...], labels: tuple[str, ...],
+                   device_ids: tuple[str, ...], db: str | None, artifacts_dir: Path | None,
+                   as_json: bool) -> None:
+    """Roll MODEL VERSION out to the devices in scope, stage by stage, gated on model health."""
+    ArtifactStore(artifacts_dir or default_artifacts_dir(), TrustStore()).get(model, version)
+    try:
+        stage_list = [float(s) for s in stages.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{stages!r} is not a comma-separated list of percentages",
+                                 param_hint="--stages") from None
+    spec: dict[str, Any] = {
+        "model": model, "version": version, "strategy": strategy, "stages": stage_list,
+        "soak_seconds": _duration(soak), "soak_inferences": soak_inferences,
+        "min_requests": min_requests, "min_devices": min_devices,
+        "max_failed_devices": max_failed_devices, "silent_after_s": _duration(silent_after),
+        "auto_promote": not manual, "shadow_sample_rate": shadow_sample,
+        "selector": {"profiles": list(profiles), "labels": _labels(labels),
+                     "devices": list(device_ids)},
+    }
+    if no_gates:
+        spec["gates"] = []
+    elif gates:
+        spec["gates"] = list(gates)
+    with Store.open(db or default_url()) as store:
+        record = Rollouts(store).create(spec)
+    emit(record.to_dict(), as_json, lambda d: console.print(
+        f"created rollout [bold]{d['id']}[/]: {d['strategy']} {model} {version}, stages "
+        f"{', '.join(f'{s:g}%' for s in d['stages'])}; gates: "
+        f"{', '.join(record.spec.gates) or 'none'}"))
+
+
+def _status_view(store: Store, records: list[RolloutRecord]) -> Group:
+    now = time.time()
+    parts: list[Any] = []
+    for record in records:
+        spec, state = record.spec, record.state
+        views = device_views(store, spec, now)
+        converged = sum(1 for v in views if v.device_id in state.assigned
+                        and v.active == spec.version)
+        colour = {"completed": "green", "rolled-back": "red", "rolling-back": "red",
+                  "paused": "yellow", "awaiting-promotion": "yellow"}.get(state.phase, "cyan")
+        header = (f"[bold]{record.id}[/]  {spec.strategy} {spec.model} → {spec.version}  "
+                  f"[{colour}]{state.phase}[/]")
+        if state.reason:
+            header += f"\n  reason: {state.reason}"
+        stages = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
+        for column in ("stage", "target", "progress", "devices"):
+            stages.add_column(column)
+        in_scope = max(len(views), 1)
+        for i, pct in enumerate(spec.stages):
+            wanted = min(len(views), max(spec.min_devices, -(-int(pct * len(views)) // 100)))
+            done = converged if i <= state.stage else 0
+            if i < state.stage or state.phase == "completed":
+                done = wanted
+            bar = ProgressBar(total=max(wanted, 1), completed=min(done, wanted), width=30)
+            marker = "▶" if i == state.stage and state.phase not in ("completed",
+                                                                      "rolled-back") else " "
+            stages.add_row(f"{marker}{i + 1}", f"{pct:g}% ({wanted}/{in_scope})", bar,
+                           f"{min(done, wanted)}/{wanted}")
+        gates = table(None, ["gate", "verdict", "canary", "bound", "detail"],
+                      [(g.gate, g.verdict, _num(g.canary), _num(g.bound), g.detail)
+                       for g in state.gate_results])
+        parts.extend([header, stages, gates, ""])
+    if not parts:
+        parts.append("no rollouts")
+    return Group(*parts)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@rollout.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--watch", is_flag=True, help="Refresh live until the rollout ends (Ctrl-C stops).")
+@click.option("--interval", type=float, default=1.0, show_default=True)
+@db_option
+@json_option
+def rollout_status(rollout_id: str | None, watch: bool, interval: float, db: str | None,
+                   as_json: bool) -> None:
+    """Show one rollout (or every running one): stages with progress bars and gate values."""
+    with Store.open(db or default_url(), migrate=False) as store:
+        repo = Rollouts(store)
+
+        def load() -> list[RolloutRecord]:
+            if rollout_id:
+                return [repo.get(rollout_id)]
+            return repo.find(active_only=True) or repo.find()[-1:]
+
+        if as_json:
+            records = load()
+            emit([{**r.to_dict(), "events": repo.events(r.id, 50)} for r in records], True)
+            return
+        if not watch:
+            console.print(_status_view(store, load()))
+            return
+        with Live(_status_view(store, load()), console=console, refresh_per_second=4) as live:
+            while True:
+                records = load()
+                live.update(_status_view(store, records))
+                if all(r.state.done for r in records):
+                    break
+                time.sleep(interval)
+
+
+@rollout.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include finished rollouts.")
+@db_option
+@json_option
+def rollout_list(show_all: bool, db: str | None, as_json: bool) -> None:
+    """List rollouts (running ones, or all with --all)."""
+    with Store.open(db or default_url(), migrate=False) as store:
+        records = Rollouts(store).find(active_only=not show_all)
+    rows = [r.to_dict() for r in records]
+    emit(rows, as_json, lambda rs: console.print(table(
+        "rollouts", ["id", "model", "version", "strategy", "phase", "stage", "devices", "reason"],
+        [(r["id"], r["model"], r["version"], r["strategy"], r["phase"],
+          f"{r['stage']}/{len(r['stages'])}", r["devices"], r["reason"]) for r in rs])))
+
+
+def _action(name: str, help_text: str) -> click.Command:
+    @click.command(name, help=help_text)
+    @click.argument("rollout_id")
+    @click.option("--reason", default="", help="Recorded with the action.")
+    @db_option
+    @json_option
+    def command(rollout_id: str, reason: str, db: str | None, as_json: bool) -> None:
+        with Store.open(db or default_url(), migrate=False) as store:
+            record = Rollouts(store).queue_action(rollout_id, name, reason)  # type: ignore[arg-type]
+        emit({"id": record.id, "action": name, "queued": True}, as_json, lambda d: console.print(
+            f"{name} queued for rollout {d['id']}; the controller applies it on its next tick"))
+
+    return command
+
+
+for _name, _help in (("promote", "Move to the next stage now (skipping the rest of the soak)."),
+                     ("pause", "Freeze a rollout: no new devices, no gate decisions."),
+                     ("resume", "Continue a paused rollout."),
+                     ("rollback", "Return every device of the rollout to its previous version.")):
+    rollout.add_command(_action(_name, _help))

@@ -1,0 +1,114 @@
+"""Desired state per device: revisioned documents in the store, published retained over MQTT.
+
+Every change to what a device should run (a rollout stage, a rollback, new experiment weights)
+writes a new :class:`~edgeserve.contract.Desired` with the next revision for that device. The
+publisher sends unpublished revisions as retained QoS 1 messages on ``devices/{id}/desired``, so a
+device that is offline for weeks receives the newest one when it reconnects and ignores any older
+revision it might see.
+
+Version references point devices at the artifact endpoint (``{public_url}/v1/packages/…``) and
+carry the manifest's sha256; a device labelled ``transport=mqtt`` is told to fetch in chunks over
+MQTT instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from edgeserve.contract import Desired, DesiredModel, HealthPolicy, ShadowSpec, VersionRef, decode
+
+from .artifacts import ArtifactStore
+from .store import Store
+from .tables import desired_state, devices
+from .web.artifacts import package_base_url
+
+__all__ = ["DesiredStates"]
+
+
+class DesiredStates:
+    def __init__(self, store: Store, artifacts: ArtifactStore, public_url: str) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.public_url = public_url
+
+    def get(self, device_id: str, conn: Connection | None = None) -> Desired | None:
+        query = sa.select(desired_state.c.doc).where(desired_state.c.device_id == device_id)
+        if conn is None:
+            with self.store.read() as c:
+                raw = c.execute(query).scalar_one_or_none()
+        else:
+            raw = conn.execute(query).scalar_one_or_none()
+        return None if raw is None else decode(Desired, raw.encode(), f"desired {device_id}")
+
+    def version_ref(self, model: str, version: str, transport: str = "http") -> VersionRef:
+        published = self.artifacts.get(model, version)
+        return VersionRef(release=published.release, manifest_sha256=published.manifest_sha256,
+                          transport="mqtt" if transport == "mqtt" else "http",
+                          url=package_base_url(self.public_url, model, version))
+
+    def _transport(self, conn: Connection, device_id: str) -> str:
+        raw = conn.execute(sa.select(devices.c.labels)
+                           .where(devices.c.device_id == device_id)).scalar_one_or_none()
+        labels = json.loads(raw) if raw else {}
+        return str(labels.get("transport", "http"))
+
+    def set_model(self, device_id: str, model: str, active: str | None,
+                  shadow: str | None = None, shadow_rate: float = 1.0,
+                  traffic: Mapping[str, float] | None = None,
+                  health: HealthPolicy | None = None, rollout: str | None = None) -> Desired:
+        """Write the next revision with ``model`` set (``active=None`` removes it)."""
+        now = time.time()
+        with self.store.write() as conn:
+            current = self.get(device_id, conn)
+            models = dict(current.models) if current else {}
+            if active is None:
+                models.pop(model, None)
+            else:
+                transport = self._transport(conn, device_id)
+                arms = dict(traffic or {})
+                wanted = {active, *arms, *([shadow] if shadow else [])}
+                keep_health = health or (models[model].health if model in models
+                                         else HealthPolicy())
+                models[model] = DesiredModel(
+                    active=active,
+                    versions={v: self.version_ref(model, v, transport) for v in sorted(wanted)},
+                    traffic=arms,
+                    shadow=ShadowSpec(version=shadow, sample_rate=shadow_rate) if shadow else None,
+                    health=keep_health)
+            revision = (current.revision if current else 0) + 1
+            desired = Desired(revision=revision, ts=now, models=models,
+                              rollout=rollout or (current.rollout if current else None))
+            doc = desired.model_dump_json(exclude_none=True)
+            if current is None:
+                conn.execute(sa.insert(desired_state).values(
+                    device_id=device_id, revision=revision, doc=doc, updated=now, published=None))
+            else:
+                conn.execute(sa.update(desired_state)
+                             .where(desired_state.c.device_id == device_id)
+                             .values(revision=revision, doc=doc, updated=now, published=None))
+        return desired
+
+    def unpublished(self) -> list[tuple[str, Desired]]:
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(desired_state.c.device_id, desired_state.c.doc)
+                                .where(desired_state.c.published.is_(None))).all()
+        return [(r.device_id, decode(Desired, r.doc.encode(), f"desired {r.device_id}"))
+                for r in rows]
+
+    def all(self) -> list[tuple[str, Desired]]:
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(desired_state.c.device_id, desired_state.c.doc)).all()
+        return [(r.device_id, decode(Desired, r.doc.encode(), f"desired {r.device_id}"))
+                for r in rows]
+
+    def mark_published(self, device_id: str, revision: int) -> None:
+        with self.store.write() as conn:
+            conn.execute(sa.update(desired_state)
+                         .where(desired_state.c.device_id == device_id,
+                                desired_state.c.revision == revision)
+                         .values(published=time.time()))

@@ -1,0 +1,301 @@
+"""The rollout controller: the I/O around the pure engine.
+
+Once per tick it (1) stores the ``reported`` messages devices sent since the last tick, (2)
+applies operator actions queued by the CLI or API, (3) for every running rollout builds a
+:class:`~.engine.Snapshot` — devices in scope with what they report, canary and control cohort
+health since the stage began — feeds it to :func:`~.engine.step`, writes the resulting desired
+state, and persists the new state with an event row (the dashboard's history), and (4) publishes
+every unpublished desired revision, retained.
+
+One controller runs per fleet: on PostgreSQL it holds an advisory lock for its lifetime (a second
+one waits as a standby); SQLite stores are single-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import sqlalchemy as sa
+
+from edgeserve.contract import Reported, decode, device_topic, encode, fleet_filter, parse_topic
+from edgeserve.errors import EdgeserveError
+
+from ..artifacts import ArtifactStore
+from ..connection import BrokerSettings, connect
+from ..desired import DesiredStates
+from ..registry import list_devices
+from ..store import Store
+from ..tables import device_models
+from .engine import (
+    DeviceView,
+    Event,
+    Pause,
+    Promote,
+    Resume,
+    Rollback,
+    RolloutSpec,
+    RolloutState,
+    SetDesired,
+    Snapshot,
+    Tick,
+    step,
+)
+from .metrics import cohort_metrics
+from .repo import RolloutRecord, Rollouts
+
+__all__ = ["RolloutController", "device_views", "in_scope"]
+
+log = logging.getLogger(__name__)
+_EVENT_EVERY_S = 2.0
+
+
+def in_scope(spec: RolloutSpec, profile: str | None, labels: dict[str, str],
+             device_id: str) -> bool:
+    sel = spec.selector
+    if sel.devices and device_id not in sel.devices:
+        return False
+    if sel.profiles and profile not in sel.profiles:
+        return False
+    return all(labels.get(k) == v for k, v in sel.labels.items())
+
+
+def device_views(store: Store, spec: RolloutSpec, now: float) -> list[DeviceView]:
+    """Devices in the rollout's scope, with the model's state as each reports it."""
+    with store.read() as conn:
+        reports = {r.device_id: r for r in conn.execute(
+            sa.select(device_models).where(device_models.c.model == spec.model))}
+    views = []
+    for device in list_devices(store):
+        if not in_scope(spec, device.profile, device.labels, device.device_id):
+            continue
+        report = reports.get(device.device_id)
+        last_seen = max(device.last_seen, report.updated if report is not None else 0.0)
+        online = device.state != "offline"
+        if report is None:
+            views.append(DeviceView(device_id=device.device_id, online=online,
+                                    last_seen=last_seen, active=device.models.get(spec.model)))
+            continue
+        views.append(DeviceView(
+            device_id=device.device_id, online=online, last_seen=last_seen,
+            active=report.active, shadow=report.shadow, state=report.state,
+            last_error=report.error_message if report.state in ("rolled-back", "failed")
+            else None, error_version=report.error_version))
+    return views
+
+
+class RolloutController:
+    def __init__(self, store: Store, artifacts: ArtifactStore, broker: BrokerSettings,
+                 fleet: str, public_url: str, client_id: str | None = None,
+                 tick_s: float = 1.0) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.broker = broker
+        self.fleet = fleet
+        self.desired = DesiredStates(store, artifacts, public_url)
+        self.rollouts = Rollouts(store)
+        self.client_id = client_id or f"edgeserve-rollouts-{fleet}"
+        self.tick_s = tick_s
+        self._client: mqtt.Client | None = None
+        self._reports: dict[str, tuple[Reported, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_event: dict[str, tuple[float, str]] = {}
+        self._pg_lock: Any = None
+        self.bad_reports = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._client = connect(self.broker, self.client_id, self._prepare, lambda v: None)
+        self._client.loop_start()
+        self._client.subscribe(fleet_filter(self.fleet, "reported"), qos=1)
+        self._thread = threading.Thread(target=self._run, name="edgeserve-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        if self._pg_lock is not None:
+            self._pg_lock.close()
+
+    def _prepare(self, client: mqtt.Client) -> None:
+        client.on_message = self._on_message
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = parse_topic(msg.topic)
+            report = decode(Reported, msg.payload, msg.topic)
+            if report.device_id != topic.device_id:
+                raise EdgeserveError(f"{msg.topic}: report names device {report.device_id}")
+        except EdgeserveError as exc:
+            self.bad_reports += 1
+            log.warning("dropping bad reported payload: %s", exc)
+            return
+        with self._lock:
+            self._reports[report.device_id] = (report, time.time())
+
+    def _holds_lock(self) -> bool:
+        if self.store.dialect != "postgresql":
+            return True
+        if self._pg_lock is None:
+            self._pg_lock = self.store.engine.connect()
+        key = zlib.crc32(f"edgeserve-rollouts/{self.fleet}".encode())
+        got = self._pg_lock.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+        return bool(got.scalar())
+
+    def _run(self) -> None:
+        leader = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                leader = leader or self._holds_lock()
+                if leader:
+                    self.tick()
+            except EdgeserveError as exc:
+                log.error("rollout controller tick failed: %s", exc)
+            except Exception:
+                log.exception("rollout controller tick failed")
+            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
+
+    # -- one tick ---------------------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._store_reports()
+        for rollout_id, action, reason, _ in self.rollouts.take_actions():
+            self._handle(rollout_id, action, reason, now)
+        for record in self.rollouts.find(active_only=True):
+            self._advance(record, Tick(snapshot=self.snapshot(record, now)), now)
+        self.publish_pending()
+
+    def _store_reports(self) -> None:
+        with self._lock:
+            reports, self._reports = self._reports, {}
+        if not reports:
+            return
+        rows: list[dict[str, Any]] = []
+        for device_id, (report, received) in reports.items():
+            for model, m in report.models.items():
+                error = m.last_error
+                rows.append({"device_id": device_id, "model": model, "active": m.active,
+                             "previous": m.previous, "shadow": m.shadow, "state": m.state,
+                             "target": m.target, "progress": m.progress,
+                             "traffic": json.dumps(m.traffic),
+                             "error_code": error.code if error else None,
+                             "error_message": error.message if error else None,
+                             "error_version": error.version if error else None,
+                             "revision": report.revision, "updated": received})
+        keys = [(str(r["device_id"]), str(r["model"])) for r in rows]
+        with self.store.write() as conn:
+            for device_id, model in keys:
+                conn.execute(sa.delete(device_models).where(
+                    device_models.c.device_id == device_id, device_models.c.model == model))
+            conn.execute(sa.insert(device_models), rows)
+
+    def _handle(self, rollout_id: str, action: str, reason: str, now: float) -> None:
+        try:
+            record = self.rollouts.get(rollout_id)
+        except EdgeserveError:
+            return
+        event: Event
+        if action == "promote":
+            event = Promote(now=now)
+        elif action == "pause":
+            event = Pause(now=now)
+        elif action == "resume":
+            event = Resume(now=now)
+        else:
+            event = Rollback(now=now, reason=reason or "rolled back by operator")
+        self._advance(record, event, now)
+
+    def snapshot(self, record: RolloutRecord, now: float) -> Snapshot:
+        spec, state = record.spec, record.state
+        views = device_views(self.store, spec, now)
+        assigned = set(state.assigned)
+        control_devices = [v.device_id for v in views if v.device_id not in assigned]
+        since = state.stage_started
+        if spec.strategy == "blue-green" and state.bg_step == "shadow":
+            previous = {v for v in state.assigned.values() if v}
+            canary = cohort_metrics(self.store, spec.model, since, assigned,
+                                    shadow_of=next(iter(previous)) if len(previous) == 1 else None,
+                                    version=None if len(previous) == 1 else spec.version)
+            control = cohort_metrics(self.store, spec.model, since, assigned,
+                                     exclude_version=spec.version)
+        else:
+            canary = cohort_metrics(self.store, spec.model, since, assigned, version=spec.version)
+            control = cohort_metrics(self.store, spec.model, since, control_devices,
+                                     exclude_version=spec.version)
+        return Snapshot(now=now, devices=views, canary=canary,
+                        control=control if control.requests else None)
+
+    def _advance(self, record: RolloutRecord, event: Event, now: float) -> None:
+        new_state, commands = step(record.spec, record.state, event)
+        for command in commands:
+            self._apply(record.spec, new_state, command)
+        self.rollouts.save(record, new_state, now)
+        self._record_events(record, new_state, event, now)
+
+    def _apply(self, spec: RolloutSpec, state: RolloutState, command: SetDesired) -> None:
+        self.desired.set_model(command.device_id, command.model, command.active,
+                               shadow=command.shadow, shadow_rate=spec.shadow_sample_rate,
+                               rollout=spec.id)
+
+    def _record_events(self, record: RolloutRecord, state: RolloutState, event: Event,
+                       now: float) -> None:
+        seen = set(record.state.history)
+        new = [entry for entry in state.history if entry not in seen]
+        snapshot = event.snapshot if isinstance(event, Tick) else None
+        data: dict[str, Any] = {
+            "gates": [g.model_dump() for g in state.gate_results],
+            "assigned": len(state.assigned), "phase": state.phase,
+        }
+        if snapshot is not None:
+            data["canary"] = snapshot.canary.model_dump()
+            data["control"] = snapshot.control.model_dump() if snapshot.control else None
+            data["converged"] = sum(1 for d in snapshot.devices
+                                    if d.device_id in state.assigned
+                                    and d.active == record.spec.version)
+            data["in_scope"] = len(snapshot.devices)
+        for entry in new:
+            self.rollouts.add_event(record.id, entry.ts, entry.stage, entry.event, entry.detail,
+                                    data)
+        last_ts, _ = self._last_event.get(record.id, (0.0, ""))
+        if not new and now - last_ts >= _EVENT_EVERY_S and snapshot is not None:
+            self.rollouts.add_event(record.id, now, state.stage, "gates", "", data)
+            self._last_event[record.id] = (now, "gates")
+        elif new:
+            self._last_event[record.id] = (now, new[-1].event)
+
+    # -- desired state ----------------------------------------------------------------------------
+
+    def publish_pending(self) -> int:
+        """Publish every unpublished desired revision (retained, QoS 1)."""
+        if self._client is None:
+            return 0
+        published = 0
+        for device_id, desired in self.desired.unpublished():
+            info = self._client.publish(device_topic(self.fleet, device_id, "desired"),
+                                        encode(desired), qos=1, retain=True)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.desired.mark_published(device_id, desired.revision)
+                published += 1
+        return published
+
+    def republish_all(self) -> None:
+        """Re-send every device's newest desired state (e.g. after a broker lost its retained)."""
+        if self._client is None:
+            return
+        for device_id, desired in self.desired.all():
+            self._client.publish(device_topic(self.fleet, device_id, "desired"),
+                                 encode(desired), qos=1, retain=True)

@@ -1,0 +1,121 @@
+"""Cohort model health for rollout gates, aggregated from stored telemetry windows.
+
+The canary cohort is the devices a rollout moved, measured on the new version; the control cohort
+is the devices in scope it has not moved yet (or, once every device moved, nobody: relative gates
+then stay pending unless a control window exists). Latency histograms are merged exactly (so p95
+is the cohort's p95, not an average of window p95s), counts are summed, drift is the
+request-weighted mean of the windows' PSI, and shadow comparisons are summed.
+
+For blue-green's shadow phase the canary numbers come from the shadow reports inside the active
+version's windows: the shadow's own latency and errors, and how often it disagreed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from edgeserve.telemetry import LatencyHistogram
+
+from ..store import Store
+from ..tables import windows
+from .gates import CohortMetrics
+
+__all__ = ["Accumulator", "cohort_metrics"]
+
+
+@dataclass
+class Accumulator:
+    requests: int = 0
+    errors: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    drift_weighted: float = 0.0
+    drift_weight: int = 0
+    js_weighted: float = 0.0
+    compared: int = 0
+    disagreements: int = 0
+    reward_sum: float = 0.0
+    reward_n: int = 0
+    correct: int = 0
+    labeled: int = 0
+
+    def add_window(self, data: dict[str, object], shadow_mode: bool) -> None:
+        if shadow_mode:
+            self._add_shadow(data)
+            return
+        requests = int(data.get("requests", 0) or 0)  # type: ignore[call-overload]
+        self.requests += requests
+        self.errors += int(data.get("errors", 0) or 0)  # type: ignore[call-overload]
+        latency = data.get("latency")
+        if isinstance(latency, dict):
+            self.latency.merge(LatencyHistogram.from_data(latency))
+        drift = [d for d in (data.get("drift_inputs"), data.get("drift_outputs"))
+                 if isinstance(d, dict)]
+        if drift and requests:
+            self.drift_weighted += max(float(d.get("psi", 0.0)) for d in drift) * requests
+            self.js_weighted += max(float(d.get("js", 0.0)) for d in drift) * requests
+            self.drift_weight += requests
+        shadow = data.get("shadow")
+        if isinstance(shadow, dict):
+            self.compared += int(shadow.get("compared", 0))
+            self.disagreements += int(shadow.get("disagreements", 0))
+        feedback = data.get("feedback")
+        if isinstance(feedback, dict):
+            self.reward_sum += float(feedback.get("reward_sum", 0.0))
+            self.reward_n += int(feedback.get("count", 0))
+            self.correct += int(feedback.get("correct", 0))
+            self.labeled += int(feedback.get("labeled", 0))
+
+    def _add_shadow(self, data: dict[str, object]) -> None:
+        shadow = data.get("shadow")
+        if not isinstance(shadow, dict):
+            return
+        compared = int(shadow.get("compared", 0))
+        self.requests += compared + int(shadow.get("errors", 0))
+        self.errors += int(shadow.get("errors", 0))
+        self.compared += compared
+        self.disagreements += int(shadow.get("disagreements", 0))
+        latency = shadow.get("latency")
+        if isinstance(latency, dict):
+            self.latency.merge(LatencyHistogram.from_data(latency))
+
+    def metrics(self) -> CohortMetrics:
+        return CohortMetrics(
+            requests=self.requests, errors=self.errors,
+            p50_ms=self.latency.quantile(0.5), p95_ms=self.latency.quantile(0.95),
+            p99_ms=self.latency.quantile(0.99),
+            drift_psi=self.drift_weighted / self.drift_weight if self.drift_weight else None,
+            drift_js=self.js_weighted / self.drift_weight if self.drift_weight else None,
+            shadow_compared=self.compared, shadow_disagreements=self.disagreements,
+            reward=self.reward_sum / self.reward_n if self.reward_n else None,
+            accuracy=self.correct / self.labeled if self.labeled else None)
+
+
+def cohort_metrics(store: Store, model: str, since: float, devices: Collection[str],
+                   version: str | None = None, exclude_version: str | None = None,
+                   shadow_of: str | None = None) -> CohortMetrics:
+    """Health of ``model`` on ``devices`` from windows ending after ``since``.
+
+    ``version`` selects windows of that version; ``exclude_version`` all other versions;
+    ``shadow_of`` reads the shadow reports inside the windows of that (active) version.
+    """
+    if not devices:
+        return CohortMetrics()
+    query = sa.select(windows.c.device_id, windows.c.data).where(
+        windows.c.model == model, windows.c.window_end >= since)
+    if shadow_of is not None:
+        query = query.where(windows.c.version == shadow_of)
+    elif version is not None:
+        query = query.where(windows.c.version == version)
+    elif exclude_version is not None:
+        query = query.where(windows.c.version != exclude_version)
+    wanted = set(devices)
+    acc = Accumulator()
+    with store.read() as conn:
+        for row in conn.execute(query):
+            if row.device_id in wanted:
+                acc.add_window(json.loads(row.data), shadow_of is not None)
+    return acc.metrics()
