@@ -69,34 +69,44 @@ def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path)
 
 
 def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
-    """Rank layers by quantization noise, keep the worst in float, build and validate again."""
+    """Rank layers by quantization noise, keep the worst in float, build and validate again.
+
+    Up to two retries: the 3 worst layers, then the 10 worst; the first that passes is kept,
+    else the last attempt (its report names the layers and the first attempt's figures).
+    """
     assert built.path is not None and ctx.calibration is not None
-    first = dict(built.validation)
+    first = {k: built.validation.get(k) for k in ("status", "cosine_similarity", "top1_agreement",
+                                                  "accuracy", "max_abs_error", "reasons")}
     try:
-        worst = worst_layers(ctx.reference_path, built.path, ctx.calibration, built.path.parent)
+        worst = worst_layers(ctx.reference_path, built.path, ctx.calibration, built.path.parent,
+                             count=10)
     except Exception as exc:
         built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: {str(exc)[:200]}")
         return built
-    exclude = [str(w["node"]) for w in worst]
-    retry_path = built.path.with_name(f"{built.plan.id}.retry.onnx")
-    try:
-        notes = build_onnx(ctx.reference_path, retry_path, built.precision, built.quantization,
-                           ctx.calibration, exclude=exclude)
-        retry = new_artifact(built.plan)
-        retry.path, retry.runtime = retry_path, dict(built.runtime)
-        _validate(ctx, retry, OrtRunner(retry_path))
-    except Exception as exc:
-        built.notes.append(f"retry with {exclude} in float failed: {str(exc)[:200]}")
-        built.validation["worst_layers"] = worst
-        return built
-    retry.notes = notes
-    retry.validation["worst_layers"] = worst
-    retry.validation["first_attempt"] = {k: first.get(k) for k in
-                                         ("status", "cosine_similarity", "top1_agreement",
-                                          "accuracy", "max_abs_error", "reasons")}
-    retry_path.replace(built.path)
-    retry.path = built.path
-    return retry
+    built.validation["worst_layers"] = worst[:3]
+    result = built
+    for count in (3, 10):
+        exclude = list(dict.fromkeys(str(w["node"]) for w in worst[:count]))
+        retry_path = built.path.with_name(f"{built.plan.id}.retry{count}.onnx")
+        try:
+            notes = build_onnx(ctx.reference_path, retry_path, built.precision,
+                               built.quantization, ctx.calibration, exclude=exclude)
+            retry = new_artifact(built.plan)
+            retry.path, retry.runtime, retry.notes = retry_path, dict(built.runtime), notes
+            _validate(ctx, retry, OrtRunner(retry_path))
+        except Exception as exc:
+            result.notes.append(f"retry with {len(exclude)} layers in float failed: "
+                                f"{str(exc)[:200]}")
+            break
+        retry.validation.update(worst_layers=worst[:count], first_attempt=first)
+        result = retry
+        if retry.status != "failed":
+            break
+    if result is not built:
+        assert result.path is not None
+        result.path.replace(built.path)
+        result.path = built.path
+    return result
 
 
 def _static_graph(ctx: BuildContext) -> Path:

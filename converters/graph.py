@@ -32,6 +32,9 @@ __all__ = [
     "constants_to_initializers",
     "dynamic_inputs",
     "fix_input_shapes",
+    "fold",
+    "freeze_inputs",
+    "inline_constant_ifs",
     "iter_nodes",
     "op_types",
     "prepare_static",
@@ -84,7 +87,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
                      batch: int | None = None) -> onnx.ModelProto:
     """Set input dims: ``shapes`` wins; otherwise a dynamic first axis becomes ``batch``.
 
-    Output and intermediate shapes are cleared and re-inferred, so no stale dynamic dims remain.
+    Intermediate shapes are cleared and re-inferred, so no stale dims remain.
     """
     import onnx
 
@@ -108,9 +111,9 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
             dims[0].Clear()
             dims[0].dim_value = batch
     if shapes or batch is not None:
+        # stale intermediate shapes would contradict the new input shapes; outputs keep their
+        # (possibly symbolic) dims, which shape inference refines
         del model.graph.value_info[:]
-        for out in model.graph.output:
-            out.type.tensor_type.ClearField("shape")
     inferred: onnx.ModelProto = onnx.shape_inference.infer_shapes(model, data_prop=True)
     return inferred
 
@@ -166,6 +169,83 @@ def simplify(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = No
         except Exception:
             return model
     return simplified  # type: ignore[no-any-return]
+
+
+def freeze_inputs(model: onnx.ModelProto, values: Mapping[str, Any]) -> onnx.ModelProto:
+    """Turn inputs with a known constant value (e.g. a sample rate) into initializers."""
+    from onnx import numpy_helper
+
+    model = _copy(model)
+    inputs = {v.name: v for v in _graph_inputs(model)}
+    unknown = sorted(set(values) - set(inputs))
+    if unknown:
+        raise ConfigError(f"constant input(s) {unknown} are not inputs of the model; its inputs "
+                          f"are {sorted(inputs)}")
+    for name, value in values.items():
+        elem = inputs[name].type.tensor_type.elem_type
+        dtype = onnx_np_dtype(elem)
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        model.graph.input.remove(inputs[name])
+    return model
+
+
+def onnx_np_dtype(elem_type: int) -> Any:
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def _constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    found = _const(model, name)
+    if found is not None:
+        return found
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            return numpy_helper.to_array(value.t) if value is not None else None
+    return None
+
+
+def inline_constant_ifs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace top-level ``If`` nodes whose condition is constant by the branch taken.
+
+    Returns the model and how many nodes were inlined. Branch outputs are renamed to the ``If``
+    node's outputs (through Identity nodes); branch initializers move to the main graph.
+    """
+    from onnx import helper
+
+    model = _copy(model)
+    nodes: list[onnx.NodeProto] = []
+    inlined = 0
+    for node in model.graph.node:
+        cond = _constant_value(model, node.input[0]) if node.op_type == "If" else None
+        if cond is None:
+            nodes.append(node)
+            continue
+        branch_name = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == branch_name)
+        model.graph.initializer.extend(branch.initializer)
+        nodes.extend(branch.node)
+        for produced, wanted in zip(branch.output, node.output, strict=True):
+            nodes.append(helper.make_node("Identity", [produced.name], [wanted],
+                                          name=f"{node.name or 'If'}_{wanted}_inlined"))
+        inlined += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model, inlined
+
+
+def fold(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Simplify, inline ``If`` nodes that became constant, repeat while that changes the graph."""
+    model = simplify(model, feeds)
+    for _ in range(3):
+        model, inlined = inline_constant_ifs(model)
+        if not inlined:
+            break
+        model = simplify(model, feeds)
+    return model
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -46,6 +46,11 @@ class _Reader:
     def rewind(self) -> None:
         self._it = iter(range(min(len(self._data), _CALIBRATION_LIMIT)))
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
 
 def opset_of(path: Path) -> int:
     import onnx
@@ -96,12 +101,21 @@ def _preprocessed(reference: Path, work: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = work / f"{reference.stem}.preq.onnx"
-    if not pre.exists():
-        try:
-            quant_pre_process(str(reference), str(pre), skip_symbolic_shape=False)
-        except Exception:
-            # symbolic shape inference fails on some graphs; quantization works without it
-            quant_pre_process(str(reference), str(pre), skip_symbolic_shape=True)
+    if pre.exists():
+        return pre
+    source = reference
+    if opset_of(reference) < 13:
+        # per-channel QDQ needs DequantizeLinear's axis attribute (opset 13)
+        import onnx
+        from onnx import version_converter
+
+        source = work / f"{reference.stem}.opset13.onnx"
+        onnx.save(version_converter.convert_version(onnx.load(str(reference)), 13), str(source))
+    try:
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
+    except Exception:
+        # symbolic shape inference fails on some graphs; quantization works without it
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
     return pre
 
 
@@ -134,7 +148,8 @@ def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[
 
 def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
                  count: int = 3, samples: int = 16) -> list[dict[str, float | str]]:
-    """The ``count`` node outputs with the lowest SQNR (dB) fp32-vs-QDQ, with their producers."""
+    """The ``count`` tensors whose quantization adds the most noise (lowest SQNR in dB between
+    the tensor and its quantize-dequantize), with the nodes producing them."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
@@ -153,7 +168,9 @@ def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
     qdq_acts = collect_activations(str(qdq_aug), _Reader(subset, names))
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
     producers = {out: node.name for node in onnx.load(str(pre)).graph.node for out in node.output}
-    ranked = sorted(((v["xmodel_err"], k) for k, v in errors.items()
-                     if "xmodel_err" in v and k in producers and np.isfinite(v["xmodel_err"])))
+    # qdq_err is the local noise of quantizing that tensor (xmodel_err accumulates everything
+    # upstream, so it would blame the last layers for the first layers' noise)
+    ranked = sorted(((v["qdq_err"], k) for k, v in errors.items()
+                     if "qdq_err" in v and k in producers and np.isfinite(v["qdq_err"])))
     return [{"tensor": k, "node": producers[k], "sqnr_db": round(float(err), 2)}
             for err, k in ranked[:count]]

@@ -74,7 +74,9 @@ class Converter:
     ``profiles`` are names or :class:`HardwareProfile` objects. ``calibration``/``evaluation``
     are :data:`~edgeserve.converters.data.DataSpec` (``.npz`` path, image folder, mapping of
     arrays, :class:`Dataset` or callable). ``example_inputs`` are needed for an in-memory torch
-    module; ``input_shapes`` fix dynamic dimensions (``{"x": [1, 3, 224, 224]}``).
+    module; ``input_shapes`` fix dynamic dimensions (``{"x": [1, 3, 224, 224]}``);
+    ``constant_inputs`` freeze inputs that always have one value (``{"sr": 16000}``) into the
+    reference, which lets ``If`` nodes on them fold away.
     """
 
     profiles: Sequence[str | HardwareProfile]
@@ -84,6 +86,7 @@ class Converter:
     calibration: DataSpec | None = None
     evaluation: DataSpec | None = None
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    constant_inputs: Mapping[str, Any] = field(default_factory=dict)
     example_inputs: Any = None
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None

@@ -12,7 +12,7 @@ from edgeserve.errors import ConfigError, ConversionError
 
 from .context import BuildContext
 from .data import Dataset, load_dataset, random_dataset
-from .graph import fix_input_shapes, simplify
+from .graph import fix_input_shapes, fold, freeze_inputs
 from .plan import PlannedArtifact
 from .runners import OrtRunner, measure_latency, run_dataset
 from .signature import ModelSignature, detect_task, read_signature
@@ -73,11 +73,13 @@ def make_context(options: Converter, source: Any, work: Path,
                             input_names=options.input_names, output_names=options.output_names,
                             input_shapes=options.input_shapes)
     shapes = _shapes(options)
-    model = fix_input_shapes(imported.model, shapes) if shapes else \
-        onnx.shape_inference.infer_shapes(imported.model)
+    model = imported.model
+    if options.constant_inputs:
+        model = freeze_inputs(model, options.constant_inputs)
+    model = fix_input_shapes(model, shapes) if shapes else onnx.shape_inference.infer_shapes(model)
     signature = read_signature(model, options.layouts)
     calibration, evaluation = _data(options, signature, plans)
-    model = simplify(model, evaluation.take(slice(0, 2)).inputs)
+    model = fold(model, evaluation.take(slice(0, 2)).inputs)
     reference_path = work / "reference.onnx"
     onnx.save(model, str(reference_path))
     signature = read_signature(model, options.layouts)

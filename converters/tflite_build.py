@@ -5,8 +5,10 @@ fp16, dynamic-range int8, integer int8 with float I/O (``static``) and full-inte
 (or uint8) I/O. Known traps handled here (measured, see docs/converters.md):
 
 * onnx2tf overwrites its ``-i`` file in place — it only ever sees a scratch copy;
-* without calibration data it downloads sample images for 4-D 3-channel inputs — calibration
-  arrays are always passed (``-cind``), in the TF input layout;
+* it downloads sample images for 4-D 3-channel inputs (as calibration data without ``-cind``, and
+  as test data for its own dummy inference even with it) — calibration arrays are always passed
+  (``-cind``, in the TF input layout), and the sample file it looks for in its working directory
+  is written there from our own data first (:func:`_offline_sample_file`);
 * it shells out to ``onnxsim`` — the venv's ``bin/`` is put on the child's PATH;
 * 4-D image inputs become NHWC (the layout TFLite delegates want); every other input keeps its
   shape (``-kat``). The artifact's own tensor specs record the layout and int8 quantization.
@@ -125,6 +127,22 @@ def _command(src: Path, out: Path, inputs: Sequence[TensorSpec], renames: Mappin
     return cmd
 
 
+_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _offline_sample_file(work: Path, inputs: Sequence[TensorSpec], data: Dataset | None) -> None:
+    """The 20×128×128×3 file onnx2tf would download, made from our own images (or zeros)."""
+    images = [s for s in inputs if _is_image(s) and s.shape[1] == 3]
+    sample = np.zeros((20, 128, 128, 3), dtype=np.float32)
+    if images and data is not None:
+        array = data.inputs[images[0].name][:20].transpose(0, 2, 3, 1)
+        rows = np.linspace(0, array.shape[1] - 1, 128).round().astype(int)
+        cols = np.linspace(0, array.shape[2] - 1, 128).round().astype(int)
+        resized = array[:, rows][:, :, cols]
+        sample[:len(resized)] = resized
+    np.save(work / _SAMPLE_FILE, sample)
+
+
 def _spec_from_detail(detail: Mapping[str, object], name: str, layout: str | None) -> TensorSpec:
     dtype = _DTYPES.get(np.dtype(detail["dtype"]), "float32")  # type: ignore[call-overload]
     scale, zero = detail["quantization"]  # type: ignore[misc]
@@ -178,6 +196,7 @@ def build_tflite(static: Path, work: Path, inputs: Sequence[TensorSpec],
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cmd = _command(src, out, inputs, renames, variants, io_dtype, calibration, work)
+    _offline_sample_file(work, inputs, calibration)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
                               cwd=work, env=env)
