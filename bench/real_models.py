@@ -46,7 +46,7 @@ def fetch_wheel(requirement: str) -> Path:
     """Download (once) and unzip a wheel; returns the folder it was unpacked into."""
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    stem = requirement.split("==")[0].replace("-", "_").lower()
+    stem = requirement.split("==", maxsplit=1)[0].replace("-", "_").lower()
     found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(stem + "-")]
     if not found:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
