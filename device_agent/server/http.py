@@ -132,13 +132,17 @@ class HttpApp:
             "/v2/health/ready": self._ready,
             "/v2": lambda: _json(200, self.plane.server_metadata()),
             "/metrics": self._metrics,
-            "/openapi.json": lambda: _json(200, openapi_document()),
+            "/openapi.json": lambda: _json(200, openapi_document(self._installed())),
         }
         handler = routes.get(path.rstrip("/") or path)
         if handler is None:
             raise ModelNotFoundError(f"no such endpoint: {path[:200]}")
         _allow(method, "GET")
         return handler()
+
+    def _installed(self) -> dict[str, list[str]]:
+        cache = self.plane.agent.cache
+        return {name: [r.version for r in cache.records(name)] for name in cache.models()}
 
     def _ready(self) -> Response:
         ready = self.plane.ready()

@@ -6,6 +6,7 @@ Kept as data beside the server so schemathesis can check the two against each ot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from edgeserve import __version__
@@ -22,25 +23,29 @@ def _ok(schema: str) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
-def _params(versioned: bool) -> list[dict[str, Any]]:
-    params = [{"name": "model", "in": "path", "required": True, "schema": _NAME}]
+def _params(versioned: bool, models: Mapping[str, list[str]] | None) -> list[dict[str, Any]]:
+    # A server documents its installed models as enums, so generated requests reach them.
+    name: dict[str, Any] = {"type": "string", "enum": sorted(models)} if models else _NAME
+    params = [{"name": "model", "in": "path", "required": True, "schema": name}]
     if versioned:
-        params.append({"name": "version", "in": "path", "required": True,
-                       "schema": {"type": "string", "minLength": 1, "maxLength": 64,
-                                  "pattern": "^[0-9A-Za-z.+-]+$"}})
+        versions = sorted({v for vs in (models or {}).values() for v in vs})
+        schema: dict[str, Any] = {"type": "string", "enum": versions} if versions else {
+            "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[0-9A-Za-z.+-]+$"}
+        params.append({"name": "version", "in": "path", "required": True, "schema": schema})
     return params
 
 
-def _model_paths(prefix: str, versioned: bool) -> dict[str, Any]:
+def _model_paths(prefix: str, versioned: bool,
+                 models: Mapping[str, list[str]] | None) -> dict[str, Any]:
     errors = {"400": _ERROR, "401": _ERROR, "403": _ERROR, "404": _ERROR}
     return {
-        prefix: {"get": {"summary": "Model metadata", "parameters": _params(versioned),
+        prefix: {"get": {"summary": "Model metadata", "parameters": _params(versioned, models),
                          "responses": {"200": _ok("ModelMetadata"), **errors}}},
-        f"{prefix}/ready": {"get": {"summary": "Model readiness", "parameters": _params(versioned),
+        f"{prefix}/ready": {"get": {"summary": "Model readiness", "parameters": _params(versioned, models),
                                     "responses": {"200": _ok("Ready"), **errors}}},
         f"{prefix}/infer": {"post": {
             "summary": "Inference (JSON, or JSON header + binary tensors)",
-            "parameters": [*_params(versioned), {
+            "parameters": [*_params(versioned, models), {
                 "name": "Inference-Header-Content-Length", "in": "header", "required": False,
                 "schema": {"type": "integer", "minimum": 0}}],
             "requestBody": {"required": True, "content": {"application/json": {
@@ -66,8 +71,9 @@ def _tensor(request: bool) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": required}
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI document (a fresh dict each call)."""
+def openapi_document(models: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict each call); ``models`` maps installed model names to
+    their versions, which then appear as the path parameters' enums."""
     error = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
     metadata_tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": {"type": "string"}, "datatype": {"type": "string"},
@@ -86,8 +92,8 @@ def openapi_document() -> dict[str, Any]:
                 "200": {"description": "text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "401": _ERROR, "403": _ERROR}}},
-            **_model_paths("/v2/models/{model}", False),
-            **_model_paths("/v2/models/{model}/versions/{version}", True),
+            **_model_paths("/v2/models/{model}", False, models),
+            **_model_paths("/v2/models/{model}/versions/{version}", True, models),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
