@@ -4,9 +4,11 @@ Rows come from two sources: ``status`` messages (the retained birth message says
 version, profile, active model versions and labels; the Last Will says offline) and telemetry
 (a device that only ever sent telemetry is listed with state ``unknown``).
 
-Status messages can arrive late or twice (retained copies, redelivery after a reconnect), so the
-newest ``ts`` wins. An agent stamps its Last Will with the same ``ts`` as the birth message of that
-connection (both are fixed when it connects), so on a tie ``offline`` wins.
+Status messages can arrive late or twice (retained copies, redelivery after a reconnect), so an
+older ``ts`` than the one applied is ignored. An agent stamps every status of one connection -
+the birth, a re-sent birth after its models changed, and the Last Will - with the time it
+connected, so within a connection the latest to arrive wins (the broker delivers one topic in
+order) and a Last Will is never beaten by an earlier birth.
 """
 
 from __future__ import annotations
@@ -55,11 +57,10 @@ def ensure_devices(store: Store, conn: Connection, device_ids: Iterable[str], no
 
 
 def apply_status(store: Store, conn: Connection, status: Status, now: float) -> bool:
-    """Apply a birth or Last Will message; False when an equal or newer status was applied."""
+    """Apply a birth or Last Will message; False when a newer status was applied already."""
     ensure_devices(store, conn, [status.device_id], now)
-    newer = sa.or_(devices.c.status_ts.is_(None), devices.c.status_ts < status.ts)
+    newer = sa.or_(devices.c.status_ts.is_(None), devices.c.status_ts <= status.ts)
     if status.state == "offline":
-        newer = sa.or_(newer, devices.c.status_ts == status.ts)
         values: dict[str, Any] = {"state": "offline", "reason": status.reason,
                                   "status_ts": status.ts}
     else:

@@ -1,0 +1,1 @@
+"""Agent-side telemetry: monitoring windows, the durable outbox and the MQTT link."""

@@ -1,0 +1,419 @@
+"""The MQTT link: carries the outbox to the fleet and brings acks (and desired state) back.
+
+One thread owns one paho client (callback API v2) and drives it by hand (``client.loop``), so
+that reconnecting, back-off and sending are all decided here:
+
+- **Session**: MQTT 5 with ``clean_start=False`` and a ``SessionExpiryInterval`` (both are needed
+  for the broker to keep the session and queue acks/desired state while the device is away);
+  MQTT 3.1.1 with ``clean_session=False`` when the broker refuses version 5.
+- **Status**: a retained birth message on ``status`` after every connect, and a retained Last
+  Will (offline) registered with the connection. Both carry the connect time as ``ts``, so the
+  fleet can order them (see ``fleet/registry.py``).
+- **Back-off**: after a failed or lost connection, wait ``uniform(0, min(max, min·2^attempt))``
+  ("full jitter"), so a fleet that lost its broker does not come back all in the same second.
+- **Flush**: windows go oldest first, ``batch_windows`` per :class:`TelemetryBatch`, paced by a
+  token bucket (``rate_windows_per_s``) and by acks: at most ``max_unacked_windows`` are in
+  flight. If no ack moves for ``ack_timeout_s`` the unacked windows are sent again (the fleet
+  may have lost them, e.g. it restarted with a new session); duplicates cost nothing there.
+- **Acks**: an ``Ack(seq)`` deletes every window up to ``seq`` from the outbox. An ack above any
+  sequence number this device ever used means the fleet knew this device id before (the outbox
+  was wiped): the held windows are renumbered after it instead of being ignored as duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeserve import __version__
+from edgeserve.contract import (
+    Ack,
+    Status,
+    TopicKind,
+    check_id,
+    decode,
+    device_topic,
+    encode,
+    parse_topic,
+)
+from edgeserve.errors import ContractError
+
+from .connection import VERSIONS, BrokerSettings, new_client
+from .outbox import Outbox, Record
+
+__all__ = ["Link", "LinkSettings", "LinkStats"]
+
+log = logging.getLogger(__name__)
+
+_CONNACK_TIMEOUT_S = 10.0
+_PROTOCOL_REFUSED = "Unsupported protocol version"
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Everything the link needs to know; every field has a production default."""
+
+    broker: BrokerSettings
+    fleet: str
+    device_id: str
+    client_id: str | None = None
+    """MQTT client id (default: the device id, which keeps broker ACLs by ``%c`` simple)."""
+    session_expiry_s: int = 7 * 86400
+    batch_windows: int = 100
+    batch_bytes: int = 256 * 1024
+    rate_windows_per_s: float = 500.0
+    max_unacked_windows: int = 1000
+    ack_timeout_s: float = 30.0
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, "fleet name")
+        check_id(self.device_id, "device id")
+
+
+@dataclass
+class LinkStats:
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    batches_sent: int = 0
+    windows_sent: int = 0
+    bytes_sent: int = 0
+    acks: int = 0
+    retransmits: int = 0
+    rebased: int = 0
+    protocol: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _ConnectFailed(Exception):
+    pass
+
+
+class Link:
+    """Start/stop a background MQTT connection that flushes ``outbox`` to the fleet."""
+
+    def __init__(self, settings: LinkSettings, outbox: Outbox, *,
+                 status_info: Callable[[], Mapping[str, Any]] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.status_info = status_info or dict
+        self.stats = LinkStats()
+        self.connected = threading.Event()
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._lost = False
+        self._handlers: dict[str, Callable[[bytes], None]] = {}
+        self._preferred = "5"
+        self._connect_ts = 0.0
+        acked = outbox.stats().acked_seq
+        self._acked = max(acked, outbox.floor() - 1)
+        self._sent = self._acked
+        self._last_progress = time.monotonic()
+        self._ack_timeout = settings.ack_timeout_s
+        self._tokens = float(settings.batch_windows)
+        self._tokens_at = time.monotonic()
+        self._topics = {kind: device_topic(settings.fleet, settings.device_id, kind)
+                        for kind in ("status", "telemetry", "ack")}
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def start(self) -> Link:
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"link-{self.settings.device_id}")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Say offline (retained), disconnect and end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def kill(self) -> None:
+        """Drop the connection without a goodbye (tests: the broker sends the Last Will)."""
+        self._stop.set()
+        client = self._client
+        if client is not None:
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def subscribe(self, kind: TopicKind, handler: Callable[[bytes], None]) -> None:
+        """Deliver payloads on this device's ``kind`` topic (e.g. ``desired``) to ``handler``
+        (called on the link's thread; it must not block). Subscribed on every connect."""
+        topic = device_topic(self.settings.fleet, self.settings.device_id, kind)
+        self._handlers[topic] = handler
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.subscribe(topic, qos=1)
+
+    def publish(self, kind: TopicKind, payload: bytes, retain: bool = False) -> bool:
+        """Publish on this device's ``kind`` topic (QoS 1); False when not connected (paho
+        then keeps the message for the next connection of the same session)."""
+        client = self._client
+        if client is None:
+            return False
+        topic = device_topic(self.settings.fleet, self.settings.device_id, kind)
+        return client.publish(topic, payload, qos=1, retain=retain).rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def refresh_status(self) -> None:
+        """Publish the birth message again (the active model versions changed)."""
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
+
+    @property
+    def acked_seq(self) -> int:
+        return self._acked
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if self._client is None:
+                if attempt and self._stop.wait(self._backoff(attempt)):
+                    break
+                try:
+                    self._connect()
+                    attempt = 0
+                except _ConnectFailed as exc:
+                    attempt += 1
+                    self.stats.connect_failures += 1
+                    log.warning("%s: %s", self.settings.device_id, exc)
+                    continue
+            client = self._client
+            assert client is not None
+            busy = self._sent > self._acked or self._has_pending()
+            rc = client.loop(timeout=0.05 if busy else 0.25)
+            if self._lost or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._drop_connection()
+                attempt = 1
+                continue
+            self._pump()
+        self._goodbye()
+
+    def _backoff(self, attempt: int) -> float:
+        s = self.settings
+        return self._rng.uniform(0, min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 30)))
+
+    def _connect(self) -> None:
+        protocols = ([self.settings.broker.protocol] if self.settings.broker.protocol != "auto"
+                     else [self._preferred, "3.1.1" if self._preferred == "5" else "5"])
+        last = ""
+        for name in protocols:
+            outcome = self._try_connect(name)
+            if outcome is None:
+                self._preferred = name
+                return
+            last = f"MQTT {name}: {outcome}"
+            if outcome not in ("closed before CONNACK", _PROTOCOL_REFUSED):
+                break
+        raise _ConnectFailed(f"cannot connect to {self.settings.broker.url}: {last}")
+
+    def _try_connect(self, name: str) -> str | None:
+        """One attempt; None on success, else why it failed."""
+        version = VERSIONS[name]
+        s = self.settings
+        client = new_client(s.broker, s.client_id or s.device_id, version)
+        self._connect_ts = time.time()
+        client.will_set(self._topics["status"], self._status("offline", "connection lost"),
+                        qos=1, retain=True)
+        result: dict[str, Any] = {}
+        client.on_connect = lambda _c, _u, flags, reason, _p: result.update(
+            reason=reason, session=flags.session_present)
+        client.on_disconnect = lambda *_a: result.setdefault("closed", True)
+        try:
+            client.connect(s.broker.host, s.broker.port, s.broker.keepalive, clean_start=False,
+                           properties=self._connect_properties(version))
+        except (OSError, ssl.SSLError) as exc:
+            raise _ConnectFailed(f"cannot reach {s.broker.url}: {exc}") from None
+        deadline = time.monotonic() + _CONNACK_TIMEOUT_S
+        while "reason" not in result and "closed" not in result:
+            if time.monotonic() > deadline or self._stop.is_set():
+                break
+            client.loop(timeout=0.1)
+        reason = result.get("reason")
+        if reason is None or reason.is_failure:
+            _close(client)
+            return "closed before CONNACK" if reason is None else str(reason)
+        self._on_connected(client, name, bool(result.get("session")))
+        return None
+
+    def _connect_properties(self, version: MQTTProtocolVersion) -> Properties | None:
+        if version != MQTTProtocolVersion.MQTTv5:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        return props
+
+    def _on_connected(self, client: mqtt.Client, protocol: str, session: bool) -> None:
+        client.on_connect = None
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        self._lost = False
+        for topic in (self._topics["ack"], *self._handlers):
+            client.subscribe(topic, qos=1)
+        client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
+        # everything not acked is sent again: the broker may have lost what was in flight
+        self._acked = max(self._acked, self.outbox.floor() - 1)
+        self._sent = self._acked
+        self._last_progress = time.monotonic()
+        self._ack_timeout = self.settings.ack_timeout_s
+        self.stats.connects += 1
+        self.stats.protocol = protocol
+        self.connected.set()
+        log.info("%s: connected to %s (MQTT %s, session %s)", self.settings.device_id,
+                 self.settings.broker.url, protocol, "resumed" if session else "new")
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._lost = True
+
+    def _drop_connection(self) -> None:
+        client, self._client = self._client, None
+        self.connected.clear()
+        self.stats.disconnects += 1
+        if client is not None:
+            _close(client)
+        if not self._stop.is_set():
+            log.warning("%s: lost the connection to %s", self.settings.device_id,
+                        self.settings.broker.url)
+
+    def _goodbye(self) -> None:
+        client, self._client = self._client, None
+        self.connected.clear()
+        if client is None:
+            return
+        try:
+            info = client.publish(self._topics["status"], self._status("offline", "stopped"),
+                                  qos=1, retain=True)
+            deadline = time.monotonic() + 2.0
+            while not info.is_published() and time.monotonic() < deadline:
+                if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+        finally:
+            _close(client)
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def _status(self, state: str, reason: str | None = None) -> bytes:
+        info = dict(self.status_info()) if state == "online" else {}
+        return encode(Status(device_id=self.settings.device_id, state=state,  # type: ignore[arg-type]
+                             ts=self._connect_ts, agent_version=__version__, reason=reason,
+                             **info))
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._topics["ack"]:
+            self._on_ack(bytes(message.payload))
+            return
+        handler = self._handlers.get(message.topic)
+        if handler is None:
+            return
+        try:
+            handler(bytes(message.payload))
+        except Exception:
+            log.exception("%s: handler for %s failed", self.settings.device_id,
+                          parse_topic(message.topic).kind)
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            seq = decode(Ack, payload, where=self._topics["ack"]).seq
+        except ContractError as exc:
+            log.warning("%s: ignored a bad ack: %s", self.settings.device_id, exc)
+            return
+        if seq >= self.outbox.next_seq():
+            moved = self.outbox.rebase(seq + 1)
+            self.stats.rebased += moved
+            self._sent = seq
+            log.warning("%s: the fleet already holds windows up to %d from an earlier outbox; "
+                        "renumbered %d held windows after it", self.settings.device_id, seq, moved)
+        self.outbox.ack(seq)
+        self.stats.acks += 1
+        if seq > self._acked:
+            self._acked = seq
+            self._sent = max(self._sent, seq)
+            self._last_progress = time.monotonic()
+            self._ack_timeout = self.settings.ack_timeout_s
+
+    # -- flushing ----------------------------------------------------------------------------------
+
+    def _has_pending(self) -> bool:
+        return bool(self.outbox.pending(after=self._sent, limit=1))
+
+    def _pump(self) -> None:
+        s = self.settings
+        now = time.monotonic()
+        self._tokens = min(max(float(s.batch_windows), s.rate_windows_per_s),
+                           self._tokens + (now - self._tokens_at) * s.rate_windows_per_s)
+        self._tokens_at = now
+        if self._sent > self._acked and now - self._last_progress > self._ack_timeout:
+            log.warning("%s: no ack for %.0f s; sending windows after %d again",
+                        s.device_id, self._ack_timeout, self._acked)
+            self._sent = self._acked
+            self._last_progress = now
+            self._ack_timeout = min(self._ack_timeout * 2, 8 * s.ack_timeout_s)
+            self.stats.retransmits += 1
+        while True:
+            room = min(s.batch_windows, s.max_unacked_windows - (self._sent - self._acked),
+                       int(self._tokens))
+            if room <= 0:
+                return
+            records = self.outbox.pending(after=self._sent, limit=room, max_bytes=s.batch_bytes)
+            if not records or not self._send(records):
+                return
+
+    def _send(self, records: list[Record]) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        payload = self._batch(records)
+        info = client.publish(self._topics["telemetry"], payload, qos=1)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        if self._sent == self._acked:
+            self._last_progress = time.monotonic()  # the ack clock starts with the first send
+        self._sent = records[-1].seq
+        self._tokens -= len(records)
+        self.stats.batches_sent += 1
+        self.stats.windows_sent += len(records)
+        self.stats.bytes_sent += len(payload)
+        return True
+
+    def _batch(self, records: list[Record]) -> bytes:
+        """A :class:`TelemetryBatch` built from the stored window JSON (validated when stored)."""
+        head = (f'{{"v":1,"device_id":"{self.settings.device_id}","sent":{time.time():.3f},'
+                f'"floor":{min(self.outbox.floor(), records[0].seq)},"windows":[')
+        return head.encode() + b",".join(r.data for r in records) + b"]}"
+
+
+def _close(client: mqtt.Client) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        client.disconnect()
+        client.loop(timeout=0.01)
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()

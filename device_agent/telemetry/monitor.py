@@ -1,0 +1,320 @@
+"""Monitoring: an :class:`~edgeserve.device_agent.observe.InferenceObserver` that aggregates every
+inference into per-model-version windows and writes them to the outbox.
+
+Per model version and window (default 60 s, aligned to the wall clock so windows of different
+devices line up): request and error counts, a :class:`~edgeserve.telemetry.LatencyHistogram` of
+successful requests, and - when the version's package has reference statistics - input and
+output :class:`~edgeserve.telemetry.DistributionSketch` counts with their drift (PSI /
+Jensen-Shannon) against the reference. Each window also gets one device-health window.
+
+The hot path (:meth:`Monitor.on_inference`, on the request's thread) only counts and buffers:
+small tensors are copied into a buffer (the caller may reuse its arrays), large ones are reduced
+to their few feature values at once, and the buffer is binned every ``bin_rows`` samples, because
+binning 64 rows costs about what binning one row costs. Reference statistics are looked up off the
+hot path (:meth:`watch`, or the monitor thread within a second of a new version's first request).
+The observer never raises: a failure in monitoring is counted, logged once, and serving goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgeserve.contract import Health
+from edgeserve.telemetry import DistributionSketch, LatencyHistogram, ReferenceStats
+
+from ..observe import InferenceEvent
+from .health import read_health
+from .outbox import Outbox
+
+__all__ = ["Monitor", "MonitorStats"]
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+References = Callable[[str, str], ReferenceStats | None]
+# Tensors up to this many elements are copied and binned later; larger ones are reduced at once.
+_COPY_LIMIT = 4096
+
+
+@dataclass
+class MonitorStats:
+    events: int = 0
+    windows: int = 0
+    internal_errors: int = 0
+    last_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _SketchBuffer:
+    """Samples of one role (inputs or outputs) waiting to be binned into a sketch."""
+
+    __slots__ = ("groups_of", "raw", "reduced", "rows", "sketch")
+
+    def __init__(self, reference: ReferenceStats, role: Literal["input", "output"]) -> None:
+        self.sketch = DistributionSketch(reference, role)
+        self.groups_of: dict[str, list[int]] = {}
+        for i, group in enumerate(self.sketch.groups):
+            self.groups_of.setdefault(group.tensor, []).append(i)
+        self.raw: dict[str, list[np.ndarray]] = {}
+        self.reduced: dict[int, list[np.ndarray]] = {}
+        self.rows = 0
+
+    def add(self, tensors: Mapping[str, Any], rows: int) -> None:
+        raw = self.raw
+        for name, indices in self.groups_of.items():
+            array = tensors.get(name)
+            if array is None:
+                continue
+            if array.size <= _COPY_LIMIT:
+                if name in raw:
+                    raw[name].append(array.copy())
+                else:
+                    raw[name] = [array.copy()]
+            else:
+                for i in indices:
+                    self.reduced.setdefault(i, []).append(self.sketch.groups[i].extract(array))
+        self.rows += rows
+
+    def bin(self) -> None:
+        for name, arrays in self.raw.items():
+            for batch in _stack(arrays):
+                for i in self.groups_of[name]:
+                    self.sketch.add_features(i, self.sketch.groups[i].extract(batch))
+        for i, rows in self.reduced.items():
+            self.sketch.add_features(i, np.concatenate(rows))
+        self.raw.clear()
+        self.reduced.clear()
+        self.rows = 0
+
+
+def _stack(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """One batch when the per-sample shapes agree (the usual case), else each array alone."""
+    if len(arrays) == 1:
+        return arrays
+    try:
+        return [np.concatenate(arrays)]
+    except ValueError:
+        return arrays
+
+
+@dataclass
+class _Accumulator:
+    """One model version's counts for the current window."""
+
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    inputs: _SketchBuffer | None = None
+    outputs: _SketchBuffer | None = None
+    requests: int = 0
+    errors: int = 0
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Monitor:
+    """Aggregates inferences into windows and appends them to ``outbox`` (start/stop a thread,
+    or call :meth:`flush` yourself)."""
+
+    def __init__(self, outbox: Outbox, *, window_s: float = 60.0,
+                 references: References | None = None,
+                 health: Callable[[], Health | None] | None = None,
+                 health_path: Path | str = ".", bin_rows: int = 64,
+                 on_window: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.outbox = outbox
+        self.window_s = window_s
+        self.references = references
+        self.health = health if health is not None else (lambda: read_health(health_path))
+        self.bin_rows = bin_rows
+        self.on_window = on_window
+        self.clock = clock
+        self.stats = MonitorStats()
+        self._accs: dict[Key, _Accumulator] = {}
+        self._refs: dict[Key, ReferenceStats | None] = {}
+        self._unresolved: set[Key] = set()
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def on_inference(self, event: InferenceEvent) -> None:
+        """Count one inference (called by the agent on the request's thread; never raises)."""
+        try:
+            while True:
+                acc = self._accs.get((event.model, event.version)) or self._new(event)
+                with acc.lock:
+                    if acc.closed:
+                        continue  # the window closed under us: count it in the new one
+                    self._count(acc, event)
+                    return
+        except Exception as exc:
+            self._failed(exc)
+
+    def _count(self, acc: _Accumulator, event: InferenceEvent) -> None:
+        acc.requests += 1
+        if event.error is not None or event.outputs is None:
+            acc.errors += 1
+            return
+        acc.latency.add(event.latency_ms)
+        if acc.inputs is not None and acc.outputs is not None:
+            acc.inputs.add(event.inputs, event.batch_size)
+            acc.outputs.add(event.outputs, event.batch_size)
+            if acc.inputs.rows >= self.bin_rows:
+                acc.inputs.bin()
+                acc.outputs.bin()
+
+    def _new(self, event: InferenceEvent) -> _Accumulator:
+        key = (event.model, event.version)
+        with self._lock:
+            acc = self._accs.get(key)
+            if acc is None:
+                acc = self._accumulator(key)
+                self._accs[key] = acc
+            return acc
+
+    def _accumulator(self, key: Key) -> _Accumulator:
+        """A fresh accumulator (call with ``_lock`` held); sketches if the reference is known."""
+        acc = _Accumulator()
+        if key not in self._refs:
+            if self.references is not None:
+                self._unresolved.add(key)
+            return acc
+        reference = self._refs[key]
+        if reference is not None and reference.groups:
+            acc.inputs = _SketchBuffer(reference, "input")
+            acc.outputs = _SketchBuffer(reference, "output")
+        return acc
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.internal_errors += 1
+        if self.stats.internal_errors == 1:
+            log.exception("monitoring failed (serving continues; counted in internal_errors)")
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+
+    # -- references ------------------------------------------------------------------------------
+
+    def watch(self, model: str, version: str) -> bool:
+        """Load a version's reference statistics now (not on its first request); True if it has
+        a usable reference. Safe to call again."""
+        key = (model, version)
+        with self._lock:
+            known = key in self._refs
+        if not known:
+            reference = self._lookup(key)
+            with self._lock:
+                self._refs[key] = reference
+                self._unresolved.discard(key)
+                acc = self._accs.get(key)
+                if acc is not None and acc.inputs is None:
+                    fresh = self._accumulator(key)
+                    with acc.lock:
+                        acc.inputs, acc.outputs = fresh.inputs, fresh.outputs
+        return self._refs[key] is not None
+
+    def _lookup(self, key: Key) -> ReferenceStats | None:
+        if self.references is None:
+            return None
+        try:
+            return self.references(*key)
+        except Exception as exc:
+            log.warning("no drift reference for %s %s: %s", key[0], key[1], exc)
+            return None
+
+    def _resolve_pending(self) -> None:
+        with self._lock:
+            pending = list(self._unresolved)
+        for model, version in pending:
+            self.watch(model, version)
+
+    # -- windows ---------------------------------------------------------------------------------
+
+    def flush(self, now: float | None = None) -> list[int]:
+        """Close the current window at ``now``; returns the sequence numbers written."""
+        self._resolve_pending()
+        end = self.clock() if now is None else now
+        with self._lock:
+            accs, self._accs = self._accs, {}
+            start, self._start = self._start, end
+        windows = [w for key, acc in sorted(accs.items())
+                   if (w := self._window(key, acc, start, end)) is not None]
+        windows.append({"start": start, "end": max(end, start), "health": self._health()})
+        seqs = self.outbox.append_many(windows)
+        self.stats.windows += len(seqs)
+        if self.on_window is not None:
+            self.on_window()
+        return seqs
+
+    def _window(self, key: Key, acc: _Accumulator, start: float, end: float
+                ) -> dict[str, Any] | None:
+        with acc.lock:
+            acc.closed = True
+            self.stats.events += acc.requests
+        if acc.requests == 0:
+            return None
+        window: dict[str, Any] = {"start": start, "end": max(end, start), "model": key[0],
+                                  "version": key[1], "requests": acc.requests,
+                                  "errors": acc.errors}
+        if acc.latency.count:
+            window["latency"] = acc.latency.to_data()
+        for role, buffer in (("inputs", acc.inputs), ("outputs", acc.outputs)):
+            if buffer is None:
+                continue
+            try:
+                buffer.bin()
+                if any(buffer.sketch.n):
+                    window[role] = buffer.sketch.to_data()
+                    window[f"drift_{role}"] = buffer.sketch.drift()
+            except Exception as exc:
+                self._failed(exc)
+        return window
+
+    def _health(self) -> Health | None:
+        try:
+            return self.health()
+        except Exception as exc:
+            self._failed(exc)
+            return None
+
+    def next_boundary(self, now: float) -> float:
+        """The end of the window that contains ``now`` (windows align to multiples of window_s)."""
+        return (math.floor(now / self.window_s) + 1) * self.window_s
+
+    # -- thread ----------------------------------------------------------------------------------
+
+    def start(self) -> Monitor:
+        self._thread = threading.Thread(target=self._run, name="telemetry-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, flush: bool = True) -> None:
+        """Stop the thread; with ``flush`` write the partial window first."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if flush:
+            self.flush()
+
+    def _run(self) -> None:
+        boundary = self.next_boundary(self.clock())
+        while not self._stop.wait(min(1.0, max(0.0, boundary - self.clock()))):
+            try:
+                self._resolve_pending()
+                if self.clock() >= boundary:
+                    self.flush(boundary)
+                    boundary = self.next_boundary(boundary)
+            except Exception as exc:
+                self._failed(exc)

@@ -1,0 +1,189 @@
+"""Helpers for the telemetry integration tests: real fleet processes, device swarms, outboxes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from edgeserve.device_agent.telemetry.outbox import Outbox
+from edgeserve.fleet.store import Store
+from edgeserve.fleet.tables import devices, windows
+from edgeserve.telemetry import LatencyHistogram
+
+__all__ = ["FleetProcess", "Swarm", "fill_outboxes", "store_counts", "wait_for", "window_fields"]
+
+REPO = Path(__file__).resolve().parents[2]
+EDGESERVE = Path(sys.executable).with_name("edgeserve")
+
+
+def window_fields(i: int, model: str = "toy", version: str = "1.0.0") -> dict[str, Any]:
+    """A realistic small model window (counts and a latency histogram)."""
+    hist = LatencyHistogram()
+    for k in range(20):
+        hist.add(1.0 + ((i * 7 + k * 13) % 50) / 10)
+    return {"start": 1_800_000_000.0 + 60 * i, "end": 1_800_000_060.0 + 60 * i, "model": model,
+            "version": version, "requests": 20 + i % 7, "errors": i % 3,
+            "latency": hist.to_data()}
+
+
+def fill_outboxes(directory: Path, device_ids: Sequence[str], windows_each: int,
+                  max_bytes: int = 64 * 2**20) -> None:
+    """One outbox per device under ``directory``, each holding ``windows_each`` windows.
+
+    Sequence numbers are per device, so every device may hold the same windows: one outbox is
+    recorded through :class:`Outbox` and copied (closed first, so its WAL is checkpointed).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    template = directory / ".template.db"
+    with Outbox(template, max_bytes=max_bytes, synchronous="normal") as ob:
+        ob.append_many([window_fields(i) for i in range(windows_each)])
+    for device in device_ids:
+        shutil.copyfile(template, directory / f"{device}.db")
+    template.unlink()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class FleetProcess:
+    """``edgeserve fleet serve`` as a child process (so a test can SIGKILL it)."""
+
+    fleet: str
+    db: str
+    broker: str | None
+    extra: Sequence[str] = ()
+    process: subprocess.Popen[str] | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> FleetProcess:
+        args = [str(EDGESERVE), "fleet", "serve", "--fleet", self.fleet, "--db", self.db,
+                "--json", "--log-level", "info", *self.extra]
+        if self.broker is not None:
+            args += ["--broker", self.broker]
+        self.lines = []
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=REPO)
+        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
+        wait_for(lambda: any(" ready: " in line for line in self.lines) or
+                 self.process is None or self.process.poll() is not None, timeout, "fleet ready")
+        if self.process.poll() is not None:
+            raise AssertionError("fleet serve exited: " + "".join(self.lines[-20:]))
+        return self
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in process.stderr:
+                self.lines.append(line)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, nothing flushed."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(30)
+            _close_pipes(self.process)
+            self.process = None
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM; returns the final ingestion stats the process printed."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=60)
+        self.process = None
+        return dict(json.loads(out)) if out.strip() else {}
+
+
+@dataclass
+class Swarm:
+    """Device links in a few child processes (``tests/integration/telemetry_swarm.py``)."""
+
+    directory: Path
+    port: int
+    fleet: str
+    groups: list[list[str]]
+    options: Sequence[str] = ()
+    processes: list[subprocess.Popen[str] | None] = field(default_factory=list)
+
+    def start(self) -> Swarm:
+        self.processes = [self._spawn(group) for group in self.groups]
+        return self
+
+    def _spawn(self, group: list[str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.telemetry_swarm", "--dir",
+             str(self.directory), "--port", str(self.port), "--fleet", self.fleet,
+             "--devices", ",".join(group), *self.options],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def kill(self, index: int) -> None:
+        process = self.processes[index]
+        assert process is not None
+        process.kill()
+        process.wait(30)
+        _close_pipes(process)
+
+    def restart(self, index: int) -> None:
+        self.processes[index] = self._spawn(self.groups[index])
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        results = []
+        for process in self.processes:
+            assert process is not None
+            out, err = process.communicate(timeout=timeout)
+            assert process.returncode == 0, f"swarm failed ({process.returncode}): {out} {err[-2000:]}"
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+
+    def terminate(self) -> None:
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(30)
+            if process is not None:
+                _close_pipes(process)
+
+
+def _close_pipes(process: subprocess.Popen[str]) -> None:
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
+
+
+def store_counts(url: str) -> dict[str, Any]:
+    """What the store holds: windows, distinct keys, per-device seq ranges, acks, drops."""
+    with Store(url) as store, store.read() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(windows)).scalar_one()
+        per_device = conn.execute(
+            sa.select(windows.c.device_id, sa.func.count(), sa.func.min(windows.c.seq),
+                      sa.func.max(windows.c.seq))
+            .group_by(windows.c.device_id)).all()
+        acked = dict(conn.execute(sa.select(devices.c.device_id, devices.c.acked_seq)).all())
+        dropped = dict(conn.execute(sa.select(devices.c.device_id,
+                                              devices.c.dropped_total)).all())
+    return {"total": int(total),
+            "devices": {d: (int(n), int(lo), int(hi)) for d, n, lo, hi in per_device},
+            "acked": {d: int(a) for d, a in acked.items()},
+            "dropped": {d: int(x) for d, x in dropped.items()}}
