@@ -1,0 +1,89 @@
+"""The fleet's HTTP application: artifacts for devices, JSON API, dashboard, Prometheus metrics.
+
+Authentication, when configured, guards everything people and tools use (``/``, ``/static``,
+``/api``, ``/metrics``); the artifact endpoint stays open by default because what it serves is
+signed and every device verifies it (pass ``protect_artifacts`` to guard it too).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from edgeserve.errors import AuthError
+
+from ..artifacts import ArtifactStore
+from ..store import Store
+from .api import ExperimentsProvider, api_routes
+from .artifacts import artifact_routes
+from .metrics import StatsProvider, render_metrics
+
+__all__ = ["Authenticator", "create_app", "static_dir"]
+
+
+class Authenticator(Protocol):
+    def check(self, authorization: str | None) -> str: ...
+
+    def challenge(self) -> str: ...
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("edgeserve.fleet.web") / "static"))
+
+
+class _AuthMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app: object, authenticator: Authenticator, protect_artifacts: bool) -> None:
+        super().__init__(app)  # type: ignore[arg-type]
+        self.authenticator = authenticator
+        self.protect_artifacts = protect_artifacts
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        path = request.url.path
+        if path == "/healthz" or (path.startswith("/v1/packages") and not self.protect_artifacts):
+            return await call_next(request)
+        try:
+            self.authenticator.check(request.headers.get("authorization"))
+        except AuthError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.http_status,
+                                headers={"WWW-Authenticate": self.authenticator.challenge()})
+        return await call_next(request)
+
+
+def create_app(store: Store, artifacts: ArtifactStore, *,
+               authenticator: Authenticator | None = None, protect_artifacts: bool = False,
+               stats: StatsProvider | None = None,
+               experiments: ExperimentsProvider | None = None) -> Starlette:
+    static = static_dir()
+
+    async def index(request: Request) -> Response:
+        return FileResponse(static / "index.html", media_type="text/html")
+
+    async def metrics(request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        text = await run_in_threadpool(render_metrics, store, stats)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", health),
+        Route("/metrics", metrics),
+        Mount("/static", StaticFiles(directory=static), name="static"),
+        *api_routes(store, experiments),
+        *artifact_routes(artifacts),
+    ]
+    middleware = [Middleware(_AuthMiddleware, authenticator=authenticator,
+                             protect_artifacts=protect_artifacts)] if authenticator else []
+    return Starlette(routes=routes, middleware=middleware)
