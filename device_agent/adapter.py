@@ -105,17 +105,34 @@ class IOAdapter:
         order = {info.name: k for k, info in enumerate(runtime.outputs)}
         self._output_index = [order[p.runtime_name] for p in self.outputs]
         self._names = {p.spec.name for p in self.inputs}
+        # Fast paths for the common case (same names, dtypes and layout): each request then
+        # costs a few dictionary operations, not a loop of conversions.
+        self._fast_check = [(p.spec.name, p.dtype, len(p.spec.shape),
+                             tuple((i, d) for i, d in enumerate(p.spec.shape)
+                                   if isinstance(d, int))) for p in self.inputs]
+        self._inputs_direct = all(p.direct and p.runtime_name == p.spec.name for p in self.inputs)
+        self._outputs_direct = all(p.direct for p in self.outputs)
+        self._output_names = [p.spec.name for p in self.outputs]
+        self._output_identity = self._output_index == list(range(len(self.outputs)))
 
     def check(self, inputs: Mapping[str, object], strict: bool = False) -> dict[str, np.ndarray]:
         """Inputs as arrays of the model's dtypes; raises InvalidInputError naming the tensor.
 
         ``strict`` refuses arrays of any other dtype instead of converting them safely.
         """
-        if len(inputs) != len(self.inputs) or any(n not in self._names for n in inputs):
+        if len(inputs) != len(self._fast_check):
             self._name_error(inputs)
         arrays = {}
-        for plan in self.inputs:
-            arrays[plan.spec.name] = _check_tensor(plan, inputs[plan.spec.name], strict)
+        for (name, dtype, rank, fixed), plan in zip(self._fast_check, self.inputs, strict=True):
+            value = inputs.get(name)
+            if value is None:
+                self._name_error(inputs)
+            if type(value) is np.ndarray and value.dtype == dtype and value.ndim == rank:
+                shape = value.shape
+                if all(shape[axis] == size for axis, size in fixed):
+                    arrays[name] = value
+                    continue
+            arrays[name] = _check_tensor(plan, value, strict)
         return arrays
 
     def _name_error(self, inputs: Mapping[str, object]) -> None:
@@ -130,6 +147,8 @@ class IOAdapter:
         raise InvalidInputError(f"{'; '.join(parts)}; the model takes {expected}")
 
     def to_runtime(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._inputs_direct:
+            return dict(arrays)
         feeds = {}
         for plan in self.inputs:
             value = arrays[plan.spec.name]
@@ -145,6 +164,8 @@ class IOAdapter:
         return feeds
 
     def from_runtime(self, results: list[np.ndarray]) -> dict[str, np.ndarray]:
+        if self._outputs_direct and self._output_identity:
+            return dict(zip(self._output_names, results, strict=True))
         outputs = {}
         for plan, index in zip(self.outputs, self._output_index, strict=True):
             value = results[index]

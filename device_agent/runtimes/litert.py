@@ -8,8 +8,6 @@ of interpreters (one per concurrent caller, up to ``pool_size``). A model whose 
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from typing import Any
 
@@ -60,9 +58,14 @@ class _Interp:
         interpreter.allocate_tensors()
         self.inputs = interpreter.get_input_details()
         self.outputs = interpreter.get_output_details()
-        self.shapes = [tuple(int(d) for d in i["shape"]) for i in self.inputs]
+        self.shapes: list[tuple[int, ...]] = [tuple(int(d) for d in i["shape"])
+                                              for i in self.inputs]
         self.fixed = [tuple(int(d) for d in (i.get("shape_signature") if i.get("shape_signature")
                                              is not None else i["shape"])) for i in self.inputs]
+        self.names = [i["name"] for i in self.inputs]
+        self.input_index = [i["index"] for i in self.inputs]
+        self.output_index = [o["index"] for o in self.outputs]
+        self.batch_one = any(f and f[0] == 1 for f in self.fixed)
 
 
 class LiteRtRuntime:
@@ -80,17 +83,18 @@ class LiteRtRuntime:
         self._threads = (settings.threads or None) if settings else None
         self._delegates = [d for d in (settings.delegates if settings else [])
                            if d.lower() != "xnnpack"]
-        self._pool: queue.LifoQueue[_Interp] = queue.LifoQueue()
+        self._free: list[_Interp] = []
         self._created = 0
         self._max = max(1, pool_size)
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
         first = self._new()
-        self._pool.put(first)
+        self._free.append(first)
         self.inputs = [_info(d) for d in first.inputs]
         self.outputs = [_info(d) for d in first.outputs]
         self._index = {d["name"]: i for i, d in enumerate(first.inputs)}
 
-    def _new(self) -> _Interp:
+    def _new(self, counted: bool = False) -> _Interp:
         delegates = []
         for name in self._delegates:
             library = _DELEGATE_LIBRARIES.get(name.lower(), name)
@@ -107,30 +111,42 @@ class LiteRtRuntime:
             made = _Interp(interpreter)
         except (ValueError, RuntimeError) as exc:
             raise RuntimeUnavailableError(f"LiteRT cannot load the artifact: {exc}") from None
-        self._created += 1
+        if not counted:
+            self._created += 1
         return made
 
     def _acquire(self) -> _Interp:
-        try:
-            return self._pool.get_nowait()
-        except queue.Empty:
-            pass
         with self._lock:
-            if self._created < self._max:
-                return self._new()
-        return self._pool.get()
+            while True:
+                if self._free:
+                    return self._free.pop()
+                if self._created < self._max:
+                    self._created += 1
+                    break
+                self._returned.wait()
+        try:
+            return self._new(counted=True)
+        except BaseException:
+            with self._lock:
+                self._created -= 1
+            raise
+
+    def _release(self, interp: _Interp) -> None:
+        with self._lock:
+            self._free.append(interp)
+            self._returned.notify()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         interp = self._acquire()
         try:
-            arrays = [feeds[d["name"]] for d in interp.inputs]
-            if self._needs_split(interp, arrays):
+            arrays = [feeds[name] for name in interp.names]
+            if interp.batch_one and self._needs_split(interp, arrays):
                 parts = [self._invoke(interp, [a[i:i + 1] for a in arrays])
                          for i in range(arrays[0].shape[0])]
                 return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
             return self._invoke(interp, arrays)
         finally:
-            self._pool.put(interp)
+            self._release(interp)
 
     @staticmethod
     def _needs_split(interp: _Interp, arrays: list[np.ndarray]) -> bool:
@@ -143,7 +159,7 @@ class LiteRtRuntime:
 
     def _invoke(self, interp: _Interp, arrays: list[np.ndarray]) -> list[np.ndarray]:
         it = interp.interpreter
-        shapes = [tuple(a.shape) for a in arrays]
+        shapes = [a.shape for a in arrays]
         if shapes != interp.shapes:
             try:
                 for detail, shape in zip(interp.inputs, shapes, strict=True):
@@ -154,12 +170,13 @@ class LiteRtRuntime:
                 raise InvalidInputError(f"the TFLite artifact cannot take input shapes "
                                         f"{shapes}: {exc}") from None
             interp.shapes = shapes
-        for detail, array in zip(interp.inputs, arrays, strict=True):
-            it.set_tensor(detail["index"], np.ascontiguousarray(array))
+        for index, array in zip(interp.input_index, arrays, strict=True):
+            it.set_tensor(index, array if array.flags.c_contiguous else
+                          np.ascontiguousarray(array))
         it.invoke()
-        return [it.get_tensor(d["index"]).copy() for d in interp.outputs]
+        # get_tensor returns a copy, so the result survives the next invoke.
+        return [it.get_tensor(index) for index in interp.output_index]
 
     def close(self) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._pool.get_nowait()
+        with self._lock:
+            self._free.clear()

@@ -1,0 +1,364 @@
+"""Benchmark the device agent, side by side with its baselines, in one run.
+
+(a) In-process: ``Agent.predict`` vs a bare ``onnxruntime.InferenceSession.run`` (on the very
+    session the agent loaded) and a bare LiteRT ``Interpreter.invoke``, on a tiny model
+    (4 → 16 → 3 MLP, batch 1) and a small CNN (3×8×8 image): overhead as a ratio and in µs/call.
+(b) HTTP: ``edgeserve agent serve`` vs MLServer 1.7.1 with a minimal custom runtime calling ONNX
+    Runtime, the same ONNX model, the same JSON body, the same number of inference workers and
+    ONNX Runtime threads, driven by ``wrk`` at concurrency 1 and 8: throughput, p50, p99.
+
+Usage::
+
+    .venv/bin/python bench/agent.py                 # everything (creates bench/.venv-mlserver)
+    .venv/bin/python bench/agent.py --skip-http     # only (a)
+    .venv/bin/python bench/agent.py --duration 5    # shorter HTTP runs
+
+MLServer lives in its own venv (``bench/.venv-mlserver``, created on first use, with
+``uvloop==0.21.0``: MLServer 1.7.1 crashes at start with newer uvloop). ``wrk`` comes from Debian
+(``apt-get install wrk``; the script tries that when it is missing). Results are printed and
+written to ``bench/out/agent.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from edgeserve.device_agent import Agent  # noqa: E402
+from edgeserve.profiles import load_profile  # noqa: E402
+from edgeserve.testing import make_keypair  # noqa: E402
+from tests.device_agent.models import (  # noqa: E402
+    build_conv_package,
+    build_mlp_package,
+    write_profile,
+)
+
+console = Console()
+MLSERVER_VENV = REPO / "bench" / ".venv-mlserver"
+MLSERVER_PINS = ["mlserver==1.7.1", "onnxruntime==1.32.0", "uvloop==0.21.0", "numpy==2.4.6"]
+RUNTIME_PY = '''
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class OnnxRuntime(MLModel):
+    async def load(self) -> bool:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = {threads}
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(self.settings.parameters.uri, options,
+                                            providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        feeds = {{i.name: NumpyCodec.decode_input(i) for i in payload.inputs}}
+        outputs = self.session.run(self.names, feeds)
+        return InferenceResponse(model_name=self.name, outputs=[
+            NumpyCodec.encode_output(n, o) for n, o in zip(self.names, outputs)])
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# -- (a) in-process overhead -----------------------------------------------------------------------
+
+def _per_call_us(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def _compare(bare: Callable[[], object], agent: Callable[[], object], calls: int,
+             rounds: int) -> dict[str, float]:
+    """Alternate bare and agent rounds (so drift hits both); medians of the per-round means."""
+    for _ in range(calls // 10):
+        bare()
+        agent()
+    bare_us, agent_us = [], []
+    for _ in range(rounds):
+        bare_us.append(_per_call_us(bare, calls))
+        agent_us.append(_per_call_us(agent, calls))
+    b, a = statistics.median(bare_us), statistics.median(agent_us)
+    return {"bare_us": b, "agent_us": a, "overhead_us": a - b, "ratio": a / b}
+
+
+def bench_inprocess(work: Path, key: Any, calls: int, rounds: int) -> list[dict[str, Any]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    mlp = build_mlp_package(work / "toy.edgepkg", key)
+    conv = build_conv_package(work / "conv.edgepkg", key)
+    profiles = work / "profiles"
+    one_thread = write_profile(profiles, "bench-onnx", '[[artifacts]]\nformat = "onnx"\n'
+                                                      'precision = "fp32"\n')
+    lite = write_profile(profiles, "bench-tflite", '[[artifacts]]\nformat = "tflite"\n'
+                                                   'precision = "fp32"\n')
+    rows = []
+    for label, pkg, name, feed in (
+            ("MLP 4-16-3", mlp, "toy", {"x": np.random.default_rng(0).normal(
+                size=(1, 4)).astype(np.float32)}),
+            ("CNN 3x8x8", conv, "conv", {"image": np.random.default_rng(0).normal(
+                size=(1, 3, 8, 8)).astype(np.float32)})):
+        with Agent(work / f"cache-onnx-{name}", load_profile(one_thread), [key.public_path]) as a:
+            a.install(pkg)
+            loaded = a.model(name)
+            session = loaded.runtime._session  # type: ignore[attr-defined]
+            outs = [o.name for o in session.get_outputs()]
+            row = _compare(lambda s=session, f=feed, o=outs: s.run(o, f),
+                           lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
+            rows.append({"model": label, "runtime": "ONNX Runtime", **row})
+        with Agent(work / f"cache-lite-{name}", load_profile(lite), [key.public_path]) as a:
+            a.install(pkg)
+            loaded = a.model(name)
+            record = loaded.record
+            content = a.cache.read_verified(record.files[loaded.artifact.path], "bench")
+            interp = Interpreter(model_content=content, num_threads=1)
+            interp.allocate_tensors()
+            inp = interp.get_input_details()[0]["index"]
+            out = interp.get_output_details()[0]["index"]
+            array = loaded.adapter.to_runtime(feed)[loaded.adapter.inputs[0].runtime_name]
+
+            def bare(i: Any = interp, x: np.ndarray = array, ii: int = inp, oo: int = out) -> Any:
+                i.set_tensor(ii, x)
+                i.invoke()
+                return i.get_tensor(oo)
+
+            row = _compare(bare, lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
+            rows.append({"model": label, "runtime": "LiteRT", **row})
+    return rows
+
+
+# -- (b) HTTP throughput ---------------------------------------------------------------------------
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    console.print("wrk not found; trying 'apt-get install -y wrk'")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is needed for the HTTP benchmark: apt-get install wrk")
+    return found
+
+
+def ensure_mlserver() -> Path:
+    python = MLSERVER_VENV / "bin" / "python"
+    mlserver = MLSERVER_VENV / "bin" / "mlserver"
+    if not mlserver.exists():
+        console.print(f"creating {MLSERVER_VENV} with {' '.join(MLSERVER_PINS)}")
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_PINS], check=True)
+    return mlserver
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start_edgeserve(cache: Path, profile: Path, workers: int, work: Path
+                    ) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    log = work / "edgeserve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "edgeserve"), "agent", "serve", "--cache",
+             str(cache), "--profile", str(profile), "--port", str(port), "--workers",
+             str(workers), "--threads", "1"], stdout=sink, stderr=subprocess.STDOUT)
+    _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process, log, 60)
+    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
+
+
+def start_mlserver(onnx_path: Path, workers: int, work: Path
+                   ) -> tuple[subprocess.Popen[bytes], str]:
+    mlserver = ensure_mlserver()
+    root = work / "mlserver"
+    model_dir = root / "toy"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "runtime.py").write_text(RUNTIME_PY.format(threads=1))
+    (model_dir / "model-settings.json").write_text(json.dumps({
+        "name": "toy", "implementation": "runtime.OnnxRuntime",
+        "parameters": {"uri": str(onnx_path)}}))
+    port = _free_port()
+    (root / "settings.json").write_text(json.dumps({
+        "http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port(),
+        "parallel_workers": workers, "debug": False, "metrics_endpoint": None}))
+    log = work / "mlserver.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([str(mlserver), "start", str(root)], cwd=model_dir,
+                                   stdout=sink, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(model_dir)})
+    _wait_ready(f"http://127.0.0.1:{port}/v2/models/toy/ready", process, log, 120)
+    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(f"cannot parse wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(wrk: str, url: str, body: str, connections: int, duration: int,
+            work: Path) -> dict[str, float]:
+    script = work / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(body)}\n")
+    subprocess.run([wrk, "-t1", f"-c{connections}", "-d2s", "-s", str(script), url],
+                   check=True, capture_output=True)
+    result = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                             "-s", str(script), url], check=True, capture_output=True, text=True)
+    out = result.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, flags=re.M))
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    return {"rps": rps, "p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
+            "requests": int(total.group(1)) if total else 0,
+            "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def bench_http(work: Path, key: Any, duration: int, workers: int,
+               mlserver_workers: list[int]) -> list[dict[str, Any]]:
+    wrk = ensure_wrk()
+    pkg = work / "toy.edgepkg"
+    if not pkg.exists():
+        build_mlp_package(pkg, key, tflite=False)
+    profile = write_profile(work / "profiles", "bench-http", '[[artifacts]]\nformat = "onnx"\n'
+                                                             'precision = "fp32"\n')
+    cache = work / "cache-http"
+    with Agent(cache, load_profile(profile), [key.public_path]) as agent:
+        agent.install(pkg)
+        onnx_path = work / "toy.onnx"
+        record = agent.cache.record("toy", "1.0.0")
+        onnx_path.write_bytes(agent.cache.read_verified(record.files["artifacts/toy.onnx"], "x"))
+    x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]})
+    servers: list[tuple[str, Callable[[], tuple[subprocess.Popen[bytes], str]]]] = [
+        (f"edgeserve (workers={workers})", lambda: start_edgeserve(cache, profile, workers, work))]
+    for n in mlserver_workers:
+        servers.append((f"MLServer 1.7.1 (parallel_workers={n})",
+                        lambda n=n: start_mlserver(onnx_path, n, work)))
+    rows = []
+    for label, start in servers:
+        process, url = start()
+        try:
+            for connections in (1, 8):
+                stats = run_wrk(wrk, url, body, connections, duration, work)
+                rows.append({"server": label, "concurrency": connections, **stats})
+                console.print(f"  {label} c={connections}: {stats['rps']:.0f} req/s, "
+                              f"p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
+        finally:
+            _stop(process)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=5000, help="calls per in-process round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--workers", type=int, default=2, help="inference workers, both servers")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--mlserver-inline", action="store_true",
+                        help="also run MLServer with parallel_workers=0 (inference in its loop)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "agent.json")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"load_before": _load(), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
+        work = Path(tmp)
+        key = make_keypair(work / "keys")
+        console.rule("(a) in-process predict vs bare runtime")
+        rows = bench_inprocess(work, key, args.calls, args.rounds)
+        results["inprocess"] = rows
+        table = Table("model", "runtime", "bare µs/call", "agent µs/call", "overhead µs",
+                      "ratio")
+        for r in rows:
+            table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.1f}",
+                          f"{r['agent_us']:.1f}", f"{r['overhead_us']:.1f}", f"{r['ratio']:.3f}")
+        console.print(table)
+        if not args.skip_http:
+            console.rule("(b) HTTP: edgeserve vs MLServer (wrk, JSON, batch 1)")
+            extra = [0] if args.mlserver_inline else []
+            http = bench_http(work, key, args.duration, args.workers, [args.workers, *extra])
+            results["http"] = http
+            table = Table("server", "concurrency", "req/s", "p50 ms", "p99 ms", "non-2xx")
+            for r in http:
+                table.add_row(r["server"], str(r["concurrency"]), f"{r['rps']:.0f}",
+                              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["non_2xx"]))
+            console.print(table)
+            base = {r["concurrency"]: r for r in http if r["server"].startswith("edgeserve")}
+            for r in http:
+                if not r["server"].startswith("edgeserve"):
+                    mine = base[r["concurrency"]]
+                    console.print(f"c={r['concurrency']} vs {r['server']}: "
+                                  f"{mine['rps'] / r['rps']:.2f}x throughput, p99 "
+                                  f"{mine['p99_ms']:.2f} vs {r['p99_ms']:.2f} ms")
+    results["load_after"] = _load()
+    console.print(f"load average before {results['load_before']}, after {results['load_after']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    console.print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
