@@ -167,7 +167,9 @@ def _handshake(client: mqtt.Client, settings: BrokerSettings, properties: Any,
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     deadline = time.monotonic() + timeout
     try:
-        client.connect(settings.host, settings.port, settings.keepalive, clean_start=False,
+        client.connect(settings.host, settings.port, settings.keepalive,
+                       clean_start=(False if client.protocol == mqtt.MQTTv5
+                                    else mqtt.MQTT_CLEAN_START_FIRST_ONLY),
                        properties=properties)
     except (OSError, ssl.SSLError) as exc:
         client.on_connect, client.on_disconnect = previous_connect, previous_disconnect

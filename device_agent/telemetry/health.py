@@ -31,7 +31,7 @@ def read_health(disk_path: Path | str = ".") -> Health:
     with contextlib.suppress(OSError, AttributeError):
         values["cpu_load"] = round(os.getloadavg()[0] / (os.cpu_count() or 1), 3)
     values["temp_c"] = _temperature()
-    return Health(**values)
+    return Health.model_validate(values)
 
 
 def _temperature() -> float | None:

@@ -193,27 +193,37 @@ class Link:
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            if self._client is None:
-                if attempt and self._stop.wait(self._backoff(attempt)):
-                    break
-                try:
-                    self._connect()
-                    attempt = 0
-                except _ConnectFailed as exc:
-                    attempt += 1
-                    self.stats.connect_failures += 1
-                    log.warning("%s: %s", self.settings.device_id, exc)
-                    continue
-            client = self._client
-            assert client is not None
-            busy = self._sent > self._acked or self._has_pending()
-            rc = client.loop(timeout=0.05 if busy else 0.25)
-            if self._lost or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._drop_connection()
-                attempt = 1
-                continue
-            self._pump()
+            try:
+                attempt = self._step(attempt)
+            except Exception:
+                # never let the thread die: whatever broke, start over with a fresh connection
+                log.exception("%s: link error; reconnecting", self.settings.device_id)
+                if self._client is not None:
+                    self._drop_connection()
+                attempt += 1
+                self._stop.wait(self._backoff(attempt))
         self._goodbye()
+
+    def _step(self, attempt: int) -> int:
+        """One turn of the loop; returns the back-off attempt count."""
+        if self._client is None:
+            if attempt and self._stop.wait(self._backoff(attempt)):
+                return attempt
+            try:
+                self._connect()
+            except _ConnectFailed as exc:
+                self.stats.connect_failures += 1
+                log.warning("%s: %s", self.settings.device_id, exc)
+                return attempt + 1
+        client = self._client
+        assert client is not None
+        busy = self._sent > self._acked or self._has_pending()
+        rc = client.loop(timeout=0.05 if busy else 0.25)
+        if self._lost or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._drop_connection()
+            return 1
+        self._pump()
+        return 0
 
     def _backoff(self, attempt: int) -> float:
         s = self.settings
@@ -246,9 +256,11 @@ class Link:
             reason=reason, session=flags.session_present)
         client.on_disconnect = lambda *_a: result.setdefault("closed", True)
         try:
-            client.connect(s.broker.host, s.broker.port, s.broker.keepalive, clean_start=False,
+            client.connect(s.broker.host, s.broker.port, s.broker.keepalive,
+                           clean_start=(False if version == MQTTProtocolVersion.MQTTv5
+                                        else mqtt.MQTT_CLEAN_START_FIRST_ONLY),
                            properties=self._connect_properties(version))
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ValueError) as exc:
             raise _ConnectFailed(f"cannot reach {s.broker.url}: {exc}") from None
         deadline = time.monotonic() + _CONNACK_TIMEOUT_S
         while "reason" not in result and "closed" not in result:
@@ -377,9 +389,9 @@ class Link:
             self._ack_timeout = min(self._ack_timeout * 2, 8 * s.ack_timeout_s)
             self.stats.retransmits += 1
         while True:
-            room = min(s.batch_windows, s.max_unacked_windows - (self._sent - self._acked),
-                       int(self._tokens))
-            if room <= 0:
+            room = min(s.batch_windows, s.max_unacked_windows - (self._sent - self._acked))
+            # wait for a whole batch's worth of tokens rather than trickle out small batches
+            if room <= 0 or self._tokens < room:
                 return
             records = self.outbox.pending(after=self._sent, limit=room, max_bytes=s.batch_bytes)
             if not records or not self._send(records):

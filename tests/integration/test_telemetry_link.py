@@ -1,0 +1,354 @@
+"""The device's MQTT link against a real broker: status and Last Will, protocol fallback,
+back-off, flow control, TLS with passwords and client certificates, drops, bad payloads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeserve.contract import Ack, Status, decode, device_topic, encode
+from edgeserve.device_agent.telemetry.connection import BrokerSettings
+from edgeserve.device_agent.telemetry.link import Link, LinkSettings
+from edgeserve.device_agent.telemetry.outbox import Outbox
+from edgeserve.errors import ConfigError
+from edgeserve.fleet.broker import EmbeddedBroker
+from tests.integration.telemetry_support import FleetProcess, store_counts, wait_for, window_fields
+from tests.services import MosquittoProcess, free_port, start_mosquitto
+
+pytestmark = pytest.mark.integration
+
+
+class Watcher:
+    """A plain paho subscriber that records what arrives on a filter."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.messages.append(
+            (m.topic, bytes(m.payload), bool(m.retain)))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+
+    def statuses(self) -> list[Status]:
+        return [decode(Status, p) for t, p, _r in self.messages if t.endswith("/status") and p]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def watcher_factory() -> Iterator[Any]:
+    made: list[Watcher] = []
+
+    def make(port: int, topic: str) -> Watcher:
+        w = Watcher(port, topic)
+        made.append(w)
+        time.sleep(0.2)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def settings(port: int, fleet: str, device: str = "dev1", **kw: Any) -> LinkSettings:
+    return LinkSettings(BrokerSettings(port=port, **kw.pop("broker", {})), fleet, device,
+                        backoff_min_s=0.2, backoff_max_s=1.0, **kw)
+
+
+def test_birth_is_retained_and_the_last_will_says_offline(
+        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path,
+        watcher_factory: Any) -> None:
+    """Connecting publishes a retained online status with profile and models; dying without a
+    goodbye makes the broker publish the retained offline Last Will with the same ts."""
+    port = mqtt_broker[1]
+    watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
+    link = Link(settings(port, fleet_name), Outbox(tmp_path / "o.db"),
+                status_info=lambda: {"profile": "rpi5", "models": {"toy": "1.0.0"},
+                                     "labels": {"site": "lab"}}).start()
+    assert link.connected.wait(10)
+    wait_for(lambda: len(watcher.statuses()) == 1, 10, "the birth message")
+    link.kill()
+    wait_for(lambda: len(watcher.statuses()) == 2, 10, "the Last Will")
+    birth, will = watcher.statuses()
+    assert (birth.state, birth.profile, birth.models, birth.labels) == (
+        "online", "rpi5", {"toy": "1.0.0"}, {"site": "lab"})
+    assert (will.state, will.reason, will.ts) == ("offline", "connection lost", birth.ts)
+    late = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
+    wait_for(lambda: bool(late.messages), 10, "the retained status")
+    assert late.messages[0][2] and late.statuses()[0].state == "offline"
+    watcher.client.publish(device_topic(fleet_name, "dev1", "status"), b"", qos=1, retain=True)
+
+
+def test_a_clean_stop_says_offline_stopped(mqtt_broker: tuple[str, int], fleet_name: str,
+                                           tmp_path: Path, watcher_factory: Any) -> None:
+    """stop() publishes a retained offline status with reason 'stopped'."""
+    port = mqtt_broker[1]
+    watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
+    link = Link(settings(port, fleet_name), Outbox(tmp_path / "o.db")).start()
+    assert link.connected.wait(10)
+    link.stop()
+    wait_for(lambda: len(watcher.statuses()) == 2, 10, "the goodbye")
+    assert [(s.state, s.reason) for s in watcher.statuses()] == [("online", None),
+                                                                 ("offline", "stopped")]
+    watcher.client.publish(device_topic(fleet_name, "dev1", "status"), b"", qos=1, retain=True)
+
+
+def test_the_link_falls_back_to_mqtt_311(tmp_path: Path, fleet_name: str) -> None:
+    """Against a listener that speaks only MQTT 3.1.1 the link connects with 3.1.1; against
+    MQTT 5 it uses 5."""
+    with EmbeddedBroker(port=free_port(), port_v311=free_port()) as broker:
+        old = Link(settings(broker.port_v311, fleet_name), Outbox(tmp_path / "a.db")).start()
+        new = Link(settings(broker.port, fleet_name, "dev2"), Outbox(tmp_path / "b.db")).start()
+        try:
+            assert old.connected.wait(15) and new.connected.wait(15)
+            assert (old.stats.protocol, new.stats.protocol) == ("3.1.1", "5")
+        finally:
+            old.stop()
+            new.stop()
+
+
+def test_backoff_is_jittered_exponential_and_capped(tmp_path: Path) -> None:
+    """Delays are uniform in [0, min(max, min·2^attempt)]: spread out, growing, bounded."""
+    link = Link(LinkSettings(BrokerSettings(), "f", "d", backoff_min_s=1.0, backoff_max_s=60.0),
+                Outbox(tmp_path / "o.db"), rng=random.Random(4))
+    for attempt, cap in ((1, 2.0), (3, 8.0), (10, 60.0)):
+        delays = [link._backoff(attempt) for _ in range(400)]
+        assert min(delays) >= 0 and max(delays) <= cap
+        assert max(delays) > 0.8 * cap and min(delays) < 0.2 * cap
+        assert len(set(delays)) == 400
+
+
+def test_unacked_windows_are_capped_then_sent_again(mqtt_broker: tuple[str, int],
+                                                    fleet_name: str, tmp_path: Path,
+                                                    watcher_factory: Any) -> None:
+    """With nobody acking, the link sends oldest first in batches up to max_unacked, then after
+    ack_timeout sends the same windows again; an ack lets it go on."""
+    port = mqtt_broker[1]
+    watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.append_many([window_fields(i) for i in range(100)])
+    link = Link(settings(port, fleet_name, batch_windows=10, max_unacked_windows=30,
+                         ack_timeout_s=1.0), outbox).start()
+    try:
+        wait_for(lambda: link.stats.retransmits >= 1 and len(watcher.messages) >= 4, 15,
+                 "a retransmission")
+        batches = [json.loads(p) for _t, p, _r in watcher.messages]
+        seqs = [[w["seq"] for w in b["windows"]] for b in batches]
+        assert seqs[:4] == [list(range(1, 11)), list(range(11, 21)), list(range(21, 31)),
+                            list(range(1, 11))]
+        assert all(b["floor"] == 1 for b in batches)
+        watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=30)),
+                               qos=1)
+        wait_for(lambda: outbox.floor() == 31, 10, "the ack to delete 1-30")
+        wait_for(lambda: any(json.loads(p)["windows"][0]["seq"] == 31
+                             for _t, p, _r in watcher.messages), 10, "windows after 30")
+    finally:
+        link.stop()
+
+
+def test_an_ack_from_an_earlier_life_renumbers_the_outbox(mqtt_broker: tuple[str, int],
+                                                         fleet_name: str, tmp_path: Path,
+                                                         watcher_factory: Any) -> None:
+    """A device whose outbox was wiped learns from the fleet's ack that seqs up to 500 are taken
+    and sends its windows as 501… instead of having them ignored as duplicates."""
+    port = mqtt_broker[1]
+    watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.append_many([window_fields(i) for i in range(3)])
+    link = Link(settings(port, fleet_name, ack_timeout_s=30), outbox).start()
+    try:
+        wait_for(lambda: bool(watcher.messages), 10, "the first batch")
+        watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=500)),
+                               qos=1)
+        wait_for(lambda: outbox.floor() == 501, 10, "the renumbering")
+        wait_for(lambda: len(watcher.messages) >= 2, 10, "the renumbered batch")
+        assert [w["seq"] for w in json.loads(watcher.messages[-1][1])["windows"]] == [
+            501, 502, 503]
+        assert link.stats.rebased == 3
+    finally:
+        link.stop()
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("edgeserve test CA"))
+          .issuer_name(name("edgeserve test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    files: dict[str, Path] = {}
+
+    def issue(cn: str, san: x509.GeneralName | None) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
+        if san is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return (cert.public_bytes(serialization.Encoding.PEM),
+                key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+    server_cert, server_key = issue("127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    client_cert, client_key = issue("dev1", None)
+    for label, data in (("ca", ca.public_bytes(serialization.Encoding.PEM)),
+                        ("server_cert", server_cert), ("server_key", server_key),
+                        ("client_cert", client_cert), ("client_key", client_key)):
+        files[label] = directory / f"{label}.pem"
+        files[label].write_bytes(data)
+        files[label].chmod(0o644)  # mosquitto drops to its own user and must read them
+    return files
+
+
+@pytest.fixture
+def tls_mosquitto() -> Iterator[tuple[MosquittoProcess, int, dict[str, Path]]]:
+    """A private Mosquitto with a TLS listener that needs a client certificate and a password."""
+    certs_dir = Path(tempfile.mkdtemp(prefix="es-tls-"))
+    certs_dir.chmod(0o755)
+    certs = _certificates(certs_dir)
+    passwd = certs_dir / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "dev1", "s3cret"], check=True,
+                   capture_output=True)
+    passwd.chmod(0o644)
+    tls_port = free_port()
+    proc = start_mosquitto(
+        f"password_file {passwd}\n"
+        f"listener {tls_port} 127.0.0.1\ncafile {certs['ca']}\ncertfile {certs['server_cert']}\n"
+        f"keyfile {certs['server_key']}\nrequire_certificate true\n")
+    try:
+        yield proc, tls_port, certs
+    finally:
+        proc.stop(kill=True)
+        shutil.rmtree(proc.workdir, ignore_errors=True)
+        shutil.rmtree(certs_dir, ignore_errors=True)
+
+
+def test_tls_with_password_and_client_certificate(tls_mosquitto: Any, tmp_path: Path,
+                                                  fleet_name: str) -> None:
+    """mqtts:// with CA, client certificate and password connects; a wrong password does not."""
+    _proc, port, certs = tls_mosquitto
+
+    def broker(password: str) -> BrokerSettings:
+        return BrokerSettings.from_url(f"mqtts://dev1:{password}@127.0.0.1:{port}",
+                                       ca_file=certs["ca"], cert_file=certs["client_cert"],
+                                       key_file=certs["client_key"])
+
+    good = Link(LinkSettings(broker("s3cret"), fleet_name, "dev1"), Outbox(tmp_path / "a.db"))
+    bad = Link(LinkSettings(broker("wrong"), fleet_name, "dev2", backoff_min_s=0.1,
+                            backoff_max_s=0.2), Outbox(tmp_path / "b.db"))
+    good.start()
+    bad.start()
+    try:
+        assert good.connected.wait(15)
+        wait_for(lambda: bad.stats.connect_failures >= 2, 15, "refused connections")
+        assert not bad.connected.is_set()
+    finally:
+        good.stop()
+        bad.stop()
+    assert good.settings.broker.tls
+    with pytest.raises(ConfigError, match="both --cert-file and --key-file"):
+        BrokerSettings.from_url(f"mqtts://127.0.0.1:{port}", cert_file=certs["client_cert"])
+
+
+def test_a_full_outbox_drops_oldest_first_and_the_fleet_sees_the_count(
+        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path) -> None:
+    """A device offline long enough to overflow its outbox delivers its newest windows; the
+    fleet stores the drop count and acks past the dropped sequence numbers."""
+    outbox = Outbox(tmp_path / "o.db", max_bytes=16_384)
+    for i in range(300):
+        outbox.append(window_fields(i))
+    held = outbox.pending(limit=1000)
+    stats = outbox.stats()
+    assert stats.dropped_total == 300 - len(held) > 0
+    assert [r.seq for r in held] == list(range(301 - len(held), 301))
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{mqtt_broker[1]}").start()
+    link = Link(settings(mqtt_broker[1], fleet_name), outbox).start()
+    try:
+        wait_for(lambda: outbox.floor() == outbox.next_seq(), 30, "the outbox to empty")
+    finally:
+        link.stop()
+        fleet.stop()
+    counts = store_counts(db)
+    assert counts["total"] == len(held)
+    assert counts["devices"]["dev1"] == (len(held), 301 - len(held), 300)
+    assert counts["dropped"]["dev1"] == stats.dropped_total
+    assert counts["acked"]["dev1"] == 300
+
+
+def test_bad_payloads_on_the_telemetry_topic_are_counted_and_ingestion_goes_on(
+        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path) -> None:
+    """Malformed, oversized, wrong-schema and spoofed messages are counted by reason while the
+    real device's windows keep being stored."""
+    port = mqtt_broker[1]
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}").start()
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.append_many([window_fields(i) for i in range(200)])
+    attacker = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    attacker.connect("127.0.0.1", port)
+    attacker.loop_start()
+    topic = device_topic(fleet_name, "dev1", "telemetry")
+    bad = [b"\xff\xfe garbage", b'{"v": 1, "device_id": "dev1", "windows": [{"seq"',
+           b"{" + b" " * (1 << 20) + b"}", b'{"v": 1, "device_id": "dev1", "windows": []}',
+           b'{"v": 9, "device_id": "dev1", "windows": [{"seq": 1, "start": 1, "end": 2}]}',
+           json.dumps({"v": 1, "device_id": "other", "windows": [
+               {"seq": 1, "start": 1, "end": 2}]}).encode()]
+    link = Link(settings(port, fleet_name, batch_windows=20, rate_windows_per_s=200),
+                outbox).start()
+    stop = threading.Event()
+
+    def attack() -> None:
+        while not stop.is_set():
+            for payload in bad:
+                attacker.publish(topic, payload, qos=1)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=attack)
+    thread.start()
+    try:
+        wait_for(lambda: outbox.floor() == outbox.next_seq(), 60, "the device's windows stored")
+    finally:
+        stop.set()
+        thread.join()
+        link.stop()
+        attacker.disconnect()
+        attacker.loop_stop()
+        time.sleep(0.5)
+        stats = fleet.stop()
+    assert store_counts(db)["total"] == 200
+    rejected = stats["rejected"]
+    assert rejected["malformed"] >= 2 and rejected["oversize"] >= 1
+    assert rejected["schema"] >= 2 and rejected["device-mismatch"] >= 1
+    assert stats["windows_stored"] == 200
