@@ -181,7 +181,9 @@ def _from_torchscript(path: Path, work: Path, example_inputs: Any, input_names: 
     import torch
 
     try:
-        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch deprecates TorchScript
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise ConfigError(f"{path}: not a TorchScript file torch.jit.load can read ({exc}); save "
                           "with torch.jit.save, or export to .pt2 / .onnx") from None
