@@ -7,6 +7,8 @@ part adds ``agent run`` (serving + MQTT link) in ``run.py`` with the same option
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -291,3 +293,16 @@ def _with_threads(a: Agent, threads: int) -> Any:
     if runtimes.litert is not None:
         update["litert"] = runtimes.litert.model_copy(update={"threads": threads})
     return a.profile.model_copy(update={"runtimes": runtimes.model_copy(update=update)})
+
+
+def _register_contributed_commands() -> None:
+    """Add ``agent run`` (serving + MQTT link, owned by the telemetry part) when present."""
+    if importlib.util.find_spec(f"{__package__}.run") is None:
+        return
+    module = importlib.import_module(f"{__package__}.run")
+    command = getattr(module, "run", None)
+    if isinstance(command, click.Command):
+        agent.add_command(command)
+
+
+_register_contributed_commands()
