@@ -10,6 +10,7 @@ fp16, dynamic-range int8, integer int8 with float I/O (``static``) and full-inte
   (``-cind``, in the TF input layout), and the sample file it looks for in its working directory
   is written there from our own data first (:func:`_offline_sample_file`);
 * it shells out to ``onnxsim`` — the venv's ``bin/`` is put on the child's PATH;
+* ops TFLite lacks (``Erf`` in GELU, …) are decomposed (``-rtpo``) instead of becoming Flex ops;
 * 4-D image inputs become NHWC (the layout TFLite delegates want); every other input keeps its
   shape (``-kat``). The artifact's own tensor specs record the layout and int8 quantization.
 
@@ -39,6 +40,7 @@ __all__ = ["TfliteOutput", "build_tflite", "channels_last", "variant_of"]
 
 _SUFFIX = {"fp32": "float32", "fp16": "float16", "int8-dynamic": "dynamic_range_quant",
            "int8-static": "integer_quant", "int8-full-integer": "full_integer_quant"}
+_PSEUDO_OPS = {"Erf", "Asin", "Acos", "Atan", "GatherND", "MatMulInteger"}
 _SAFE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CALIBRATION_LIMIT = 100
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
@@ -108,6 +110,13 @@ def _command(src: Path, out: Path, inputs: Sequence[TensorSpec], renames: Mappin
     back = {orig: new for new, orig in renames.items()}
     cmd = [str(Path(sys.executable).parent / "onnx2tf"), "-i", str(src), "-o", str(out), "-coion",
            "-v", "error"]
+    import onnx
+
+    # TFLite has no builtin for these: onnx2tf would emit Flex (Select TF) ops that LiteRT
+    # cannot run; its pseudo-op decompositions are approximations that validation measures
+    pseudo = sorted({n.op_type for n in onnx.load(str(src)).graph.node} & _PSEUDO_OPS)
+    if pseudo:
+        cmd += ["-rtpo", *pseudo]
     keep = [back[s.name] for s in inputs if not _is_image(s)]
     if keep:
         cmd += ["-kat", *keep]
