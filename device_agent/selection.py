@@ -22,6 +22,8 @@ _PROFILE_RUNTIME = {"onnx": ("onnxruntime",), "tflite": ("litert",), "coreml": (
 
 
 def _has_module(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):

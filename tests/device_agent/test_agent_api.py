@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeserve.device_agent import Agent, required_files
+from edgeserve.device_agent import Agent, required_files, select_artifact
 from edgeserve.device_agent.observe import InferenceEvent
 from edgeserve.errors import (
     CacheError,
@@ -229,3 +229,49 @@ def test_predict_batch_splits_results(agent: Agent, agent_assets: dict[str, Path
     assert [r.outputs["y"].shape[0] for r in results] == [2, 1, 2]
     np.testing.assert_allclose(np.concatenate([r.outputs["y"] for r in results]),
                                mlp_weights().forward(X), atol=1e-5)
+
+
+def test_core_ml_off_macos_is_a_clear_error(tmp_path: Path) -> None:
+    """A Core ML-only package on Linux is refused with an error that says why."""
+    import sys
+
+    from edgeserve.device_agent.runtimes import ArtifactSource, load_runtime
+    from edgeserve.errors import RuntimeUnavailableError
+    from edgeserve.testing import make_manifest
+
+    if sys.platform == "darwin":
+        pytest.skip("Core ML runs on macOS")
+    manifest = make_manifest(artifacts=[{"id": "coreml-fp16", "format": "coreml",
+                                         "precision": "fp16", "path": "artifacts/m.mlpackage"}])
+    with pytest.raises(RuntimeUnavailableError, match="macOS"):
+        select_artifact(manifest, load_profile("iphone-15-pro"), "coreml-fp16")
+    with pytest.raises(RuntimeUnavailableError, match="no artifact that profile"):
+        select_artifact(manifest, load_profile("iphone-15-pro"))
+    with pytest.raises(RuntimeUnavailableError, match="only on macOS"):
+        load_runtime("coreml", ArtifactSource(path=tmp_path), load_profile("iphone-15-pro"))
+
+
+def test_tflite_runtime_fallback(tmp_path: Path, agent_assets: dict[str, Path],
+                                 tflite_profile: HardwareProfile,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ai_edge_litert the agent loads TFLite through a ``tflite_runtime`` module."""
+    import sys
+    import types
+
+    from ai_edge_litert import interpreter as lite
+
+    fallback = types.ModuleType("tflite_runtime.interpreter")
+    fallback.Interpreter = lite.Interpreter  # type: ignore[attr-defined]
+    fallback.load_delegate = lite.load_delegate  # type: ignore[attr-defined]
+    package = types.ModuleType("tflite_runtime")
+    package.interpreter = fallback  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime", package)
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fallback)
+    from edgeserve.device_agent.runtimes.litert import import_interpreter
+
+    assert import_interpreter()[0] is lite.Interpreter
+    with Agent(tmp_path / "c", tflite_profile, [agent_assets["public_key"]]) as agent:
+        agent.install(agent_assets["pkg_v1"], artifact_id="tflite-fp32")
+        np.testing.assert_allclose(agent.predict("toy", {"x": X}).outputs["y"],
+                                   mlp_weights().forward(X), atol=1e-5)
