@@ -10,7 +10,11 @@ Jensen-Shannon) against the reference. Each window also gets one device-health w
 The hot path (:meth:`Monitor.on_inference`, on the request's thread) only counts and buffers:
 small tensors are copied into a buffer (the caller may reuse its arrays), large ones are reduced
 to their few feature values at once, and the buffer is binned every ``bin_rows`` samples, because
-binning 64 rows costs about what binning one row costs. Reference statistics are looked up off the
+binning 64 rows costs about what binning one row costs. Busy model versions are sketched on a
+stride: at most about ``max_sketch_rate`` samples per second (from the previous window's request
+rate), which keeps drift estimates on thousands of samples per window while a fast model at high
+load pays the sketch cost on a fraction of its requests. The sample count is in each drift score
+(``n``). Reference statistics are looked up off the
 hot path (:meth:`watch`, or the monitor thread within a second of a new version's first request).
 The observer never raises: a failure in monitoring is counted, logged once, and serving goes on.
 """
@@ -117,6 +121,7 @@ class _Accumulator:
     outputs: _SketchBuffer | None = None
     requests: int = 0
     errors: int = 0
+    stride: int = 1
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -129,6 +134,7 @@ class Monitor:
                  references: References | None = None,
                  health: Callable[[], Health | None] | None = None,
                  health_path: Path | str = ".", bin_rows: int = 64,
+                 max_sketch_rate: float | None = 200.0,
                  on_window: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if window_s <= 0:
@@ -138,6 +144,8 @@ class Monitor:
         self.references = references
         self.health = health if health is not None else (lambda: read_health(health_path))
         self.bin_rows = bin_rows
+        self.max_sketch_rate = max_sketch_rate
+        self._rates: dict[Key, float] = {}
         self.on_window = on_window
         self.clock = clock
         self.stats = MonitorStats()
@@ -170,7 +178,8 @@ class Monitor:
             acc.errors += 1
             return
         acc.latency.add(event.latency_ms)
-        if acc.inputs is not None and acc.outputs is not None:
+        if acc.inputs is not None and acc.outputs is not None and \
+                (acc.stride == 1 or acc.requests % acc.stride == 0):
             acc.inputs.add(event.inputs, event.batch_size)
             acc.outputs.add(event.outputs, event.batch_size)
             if acc.inputs.rows >= self.bin_rows:
@@ -189,6 +198,9 @@ class Monitor:
     def _accumulator(self, key: Key) -> _Accumulator:
         """A fresh accumulator (call with ``_lock`` held); sketches if the reference is known."""
         acc = _Accumulator()
+        rate = self._rates.get(key, 0.0)
+        if self.max_sketch_rate is not None and rate > self.max_sketch_rate:
+            acc.stride = math.ceil(rate / self.max_sketch_rate)
         if key not in self._refs:
             if self.references is not None:
                 self._unresolved.add(key)
@@ -249,6 +261,8 @@ class Monitor:
         with self._lock:
             accs, self._accs = self._accs, {}
             start, self._start = self._start, end
+            span = max(end - start, 1e-3)
+            self._rates = {key: acc.requests / span for key, acc in accs.items()}
         windows = [w for key, acc in sorted(accs.items())
                    if (w := self._window(key, acc, start, end)) is not None]
         windows.append({"start": start, "end": max(end, start), "health": self._health()})

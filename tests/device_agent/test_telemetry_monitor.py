@@ -16,6 +16,7 @@ from edgeserve.device_agent.telemetry.health import read_health
 from edgeserve.device_agent.telemetry.monitor import Monitor
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import EdgeserveError
+from edgeserve.telemetry import ReferenceStats
 from edgeserve.testing import KeyPair
 from tests.integration.telemetry_models import mlp_package
 
@@ -64,7 +65,8 @@ def test_drift_is_low_in_distribution_and_high_when_inputs_shift(tmp_path: Path,
                                                                  agent: Agent) -> None:
     """Inputs like the calibration data score PSI < 0.1; shifted inputs score > 0.25."""
     outbox = Outbox(tmp_path / "o.db")
-    monitor = Monitor(outbox, references=agent.reference_stats, bin_rows=64)
+    monitor = Monitor(outbox, references=agent.reference_stats, bin_rows=64,
+                      max_sketch_rate=None)
     assert monitor.watch("toy", "1.0.0")
     agent.add_observer(monitor)
     rng = np.random.default_rng(3)
@@ -79,6 +81,26 @@ def test_drift_is_low_in_distribution_and_high_when_inputs_shift(tmp_path: Path,
     assert shifted["drift_inputs"]["psi"] > 0.25 and shifted["drift_inputs"]["n"] == 600
     assert shifted["drift_outputs"]["psi"] > same["drift_outputs"]["psi"]
     assert sum(shifted["inputs"]["g"][0]["c"][0]) == 600
+
+
+def test_busy_versions_are_sketched_on_a_stride(tmp_path: Path) -> None:
+    """After a window at 1000 requests/s with max_sketch_rate=100, every 10th request of the
+    next window is sketched; counts and latency still cover every request."""
+    now = [0.0]
+    outbox = Outbox(tmp_path / "o.db")
+    reference = ReferenceStats.from_arrays({"x": np.random.default_rng(1).normal(size=(200, 4))},
+                                           {})
+    monitor = Monitor(outbox, window_s=1, references=lambda m, v: reference,
+                      health=lambda: None, max_sketch_rate=100, clock=lambda: now[0])
+    monitor.watch("m", "1")
+    event = InferenceEvent("m", "1", {"x": np.zeros((1, 4))}, {"y": np.zeros((1, 1))}, 1.0)
+    for window_end in (1.0, 2.0):
+        for _ in range(1000):
+            monitor.on_inference(event)
+        monitor.flush(window_end)
+    first, second = (w for w in windows_of(outbox) if "model" in w)
+    assert first["drift_inputs"]["n"] == 1000 and second["drift_inputs"]["n"] == 100
+    assert second["requests"] == second["latency"]["n"] == 1000
 
 
 def test_windows_align_to_the_clock_and_health_comes_every_window(tmp_path: Path) -> None:
