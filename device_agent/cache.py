@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -43,6 +44,9 @@ __all__ = ["CACHE_SCHEMA", "CacheCheck", "ModelCache", "ModelState", "VersionRec
 
 CACHE_SCHEMA = "edgeserve.cache/1"
 _CHUNK = 1 << 20
+# Names and versions become path components: only what manifests allow, never "." or "..".
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -232,14 +236,18 @@ class ModelCache:
     # -- records and state -------------------------------------------------------------------------
 
     def _model_dir(self, name: str) -> Path:
+        if not _SAFE_NAME.match(name):
+            raise ModelNotFoundError(f"{name[:80]!r} is not a valid model name")
         return self.root / "models" / name
 
     def _record_path(self, name: str, version: str) -> Path:
+        if not _SAFE_VERSION.match(version):
+            raise ModelNotFoundError(f"{version[:80]!r} is not a valid version")
         return self._model_dir(name) / f"{version}.json"
 
     def models(self) -> list[str]:
         base = self.root / "models"
-        return sorted(p.name for p in base.iterdir() if p.is_dir())
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
 
     def records(self, name: str) -> list[VersionRecord]:
         """Readable records of a model, oldest release first (unreadable ones are skipped)."""

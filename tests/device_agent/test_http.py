@@ -129,6 +129,8 @@ def test_not_found_and_method_errors(served: tuple[Agent, HttpServerHandle]) -> 
     assert response.status_code == 404 and "9.9.9" in response.json()["error"]
     assert requests.get(f"{handle.url}/v2/models/toy/versions/9.9.9").status_code == 404
     assert requests.get(f"{handle.url}/nowhere").status_code == 404
+    for sneaky in ("...", "%2E%2E", "toy/versions/%2E%2E", "toy/versions/.hidden"):
+        assert requests.get(f"{handle.url}/v2/models/{sneaky}/ready").status_code == 404
     response = requests.get(f"{handle.url}/v2/models/toy/infer")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert "Traceback" not in response.text
