@@ -126,6 +126,11 @@ class Ingestor:
             floor = min(*seqs, item.batch.floor or 1)
             floors[item.device_id] = max(floors.get(item.device_id, 1), floor)
             rows.extend(window_row(item.device_id, w, now) for w in item.batch.windows)
+        # one row per key (a retransmission may sit in the same group as the original), in key
+        # order, so two workers inserting overlapping backlogs lock rows in the same order
+        received = len(rows)
+        unique = {(r["device_id"], r["seq"]): r for r in reversed(rows)}
+        rows = [unique[key] for key in sorted(unique)]
         stored = 0
         with self.store.write() as conn:
             for status in sorted(statuses, key=lambda s: s.ts):
@@ -137,9 +142,9 @@ class Ingestor:
         with self._lock:
             self.stats.batches += len(batches)
             self.stats.statuses += len(statuses)
-            self.stats.windows_received += len(rows)
+            self.stats.windows_received += received
             self.stats.windows_stored += stored
-            self.stats.duplicates += len(rows) - stored
+            self.stats.duplicates += received - stored
             self.stats.acks += len(acks)
         return acks
 
