@@ -18,7 +18,7 @@ import numpy as np
 from edgeserve.errors import ConversionError
 
 from .context import BuildContext, BuiltArtifact
-from .onnx_build import build_onnx, opset_of, worst_layers
+from .onnx_build import COMPUTE_OPS, build_onnx, opset_of, worst_layers
 from .plan import PlannedArtifact
 from .runners import LiteRtRunner, OrtRunner, Runner, measure_latency, run_dataset
 from .validate import compare_outputs, judge
@@ -69,36 +69,39 @@ def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path)
 
 
 def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
-    """Rank layers by quantization noise, keep the worst in float, build and validate again.
+    """Rank layers by quantization noise and rebuild until the budget is met.
 
-    Up to two retries: the 3 worst layers, then the 10 worst; the first that passes is kept,
-    else the last attempt (its report names the layers and the first attempt's figures).
+    Attempts, in order: the 3 noisiest layers kept in float, the 10 noisiest, then only the
+    compute ops (Conv, MatMul, Gemm) quantized. The first that passes is kept, else the last;
+    the report names the layers and keeps the first attempt's figures.
     """
     assert built.path is not None and ctx.calibration is not None
     first = {k: built.validation.get(k) for k in ("status", "cosine_similarity", "top1_agreement",
                                                   "accuracy", "max_abs_error", "reasons")}
+    attempts: list[tuple[str, dict[str, Any]]] = []
+    worst: list[dict[str, Any]] = []
     try:
         worst = worst_layers(ctx.reference_path, built.path, ctx.calibration, built.path.parent,
                              count=10)
+        for count in (3, 10):
+            exclude = list(dict.fromkeys(str(w["node"]) for w in worst[:count]))
+            attempts.append((f"{len(exclude)} noisiest layers in float", {"exclude": exclude}))
     except Exception as exc:
         built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: {str(exc)[:200]}")
-        return built
-    built.validation["worst_layers"] = worst[:3]
+    attempts.append(("compute ops only", {"op_types": COMPUTE_OPS}))
     result = built
-    for count in (3, 10):
-        exclude = list(dict.fromkeys(str(w["node"]) for w in worst[:count]))
-        retry_path = built.path.with_name(f"{built.plan.id}.retry{count}.onnx")
+    for i, (label, options) in enumerate(attempts):
+        retry_path = built.path.with_name(f"{built.plan.id}.retry{i}.onnx")
         try:
             notes = build_onnx(ctx.reference_path, retry_path, built.precision,
-                               built.quantization, ctx.calibration, exclude=exclude)
+                               built.quantization, ctx.calibration, **options)
             retry = new_artifact(built.plan)
             retry.path, retry.runtime, retry.notes = retry_path, dict(built.runtime), notes
             _validate(ctx, retry, OrtRunner(retry_path))
         except Exception as exc:
-            result.notes.append(f"retry with {len(exclude)} layers in float failed: "
-                                f"{str(exc)[:200]}")
-            break
-        retry.validation.update(worst_layers=worst[:count], first_attempt=first)
+            result.notes.append(f"retry ({label}) failed: {str(exc)[:200]}")
+            continue
+        retry.validation.update(worst_layers=worst[:3], first_attempt=first, retry=label)
         result = retry
         if retry.status != "failed":
             break

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "canonicalize_slices",
     "constants_to_initializers",
+    "drop_noop_slices",
     "dynamic_inputs",
     "fix_input_shapes",
     "fold",
@@ -315,6 +316,34 @@ def canonicalize_slices(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def drop_noop_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Slice`` nodes that keep the whole tensor (known shape, constant parameters) by
+    ``Identity``: onnx2tf re-maps their axes to channels-last and cut real data (magika)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.shape_inference.infer_shapes(_copy(model))
+    shapes = tensor_shapes(model)
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Slice" or any(d is None for d in shapes.get(node.input[0], [None])):
+            continue
+        params = [_const(model, n) if n else None for n in node.input[1:5]]
+        starts, ends = params[0], params[1]
+        if starts is None or ends is None or any(
+                p is None and k < len(node.input) - 1 and node.input[k + 1] for k, p in enumerate(params)):
+            continue
+        dims = shapes[node.input[0]]
+        axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
+        steps = params[3] if len(params) > 3 and params[3] is not None else np.ones(len(starts))
+        whole = all(int(st) in (0, -dims[ax]) and int(en) >= dims[ax] and int(sp) == 1
+                    for st, en, ax, sp in zip(starts, ends, [int(a) % len(dims) for a in axes],
+                                              steps, strict=True))
+        if whole:
+            model.graph.node[i].CopyFrom(helper.make_node("Identity", [node.input[0]],
+                                                          list(node.output), name=node.name))
+    return model
+
+
 def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
                    feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed.
@@ -333,7 +362,7 @@ def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     one = {k: v[:1] for k, v in (feeds or {}).items()}
     prepared = simplify(constants_to_initializers(fixed), one or None)
     prepared = canonicalize_slices(rename_nodes(constants_to_initializers(prepared)))
-    return prepared
+    return drop_noop_slices(prepared)
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[Any]]:

@@ -23,9 +23,12 @@ from edgeserve.errors import ConversionError
 
 from .data import Dataset
 
-__all__ = ["DYNAMIC_OPS", "build_onnx", "opset_of", "worst_layers"]
+__all__ = ["COMPUTE_OPS", "DYNAMIC_OPS", "build_onnx", "opset_of", "worst_layers"]
 
 DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization"]
+# The ops whose int8 kernels carry the speed-up; quantizing only these keeps element-wise
+# chains (hand-written softmax, layer norm) in float — the last retry of a failing static build.
+COMPUTE_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 _CALIBRATION_LIMIT = 256
 
 
@@ -68,7 +71,8 @@ def _input_names(path: Path) -> list[str]:
 
 
 def build_onnx(reference: Path, out: Path, precision: str, quantization: str,
-               calibration: Dataset | None, exclude: Sequence[str] = ()) -> list[str]:
+               calibration: Dataset | None, exclude: Sequence[str] = (),
+               op_types: Sequence[str] | None = None) -> list[str]:
     """Write one ONNX artifact to ``out``; returns notes for the report."""
     if precision == "fp32":
         shutil.copyfile(reference, out)
@@ -80,7 +84,7 @@ def build_onnx(reference: Path, out: Path, precision: str, quantization: str,
     if precision == "int8" and quantization == "static":
         if calibration is None:
             raise ConversionError("int8 static needs calibration data")
-        return _static(reference, out, calibration, exclude)
+        return _static(reference, out, calibration, exclude, op_types)
     raise ConversionError(f"no ONNX builder for precision {precision!r} with quantization "
                           f"{quantization!r}; ONNX artifacts are fp32, fp16, int8 dynamic or static")
 
@@ -129,20 +133,36 @@ def _dynamic(reference: Path, out: Path) -> list[str]:
             "(dynamic ConvInteger is slower than fp32 on CPUs)"]
 
 
-def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[str]) -> list[str]:
+def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[str],
+            op_types: Sequence[str] | None) -> list[str]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     pre = _preprocessed(reference, out.parent)
     names = _input_names(pre)
-    quantize_static(str(pre), str(out), _Reader(calibration, names), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     notes = [f"QDQ, per-channel int8 weights, uint8 activations, calibrated on "
              f"{min(len(calibration), _CALIBRATION_LIMIT)} samples"]
+    options = {"ActivationSymmetric": False, "WeightSymmetric": True}
+
+    def run() -> None:
+        quantize_static(str(pre), str(out), _Reader(calibration, names),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude) or None,
+                        op_types_to_quantize=list(op_types) if op_types else None,
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=options)
+
+    try:
+        run()
+    except ValueError:
+        # ORT 1.32's int32-bias weight-scale adjustment compares arrays as scalars for some
+        # graphs (magika); without the adjustment quantization works
+        options["QDQDisableWeightAdjustForInt32Bias"] = True
+        run()
+        notes.append("int32-bias weight-scale adjustment disabled (ONNX Runtime failed with it)")
     if exclude:
         notes.append(f"kept in float: {', '.join(exclude)}")
+    if op_types:
+        notes.append(f"only {', '.join(op_types)} quantized")
     return notes
 
 
