@@ -256,9 +256,10 @@ def check(no_repair: bool, cache_dir: Path | None, profile: str | None,
               help="token:SECRET | jwt-hs256:SECRET[,aud=A][,scope=S] | "
                    "jwt-rs256:KEY.pem[,aud=A] | basic:USER:PASS[;USER:PASS]")
 @agent_options
+@json_option
 def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
           threads: int | None, max_body: int, auth: str | None, cache_dir: Path | None,
-          profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
+          profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
     from .server import parse_auth_option, start_grpc_server, start_http_server
 
@@ -273,12 +274,21 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
             grpc_handle = start_grpc_server(a, host, grpc_port, auth=authenticator,
                                             workers=workers, queue=queue,
                                             max_message_bytes=max_body)
-            console.print(f"gRPC listening on {grpc_handle.address}")
-        console.print(f"HTTP listening on http://{host}:{port} (models: "
-                      f"{', '.join(a.cache.models()) or 'none'})")
+
+        def listening(handle: Any) -> None:
+            data = {"http": handle.url, "grpc": grpc_handle.address if grpc_handle else None,
+                    "models": a.cache.models(), "workers": workers, "queue": queue,
+                    "auth": type(authenticator).__name__ if authenticator else None,
+                    "preload_failures": handle.preload_failures}
+            emit(data, as_json, lambda d: console.print(
+                f"HTTP listening on {d['http']}"
+                + (f", gRPC on {d['grpc']}" if d["grpc"] else "")
+                + f" (models: {', '.join(d['models']) or 'none'})"
+                + "".join(f"\n[red]cannot load[/] {f}" for f in d["preload_failures"])))
+
         try:
             start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,
-                              max_body_bytes=max_body, block=True)
+                              max_body_bytes=max_body, block=True, on_listen=listening)
         finally:
             if grpc_handle is not None:
                 grpc_handle.stop()

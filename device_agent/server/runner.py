@@ -7,6 +7,7 @@ import importlib.util
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,11 +99,14 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                       auth: Authenticator | None = None, workers: int = 2, queue: int = 64,
                       max_body_bytes: int = DEFAULT_MAX_BODY,
                       metrics: MetricsRegistry | None = None, block: bool = False,
-                      log_level: str = "warning") -> HttpServerHandle:
+                      log_level: str = "warning",
+                      on_listen: Callable[[HttpServerHandle], None] | None = None
+                      ) -> HttpServerHandle:
     """Serve OIP v2 over HTTP (port 0 picks a free port).
 
     Runs in a background thread and returns once listening; with ``block`` it runs in the
-    calling thread (handling SIGINT/SIGTERM) and returns after shutdown.
+    calling thread (handling SIGINT/SIGTERM) and returns after shutdown. ``on_listen`` is called
+    with the handle once the socket is bound (before serving starts when blocking).
     """
     import uvicorn
 
@@ -123,6 +127,8 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     handle = HttpServerHandle(f"http://{display}:{bound}", bound, gate, metrics, server, None,
                               failures)
     if block:
+        if on_listen is not None:
+            on_listen(handle)
         try:
             server.run(sockets=[sock])
         finally:
@@ -140,6 +146,8 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                 handle.stop(1)
             raise ConfigError(f"the HTTP server on {host}:{bound} did not start")
         time.sleep(0.01)
+    if on_listen is not None:
+        on_listen(handle)
     return handle
 
 
