@@ -384,7 +384,7 @@ def magika(count: int = 240) -> RealModel:
     return RealModel("magika", "file content-type classifier (214 types) over raw bytes",
                      "magika==1.0.3", "Apache-2.0", folder / "model.onnx",
                      {"bytes": x[:count // 2]}, {"bytes": x[count // 2:]},
-                     {"input_shapes": {"bytes": [1, 2048]}, "task": "classification"})
+                     {"task": "classification"})
 
 
 MODELS: dict[str, Callable[[], RealModel]] = {
