@@ -64,6 +64,11 @@ class AgentRun:
         outbox = Outbox(outbox_path or cache / "telemetry" / "outbox.db", outbox_max_bytes)
         monitor = Monitor(outbox, window_s=window_s, references=agent.reference_stats,
                           health_path=cache)
+        # shadow comparisons and feedback sums ride in the same windows (when the agent has them)
+        for field_name, source in (("shadow", getattr(agent, "shadows", None)),
+                                   ("feedback", getattr(agent, "feedback_log", None))):
+            if source is not None and callable(getattr(source, "drain", None)):
+                monitor.add_source(field_name, source.drain)
         run = cls(agent, outbox, monitor, labels=dict(labels or {}))
         if link is not None:
             run.link = Link(link, outbox, status_info=run.status_info)

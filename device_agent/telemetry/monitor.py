@@ -17,6 +17,10 @@ load pays the sketch cost on a fraction of its requests. The sample count is in 
 (``n``). Reference statistics are looked up off the
 hot path (:meth:`watch`, or the monitor thread within a second of a new version's first request).
 The observer never raises: a failure in monitoring is counted, logged once, and serving goes on.
+
+Other per-version measurements join the same windows through :meth:`Monitor.add_source`: at each
+window close a source's ``drain()`` returns ``{(model, version): value}`` for one window field
+(the agent's shadow runner fills ``shadow``, its feedback log ``feedback``).
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ class Monitor:
         self.bin_rows = bin_rows
         self.max_sketch_rate = max_sketch_rate
         self._rates: dict[Key, float] = {}
+        self._sources: list[tuple[str, Callable[[], Mapping[Key, Any]]]] = []
         self.on_window = on_window
         self.clock = clock
         self.stats = MonitorStats()
@@ -254,6 +259,21 @@ class Monitor:
 
     # -- windows ---------------------------------------------------------------------------------
 
+    def add_source(self, field_name: str, drain: Callable[[], Mapping[Key, Any]]) -> None:
+        """Fill window field ``field_name`` (e.g. ``"shadow"``, ``"feedback"``) from ``drain()``,
+        called at every window close; a version with data but no requests still gets a window."""
+        self._sources.append((field_name, drain))
+
+    def _drain_sources(self) -> dict[Key, dict[str, Any]]:
+        extra: dict[Key, dict[str, Any]] = {}
+        for field_name, drain in self._sources:
+            try:
+                for key, value in drain().items():
+                    extra.setdefault(key, {})[field_name] = value
+            except Exception as exc:
+                self._failed(exc)
+        return extra
+
     def flush(self, now: float | None = None) -> list[int]:
         """Close the current window at ``now``; returns the sequence numbers written."""
         self._resolve_pending()
@@ -263,8 +283,14 @@ class Monitor:
             start, self._start = self._start, end
             span = max(end - start, 1e-3)
             self._rates = {key: acc.requests / span for key, acc in accs.items()}
-        windows = [w for key, acc in sorted(accs.items())
-                   if (w := self._window(key, acc, start, end)) is not None]
+        extra = self._drain_sources()
+        for key in extra.keys() - accs.keys():
+            accs[key] = _Accumulator(requests=0)
+        windows = []
+        for key, acc in sorted(accs.items()):
+            window = self._window(key, acc, start, end, bool(extra.get(key)))
+            if window is not None:
+                windows.append({**window, **extra.get(key, {})})
         windows.append({"start": start, "end": max(end, start), "health": self._health()})
         seqs = self.outbox.append_many(windows)
         self.stats.windows += len(seqs)
@@ -272,12 +298,12 @@ class Monitor:
             self.on_window()
         return seqs
 
-    def _window(self, key: Key, acc: _Accumulator, start: float, end: float
-                ) -> dict[str, Any] | None:
+    def _window(self, key: Key, acc: _Accumulator, start: float, end: float,
+                keep_empty: bool = False) -> dict[str, Any] | None:
         with acc.lock:
             acc.closed = True
             self.stats.events += acc.requests
-        if acc.requests == 0:
+        if acc.requests == 0 and not keep_empty:
             return None
         window: dict[str, Any] = {"start": start, "end": max(end, start), "model": key[0],
                                   "version": key[1], "requests": acc.requests,

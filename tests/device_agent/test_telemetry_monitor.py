@@ -165,3 +165,20 @@ def test_health_reads_memory_disk_and_load(tmp_path: Path) -> None:
     health = read_health(tmp_path)
     assert health.mem_total_mb and health.mem_used_mb is not None
     assert health.disk_free_mb is not None and health.cpu_load is not None
+
+
+def test_sources_fill_window_fields_even_without_requests(tmp_path: Path) -> None:
+    """Drained per-version data (e.g. feedback) lands in that version's window; a version with
+    data but no requests in the window still gets one."""
+    from edgeserve.contract import FeedbackSummary
+
+    outbox = Outbox(tmp_path / "o.db")
+    monitor = Monitor(outbox, health=lambda: None)
+    pending = {("m", "1"): FeedbackSummary(count=3, reward_sum=2.0, reward_sumsq=2.0),
+               ("m", "2"): FeedbackSummary(count=1, reward_sum=1.0, reward_sumsq=1.0)}
+    monitor.add_source("feedback", lambda: dict(pending))
+    monitor.on_inference(InferenceEvent("m", "1", {}, {}, 1.0))
+    monitor.flush()
+    by_version = {w["version"]: w for w in windows_of(outbox) if "model" in w}
+    assert by_version["1"]["requests"] == 1 and by_version["1"]["feedback"]["count"] == 3
+    assert by_version["2"]["requests"] == 0 and by_version["2"]["feedback"]["count"] == 1
