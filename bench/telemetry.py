@@ -296,6 +296,7 @@ def main() -> None:
     parser.add_argument("--pg", default=os.environ.get(
         "EDGESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--skip-ingest", action="store_true", help="only (b) and (c)")
     parser.add_argument("--devices", type=int, default=300)
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
@@ -305,11 +306,12 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     ingest = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ingest.append(bench_ingest(f"sqlite:///{tmp}/fleet.db", args.port, args.devices,
-                                   args.windows, args.batch, "SQLite"))
-    if not args.skip_postgres:
-        ingest.append(_bench_pg(args))
+    if not args.skip_ingest:
+        with tempfile.TemporaryDirectory() as tmp:
+            ingest.append(bench_ingest(f"sqlite:///{tmp}/fleet.db", args.port, args.devices,
+                                       args.windows, args.batch, "SQLite"))
+        if not args.skip_postgres:
+            ingest.append(_bench_pg(args))
     results["ingest"] = ingest
     results["bytes"] = bench_bytes()
     results["overhead"] = bench_overhead(args.rounds, args.calls)

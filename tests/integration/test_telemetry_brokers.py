@@ -22,6 +22,16 @@ from edgeserve.fleet.store import Store
 from tests.integration.telemetry_support import store_counts, wait_for, window_fields
 from tests.services import free_port, start_mosquitto
 
+
+def two_ports() -> dict[str, int]:
+    """Two distinct free ports for the embedded broker's MQTT 5 and 3.1.1 listeners."""
+    first = free_port()
+    second = free_port()
+    while second == first:
+        second = free_port()
+    return {"port": first, "port_v311": second}
+
+
 pytestmark = pytest.mark.integration
 
 
@@ -52,7 +62,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
             proc.stop(kill=True)
             shutil.rmtree(proc.workdir, ignore_errors=True)
     else:
-        embedded = EmbeddedBroker(port=free_port(), port_v311=free_port()).start()
+        embedded = EmbeddedBroker(**two_ports()).start()
         try:
             yield Broker("embedded", embedded.port, embedded=embedded)
         finally:

@@ -28,6 +28,16 @@ from edgeserve.fleet.broker import EmbeddedBroker
 from tests.integration.telemetry_support import FleetProcess, store_counts, wait_for, window_fields
 from tests.services import MosquittoProcess, free_port, start_mosquitto
 
+
+def two_ports() -> dict[str, int]:
+    """Two distinct free ports for the embedded broker's MQTT 5 and 3.1.1 listeners."""
+    first = free_port()
+    second = free_port()
+    while second == first:
+        second = free_port()
+    return {"port": first, "port_v311": second}
+
+
 pytestmark = pytest.mark.integration
 
 
@@ -112,7 +122,7 @@ def test_a_clean_stop_says_offline_stopped(mqtt_broker: tuple[str, int], fleet_n
 def test_the_link_falls_back_to_mqtt_311(tmp_path: Path, fleet_name: str) -> None:
     """Against a listener that speaks only MQTT 3.1.1 the link connects with 3.1.1; against
     MQTT 5 it uses 5."""
-    with EmbeddedBroker(port=free_port(), port_v311=free_port()) as broker:
+    with EmbeddedBroker(**two_ports()) as broker:
         old = Link(settings(broker.port_v311, fleet_name), Outbox(tmp_path / "a.db")).start()
         new = Link(settings(broker.port, fleet_name, "dev2"), Outbox(tmp_path / "b.db")).start()
         try:
