@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,13 @@ from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
 from .cache import CacheCheck, ModelCache, VersionRecord
+from .feedback import FeedbackLog, Prediction
 from .installer import install_package, install_parts
 from .observe import InferenceEvent, InferenceObserver
+from .routing import TrafficRouter
 from .runtimes import ArtifactSource, Runtime, load_runtime
 from .samples import SampleCheck, compare_samples, load_samples
+from .shadow import ShadowRunner
 
 __all__ = ["Agent", "InstalledVersion", "LoadedModel", "PredictResult"]
 
@@ -100,13 +104,19 @@ class Agent:
     public keys packages must be signed with (paths or a :class:`TrustStore`). ``cache_bytes``
     overrides the profile's cache budget; ``concurrency`` is how many inferences per model may run
     at once (LiteRT keeps that many interpreters); ``warmup`` runs one zero input after loading.
+    ``feedback`` remembers recent predictions so rewards/labels can be attached later
+    (:meth:`feedback`); every prediction then gets an id.
+
+    Traffic splits (:meth:`set_traffic`) route requests without an explicit version between
+    versions by weight (sticky per ``request_key``); a shadow (:meth:`set_shadow`) runs another
+    version on sampled live inputs in the background and compares outputs.
     """
 
     def __init__(self, cache_dir: Path | str,
                  profile: str | Path | HardwareProfile = "generic-cpu",
                  trusted_keys: TrustStore | Iterable[Path | str] | None = None, *,
                  cache_bytes: int | None = None, concurrency: int = 4, warmup: bool = True,
-                 observers: Iterable[InferenceObserver] = ()) -> None:
+                 observers: Iterable[InferenceObserver] = (), feedback: bool = False) -> None:
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         self.trust = _trust(trusted_keys)
         self.cache = ModelCache(cache_dir, cache_bytes or self.profile.budgets.cache_bytes)
@@ -119,6 +129,9 @@ class Agent:
         self._checked_at = 0.0
         self._lock = threading.RLock()
         self._closed = False
+        self.router = TrafficRouter()
+        self.feedback_log = FeedbackLog() if feedback else None
+        self.shadows = ShadowRunner(self._predict_quiet, self._is_classifier)
         self._refresh_states()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -131,6 +144,7 @@ class Agent:
 
     def close(self) -> None:
         """Unload every model. The agent cannot predict afterwards."""
+        self.shadows.stop()
         with self._lock:
             self._closed = True
             for loaded in self._loaded.values():
@@ -311,13 +325,20 @@ class Agent:
     # -- inference ---------------------------------------------------------------------------------
 
     def predict(self, model: str, inputs: Mapping[str, Any], version: str | None = None,
-                request_id: str | None = None, strict_dtypes: bool = False) -> PredictResult:
+                request_id: str | None = None, strict_dtypes: bool = False,
+                request_key: str | None = None) -> PredictResult:
         """Run one request. ``inputs`` are named arrays in the model's signature.
 
         Arrays of another numeric dtype are converted when that is safe (int → float, float64 →
-        float32); with ``strict_dtypes`` (the servers) any dtype mismatch is an error.
+        float32); with ``strict_dtypes`` (the servers) any dtype mismatch is an error. Without a
+        ``version``, a traffic split (if the model has one) picks it, sticky per
+        ``request_key``; the result says which version answered.
         """
         start = time.perf_counter()
+        if version is None and self.router.active:
+            version = self.router.choose(model, request_key)
+        if self.feedback_log is not None and request_id is None:
+            request_id = uuid.uuid4().hex
         loaded = self._loaded.get((model, version or self._active.get(model, "")))
         if loaded is None or (version is None and start - self._checked_at > _STATE_POLL_S):
             try:
@@ -340,7 +361,49 @@ class Agent:
                                    request_id)
         else:
             latency = (time.perf_counter() - start) * 1000.0
+        if self.feedback_log is not None and request_id is not None:
+            self.feedback_log.record(request_id, model, loaded.record.version, outputs,
+                                     loaded.manifest.labels)
         return PredictResult(model, loaded.record.version, outputs, latency, request_id)
+
+    def _predict_quiet(self, model: str, inputs: Mapping[str, Any],
+                       version: str) -> dict[str, np.ndarray]:
+        """Run ``version`` without observers or routing (the shadow runner's path)."""
+        loaded = self.model(model, version)
+        adapter = loaded.adapter
+        return adapter.from_runtime(loaded.runtime.run(adapter.to_runtime(adapter.check(inputs))))
+
+    def _is_classifier(self, model: str, version: str) -> bool:
+        loaded = self._loaded.get((model, version))
+        return loaded is not None and loaded.manifest.task == "classification"
+
+    # -- experiments and blue-green ----------------------------------------------------------------
+
+    def set_traffic(self, model: str, weights: Mapping[str, float]) -> None:
+        """Split requests for ``model`` between versions by weight (empty: all to the active one).
+
+        Every version with a weight must be installed."""
+        installed = {r.version for r in self.cache.records(model)} if weights else set()
+        missing = sorted(v for v, w in weights.items() if w > 0 and v not in installed)
+        if missing:
+            raise ModelNotFoundError(f"cannot route {model} traffic to versions {missing}: not "
+                                     f"installed (installed: {', '.join(sorted(installed))})")
+        self.router.set(model, weights)
+
+    def set_shadow(self, model: str, version: str | None, sample_rate: float = 1.0) -> None:
+        """Run ``version`` beside the active one on ``sample_rate`` of requests (None: stop)."""
+        if version is not None:
+            self.model(model, version)  # installed, verified and warm before live traffic
+            if self.shadows not in self._observers:
+                self.add_observer(self.shadows)
+        self.shadows.set(model, version, sample_rate)
+
+    def feedback(self, request_id: str, reward: Any = None, label: Any = None) -> Prediction:
+        """Attach a reward and/or the true label to a past prediction (see :mod:`.feedback`)."""
+        if self.feedback_log is None:
+            raise ConfigError("feedback is off for this agent; create it with feedback=True "
+                              "('edgeserve agent run' turns it on)")
+        return self.feedback_log.add(request_id, reward, label)
 
     def predict_batch(self, model: str, batch: Sequence[Mapping[str, Any]],
                       version: str | None = None) -> list[PredictResult]:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edgeserve import __version__
-from edgeserve.errors import ModelNotFoundError, OverloadedError
+from edgeserve.errors import InvalidInputError, ModelNotFoundError, OverloadedError
 
 from ..agent import Agent, PredictResult
 from .codec import tensor_metadata
@@ -73,10 +73,32 @@ class DataPlane:
         return True
 
     def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
-              request_id: str | None) -> PredictResult:
+              request_id: str | None, request_key: str | None = None) -> PredictResult:
         """Predict with exact dtypes: the Python API converts safely between dtypes, the wire
-        protocols do not (as in the OIP, an INT64 tensor for an FP32 input is a client error)."""
-        return self.agent.predict(model, inputs, version, request_id, strict_dtypes=True)
+        protocols do not (as in the OIP, an INT64 tensor for an FP32 input is a client error).
+        ``request_key`` (request parameter ``request_key``) keeps a user on one A/B arm."""
+        return self.agent.predict(model, inputs, version, request_id, strict_dtypes=True,
+                                  request_key=request_key)
+
+    def feedback(self, model: str, body: Any) -> dict[str, Any]:
+        """Attach ``{"id", "reward"?, "label"?}`` to a past prediction of ``model``."""
+        if not isinstance(body, dict):
+            raise InvalidInputError('feedback must be a JSON object {"id": …, "reward": …, '
+                                    '"label": …}')
+        unknown = sorted(set(body) - {"id", "reward", "label"})
+        if unknown:
+            raise InvalidInputError(f"unknown feedback field(s) {unknown}; expected id, reward, "
+                                    "label")
+        request_id = body.get("id")
+        if not isinstance(request_id, str):
+            raise InvalidInputError(f"feedback 'id' must be the prediction's id (a string), got "
+                                    f"{request_id!r}")
+        entry = self.agent.feedback(request_id, body.get("reward"), body.get("label"))
+        if entry.model != model:
+            raise InvalidInputError(f"prediction {body.get('id')!r} was made by model "
+                                    f"{entry.model!r}, not {model!r}")
+        return {"accepted": True, "id": body.get("id"), "model": entry.model,
+                "model_version": entry.version}
 
     def ready(self) -> bool:
         """Ready when every model with an active version is loaded (loading it if needed)."""

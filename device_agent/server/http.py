@@ -172,6 +172,14 @@ class HttpApp:
             _allow(method, "POST")
             body = await self._read_body(headers, receive)
             return await self._infer(model, version, body, headers)
+        if rest == ["feedback"] and version is None:
+            _allow(method, "POST")
+            body = await self._read_body(headers, receive)
+            try:
+                parsed = json.loads(body or b"null")
+            except ValueError as exc:
+                raise InvalidInputError(f"feedback body is not valid JSON: {exc}") from None
+            return _json(200, self.plane.feedback(model, parsed))
         raise ModelNotFoundError(f"no such endpoint under model {model!r}: /{'/'.join(rest)}")
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
@@ -212,7 +220,11 @@ class HttpApp:
                     header_length: int | None, encoding: str, accept: str) -> Response:
         body = _decompress(body, encoding, self.max_body)
         request = decode_request(body, header_length)
-        result = self.plane.infer(model, version, request.inputs, request.id)
+        key = request.parameters.get("request_key")
+        result = self.plane.infer(model, version, request.inputs, request.id,
+                                  str(key) if key is not None else None)
+        if request.id is None and result.request_id is not None:
+            request.id = result.request_id  # generated for feedback: the client needs it
         payload, json_length = encode_response(model, result.version, result.outputs, request)
         out = list(_JSON) if json_length is None else [
             (b"content-type", b"application/octet-stream"),
