@@ -123,6 +123,7 @@ class Link:
         self._client: mqtt.Client | None = None
         self._lost = False
         self._handlers: dict[str, Callable[[bytes], None]] = {}
+        self._connect_hooks: list[Callable[[], None]] = []
         self._preferred = "5"
         self._connect_ts = 0.0
         acked = outbox.stats().acked_seq
@@ -169,9 +170,14 @@ class Link:
         if client is not None and self.connected.is_set():
             client.subscribe(topic, qos=1)
 
+    def on_connect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the link's thread) after every successful connect, e.g. to
+        publish the retained ``reported`` state again."""
+        self._connect_hooks.append(callback)
+
     def publish(self, kind: TopicKind, payload: bytes, retain: bool = False) -> bool:
-        """Publish on this device's ``kind`` topic (QoS 1); False when not connected (paho
-        then keeps the message for the next connection of the same session)."""
+        """Publish on this device's ``kind`` topic (QoS 1); False when not connected (nothing is
+        kept: publish again from an :meth:`on_connect` callback)."""
         client = self._client
         if client is None:
             return False
@@ -300,6 +306,11 @@ class Link:
         self.connected.set()
         log.info("%s: connected to %s (MQTT %s, session %s)", self.settings.device_id,
                  self.settings.broker.url, protocol, "resumed" if session else "new")
+        for hook in self._connect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("%s: on_connect callback failed", self.settings.device_id)
 
     def _on_disconnect(self, *_args: Any) -> None:
         self._lost = True

@@ -105,6 +105,36 @@ def test_birth_is_retained_and_the_last_will_says_offline(
     watcher.client.publish(device_topic(fleet_name, "dev1", "status"), b"", qos=1, retain=True)
 
 
+def test_subscribed_topics_and_connect_hooks_work_across_reconnects(
+        tmp_path: Path, fleet_name: str) -> None:
+    """A desired-state handler gets retained messages on every connection, and on_connect
+    callbacks run after each connect (here: after a broker restart)."""
+    proc = start_mosquitto()
+    try:
+        desired: list[bytes] = []
+        connects: list[int] = []
+        link = Link(settings(proc.port, fleet_name), Outbox(tmp_path / "o.db"))
+        link.subscribe("desired", desired.append)
+        link.on_connect(lambda: connects.append(1))
+        link.start()
+        assert link.connected.wait(10)
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        publisher.connect("127.0.0.1", proc.port)
+        publisher.loop_start()
+        publisher.publish(device_topic(fleet_name, "dev1", "desired"), b'{"v":1,"revision":3}',
+                          qos=1, retain=True).wait_for_publish(5)
+        publisher.disconnect()
+        publisher.loop_stop()
+        wait_for(lambda: len(desired) == 1, 10, "the desired state")
+        proc.restart()
+        wait_for(lambda: len(connects) == 2, 20, "the reconnect")
+        assert link.publish("reported", b'{"v":1}', retain=True)
+        link.stop()
+    finally:
+        proc.stop(kill=True)
+        shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
 def test_a_clean_stop_says_offline_stopped(mqtt_broker: tuple[str, int], fleet_name: str,
                                            tmp_path: Path, watcher_factory: Any) -> None:
     """stop() publishes a retained offline status with reason 'stopped'."""
