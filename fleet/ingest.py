@@ -95,6 +95,8 @@ class Ingestor:
         if where.fleet != self.fleet or where.kind not in ("telemetry", "status"):
             return self._reject("topic", topic, f"not a telemetry or status topic of fleet "
                                                 f"{self.fleet!r}")
+        if where.kind == "status" and not payload:
+            return None  # an empty retained message clears a status: nothing to record
         if len(payload) > MAX_PAYLOAD_BYTES:
             return self._reject("oversize", topic, f"{len(payload)} bytes, at most "
                                                    f"{MAX_PAYLOAD_BYTES} allowed")

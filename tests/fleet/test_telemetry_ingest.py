@@ -68,3 +68,9 @@ def test_ingestion_continues_around_bad_messages(ingestor: Ingestor) -> None:
     assert (stats["windows_stored"], stats["statuses"], stats["rejected_total"]) == (2, 1, 3)
     device = get_device(ingestor.store, "d1")
     assert device is not None and (device.state, device.profile) == ("online", "rpi5")
+
+
+def test_an_empty_retained_status_is_not_an_error(ingestor: Ingestor) -> None:
+    """Clearing a retained status (empty payload) is ignored without counting a rejection."""
+    assert ingestor.parse(f"edgeserve/v1/{FLEET}/devices/d1/status", b"") is None
+    assert ingestor.stats.snapshot()["rejected_total"] == 0
