@@ -69,14 +69,16 @@ def test_reconnect_storm_postgresql(tmp_path: Path, offline_outboxes: Path,
     _storm(tmp_path, offline_outboxes, postgres_url, mqtt_broker[1], fleet_name)
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_storm_survives_broker_restart_fleet_kill_and_agent_kill(
         tmp_path: Path, offline_outboxes: Path, private_mosquitto: MosquittoProcess,
-        fleet_name: str) -> None:
+        fleet_name: str, database: str, request: pytest.FixtureRequest) -> None:
     """During one flush: the broker restarts, the fleet is SIGKILLed and restarted, an agent
     process (100 devices) is SIGKILLed and restarted - the store still holds exactly 60,000."""
     work = tmp_path / "outboxes"
     shutil.copytree(offline_outboxes, work)
-    db = f"sqlite:///{tmp_path}/fleet.db"
+    db = (f"sqlite:///{tmp_path}/fleet.db" if database == "sqlite"
+          else request.getfixturevalue("postgres_url"))
     port = private_mosquitto.port
     total = DEVICES * WINDOWS
     fleet_proc = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}").start()
