@@ -384,7 +384,7 @@ class Link:
     # -- flushing ----------------------------------------------------------------------------------
 
     def _has_pending(self) -> bool:
-        return bool(self.outbox.pending(after=self._sent, limit=1))
+        return self.outbox.newest_seq > self._sent
 
     def _pump(self) -> None:
         s = self.settings

@@ -82,6 +82,7 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
+            self._newest = self._meta(self._db, "next_seq") - 1
         except (sqlite3.Error, OSError) as exc:
             raise CacheError(f"cannot open the telemetry outbox {self.path}: {exc}") from None
 
@@ -126,6 +127,7 @@ class Outbox:
             state["dropped_total"] = evicted_before + evicted
             db.executemany("UPDATE meta SET value = ? WHERE key = ?",
                            [(value, key) for key, value in state.items()])
+        self._newest = state["next_seq"] - 1
         return seqs
 
     def _encode(self, fields: Mapping[str, Any], seq: int, dropped: int) -> bytes:
@@ -213,6 +215,7 @@ class Outbox:
                        "WHEN 'bytes' THEN ? WHEN 'acked_seq' THEN ? ELSE value END "
                        "WHERE key IN ('next_seq', 'bytes', 'acked_seq')",
                        (seq, size_total, next_seq - 1))
+        self._newest = seq - 1
         return len(rows)
 
     def floor(self) -> int:
@@ -222,6 +225,12 @@ class Outbox:
             if row[0] is not None:
                 return int(row[0])
             return self._meta(self._db, "next_seq")
+
+    @property
+    def newest_seq(self) -> int:
+        """The highest sequence number assigned so far (0 before the first window), without a
+        query: one process appends to an outbox."""
+        return self._newest
 
     def next_seq(self) -> int:
         """The sequence number the next appended window will get."""
