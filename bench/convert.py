@@ -172,9 +172,11 @@ def main() -> None:
     if args.real or (args.only and args.only not in ("digits", "minilm")):
         for name in [n for n in MODELS if n != "minilm" and args.only in (None, n)]:
             model = load(name)
-            report, seconds = run_real(name, work, key, ["pixel-8", "raspberry-pi-5"])
+            report, seconds = run_real(name, work, key, ["pixel-8", "raspberry-pi-5",
+                                                        "jetson-orin-nano"])
             results.append((f"{name}: {model.kind} (PyPI wheel {model.wheel}, {model.licence})",
-                            "Phone (pixel-8) and SBC (raspberry-pi-5) profiles.", report, seconds))
+                            "Phone (pixel-8) and SBC (raspberry-pi-5, jetson-orin-nano) profiles.",
+                            report, seconds))
     text = section(results)
     print(text)
     if not args.no_write:

@@ -39,6 +39,7 @@ __all__ = [
     "iter_nodes",
     "op_types",
     "prepare_static",
+    "prune_unused_initializers",
     "rename_nodes",
     "run_onnx",
     "simplify",
@@ -238,6 +239,25 @@ def inline_constant_ifs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, inlined
 
 
+def prune_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop initializers no node (subgraphs included) and no output uses, e.g. the weights of an
+    ``If`` branch that was inlined away (silero's 8 kHz model)."""
+    used = {name for node in iter_nodes(model.graph) for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    if len(keep) == len(model.graph.initializer):
+        return model
+    removed = {init.name for init in model.graph.initializer} - {init.name for init in keep}
+    model = _copy(model)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    # old IR versions also list initializers as graph inputs
+    inputs = [i for i in model.graph.input if i.name not in removed]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
 def fold(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Simplify, inline ``If`` nodes that became constant, repeat while that changes the graph."""
     model = simplify(model, feeds)
@@ -245,8 +265,8 @@ def fold(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) 
         model, inlined = inline_constant_ifs(model)
         if not inlined:
             break
-        model = simplify(model, feeds)
-    return model
+        model = simplify(prune_unused_initializers(model), feeds)
+    return prune_unused_initializers(model)
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
