@@ -36,6 +36,23 @@ def _layouts(values: tuple[str, ...]) -> dict[str, str]:
     return layouts
 
 
+def _constants(values: tuple[str, ...]) -> dict[str, Any]:
+    import json
+
+    constants = {}
+    for text in values:
+        name, sep, raw = text.partition("=")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not sep or not name or not isinstance(value, int | float | list):
+            raise ConfigError(f"--constant-input {text!r}: expected NAME=NUMBER or NAME=[…], "
+                              "e.g. sr=16000")
+        constants[name] = value
+    return constants
+
+
 def _labels(path: Path | None) -> list[str] | None:
     if path is None:
         return None
@@ -64,6 +81,8 @@ def _labels(path: Path | None) -> list[str] | None:
 @click.option("--input-shape", "input_shapes", multiple=True,
               help="Fix an input's shape: NAME=1x3x224x224; repeatable.")
 @click.option("--layout", "layouts", multiple=True, help="Tensor layout: NAME=NCHW; repeatable.")
+@click.option("--constant-input", "constants", multiple=True,
+              help="Freeze an input that always has one value: NAME=16000; repeatable.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text file with one class name per line.")
 @click.option("--task", type=click.Choice(["classification", "regression", "embedding",
@@ -77,7 +96,7 @@ def _labels(path: Path | None) -> list[str] | None:
 def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
             evaluation: Path | None, name: str, version: str, release: int, sign_key: Path,
             out: Path, input_shapes: tuple[str, ...], layouts: tuple[str, ...],
-            labels: Path | None, task: str | None, keep_going: bool,
+            constants: tuple[str, ...], labels: Path | None, task: str | None, keep_going: bool,
             allow_random_calibration: bool, work_dir: Path | None, as_json: bool) -> None:
     """Convert a trained model into a validated, signed package.
 
@@ -90,6 +109,7 @@ def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
         profiles=list(profiles), name=name, version=version, release=release,
         calibration=calibration, evaluation=evaluation,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
+        constant_inputs=_constants(constants),
         layouts=_layouts(layouts), labels=_labels(labels), task=task, keep_going=keep_going,
         allow_random_calibration=allow_random_calibration, show_progress=not as_json,
         work_dir=work_dir)

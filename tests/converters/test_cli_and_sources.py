@@ -239,3 +239,37 @@ def test_onnx_interpreter_matches_onnx_runtime(digits_onnx: Path, digits: Digits
         got = module(torch.from_numpy(digits.x_test[:16])).numpy()
     expected = run_onnx(model, {"image": digits.x_test[:16]})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_constant_input_is_frozen_into_the_reference(tmp_path: Path, onnx_profile: Path,
+                                                     keypair: KeyPair,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--constant-input k=2 removes input k and folds its If away (the silero sample-rate case)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    then = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["a"])], "then", [],
+                             [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3])],
+                             [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["b"])], "else", [],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 3])])
+    nodes = [helper.make_node("Equal", ["k", "two_i"], ["is_two"]),
+             helper.make_node("If", ["is_two"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(
+        nodes, "switch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor("two_i", TensorProto.INT64, [], [2])])
+    path = tmp_path / "switch.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((20, 3)).astype("f4"))
+    code, out, err = _run(capsys, str(path), "--constant-input", "k=2", "--eval",
+                          str(tmp_path / "x.npz"), "--json",
+                          *_common(keypair, tmp_path / "out", onnx_profile))
+    assert code == 0, err
+    report = json.loads(out)
+    assert [t["name"] for t in report["model"]["inputs"]] == ["x"]
+    with open_package(tmp_path / "out" / "digits-1.2.0.edgepkg") as pkg:
+        reference = onnx.load_from_string(pkg.read_bytes("artifacts/onnx-fp32.onnx"))
+    assert "If" not in {n.op_type for n in reference.graph.node}
