@@ -94,6 +94,8 @@ def _ago(ts: float, now: float) -> str:
               help="Embedded broker: address to listen on.")
 @click.option("--broker-port", default=1883, show_default=True, type=int,
               help="Embedded broker: MQTT 5 port (3.1.1 on the next port).")
+@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+              help="Keep trying an unreachable broker this long at start (seconds).")
 @click.option("--duration", type=float, default=None,
               help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -103,7 +105,8 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
                   password: str | None, ca_file: Path | None, cert_file: Path | None,
                   key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
                   client_id: str | None, shared: str, broker_host: str, broker_port: int,
-                  duration: float | None, log_level: str, as_json: bool) -> None:
+                  connect_timeout: float, duration: float | None, log_level: str,
+                  as_json: bool) -> None:
     """Ingest telemetry and device status of a fleet into the store, acking what is stored."""
     from edgeserve.contract import check_id
 
@@ -131,7 +134,7 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
         service = FleetService(Ingestor(store, fleet_name), settings,
                                client_id or f"edgeserve-fleet-{fleet_name}-{worker}",
                                shared=shared)  # type: ignore[arg-type]
-        service.start()
+        service.start(connect_timeout=connect_timeout)
         log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s",
                  fleet_name, _redacted(store.url), settings.url, service.protocol,
                  service.telemetry_filter)

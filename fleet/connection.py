@@ -21,11 +21,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgeserve.errors import BrokerError, ConfigError
 
-__all__ = ["BrokerSettings", "Protocol", "connect"]
+__all__ = ["BrokerSettings", "BrokerUnreachableError", "Protocol", "connect"]
 
 Protocol = Literal["auto", "5", "3.1.1"]
 _VERSIONS: dict[str, MQTTProtocolVersion] = {"5": MQTTProtocolVersion.MQTTv5,
                                             "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+class BrokerUnreachableError(BrokerError):
+    """No TCP/TLS connection to the broker (worth retrying, unlike a refused CONNECT)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def _handshake(client: mqtt.Client, settings: BrokerSettings, properties: Any,
                        properties=properties)
     except (OSError, ssl.SSLError) as exc:
         client.on_connect, client.on_disconnect = previous_connect, previous_disconnect
-        raise BrokerError(f"cannot reach the MQTT broker at {settings.url}: {exc}") from None
+        raise BrokerUnreachableError(f"cannot reach the MQTT broker at {settings.url}: {exc}"
+                                     ) from None
     while outcome.reason is None and not outcome.closed and time.monotonic() < deadline:
         client.loop(timeout=0.1)
     client.on_connect, client.on_disconnect = previous_connect, previous_disconnect

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeserve.contract import Ack, device_topic, encode, fleet_filter, shared_filter
-from edgeserve.errors import StoreError
+from edgeserve.errors import BrokerError, StoreError
 
-from .connection import BrokerSettings, connect
+from .connection import BrokerSettings, BrokerUnreachableError, connect
 from .ingest import Ingestor, Parsed
 
 __all__ = ["FleetService", "SharedMode"]
@@ -75,12 +76,15 @@ class FleetService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect, subscribe and start the worker; returns when subscriptions are granted."""
+    def start(self, timeout: float = 30.0, connect_timeout: float = 0.0) -> None:
+        """Connect, subscribe and start the worker; returns when subscriptions are granted.
+
+        An unreachable broker is retried (jittered back-off) for ``connect_timeout`` seconds,
+        so the fleet may start before its broker; a refused connection fails at once.
+        """
         # Messages may arrive during the handshake (a resumed session's queue): they wait in
         # the queue until the worker, which needs the connected client to ack them, starts.
-        self._client = connect(self.broker, self.client_id, self._prepare,
-                               self._connect_properties, manual_ack=True)
+        self._client = self._connect(connect_timeout)
         self._worker = threading.Thread(target=self._work, name="fleet-ingest", daemon=True)
         self._worker.start()
         self.protocol = "5" if self._client.protocol == mqtt.MQTTv5 else "3.1.1"
@@ -88,8 +92,22 @@ class FleetService:
         self._client.loop_start()
         if not self.ready.wait(timeout):
             self.stop()
-            raise StoreError(f"the broker at {self.broker.url} did not grant the fleet's "
-                             f"subscriptions within {timeout:.0f} s")
+            raise BrokerError(f"the broker at {self.broker.url} did not grant the fleet's "
+                              f"subscriptions within {timeout:.0f} s")
+
+    def _connect(self, connect_timeout: float) -> mqtt.Client:
+        deadline = time.monotonic() + connect_timeout
+        delay = 0.5
+        while True:
+            try:
+                return connect(self.broker, self.client_id, self._prepare,
+                               self._connect_properties, manual_ack=True)
+            except BrokerUnreachableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s; retrying", exc)
+                time.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 10.0)
 
     def request_stop(self) -> None:
         """Make :meth:`run` return (safe from a signal handler)."""

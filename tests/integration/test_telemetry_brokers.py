@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,3 +142,32 @@ def test_everything_arrives_exactly_once_across_a_broker_restart(
     assert set(counts["devices"].values()) == {(400, 1, 400)}
     assert all(lk.stats.connects >= 2 for lk in links)
     store.close()
+
+
+def test_the_fleet_may_start_before_its_broker(tmp_path: Path, fleet_name: str) -> None:
+    """An unreachable broker is retried within connect_timeout; the fleet then subscribes."""
+    proc = start_mosquitto()
+    proc.stop()
+    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=fleet_name)
+    service = FleetService(Ingestor(store, fleet_name), FleetBroker(port=proc.port),
+                           f"edgeserve-fleet-{fleet_name}-0")
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            service.start(connect_timeout=30)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        proc.start()
+        thread.join(40)
+        assert not errors and service.ready.is_set()
+    finally:
+        service.stop()
+        proc.stop(kill=True)
+        shutil.rmtree(proc.workdir, ignore_errors=True)
+        store.close()
