@@ -4,14 +4,16 @@
 monitoring observer writing windows into the durable outbox, and the MQTT link flushing that
 outbox - and takes them down in the right order (stop serving, close the last window, say
 goodbye). Serving never waits for the network: without a broker, or while it is unreachable,
-windows simply wait in the outbox. Other device features that need the connection (desired state,
-reported state) attach to :attr:`AgentRun.link` (``link.subscribe("desired", handler)``).
+windows simply wait in the outbox. With a link, the :class:`~.updates.updater.Updater` applies desired
+state from the fleet (downloads over HTTP, or in chunks over MQTT) and publishes what it did on
+``reported``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import re
 import signal
 import socket
@@ -23,7 +25,8 @@ from typing import Any
 import click
 
 from edgeserve.console import console
-from edgeserve.errors import ConfigError
+from edgeserve.contract import Desired, FileChunk, Reported, decode, encode
+from edgeserve.errors import ConfigError, ContractError
 
 from .agent import Agent
 from .cli import agent_options
@@ -32,6 +35,8 @@ from .telemetry.connection import BrokerSettings
 from .telemetry.link import Link, LinkSettings
 from .telemetry.monitor import Monitor
 from .telemetry.outbox import DEFAULT_MAX_BYTES, Outbox
+from .updates.fetch import MqttTransport
+from .updates.updater import Updater
 
 __all__ = ["AgentRun", "default_device_id", "run"]
 
@@ -52,6 +57,7 @@ class AgentRun:
     outbox: Outbox
     monitor: Monitor
     link: Link | None = None
+    updater: Updater | None = None
     http: Any = None
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -64,16 +70,52 @@ class AgentRun:
         outbox = Outbox(outbox_path or cache / "telemetry" / "outbox.db", outbox_max_bytes)
         monitor = Monitor(outbox, window_s=window_s, references=agent.reference_stats,
                           health_path=cache)
-        # shadow comparisons and feedback sums ride in the same windows (when the agent has them)
-        for field_name, source in (("shadow", getattr(agent, "shadows", None)),
-                                   ("feedback", getattr(agent, "feedback_log", None))):
-            if source is not None and callable(getattr(source, "drain", None)):
-                monitor.add_source(field_name, source.drain)
+        # shadow comparisons and feedback sums ride in the same windows
+        monitor.add_source("shadow", agent.shadows.drain)
+        if agent.feedback_log is not None:
+            monitor.add_source("feedback", agent.feedback_log.drain)
         run = cls(agent, outbox, monitor, labels=dict(labels or {}))
         if link is not None:
             run.link = Link(link, outbox, status_info=run.status_info)
+            run.updater = run._attach_updates(run.link, link.device_id)
         agent.add_observer(monitor)
         return run
+
+    def _attach_updates(self, link: Link, device_id: str) -> Updater:
+        """Desired state in, reported state out, artifact chunks over MQTT when asked for."""
+        chunks: queue.Queue[FileChunk] = queue.Queue()
+
+        def receive(timeout: float) -> FileChunk | None:
+            try:
+                return chunks.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        def on_chunk(payload: bytes) -> None:
+            chunks.put(decode(FileChunk, payload, "files/data"))
+
+        transport = MqttTransport(
+            lambda request: link.publish("files", encode(request), sub=("req",)), receive)
+
+        def report(reported: Reported) -> None:
+            link.publish("reported", encode(reported), retain=True)
+            link.refresh_status()
+
+        updater = Updater(self.agent, device_id, self.agent.cache.root / "updates", report,
+                          mqtt=transport)
+
+        def on_desired(payload: bytes) -> None:
+            if not payload:  # a cleared retained message
+                return
+            try:
+                updater.submit(decode(Desired, payload, "desired"))
+            except ContractError as exc:
+                log.warning("ignored a bad desired-state message: %s", exc)
+
+        link.subscribe("desired", on_desired)
+        link.subscribe("files", on_chunk, sub=("data",))
+        link.on_connect(lambda: report(updater.current_report()))
+        return updater
 
     def status_info(self) -> dict[str, Any]:
         """Profile, active model versions and labels for the birth message."""
@@ -85,6 +127,8 @@ class AgentRun:
             if info.active:
                 self.monitor.watch(info.name, info.version)
         self.monitor.start()
+        if self.updater is not None:
+            self.updater.start()
         if self.link is not None:
             self.link.start()
         if port is not None:
@@ -96,6 +140,8 @@ class AgentRun:
     def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
+        if self.updater is not None:
+            self.updater.stop()
         self.monitor.stop(flush=True)
         if self.link is not None:
             self.link.stop()
@@ -170,7 +216,7 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         link = LinkSettings(settings, fleet_name, device)
     authenticator = parse_auth_option(auth)
     config = load_config(cache_dir, profile, trusted_keys)
-    agent = open_agent(config, concurrency=workers)
+    agent = open_agent(config, concurrency=workers, feedback=True)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
                              outbox_max_bytes=outbox_max_bytes, link=link,

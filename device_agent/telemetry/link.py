@@ -28,7 +28,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,10 +161,12 @@ class Link:
         if self._thread is not None:
             self._thread.join(10)
 
-    def subscribe(self, kind: TopicKind, handler: Callable[[bytes], None]) -> None:
-        """Deliver payloads on this device's ``kind`` topic (e.g. ``desired``) to ``handler``
-        (called on the link's thread; it must not block). Subscribed on every connect."""
-        topic = device_topic(self.settings.fleet, self.settings.device_id, kind)
+    def subscribe(self, kind: TopicKind, handler: Callable[[bytes], None],
+                  sub: Sequence[str] = ()) -> None:
+        """Deliver payloads on this device's ``kind`` topic (e.g. ``desired``; ``sub`` levels for
+        ``files``) to ``handler`` (called on the link's thread; it must not block). Subscribed on
+        every connect."""
+        topic = device_topic(self.settings.fleet, self.settings.device_id, kind, *sub)
         self._handlers[topic] = handler
         client = self._client
         if client is not None and self.connected.is_set():
@@ -175,13 +177,14 @@ class Link:
         publish the retained ``reported`` state again."""
         self._connect_hooks.append(callback)
 
-    def publish(self, kind: TopicKind, payload: bytes, retain: bool = False) -> bool:
+    def publish(self, kind: TopicKind, payload: bytes, retain: bool = False,
+                sub: Sequence[str] = ()) -> bool:
         """Publish on this device's ``kind`` topic (QoS 1); False when not connected (nothing is
         kept: publish again from an :meth:`on_connect` callback)."""
         client = self._client
         if client is None:
             return False
-        topic = device_topic(self.settings.fleet, self.settings.device_id, kind)
+        topic = device_topic(self.settings.fleet, self.settings.device_id, kind, *sub)
         return client.publish(topic, payload, qos=1, retain=retain).rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def refresh_status(self) -> None:

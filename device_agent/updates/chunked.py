@@ -99,7 +99,7 @@ class ChunkedDownload:
         return DownloadResult(self.dest, self.size, self.transferred, self.resumed_from)
 
 
-def fetch_chunked(download: ChunkedDownload, send: Callable[[FileRequest], None],
+def fetch_chunked(download: ChunkedDownload, send: Callable[[FileRequest], object],
                   receive: Callable[[float], FileChunk | None], timeout: float = 10.0,
                   retries: int = 5) -> DownloadResult:
     """Request chunks one at a time until complete; re-ask a request that gets no answer."""

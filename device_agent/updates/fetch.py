@@ -30,7 +30,7 @@ Progress = Callable[[int, int], None]
 class MqttTransport:
     """Send file requests and wait for chunks; the MQTT link provides both callables."""
 
-    def __init__(self, send: Callable[[FileRequest], None],
+    def __init__(self, send: Callable[[FileRequest], object],
                  receive: Callable[[float], FileChunk | None], timeout: float = 10.0) -> None:
         self.send, self.receive, self.timeout = send, receive, timeout
 
