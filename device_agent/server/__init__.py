@@ -7,7 +7,8 @@ handle with ``url``, ``port`` and ``stop()``.
 
 from __future__ import annotations
 
-from .auth import Authenticator, BasicAuth, BearerTokenAuth, JwtAuth, parse_auth_option
+from edgeserve.auth import Authenticator, BasicAuth, BearerTokenAuth, JwtAuth, parse_auth_option
+
 from .dataplane import DataPlane, LoadGate
 from .metrics import MetricsRegistry
 from .runner import GrpcServerHandle, HttpServerHandle, start_grpc_server, start_http_server

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from edgeserve.auth import Authenticator
 from edgeserve.errors import (
     AuthError,
     EdgeserveError,
@@ -27,7 +28,6 @@ from edgeserve.errors import (
 
 from .._grpc_gen import open_inference_grpc_pb2 as pb
 from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
-from .auth import Authenticator
 from .codec import DATATYPES, datatype_of, decode_bytes_tensor, encode_bytes_tensor
 from .dataplane import DataPlane
 from .metrics import MetricsRegistry

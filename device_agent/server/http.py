@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgeserve.auth import Authenticator
 from edgeserve.errors import (
     AuthError,
     EdgeserveError,
@@ -25,7 +26,6 @@ from edgeserve.errors import (
 )
 
 from ..agent import Agent
-from .auth import Authenticator
 from .codec import decode_request, encode_response
 from .dataplane import DataPlane, LoadGate
 from .metrics import MetricsRegistry

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeserve.auth import Authenticator
 from edgeserve.errors import ConfigError
 
 from ..agent import Agent
-from .auth import Authenticator
 from .dataplane import DataPlane, LoadGate
 from .http import DEFAULT_MAX_BODY, HttpApp
 from .metrics import MetricsRegistry

@@ -11,7 +11,7 @@ MODULES = ["edgeserve.device_agent", "edgeserve.device_agent.agent",
            "edgeserve.device_agent.adapter", "edgeserve.device_agent.runtimes",
            "edgeserve.device_agent.samples", "edgeserve.device_agent.config",
            "edgeserve.device_agent.inputs", "edgeserve.device_agent.server",
-           "edgeserve.device_agent.server.codec", "edgeserve.device_agent.server.auth",
+           "edgeserve.device_agent.server.codec", "edgeserve.auth",
            "edgeserve.device_agent.server.dataplane", "edgeserve.device_agent.server.http",
            "edgeserve.device_agent.server.openapi", "edgeserve.device_agent.server.metrics"]
 

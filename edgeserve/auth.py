@@ -1,4 +1,4 @@
-"""Optional authentication for the HTTP and gRPC servers, configured per server.
+"""Optional authentication for edgeserve's servers (agent HTTP/gRPC, fleet API and dashboard).
 
 Schemes: a static bearer token, JWT bearer tokens (HS256 with a shared secret or RS256 with a
 public key; ``exp`` is required, ``aud`` checked when configured, an optional required ``scope``)
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeserve.errors import AuthError, ConfigError, ForbiddenError
+from .errors import AuthError, ConfigError, ForbiddenError
 
 __all__ = ["Authenticator", "BasicAuth", "BearerTokenAuth", "JwtAuth", "parse_auth_option"]
 
