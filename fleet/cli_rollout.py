@@ -25,31 +25,12 @@ from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
 
 from .artifacts import ArtifactStore
-from .cli_telemetry import db_option
+from .cli_options import artifacts_option, db_option, default_artifacts_dir, trusted_keys_option
 from .rollouts.controller import device_views
 from .rollouts.repo import RolloutRecord, Rollouts
 from .store import Store, default_url
 
-__all__ = ["artifacts_option", "default_artifacts_dir", "publish_command", "rollout",
-           "trusted_keys_option"]
-
-
-def default_artifacts_dir() -> Path:
-    from platformdirs import user_data_dir
-
-    return Path(os.environ.get("EDGESERVE_FLEET_ARTIFACTS")
-                or Path(user_data_dir("edgeserve")) / "fleet" / "artifacts")
-
-
-artifacts_option = click.option(
-    "--artifacts", "artifacts_dir", type=click.Path(file_okay=False, path_type=Path),
-    default=None, metavar="DIR",
-    help="Artifact store directory [default: the user data directory; env "
-         "EDGESERVE_FLEET_ARTIFACTS].")
-trusted_keys_option = click.option(
-    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
-    help="Public key (PEM, or a directory of them) packages must be signed with; repeatable "
-         "[env EDGESERVE_FLEET_TRUSTED_KEYS, separated by ':'].")
+__all__ = ["publish_command", "rollout"]
 
 
 def _trust(paths: tuple[Path, ...]) -> TrustStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import time
@@ -12,8 +13,9 @@ from typing import Any
 
 import click
 
-from edgeserve.console import console, emit, json_option, table, to_json
+from edgeserve.console import console, emit, err_console, json_option, table, to_json
 
+from .cli_options import artifacts_option, db_option, trusted_keys_option
 from .store import Store, default_url
 
 __all__ = ["devices_command", "parse_time", "serve_command", "telemetry_command"]
@@ -21,10 +23,6 @@ __all__ = ["devices_command", "parse_time", "serve_command", "telemetry_command"
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
-db_option = click.option(
-    "--db", envvar="EDGESERVE_FLEET_DB", default=None, metavar="URL",
-    help="Fleet store: sqlite:///PATH or postgresql://USER@HOST/DB "
-         "[default: SQLite in the user data directory; env EDGESERVE_FLEET_DB].")
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -94,6 +92,20 @@ def _ago(ts: float, now: float) -> str:
               help="Embedded broker: address to listen on.")
 @click.option("--broker-port", default=1883, show_default=True, type=int,
               help="Embedded broker: MQTT 5 port (3.1.1 on the next port).")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address of the HTTP side (artifacts, API, dashboard, /metrics).")
+@click.option("--http-port", default=8080, show_default=True, type=int,
+              help="HTTP port (0: any free port; -1: no HTTP side).")
+@click.option("--public-url", default=None, metavar="URL",
+              help="How devices reach the HTTP side [default: http://HTTP-HOST:HTTP-PORT].")
+@artifacts_option
+@trusted_keys_option
+@click.option("--auth", envvar="EDGESERVE_FLEET_AUTH", default=None,
+              help="HTTP auth: basic:USER:PASS, token:SECRET, jwt-hs256:SECRET[,aud=A] or "
+                   "jwt-rs256:KEY.pem [default: none on loopback, a generated admin password "
+                   "otherwise; env EDGESERVE_FLEET_AUTH].")
+@click.option("--rollout-tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between rollout controller steps.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Keep trying an unreachable broker this long at start (seconds).")
 @click.option("--duration", type=float, default=None,
@@ -105,15 +117,15 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
                   password: str | None, ca_file: Path | None, cert_file: Path | None,
                   key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
                   client_id: str | None, shared: str, broker_host: str, broker_port: int,
-                  connect_timeout: float, duration: float | None, log_level: str,
-                  as_json: bool) -> None:
-    """Ingest telemetry and device status of a fleet into the store, acking what is stored."""
+                  http_host: str, http_port: int, public_url: str | None,
+                  artifacts_dir: Path | None, trusted_keys: tuple[Path, ...], auth: str | None,
+                  rollout_tick: float, connect_timeout: float, duration: float | None,
+                  log_level: str, as_json: bool) -> None:
+    """Run the fleet: telemetry ingestion, artifact endpoint, API and dashboard, rollouts."""
+    from edgeserve.auth import parse_auth_option
     from edgeserve.contract import check_id
 
-    from .broker import EmbeddedBroker
-    from .connection import BrokerSettings
-    from .ingest import Ingestor
-    from .service import FleetService
+    from .server import FleetConfig, FleetServer
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -122,38 +134,42 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
     if log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
     log = logging.getLogger("edgeserve.fleet")
-    embedded: EmbeddedBroker | None = None
-    store = Store.open(db, fleet=fleet_name)
+    keys = list(trusted_keys) or [Path(p) for p in os.environ.get(
+        "EDGESERVE_FLEET_TRUSTED_KEYS", "").split(os.pathsep) if p]
+    config = FleetConfig(
+        fleet=fleet_name, db=db, broker=broker,
+        broker_options={"username": username, "password": password, "ca_file": ca_file,
+                        "cert_file": cert_file, "key_file": key_file,
+                        "tls_insecure": tls_insecure or None, "protocol": mqtt_version},
+        embedded_host=broker_host, embedded_port=broker_port, http_host=http_host,
+        http_port=None if http_port < 0 else http_port, public_url=public_url,
+        artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
+        worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
+        connect_timeout=connect_timeout, rollout_tick_s=rollout_tick)
+    server = FleetServer(config).start()
+    assert server.service is not None and server.store is not None
+    log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s", fleet_name,
+             _redacted(server.store.url), server.broker_url, server.service.protocol,
+             server.service.telemetry_filter)
+    # stderr, so that --json keeps stdout for the final statistics
+    if server.http_url:
+        err_console.print(f"dashboard and API: {server.http_url}/  (devices fetch artifacts "
+                          f"from {server.public_url}/v1/packages)")
+    if server.generated_password:
+        err_console.print(f"HTTP login: admin / {server.generated_password} (generated: the "
+                          "HTTP side listens beyond localhost; pass --auth to choose)")
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     try:
-        if broker is None:
-            embedded = EmbeddedBroker(broker_host, broker_port).start()
-            broker = embedded.url
-        settings = BrokerSettings.from_url(
-            broker, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
-            key_file=key_file, tls_insecure=tls_insecure or None, protocol=mqtt_version)
-        service = FleetService(Ingestor(store, fleet_name), settings,
-                               client_id or f"edgeserve-fleet-{fleet_name}-{worker}",
-                               shared=shared)  # type: ignore[arg-type]
-        service.start(connect_timeout=connect_timeout)
-        log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s",
-                 fleet_name, _redacted(store.url), settings.url, service.protocol,
-                 service.telemetry_filter)
-        previous = signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
-        try:
-            service.run(duration)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            service.stop()
-        stats = service.ingestor.stats.snapshot()
-        log.info("stopped: %s", stats)
-        if as_json:
-            click.echo(to_json(stats))
+        server.run(duration)
+    except KeyboardInterrupt:
+        pass
     finally:
-        if embedded is not None:
-            embedded.close()
-        store.close()
+        signal.signal(signal.SIGTERM, previous)
+        stats = server.service.ingestor.stats.snapshot()
+        server.stop()
+    log.info("stopped: %s", stats)
+    if as_json:
+        click.echo(to_json(stats))
 
 
 def _redacted(url: str) -> str:

@@ -23,12 +23,21 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import sqlalchemy as sa
 
-from edgeserve.contract import Reported, decode, device_topic, encode, fleet_filter, parse_topic
+from edgeserve.contract import (
+    FileRequest,
+    Reported,
+    decode,
+    device_topic,
+    encode,
+    fleet_filter,
+    parse_topic,
+)
 from edgeserve.errors import EdgeserveError
 
 from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect
 from ..desired import DesiredStates
+from ..files import answer_file_request
 from ..registry import list_devices
 from ..store import Store
 from ..tables import device_models
@@ -116,6 +125,8 @@ class RolloutController:
         self._client = connect(self.broker, self.client_id, self._prepare, lambda v: None)
         self._client.loop_start()
         self._client.subscribe(fleet_filter(self.fleet, "reported"), qos=1)
+        # chunked artifact transfer for devices that only speak MQTT
+        self._client.subscribe(f"{fleet_filter(self.fleet, 'files')[:-2]}/req", qos=1)
         self._thread = threading.Thread(target=self._run, name="edgeserve-rollouts", daemon=True)
         self._thread.start()
 
@@ -133,6 +144,9 @@ class RolloutController:
         client.on_message = self._on_message
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/files/req"):
+            self._on_file_request(client, msg)
+            return
         try:
             topic = parse_topic(msg.topic)
             report = decode(Reported, msg.payload, msg.topic)
@@ -144,6 +158,18 @@ class RolloutController:
             return
         with self._lock:
             self._reports[report.device_id] = (report, time.time())
+
+    def _on_file_request(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = parse_topic(msg.topic)
+            request = decode(FileRequest, msg.payload, msg.topic)
+        except EdgeserveError as exc:
+            self.bad_reports += 1
+            log.warning("dropping bad file request: %s", exc)
+            return
+        answer = answer_file_request(self.artifacts, request)
+        client.publish(device_topic(self.fleet, topic.device_id, "files", "data"), encode(answer),
+                       qos=1)
 
     def _holds_lock(self) -> bool:
         if self.store.dialect != "postgresql":

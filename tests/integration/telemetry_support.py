@@ -78,7 +78,7 @@ class FleetProcess:
 
     def start(self, timeout: float = 60.0) -> FleetProcess:
         args = [str(EDGESERVE), "fleet", "serve", "--fleet", self.fleet, "--db", self.db,
-                "--json", "--log-level", "info", *self.extra]
+                "--json", "--log-level", "info", "--http-port", "0", *self.extra]
         if self.broker is not None:
             args += ["--broker", self.broker]
         self.lines = []

@@ -1,0 +1,168 @@
+"""The whole fleet service in one object: what ``edgeserve fleet serve`` and the demo run.
+
+Parts, started in order and stopped in reverse:
+
+* the store (SQLite by default, PostgreSQL by URL; migrated on open),
+* an embedded MQTT broker when no broker URL is given,
+* telemetry ingestion (:class:`~.service.FleetService`),
+* the artifact store and the HTTP side (artifacts with Range for devices; API, dashboard and
+  Prometheus metrics for people and tools),
+* the rollout controller (desired state out, reports and chunked-file requests in).
+
+HTTP authentication: given with ``auth``; when the HTTP side listens beyond loopback without
+one, a random password for user ``admin`` is generated and shown once, so a dashboard is never
+open to the network by accident.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeserve.auth import Authenticator, BasicAuth
+from edgeserve.signing import TrustStore
+
+from .artifacts import ArtifactStore
+from .broker import EmbeddedBroker
+from .cli_options import default_artifacts_dir
+from .connection import BrokerSettings
+from .ingest import Ingestor
+from .rollouts.controller import RolloutController
+from .service import FleetService, SharedMode
+from .store import Store
+from .web.app import create_app
+from .web.server import ServerHandle, start_server
+
+__all__ = ["FleetConfig", "FleetServer"]
+
+log = logging.getLogger(__name__)
+
+
+def _loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class FleetConfig:
+    """Everything ``fleet serve`` needs (CLI options map one to one)."""
+
+    fleet: str
+    db: str | None = None
+    broker: str | None = None
+    broker_options: dict[str, Any] = field(default_factory=dict)
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = 1883
+    http_host: str = "127.0.0.1"
+    http_port: int | None = 8080
+    public_url: str | None = None
+    artifacts_dir: Path | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    auth: Authenticator | None = None
+    worker: str = "0"
+    client_id: str | None = None
+    shared: SharedMode = "auto"
+    connect_timeout: float = 60.0
+    rollout_tick_s: float = 1.0
+
+
+class FleetServer:
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.embedded: EmbeddedBroker | None = None
+        self.service: FleetService | None = None
+        self.controller: RolloutController | None = None
+        self.http: ServerHandle | None = None
+        self.artifacts: ArtifactStore | None = None
+        self.broker_url: str | None = None
+        self.generated_password: str | None = None
+        self._stop = threading.Event()
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http is not None else None
+
+    @property
+    def public_url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        if self.http is not None:
+            return self.http.url
+        return "http://127.0.0.1:8080"
+
+    def start(self) -> FleetServer:
+        c = self.config
+        try:
+            self.store = Store.open(c.db, fleet=c.fleet)
+            broker = c.broker
+            if broker is None:
+                self.embedded = EmbeddedBroker(c.embedded_host, c.embedded_port).start()
+                broker = self.embedded.url
+            self.broker_url = broker
+            settings = BrokerSettings.from_url(broker, **c.broker_options)
+            self.service = FleetService(Ingestor(self.store, c.fleet), settings,
+                                        c.client_id or f"edgeserve-fleet-{c.fleet}-{c.worker}",
+                                        shared=c.shared)
+            self.service.start(connect_timeout=c.connect_timeout)
+            self.artifacts = self._artifacts()
+            if c.http_port is not None:
+                self._start_http()
+            self.controller = RolloutController(
+                self.store, self.artifacts, settings, c.fleet, self.public_url,
+                client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s)
+            self.controller.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _artifacts(self) -> ArtifactStore:
+        trust = TrustStore.from_paths(self.config.trusted_keys) if self.config.trusted_keys \
+            else TrustStore()
+        return ArtifactStore(self.config.artifacts_dir or default_artifacts_dir(), trust)
+
+    def _start_http(self) -> None:
+        c = self.config
+        auth = c.auth
+        if auth is None and not _loopback(c.http_host):
+            self.generated_password = secrets.token_urlsafe(12)
+            auth = BasicAuth({"admin": self.generated_password})
+        assert self.store is not None and self.artifacts is not None and self.service is not None
+        service = self.service
+        app = create_app(self.store, self.artifacts, authenticator=auth,
+                         stats=service.ingestor.stats.snapshot)
+        self.http = start_server(app, c.http_host, c.http_port or 0)
+
+    def run(self, duration_s: float | None = None) -> None:
+        """Block until :meth:`request_stop` or ``duration_s``."""
+        assert self.service is not None
+        self.service.run(duration_s)
+
+    def request_stop(self) -> None:
+        if self.service is not None:
+            self.service.request_stop()
+
+    def stop(self) -> None:
+        for part in (self.controller, self.http, self.service):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(part).__name__)
+        if self.embedded is not None:
+            self.embedded.close()
+        if self.store is not None:
+            self.store.close()
+        self.controller = self.http = self.service = None
+        self.embedded = None
+        self.store = None
