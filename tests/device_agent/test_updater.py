@@ -128,3 +128,37 @@ def test_release_older_than_installed_is_refused(tmp_path: Path, keypair: KeyPai
     assert report.models["toy"].last_error is not None
     assert report.models["toy"].last_error.code == "RollbackError"
     assert agent.active_version("toy") == "2.0.0"
+
+
+def test_tampered_artifact_is_refused_and_reported(tmp_path: Path, agent: Agent,
+                                                   fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """An artifact altered on the server fails its hash; the device keeps serving v1."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    path = store.file_path("toy", "2.0.0", "artifacts/toy.onnx")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = updater.apply(desired(store, server, 2, "2.0.0"))
+    error = report.models["toy"].last_error
+    assert error is not None and error.code == "TamperedFileError" and error.version == "2.0.0"
+    assert agent.predict("toy", {"x": X}).version == "1.0.0"
+
+
+def test_package_signed_by_unknown_key_is_refused(tmp_path: Path, keypair: KeyPair,
+                                                  other_keypair: KeyPair, agent: Agent,
+                                                  fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A version signed by a key the device does not pin is refused before any download."""
+    store, server = fleet
+    rogue = ArtifactStore(store.root, other_keypair.trust)
+    rogue.publish(build_mlp_package(tmp_path / "toy-3.edgepkg", other_keypair, "3.0.0", 3,
+                                    seed=3, tflite=False))
+    updater = Updater(agent, "dev1", tmp_path / "updater")
+    updater.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    report = updater.apply(desired(store, server, 2, "3.0.0"))
+    error = report.models["toy"].last_error
+    assert error is not None and error.code == "UntrustedKeyError"
+    # refused after manifest and signature: no artifact byte was fetched
+    assert not (tmp_path / "updater" / "downloads" / "toy" / "3.0.0" / "files").exists()
+    assert agent.active_version("toy") == "1.0.0"
