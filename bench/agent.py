@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,7 +101,11 @@ def _per_call_us(fn: Callable[[], object], calls: int) -> float:
 
 def _compare(bare: Callable[[], object], agent: Callable[[], object], calls: int,
              rounds: int) -> dict[str, float]:
-    """Alternate bare and agent rounds (so drift hits both); medians of the per-round means."""
+    """Alternate bare and agent rounds (so drift hits both); the fastest round of each.
+
+    The minimum is the usual estimator for micro-benchmarks on a shared machine: other
+    processes only ever add time, so the fastest round is closest to the code's own cost.
+    """
     for _ in range(calls // 10):
         bare()
         agent()
@@ -110,7 +113,7 @@ def _compare(bare: Callable[[], object], agent: Callable[[], object], calls: int
     for _ in range(rounds):
         bare_us.append(_per_call_us(bare, calls))
         agent_us.append(_per_call_us(agent, calls))
-    b, a = statistics.median(bare_us), statistics.median(agent_us)
+    b, a = min(bare_us), min(agent_us)
     return {"bare_us": b, "agent_us": a, "overhead_us": a - b, "ratio": a / b}
 
 
@@ -277,7 +280,7 @@ def run_wrk(wrk: str, url: str, body: str, connections: int, duration: int,
 
 
 def bench_http(work: Path, key: Any, duration: int, workers: int,
-               mlserver_workers: list[int]) -> list[dict[str, Any]]:
+               mlserver_workers: list[int], repeats: int) -> list[dict[str, Any]]:
     wrk = ensure_wrk()
     pkg = work / "toy.edgepkg"
     if not pkg.exists():
@@ -298,17 +301,32 @@ def bench_http(work: Path, key: Any, duration: int, workers: int,
     for n in mlserver_workers:
         servers.append((f"MLServer 1.7.1 (parallel_workers={n})",
                         lambda n=n: start_mlserver(onnx_path, n, work)))
-    rows = []
-    for label, start in servers:
-        process, url = start()
-        try:
+    # All servers run at once (idle ones cost nothing) and the runs alternate between them, so
+    # a burst from another process on this shared machine hits every server alike; the
+    # median of the repeats is reported.
+    started: list[tuple[str, subprocess.Popen[bytes], str]] = []
+    try:
+        for label, start in servers:
+            process, url = start()
+            started.append((label, process, url))
+        samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for _ in range(repeats):
             for connections in (1, 8):
-                stats = run_wrk(wrk, url, body, connections, duration, work)
-                rows.append({"server": label, "concurrency": connections, **stats})
-                console.print(f"  {label} c={connections}: {stats['rps']:.0f} req/s, "
-                              f"p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
-        finally:
+                for label, _, url in started:
+                    stats = run_wrk(wrk, url, body, connections, duration, work)
+                    samples.setdefault((label, connections), []).append(stats)
+                    console.print(f"  {label} c={connections}: {stats['rps']:.0f} req/s, "
+                                  f"p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
+    finally:
+        for _, process, _ in started:
             _stop(process)
+    rows = []
+    for (label, connections), runs in samples.items():
+        runs.sort(key=lambda r: r["rps"])
+        median = runs[len(runs) // 2]
+        rows.append({"server": label, "concurrency": connections, **median,
+                     "runs": [{k: r[k] for k in ("rps", "p50_ms", "p99_ms")} for r in runs]})
+    rows.sort(key=lambda r: (r["concurrency"], [s[0] for s in servers].index(r["server"])))
     return rows
 
 
@@ -318,6 +336,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--workers", type=int, default=2, help="inference workers, both servers")
+    parser.add_argument("--repeats", type=int, default=3, help="wrk runs per server and load")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--mlserver-inline", action="store_true",
                         help="also run MLServer with parallel_workers=0 (inference in its loop)")
@@ -339,9 +358,11 @@ def main() -> None:
         if not args.skip_http:
             console.rule("(b) HTTP: edgeserve vs MLServer (wrk, JSON, batch 1)")
             extra = [0] if args.mlserver_inline else []
-            http = bench_http(work, key, args.duration, args.workers, [args.workers, *extra])
+            http = bench_http(work, key, args.duration, args.workers, [args.workers, *extra],
+                              args.repeats)
             results["http"] = http
-            table = Table("server", "concurrency", "req/s", "p50 ms", "p99 ms", "non-2xx")
+            table = Table("server", "concurrency", "req/s (median run)", "p50 ms", "p99 ms",
+                          "non-2xx")
             for r in http:
                 table.add_row(r["server"], str(r["concurrency"]), f"{r['rps']:.0f}",
                               f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["non_2xx"]))

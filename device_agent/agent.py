@@ -60,9 +60,11 @@ class InstalledVersion:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PredictResult:
-    """Outputs by name in the model's signature, and which version produced them."""
+    """Outputs by name in the model's signature, and which version produced them.
+
+    (Not frozen: a frozen dataclass costs ~0.6 µs more per request to build.)"""
 
     model: str
     version: str
