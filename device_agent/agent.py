@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.errors import CacheError, ConfigError, InvalidInputError, ModelNotFoundError
+from edgeserve.errors import (
+    CacheError,
+    ConfigError,
+    EdgeserveError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 from edgeserve.manifest import Artifact, Manifest, parse_manifest
 from edgeserve.package import atomic_write
 from edgeserve.profiles import HardwareProfile, load_profile
@@ -91,6 +98,11 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.record.version
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:500]
 
 
 def _trust(trusted_keys: TrustStore | Iterable[Path | str] | None) -> TrustStore:
@@ -357,7 +369,11 @@ class Agent:
             outputs = adapter.from_runtime(loaded.runtime.run(adapter.to_runtime(arrays)))
         except Exception as exc:
             self._notify(model, version, loaded, arrays, None, start, exc, request_id)
-            raise
+            if isinstance(exc, EdgeserveError):
+                raise
+            raise InferenceError(
+                f"{model} {loaded.record.version} ({loaded.artifact.format}) failed on this "
+                f"request: {_first_line(exc)}") from exc
         if self._observers:
             latency = self._notify(model, version, loaded, arrays, outputs, start, None,
                                    request_id)

@@ -59,6 +59,7 @@ class AgentRun:
     link: Link | None = None
     updater: Updater | None = None
     http: Any = None
+    _chunks: queue.Queue[FileChunk] = field(default_factory=queue.Queue, repr=False)
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -83,27 +84,28 @@ class AgentRun:
 
     def _attach_updates(self, link: Link, device_id: str) -> Updater:
         """Desired state in, reported state out, artifact chunks over MQTT when asked for."""
-        chunks: queue.Queue[FileChunk] = queue.Queue()
 
         def receive(timeout: float) -> FileChunk | None:
             try:
-                return chunks.get(timeout=timeout)
+                return self._chunks.get(timeout=timeout)
             except queue.Empty:
                 return None
 
-        def on_chunk(payload: bytes) -> None:
-            chunks.put(decode(FileChunk, payload, "files/data"))
-
+        # the callables look up self.link when called, so they survive reconnect()
         transport = MqttTransport(
-            lambda request: link.publish("files", encode(request), sub=("req",)), receive)
+            lambda request: self.link is not None and self.link.publish(
+                "files", encode(request), sub=("req",)), receive)
+        updater = Updater(self.agent, device_id, self.agent.cache.root / "updates",
+                          self._report, mqtt=transport)
+        self._wire(link, updater)
+        return updater
 
-        def report(reported: Reported) -> None:
-            link.publish("reported", encode(reported), retain=True)
-            link.refresh_status()
+    def _report(self, reported: Reported) -> None:
+        if self.link is not None:
+            self.link.publish("reported", encode(reported), retain=True)
+            self.link.refresh_status()
 
-        updater = Updater(self.agent, device_id, self.agent.cache.root / "updates", report,
-                          mqtt=transport)
-
+    def _wire(self, link: Link, updater: Updater) -> None:
         def on_desired(payload: bytes) -> None:
             if not payload:  # a cleared retained message
                 return
@@ -112,10 +114,34 @@ class AgentRun:
             except ContractError as exc:
                 log.warning("ignored a bad desired-state message: %s", exc)
 
+        def on_chunk(payload: bytes) -> None:
+            try:
+                self._chunks.put(decode(FileChunk, payload, "files/data"))
+            except ContractError as exc:
+                log.warning("ignored a bad file chunk: %s", exc)
+
         link.subscribe("desired", on_desired)
         link.subscribe("files", on_chunk, sub=("data",))
-        link.on_connect(lambda: report(updater.current_report()))
-        return updater
+        link.on_connect(lambda: self._report(updater.current_report()))
+
+    def disconnect(self, clean: bool = False) -> None:
+        """Drop the link (serving and monitoring go on; windows wait in the outbox).
+
+        ``clean`` says goodbye (retained offline status); otherwise the broker's Last Will does."""
+        if self.link is not None:
+            if clean:
+                self.link.stop()
+            else:
+                self.link.kill()
+
+    def reconnect(self) -> None:
+        """A fresh link with the same settings, outbox and handlers (after :meth:`disconnect`)."""
+        if self.link is None:
+            return
+        self.link = Link(self.link.settings, self.outbox, status_info=self.status_info)
+        if self.updater is not None:
+            self._wire(self.link, self.updater)
+        self.link.start()
 
     def status_info(self) -> dict[str, Any]:
         """Profile, active model versions and labels for the birth message."""

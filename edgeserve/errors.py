@@ -28,6 +28,7 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     │   └── ProfileLimitError            a profile limit (bytes, arena) cannot be met
     ├── ModelNotFoundError               unknown model or version
     ├── InvalidInputError                tensors with wrong names, shapes, dtypes or encodings
+    ├── InferenceError                   the model's runtime failed on a well-formed request
     ├── RuntimeUnavailableError          the runtime cannot run here (e.g. Core ML off macOS)
     ├── CacheError                       the local model cache is damaged or full
     ├── TransferError                    a download or chunked transfer failed (resumes on retry)
@@ -50,6 +51,7 @@ __all__ = [
     "CorruptPackageError",
     "EdgeserveError",
     "ForbiddenError",
+    "InferenceError",
     "InvalidInputError",
     "KeyFileError",
     "ModelNotFoundError",
@@ -182,6 +184,11 @@ class ModelNotFoundError(EdgeserveError):
 class InvalidInputError(EdgeserveError):
     exit_code = 7
     http_status = 400
+
+
+class InferenceError(EdgeserveError):
+    exit_code = 15
+    http_status = 500
 
 
 class RuntimeUnavailableError(EdgeserveError):

@@ -119,6 +119,8 @@ device_models = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False, server_default="0",
               comment="desired revision the device reports as applied"),
     sa.Column("updated", sa.Double, nullable=False),
+    sa.Column("active_since", sa.Double, nullable=True,
+              comment="when the active version started answering on the device"),
     comment="what each device reports per model (from devices/{id}/reported)",
 )
 

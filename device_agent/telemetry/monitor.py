@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeserve.contract import Health
+from edgeserve.errors import SchemaError
 from edgeserve.telemetry import DistributionSketch, LatencyHistogram, ReferenceStats
 
 from ..observe import InferenceEvent
@@ -57,6 +58,7 @@ _COPY_LIMIT = 4096
 class MonitorStats:
     events: int = 0
     windows: int = 0
+    unattributed: int = 0
     internal_errors: int = 0
     last_error: str | None = None
 
@@ -166,6 +168,10 @@ class Monitor:
 
     def on_inference(self, event: InferenceEvent) -> None:
         """Count one inference (called by the agent on the request's thread; never raises)."""
+        if not event.version:
+            # a request for a model that is not installed: no version to count it against
+            self.stats.unattributed += 1
+            return
         try:
             while True:
                 acc = self._accs.get((event.model, event.version)) or self._new(event)
@@ -292,7 +298,16 @@ class Monitor:
             if window is not None:
                 windows.append({**window, **extra.get(key, {})})
         windows.append({"start": start, "end": max(end, start), "health": self._health()})
-        seqs = self.outbox.append_many(windows)
+        try:
+            seqs = self.outbox.append_many(windows)
+        except SchemaError:
+            # one bad window must not cost the others: store them one by one
+            seqs = []
+            for window in windows:
+                try:
+                    seqs.extend(self.outbox.append_many([window]))
+                except SchemaError as exc:
+                    self._failed(exc)
         self.stats.windows += len(seqs)
         if self.on_window is not None:
             self.on_window()

@@ -245,7 +245,8 @@ class Updater:
     def _activate(self, name: str, desired: DesiredModel, previous: str | None) -> None:
         version = desired.active
         self.agent.activate(name, version)
-        self._set(name, state="health-check", target=version, previous=previous)
+        self._set(name, state="health-check", target=version, previous=previous,
+                  active_since=time.time())
         try:
             check = self.agent.check_samples(name, version)
             ok = check.ok
@@ -286,7 +287,7 @@ class Updater:
         if previous is not None:
             self.agent.activate(name, previous)
         log.warning("%s %s rolled back to %s: %s", name, version, previous, reason)
-        self._set(name, state="rolled-back", target=version,
+        self._set(name, state="rolled-back", target=version, active_since=time.time(),
                   last_error=ErrorInfo(code="HealthCheckFailed", message=reason[:2000],
                                        version=version))
 

@@ -171,6 +171,9 @@ class ModelReport(Message):
     traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16)
     shadow: Ver | None = None
     last_error: ErrorInfo | None = None
+    active_since: Seconds | None = Field(
+        default=None, description="when the active version started answering (the fleet "
+                                  "judges a new version only on traffic after this)")
 
 
 class Reported(Message):

@@ -62,6 +62,8 @@ __all__ = ["RolloutController", "device_views", "in_scope"]
 
 log = logging.getLogger(__name__)
 _EVENT_EVERY_S = 2.0
+WARMUP_S = 1.0
+"""Canary traffic in the first second after activation (model load, cache warm-up) is not judged."""
 
 
 def in_scope(spec: RolloutSpec, profile: str | None, labels: dict[str, str],
@@ -221,7 +223,10 @@ class RolloutController:
                              "error_code": error.code if error else None,
                              "error_message": error.message if error else None,
                              "error_version": error.version if error else None,
-                             "revision": report.revision, "updated": received})
+                             "revision": report.revision, "updated": received,
+                             "active_since": m.active_since})
+        if not rows:
+            return
         keys = [(str(r["device_id"]), str(r["model"])) for r in rows]
         with self.store.write() as conn:
             for device_id, model in keys:
@@ -245,10 +250,22 @@ class RolloutController:
             event = Rollback(now=now, reason=reason or "rolled back by operator")
         self._advance(record, event, now)
 
+    def _canary_since(self, spec: RolloutSpec, state: RolloutState) -> dict[str, float]:
+        """Per canary device: judge windows from when its new version started answering (plus
+        a short warm-up), never from before the stage began."""
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(device_models.c.device_id,
+                                          device_models.c.active_since).where(
+                device_models.c.model == spec.model,
+                device_models.c.device_id.in_(list(state.assigned)))).all()
+        started = {r.device_id: r.active_since for r in rows if r.active_since is not None}
+        return {d: max(state.stage_started, started.get(d, state.stage_started) + WARMUP_S)
+                for d in state.assigned}
+
     def snapshot(self, record: RolloutRecord, now: float) -> Snapshot:
         spec, state = record.spec, record.state
         views = device_views(self.store, spec, now)
-        assigned = set(state.assigned)
+        assigned = self._canary_since(spec, state)
         control_devices = [v.device_id for v in views if v.device_id not in assigned]
         since = state.stage_started
         if spec.strategy == "blue-green" and state.bg_step == "shadow":

@@ -13,7 +13,7 @@ version's windows: the shadow's own latency and errors, and how often it disagre
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -94,10 +94,14 @@ class Accumulator:
             accuracy=self.correct / self.labeled if self.labeled else None)
 
 
-def cohort_metrics(store: Store, model: str, since: float, devices: Collection[str],
+def cohort_metrics(store: Store, model: str, since: float,
+                   devices: Collection[str] | Mapping[str, float],
                    version: str | None = None, exclude_version: str | None = None,
                    shadow_of: str | None = None) -> CohortMetrics:
     """Health of ``model`` on ``devices`` from windows ending after ``since``.
+
+    ``devices`` may map each device to its own start time (windows starting before it are
+    skipped: a canary device is judged only once its new version answers).
 
     ``version`` selects windows of that version; ``exclude_version`` all other versions;
     ``shadow_of`` reads the shadow reports inside the windows of that (active) version.
@@ -112,10 +116,12 @@ def cohort_metrics(store: Store, model: str, since: float, devices: Collection[s
         query = query.where(windows.c.version == version)
     elif exclude_version is not None:
         query = query.where(windows.c.version != exclude_version)
-    wanted = set(devices)
+    starts = dict(devices) if isinstance(devices, Mapping) else dict.fromkeys(devices, since)
+    query = query.add_columns(windows.c.window_start)
     acc = Accumulator()
     with store.read() as conn:
         for row in conn.execute(query):
-            if row.device_id in wanted:
+            start = starts.get(row.device_id)
+            if start is not None and row.window_start >= start:
                 acc.add_window(json.loads(row.data), shadow_of is not None)
     return acc.metrics()

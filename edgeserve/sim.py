@@ -1,0 +1,209 @@
+"""A fleet of real agents in one process: the demo, the rollout benchmark and end-to-end tests.
+
+Each :class:`SimDevice` is the real device stack — :class:`~edgeserve.device_agent.agent.Agent`
+with its cache, runtimes, monitor, durable outbox, MQTT link and updater (``AgentRun``) — plus a
+traffic thread that replays held-out samples through ``agent.predict`` and, when labels are
+known, reports whether each answer was right as feedback. Only the process boundary is simulated:
+devices share one Python process (and its two cores) instead of each having their own board.
+
+Like the demo, this module ties the parts together, so it imports them lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import EdgeserveError, ModelNotFoundError
+from .profiles import HardwareProfile, load_profile
+
+if TYPE_CHECKING:
+    from .device_agent.run import AgentRun
+
+__all__ = ["SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Traffic:
+    """What a device serves: held-out samples of one model, replayed at ``rate_per_s``."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None = None
+    rate_per_s: float = 20.0
+    feedback: bool = True
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    errors: int = 0
+    by_version: Counter[str] = field(default_factory=Counter)
+
+
+def shared_host_profile(name: str) -> HardwareProfile:
+    """``name``'s profile with one runtime thread per session: simulated devices share the
+    host's cores, and dozens of sessions each spinning a thread per core would starve them all."""
+    profile = load_profile(name)
+    runtimes = profile.runtimes
+    updates: dict[str, Any] = {}
+    if runtimes.onnxruntime is not None:
+        updates["onnxruntime"] = runtimes.onnxruntime.model_copy(
+            update={"intra_op_threads": 1, "inter_op_threads": 1})
+    if runtimes.litert is not None:
+        updates["litert"] = runtimes.litert.model_copy(update={"threads": 1})
+    return profile.model_copy(update={"runtimes": runtimes.model_copy(update=updates)})
+
+
+class SimDevice:
+    def __init__(self, device_id: str, profile: str, root: Path, trusted_keys: Iterable[Path],
+                 broker_url: str, fleet: str, *, window_s: float = 2.0,
+                 labels: Mapping[str, str] | None = None, traffic: Traffic | None = None,
+                 seed: int = 0) -> None:
+        from .device_agent.agent import Agent
+        from .device_agent.run import AgentRun
+        from .device_agent.telemetry.connection import BrokerSettings
+        from .device_agent.telemetry.link import LinkSettings
+
+        self.device_id = device_id
+        self.profile = profile
+        self.traffic = traffic
+        self.agent = Agent(root / device_id, shared_host_profile(profile), list(trusted_keys),
+                           feedback=True, concurrency=1)
+        link = LinkSettings(BrokerSettings.from_url(broker_url), fleet, device_id,
+                            backoff_min_s=0.2, backoff_max_s=2.0, ack_timeout_s=5.0)
+        self.run: AgentRun = AgentRun.build(self.agent, window_s=window_s, link=link,
+                                            labels=dict(labels or {}))
+        self.counts = _Counts()
+        self.online = True
+        self._random = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SimDevice:
+        self.run.start(port=None)
+        if self.traffic is not None:
+            self._thread = threading.Thread(target=self._serve, daemon=True,
+                                            name=f"traffic-{self.device_id}")
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.run.stop()
+
+    def go_offline(self) -> None:
+        """Lose the connection without a goodbye (the broker publishes the Last Will)."""
+        self.online = False
+        self.run.disconnect(clean=False)
+
+    def come_back(self) -> None:
+        self.online = True
+        self.run.reconnect()
+
+    def active_version(self, model: str) -> str | None:
+        try:
+            return str(self.agent.active_version(model))
+        except ModelNotFoundError:
+            return None
+
+    def _serve(self) -> None:
+        traffic = self.traffic
+        assert traffic is not None
+        count = len(next(iter(traffic.inputs.values())))
+        period = 1.0 / traffic.rate_per_s
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            i = self._random.randrange(count)
+            try:
+                result = self.agent.predict(
+                    traffic.model, {k: v[i:i + 1] for k, v in traffic.inputs.items()},
+                    request_key=f"{self.device_id}-{i % 97}")
+            except ModelNotFoundError:
+                self._stop.wait(0.2)  # nothing installed yet
+                next_at = time.monotonic()
+                continue
+            except Exception as exc:  # the device keeps serving whatever one request does
+                self.counts.requests += 1
+                self.counts.errors += 1
+                if not isinstance(exc, EdgeserveError):
+                    log.warning("%s: unexpected %s", self.device_id, type(exc).__name__)
+            else:
+                self.counts.requests += 1
+                self.counts.by_version[result.version] += 1
+                if traffic.feedback and traffic.labels is not None and result.request_id:
+                    self._feedback(result.request_id, result.outputs, int(traffic.labels[i]))
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()
+
+    def _feedback(self, request_id: str, outputs: Mapping[str, Any], label: int) -> None:
+        scores = np.asarray(next(iter(outputs.values())))
+        reward = float(int(np.argmax(scores.reshape(scores.shape[0], -1)[0])) == label)
+        try:
+            self.agent.feedback(request_id, reward=reward, label=label)
+        except EdgeserveError as exc:
+            log.debug("feedback refused: %s", exc)
+
+
+class SimFleet:
+    """Many :class:`SimDevice` s, started and stopped together."""
+
+    def __init__(self, devices: list[SimDevice]) -> None:
+        self.devices = devices
+
+    @classmethod
+    def build(cls, count: int, profiles: list[str], root: Path, trusted_keys: Iterable[Path],
+              broker_url: str, fleet: str, traffic: Traffic | None = None,
+              window_s: float = 2.0, prefix: str = "dev") -> SimFleet:
+        keys = list(trusted_keys)
+        devices = [
+            SimDevice(f"{prefix}-{i:03d}", profiles[i % len(profiles)], root, keys, broker_url,
+                      fleet, window_s=window_s, labels={"site": f"site-{i % 3}"},
+                      traffic=traffic, seed=i)
+            for i in range(count)]
+        return cls(devices)
+
+    def start(self) -> SimFleet:
+        # Many devices share one interpreter here; with the default 5 ms GIL switch interval a
+        # request can wait that long for the interpreter, which would drown the latency
+        # differences between model versions that rollout gates are meant to see.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        for device in self.devices:
+            device.start()
+        return self
+
+    def stop(self) -> None:
+        threads = [threading.Thread(target=d.stop) for d in self.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    def versions(self, model: str) -> Counter[str | None]:
+        return Counter(d.active_version(model) for d in self.devices)
+
+    def wait_for(self, predicate: Any, timeout: float, interval: float = 0.25) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(interval)
+        return bool(predicate())
