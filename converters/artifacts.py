@@ -71,9 +71,10 @@ def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path)
 def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
     """Rank layers by quantization noise and rebuild until the budget is met.
 
-    Attempts, in order: the 3 noisiest layers kept in float, the 10 noisiest, then only the
-    compute ops (Conv, MatMul, Gemm) quantized. The first that passes is kept, else the last;
-    the report names the layers and keeps the first attempt's figures.
+    Attempts, in order: the 3 noisiest layers kept in float, the 10 noisiest, only the compute
+    ops (Conv, MatMul, Gemm) quantized, then percentile instead of min/max calibration (clips
+    outliers such as silero's LSTM state). The first that passes is kept, else the last; the
+    report names the layers and keeps the first attempt's figures.
     """
     assert built.path is not None and ctx.calibration is not None
     first = {k: built.validation.get(k) for k in ("status", "cosine_similarity", "top1_agreement",
@@ -89,6 +90,7 @@ def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
     except Exception as exc:
         built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: {str(exc)[:200]}")
     attempts.append(("compute ops only", {"op_types": COMPUTE_OPS}))
+    attempts.append(("percentile calibration", {"calibrate": "percentile"}))
     result = built
     for i, (label, options) in enumerate(attempts):
         retry_path = built.path.with_name(f"{built.plan.id}.retry{i}.onnx")

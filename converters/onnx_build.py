@@ -72,7 +72,7 @@ def _input_names(path: Path) -> list[str]:
 
 def build_onnx(reference: Path, out: Path, precision: str, quantization: str,
                calibration: Dataset | None, exclude: Sequence[str] = (),
-               op_types: Sequence[str] | None = None) -> list[str]:
+               op_types: Sequence[str] | None = None, calibrate: str = "minmax") -> list[str]:
     """Write one ONNX artifact to ``out``; returns notes for the report."""
     if precision == "fp32":
         shutil.copyfile(reference, out)
@@ -84,7 +84,7 @@ def build_onnx(reference: Path, out: Path, precision: str, quantization: str,
     if precision == "int8" and quantization == "static":
         if calibration is None:
             raise ConversionError("int8 static needs calibration data")
-        return _static(reference, out, calibration, exclude, op_types)
+        return _static(reference, out, calibration, exclude, op_types, calibrate)
     raise ConversionError(f"no ONNX builder for precision {precision!r} with quantization "
                           f"{quantization!r}; ONNX artifacts are fp32, fp16, int8 dynamic or static")
 
@@ -138,14 +138,15 @@ def _dynamic(reference: Path, out: Path) -> list[str]:
 
 
 def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[str],
-            op_types: Sequence[str] | None) -> list[str]:
+            op_types: Sequence[str] | None, calibrate: str) -> list[str]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     pre = _preprocessed(reference, out.parent)
     names = _input_names(pre)
-    notes = [f"QDQ, per-channel int8 weights, uint8 activations, calibrated on "
+    notes = [f"QDQ, per-channel int8 weights, uint8 activations, {calibrate} calibration on "
              f"{min(len(calibration), _CALIBRATION_LIMIT)} samples"]
     options = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    method = CalibrationMethod.Percentile if calibrate == "percentile" else CalibrationMethod.MinMax
 
     def run() -> None:
         quantize_static(str(pre), str(out), _Reader(calibration, names),
@@ -153,7 +154,7 @@ def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(exclude) or None,
                         op_types_to_quantize=list(op_types) if op_types else None,
-                        calibrate_method=CalibrationMethod.MinMax, extra_options=options)
+                        calibrate_method=method, extra_options=options)
 
     try:
         run()
