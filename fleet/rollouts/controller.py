@@ -277,8 +277,11 @@ class RolloutController:
                                      exclude_version=spec.version)
         else:
             canary = cohort_metrics(self.store, spec.model, since, assigned, version=spec.version)
-            control = cohort_metrics(self.store, spec.model, since, control_devices,
-                                     exclude_version=spec.version)
+            # the control is measured over the same span as the canary, so that whatever else
+            # slowed the fleet meanwhile weighs on both sides of a relative gate
+            span = min(assigned.values(), default=since)
+            control = cohort_metrics(self.store, spec.model, span, dict.fromkeys(
+                control_devices, span), exclude_version=spec.version)
         return Snapshot(now=now, devices=views, canary=canary,
                         control=control if control.requests else None)
 

@@ -2,6 +2,10 @@
 held-out digits, the real fleet (ingestion, store, artifact endpoint, controller) on Mosquitto,
 and models made by the converter.
 
+All devices share this test's process and two cores with whatever else runs, so tail latency is
+mostly scheduling noise here: the latency gate compares medians (p50), which a 3x-slower model
+moves reliably; production fleets would gate on p95 over many devices.
+
 A good version goes through every stage with no manual step; an erroring, a 3x-slower and a
 disagreeing version are each stopped at the first stage by a named gate and rolled back, so that
 at the end no device runs them; a device offline during a rollout converges when it returns.
@@ -120,8 +124,8 @@ def _rollout(server: FleetServer, devices: SimFleet, version: str, timeout: floa
     assert server.store is not None
     repo = Rollouts(server.store)
     record = repo.create({"model": MODEL, "version": version, "stages": [10, 50, 100],
-                          "soak_seconds": 2.0, "min_requests": 60,
-                          "gates": ["error_rate<=0.02", "p95_ms<=2.5*control"], **spec})
+                          "soak_seconds": 2.0, "min_requests": 120, "min_devices": 2,
+                          "gates": ["error_rate<=0.02", "p50_ms<=3*control"], **spec})
     devices.wait_for(lambda: repo.get(record.id).state.done, timeout)
     return record.id
 
@@ -144,7 +148,7 @@ def test_good_version_completes_and_bad_ones_are_rolled_back(
 
     for version, gate, extra in (
             ("2.1.0", {"error_rate<=0.02", "device_health"}, {}),
-            ("2.2.0", {"p95_ms<=2.5*control"}, {}),
+            ("2.2.0", {"p50_ms<=3*control"}, {}),
             ("2.3.0", {"disagreement<=0.05"},
              {"strategy": "blue-green", "stages": [10, 100], "gates": ["disagreement<=0.05"]})):
         rid = _rollout(server, devices, version, **extra)
