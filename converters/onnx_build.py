@@ -12,6 +12,7 @@ signal-to-quantization-noise ratio between the fp32 and the QDQ graph (onnxrunti
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -118,7 +119,11 @@ def _preprocessed(reference: Path, work: Path) -> Path:
         source = work / f"{reference.stem}.opset13.onnx"
         onnx.save(version_converter.convert_version(onnx.load(str(reference)), 13), str(source))
     try:
-        quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
+        # ONNX Runtime's symbolic shape inference dumps sym_shape_infer_temp.onnx (and its
+        # external data) into the current directory when it gives up: keep that in `work`.
+        with contextlib.chdir(work):
+            quant_pre_process(str(source.resolve()), str(pre.resolve()),
+                              skip_symbolic_shape=False)
     except Exception:
         # symbolic shape inference fails on some graphs; quantization works without it
         quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
