@@ -22,9 +22,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.digits import train_digits  # noqa: E402
 from bench.real_models import MODELS, load  # noqa: E402
 from edgeserve.converters import convert  # noqa: E402
+from edgeserve.demo_models import train_digits  # noqa: E402
 from edgeserve.signing import load_private_key, write_keypair  # noqa: E402
 
 PROFILE = """
