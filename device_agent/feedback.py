@@ -43,6 +43,7 @@ class _Sums:
     reward_sumsq: float = 0.0
     correct: int = 0
     labeled: int = 0
+    rewarded: int = 0
 
 
 def _top1(outputs: Mapping[str, np.ndarray]) -> int | None:
@@ -125,6 +126,7 @@ class FeedbackLog:
             sums = self._sums.setdefault((entry.model, entry.version), _Sums())
             sums.count += 1
             if value is not None:
+                sums.rewarded += 1
                 sums.reward_sum += value
                 sums.reward_sumsq += value * value
             if index is not None:
@@ -138,5 +140,5 @@ class FeedbackLog:
             sums, self._sums = self._sums, {}
         return {key: FeedbackSummary(count=s.count, reward_sum=s.reward_sum,
                                      reward_sumsq=s.reward_sumsq, correct=s.correct,
-                                     labeled=s.labeled)
+                                     labeled=s.labeled, rewarded=s.rewarded)
                 for key, s in sums.items()}

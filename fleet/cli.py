@@ -6,6 +6,7 @@ import click
 
 from edgeserve.cli import SuggestingGroup
 
+from .cli_experiment import experiment
 from .cli_rollout import publish_command, rollout
 from .cli_telemetry import devices_command, serve_command, telemetry_command
 
@@ -22,3 +23,4 @@ fleet.add_command(devices_command)
 fleet.add_command(telemetry_command)
 fleet.add_command(publish_command)
 fleet.add_command(rollout)
+fleet.add_command(experiment)

@@ -7,7 +7,9 @@ Parts, started in order and stopped in reverse:
 * telemetry ingestion (:class:`~.service.FleetService`),
 * the artifact store and the HTTP side (artifacts with Range for devices; API, dashboard and
   Prometheus metrics for people and tools),
-* the rollout controller (desired state out, reports and chunked-file requests in).
+* the rollout controller (desired state out, reports and chunked-file requests in),
+* the experiment controller (A/B splits and bandit weights into desired state, decisions,
+  promotion of winners through the rollout engine).
 
 HTTP authentication: given with ``auth``; when the HTTP side listens beyond loopback without
 one, a random password for user ``admin`` is generated and shown once, so a dashboard is never
@@ -31,6 +33,7 @@ from .artifacts import ArtifactStore
 from .broker import EmbeddedBroker
 from .cli_options import default_artifacts_dir
 from .connection import BrokerSettings
+from .experiments.controller import ExperimentController, reports
 from .ingest import Ingestor
 from .rollouts.controller import RolloutController
 from .service import FleetService, SharedMode
@@ -73,6 +76,7 @@ class FleetConfig:
     shared: SharedMode = "auto"
     connect_timeout: float = 60.0
     rollout_tick_s: float = 1.0
+    experiment_tick_s: float = 1.0
 
 
 class FleetServer:
@@ -82,6 +86,7 @@ class FleetServer:
         self.embedded: EmbeddedBroker | None = None
         self.service: FleetService | None = None
         self.controller: RolloutController | None = None
+        self.experiments: ExperimentController | None = None
         self.http: ServerHandle | None = None
         self.artifacts: ArtifactStore | None = None
         self.broker_url: str | None = None
@@ -121,6 +126,9 @@ class FleetServer:
                 self.store, self.artifacts, settings, c.fleet, self.public_url,
                 client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s)
             self.controller.start()
+            self.experiments = ExperimentController(
+                self.store, self.artifacts, self.public_url, c.fleet, tick_s=c.experiment_tick_s,
+                publish=self.controller.publish_pending).start()
         except BaseException:
             self.stop()
             raise
@@ -139,8 +147,10 @@ class FleetServer:
             auth = BasicAuth({"admin": self.generated_password})
         assert self.store is not None and self.artifacts is not None and self.service is not None
         service = self.service
-        app = create_app(self.store, self.artifacts, authenticator=auth,
-                         stats=service.ingestor.stats.snapshot)
+        store = self.store
+        app = create_app(store, self.artifacts, authenticator=auth,
+                         stats=service.ingestor.stats.snapshot,
+                         experiments=lambda: reports(store))
         self.http = start_server(app, c.http_host, c.http_port or 0)
 
     def run(self, duration_s: float | None = None) -> None:
@@ -153,7 +163,7 @@ class FleetServer:
             self.service.request_stop()
 
     def stop(self) -> None:
-        for part in (self.controller, self.http, self.service):
+        for part in (self.experiments, self.controller, self.http, self.service):
             if part is not None:
                 try:
                     part.stop()
@@ -163,6 +173,7 @@ class FleetServer:
             self.embedded.close()
         if self.store is not None:
             self.store.close()
+        self.experiments = None
         self.controller = self.http = self.service = None
         self.embedded = None
         self.store = None

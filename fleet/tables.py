@@ -21,6 +21,7 @@ __all__ = [
     "desired_state",
     "device_models",
     "devices",
+    "experiments",
     "fleet_meta",
     "metadata",
     "rollout_actions",
@@ -161,4 +162,21 @@ rollout_actions = sa.Table(
     sa.Column("created", sa.Double, nullable=False),
     sa.Column("done", sa.Double, nullable=True),
     comment="operator actions queued by the CLI/API, carried out by the rollout controller",
+)
+
+# -- experiments (fleet/experiments/) --------------------------------------------------------------
+
+experiments = sa.Table(
+    "experiments", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(ID_LENGTH), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, comment="ab | bandit"),
+    sa.Column("phase", sa.String(16), nullable=False, comment="running | decided | stopped"),
+    sa.Column("spec", sa.Text, nullable=False, comment="ExperimentSpec (JSON)"),
+    sa.Column("state", sa.Text, nullable=False, comment="ExperimentState (JSON)"),
+    sa.Column("stop_request", sa.Text, nullable=True,
+              comment="JSON {promote, reason, ts} queued by the CLI/API for the controller"),
+    sa.Column("created", sa.Double, nullable=False),
+    sa.Column("updated", sa.Double, nullable=False),
+    sa.Index("ix_experiments_model_phase", "model", "phase"),
 )

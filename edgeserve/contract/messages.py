@@ -202,6 +202,10 @@ class FeedbackSummary(Message):
     reward_sumsq: float = Field(default=0.0, ge=0)
     correct: Count = 0
     labeled: Count = 0
+    rewarded: Count | None = Field(
+        default=None, description="feedback events that carried a reward (the rest carried "
+                                  "only a label); agents that predate the field leave it unset "
+                                  "and readers then use count")
 
 
 class Health(Message):

@@ -1,0 +1,150 @@
+"""Per-arm evidence from the stored telemetry windows: feedback sums and merged latency.
+
+An arm is a version: every window of the experiment's model and one of its versions, from a
+device in scope, ending after the experiment started, adds its request count, its ``feedback``
+sums and (for ``p95_ms``) its latency histogram to that version's :class:`ArmData` in the
+device's group. Histograms merge exactly, so an arm's p95 is the p95 of all its requests.
+
+Windows are validated against the contract when they arrive; here feedback is also checked for
+consistency with the experiment (labels within feedback counts, rewards of a binary experiment
+within [0, 1]): a window that fails is left out of the arm and counted in ``rejected`` with the
+first reason, so one misbehaving device cannot skew a result unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from edgeserve.telemetry import LatencyHistogram
+
+from ..store import Store
+from ..tables import windows
+from .spec import ExperimentSpec
+from .stats import ArmStats
+
+__all__ = ["ArmData", "Collected", "check_feedback", "collect"]
+
+
+@dataclass
+class ArmData:
+    """Everything one arm (version) has collected, in one group or pooled."""
+
+    requests: int = 0
+    errors: int = 0
+    feedback: int = 0
+    rewarded: int = 0
+    reward_sum: float = 0.0
+    reward_sumsq: float = 0.0
+    correct: int = 0
+    labeled: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def merge(self, other: ArmData) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.feedback += other.feedback
+        self.rewarded += other.rewarded
+        self.reward_sum += other.reward_sum
+        self.reward_sumsq += other.reward_sumsq
+        self.correct += other.correct
+        self.labeled += other.labeled
+        self.latency.merge(other.latency)
+
+    def stats(self, metric: str) -> ArmStats:
+        """Sufficient statistics of the metric (``p95_ms``: the request count only)."""
+        if metric == "accuracy":
+            return ArmStats(n=self.labeled, total=float(self.correct), total_sq=float(self.correct))
+        if metric == "reward":
+            return ArmStats(n=self.rewarded, total=self.reward_sum, total_sq=self.reward_sumsq)
+        return ArmStats(n=self.latency.count, total=0.0, total_sq=0.0)
+
+    def samples(self, metric: str) -> int:
+        return self.stats(metric).n
+
+
+@dataclass
+class Collected:
+    """Arms per group (``"*"`` when the experiment is not per group), and what was left out."""
+
+    groups: dict[str, dict[str, ArmData]]
+    rejected: int = 0
+    rejected_reason: str | None = None
+
+    def pooled(self) -> dict[str, ArmData]:
+        arms: dict[str, ArmData] = {}
+        for group in self.groups.values():
+            for version, data in group.items():
+                arms.setdefault(version, ArmData()).merge(data)
+        return arms
+
+
+def check_feedback(feedback: Mapping[str, Any], binary: bool) -> str | None:
+    """Why a window's feedback sums cannot be right (None when they are consistent)."""
+    count = int(feedback.get("count", 0))
+    rewarded = feedback.get("rewarded")
+    n_reward = count if rewarded is None else int(rewarded)
+    labeled, correct = int(feedback.get("labeled", 0)), int(feedback.get("correct", 0))
+    reward_sum = float(feedback.get("reward_sum", 0.0))
+    reward_sumsq = float(feedback.get("reward_sumsq", 0.0))
+    if not (math.isfinite(reward_sum) and math.isfinite(reward_sumsq)):
+        return "reward sums are not finite"
+    if labeled > count or correct > labeled or n_reward > count:
+        return (f"inconsistent counts (count {count}, rewarded {n_reward}, labeled {labeled}, "
+                f"correct {correct})")
+    if binary and not (-1e-9 <= reward_sum <= n_reward + 1e-9
+                       and abs(reward_sumsq - reward_sum) <= 1e-6 * max(1.0, n_reward)):
+        return (f"rewards are not 0/1 (sum {reward_sum:g}, sum of squares {reward_sumsq:g} over "
+                f"{n_reward}); use a continuous experiment for other rewards")
+    return None
+
+
+def _add(data: ArmData, window: Mapping[str, Any], spec: ExperimentSpec) -> str | None:
+    feedback = window.get("feedback")
+    if isinstance(feedback, dict):
+        reason = check_feedback(feedback, spec.binary)
+        if reason is not None:
+            return reason
+        count = int(feedback.get("count", 0))
+        rewarded = feedback.get("rewarded")
+        data.feedback += count
+        data.rewarded += count if rewarded is None else int(rewarded)
+        data.reward_sum += float(feedback.get("reward_sum", 0.0))
+        data.reward_sumsq += float(feedback.get("reward_sumsq", 0.0))
+        data.correct += int(feedback.get("correct", 0))
+        data.labeled += int(feedback.get("labeled", 0))
+    data.requests += int(window.get("requests", 0) or 0)
+    data.errors += int(window.get("errors", 0) or 0)
+    latency = window.get("latency")
+    if spec.metric == "p95_ms" and isinstance(latency, dict):
+        data.latency.merge(LatencyHistogram.from_data(latency))
+    return None
+
+
+def collect(store: Store, spec: ExperimentSpec, since: float,
+            device_groups: Mapping[str, str]) -> Collected:
+    """Evidence per group and arm from windows ending after ``since`` of devices in
+    ``device_groups`` (device id → group)."""
+    result = Collected(groups={group: {v: ArmData() for v in spec.arms}
+                               for group in sorted(set(device_groups.values()))})
+    if not device_groups:
+        return result
+    query = sa.select(windows.c.device_id, windows.c.version, windows.c.data).where(
+        windows.c.model == spec.model, windows.c.version.in_(list(spec.arms)),
+        windows.c.window_end > since)
+    with store.read() as conn:
+        for row in conn.execute(query):
+            group = device_groups.get(row.device_id)
+            if group is None:
+                continue
+            reason = _add(result.groups[group][row.version], json.loads(row.data), spec)
+            if reason is not None:
+                result.rejected += 1
+                result.rejected_reason = result.rejected_reason or \
+                    f"{row.device_id} {row.version}: {reason}"
+    return result
