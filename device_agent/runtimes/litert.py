@@ -8,6 +8,7 @@ of interpreters (one per concurrent caller, up to ``pool_size``). A model whose 
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -20,6 +21,10 @@ from . import ArtifactSource, TensorInfo
 
 __all__ = ["LiteRtRuntime", "import_interpreter"]
 
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE: dict[str, str] = {}
+"""Delegate libraries that failed to load in this process (tried once, then skipped)."""
 _DELEGATE_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so",
                        "hexagon": "libhexagon_delegate.so"}
 
@@ -94,16 +99,28 @@ class LiteRtRuntime:
         self.outputs = [_info(d) for d in first.outputs]
         self._index = {d["name"]: i for i, d in enumerate(first.inputs)}
 
-    def _new(self, counted: bool = False) -> _Interp:
+    def _delegate_objects(self) -> list[Any]:
+        """The profile's delegates that load here, in its order of preference.
+
+        A delegate is an accelerator the device class *may* have (a phone's GPU, an Edge TPU);
+        where its library is missing the model still runs, on the CPU (XNNPACK), and the
+        fallback is logged once per process instead of failing the model.
+        """
         delegates = []
         for name in self._delegates:
             library = _DELEGATE_LIBRARIES.get(name.lower(), name)
+            if library in _UNAVAILABLE:
+                continue
             try:
                 delegates.append(self._load_delegate(library))
             except (ValueError, OSError, RuntimeError) as exc:
-                raise RuntimeUnavailableError(
-                    f"the profile asks for the LiteRT delegate {name!r} ({library}), which cannot "
-                    f"be loaded here: {exc}") from None
+                _UNAVAILABLE[library] = str(exc)
+                log.warning("LiteRT delegate %r (%s) cannot be loaded here (%s); running on the "
+                            "CPU with XNNPACK instead", name, library, exc)
+        return delegates
+
+    def _new(self, counted: bool = False) -> _Interp:
+        delegates = self._delegate_objects()
         try:
             interpreter = self._interpreter_cls(model_content=self._content,
                                                 num_threads=self._threads,

@@ -21,6 +21,7 @@ repeats nor loses an update.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -183,6 +184,8 @@ class Updater:
         """Apply one desired state synchronously (the worker calls this; so can tests)."""
         if desired.revision <= self.revision:
             return self.current_report()
+        for name in sorted(set(self.models) - set(desired.models)):
+            self._retire(name)
         for name, model in desired.models.items():
             try:
                 self._apply_model(name, model)
@@ -196,6 +199,20 @@ class Updater:
             self._save()
         self._publish()
         return self.current_report()
+
+    def _retire(self, name: str) -> None:
+        """A model the fleet managed is gone from desired state: remove it from the device."""
+        watch = self._watches.pop(name, None)
+        if watch is not None:
+            self.agent.remove_observer(watch[0])
+        self.agent.set_traffic(name, {})
+        self.agent.set_shadow(name, None)
+        with contextlib.suppress(ModelNotFoundError):
+            self.agent.remove(name, force=True)
+        with self._lock:
+            self.models.pop(name, None)
+            self._save()
+        log.info("%s removed: no longer in desired state", name)
 
     def _active(self, name: str) -> str | None:
         try:
@@ -292,14 +309,10 @@ class Updater:
                                        version=version))
 
     def _configure_routing(self, name: str, desired: DesiredModel) -> None:
-        """Traffic split and shadow, when the agent supports them (see the router/shadow runner)."""
-        set_traffic = getattr(self.agent, "set_traffic", None)
-        if set_traffic is not None:
-            set_traffic(name, dict(desired.traffic))
-        set_shadow = getattr(self.agent, "set_shadow", None)
-        if set_shadow is not None:
-            set_shadow(name, desired.shadow.version if desired.shadow else None,
-                       desired.shadow.sample_rate if desired.shadow else 0.0)
+        """Traffic split (A/B arms, bandit weights) and shadow version, as desired."""
+        self.agent.set_traffic(name, dict(desired.traffic))
+        self.agent.set_shadow(name, desired.shadow.version if desired.shadow else None,
+                              desired.shadow.sample_rate if desired.shadow else 0.0)
         with self._lock:
             report = self.models.get(name, ModelReport())
             self.models[name] = report.model_copy(update={

@@ -225,14 +225,18 @@ class RolloutController:
                              "error_version": error.version if error else None,
                              "revision": report.revision, "updated": received,
                              "active_since": m.active_since})
-        if not rows:
-            return
         keys = [(str(r["device_id"]), str(r["model"])) for r in rows]
         with self.store.write() as conn:
+            # a report lists every model the device manages: rows for others are gone
+            for device_id, (report, _) in reports.items():
+                conn.execute(sa.delete(device_models).where(
+                    device_models.c.device_id == device_id,
+                    device_models.c.model.not_in(list(report.models))))
             for device_id, model in keys:
                 conn.execute(sa.delete(device_models).where(
                     device_models.c.device_id == device_id, device_models.c.model == model))
-            conn.execute(sa.insert(device_models), rows)
+            if rows:
+                conn.execute(sa.insert(device_models), rows)
 
     def _handle(self, rollout_id: str, action: str, reason: str, now: float) -> None:
         try:

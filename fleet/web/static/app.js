@@ -45,7 +45,11 @@ function drawChart(id, xs, series, opts = {}) {
   const n = xs.length;
   const config = {
     width, height: opts.height || 200,
-    scales: { x: opts.bars ? { time: false, range: () => [-0.6, n - 0.4] } : { time: true } },
+    scales: {
+      x: opts.bars ? { time: false, range: () => [-0.6, n - 0.4] }
+        // a lone point would otherwise stretch the time axis over years
+        : { time: true, range: (u, min, max) => (max - min < 60 ? [max - 60, max + 5] : [min, max]) },
+    },
     axes: [
       { stroke: "#8b96a3", grid: { stroke: "#26303a" },
         splits: opts.bars ? () => xs : undefined,
