@@ -23,10 +23,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeserve.errors import ConfigError, ModelNotFoundError, PackageError
+from edgeserve.errors import ConfigError, EdgeserveError, ModelNotFoundError, PackageError
 from edgeserve.manifest import Manifest, is_safe_member_name, parse_manifest
 from edgeserve.package import MANIFEST_MEMBER, SIGNATURE_MEMBER, open_package
 from edgeserve.signing import TrustStore
+from edgeserve.telemetry import ReferenceStats
 
 __all__ = ["ArtifactStore", "PublishedVersion"]
 
@@ -51,6 +52,7 @@ class ArtifactStore:
         self.root = Path(root)
         self.trust = trust
         self.root.mkdir(parents=True, exist_ok=True)
+        self._references: dict[tuple[str, str], ReferenceStats | None] = {}
 
     def _dir(self, name: str, version: str) -> Path:
         for part, what in ((name, "model name"), (version, "version")):
@@ -140,6 +142,19 @@ class ArtifactStore:
         if not path.exists():
             raise ModelNotFoundError(f"{name} {version}: {member} is not published")
         return path
+
+    def reference(self, name: str, version: str) -> ReferenceStats | None:
+        """A published version's drift reference statistics (cached), None if it has none."""
+        key = (name, version)
+        if key not in self._references:
+            try:
+                manifest = self.manifest(name, version)
+                member = manifest.reference or "reference/stats.json"
+                path = self.file_path(name, version, member)
+                self._references[key] = ReferenceStats.from_json(path.read_bytes(), str(path))
+            except EdgeserveError:
+                self._references[key] = None
+        return self._references[key]
 
     def index(self) -> list[dict[str, object]]:
         return [v.to_dict() for name in self.models() for v in self.versions(name)]

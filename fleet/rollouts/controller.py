@@ -272,20 +272,23 @@ class RolloutController:
         assigned = self._canary_since(spec, state)
         control_devices = [v.device_id for v in views if v.device_id not in assigned]
         since = state.stage_started
+        refs = self.artifacts.reference
         if spec.strategy == "blue-green" and state.bg_step == "shadow":
             previous = {v for v in state.assigned.values() if v}
             canary = cohort_metrics(self.store, spec.model, since, assigned,
                                     shadow_of=next(iter(previous)) if len(previous) == 1 else None,
-                                    version=None if len(previous) == 1 else spec.version)
+                                    version=None if len(previous) == 1 else spec.version,
+                                    references=refs)
             control = cohort_metrics(self.store, spec.model, since, assigned,
-                                     exclude_version=spec.version)
+                                     exclude_version=spec.version, references=refs)
         else:
-            canary = cohort_metrics(self.store, spec.model, since, assigned, version=spec.version)
+            canary = cohort_metrics(self.store, spec.model, since, assigned, version=spec.version,
+                                    references=refs)
             # the control is measured over the same span as the canary, so that whatever else
             # slowed the fleet meanwhile weighs on both sides of a relative gate
             span = min(assigned.values(), default=since)
             control = cohort_metrics(self.store, spec.model, span, dict.fromkeys(
-                control_devices, span), exclude_version=spec.version)
+                control_devices, span), exclude_version=spec.version, references=refs)
         return Snapshot(now=now, devices=views, canary=canary,
                         control=control if control.requests else None)
 

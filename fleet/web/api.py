@@ -31,7 +31,7 @@ from starlette.routing import Route
 from edgeserve.errors import ConfigError, EdgeserveError
 
 from ..registry import list_devices
-from ..rollouts.metrics import Accumulator
+from ..rollouts.metrics import Accumulator, References
 from ..rollouts.repo import Rollouts
 from ..store import Store
 from ..tables import device_models, windows
@@ -69,7 +69,8 @@ def overview(store: Store) -> dict[str, Any]:
     }
 
 
-def model_series(store: Store, model: str, since: float, bucket_s: float) -> dict[str, Any]:
+def model_series(store: Store, model: str, since: float, bucket_s: float,
+                 references: References | None = None) -> dict[str, Any]:
     """Per version, per time bucket: requests, errors, throughput and merged latency percentiles."""
     query = (sa.select(windows.c.version, windows.c.window_end, windows.c.data)
              .where(windows.c.model == model, windows.c.window_end >= since)
@@ -78,7 +79,7 @@ def model_series(store: Store, model: str, since: float, bucket_s: float) -> dic
     with store.read() as conn:
         for row in conn.execute(query):
             key = math.floor(row.window_end / bucket_s)
-            acc = buckets[row.version].setdefault(key, Accumulator())
+            acc = buckets[row.version].setdefault(key, Accumulator(references=references))
             acc.add_window(json.loads(row.data), shadow_mode=False)
     series: dict[str, list[dict[str, Any]]] = {}
     for version, by_key in sorted(buckets.items()):
@@ -144,7 +145,8 @@ def _json(fn: Callable[..., Any]) -> Handler:
     return endpoint
 
 
-def api_routes(store: Store, experiments: ExperimentsProvider | None = None) -> list[Route]:
+def api_routes(store: Store, experiments: ExperimentsProvider | None = None,
+               references: References | None = None) -> list[Route]:
     rollouts = Rollouts(store)
 
     def get_overview(request: Request) -> Any:
@@ -181,7 +183,7 @@ def api_routes(store: Store, experiments: ExperimentsProvider | None = None) -> 
     def get_series(request: Request) -> Any:
         bucket = max(1.0, _float(request, "bucket", 10.0))
         since = _float(request, "since", time.time() - _MAX_BUCKETS * bucket)
-        return model_series(store, request.path_params["model"], since, bucket)
+        return model_series(store, request.path_params["model"], since, bucket, references)
 
     def get_experiments(request: Request) -> Any:
         return experiments() if experiments is not None else []
