@@ -222,12 +222,14 @@ def experiment_list(show_all: bool, db: str | None, as_json: bool) -> None:
 @click.option("--reason", default="", help="Recorded with the stop.")
 @click.option("--stages", default=None, help="Promotion rollout stages, e.g. 10,50,100.")
 @click.option("--soak", default=None, help="Promotion rollout soak per stage (30s, 5m).")
+@click.option("--no-gates", is_flag=True, help="Promotion rollout without gates.")
 @db_option
 @json_option
 def experiment_stop(experiment_id: str, promote: bool, reason: str, stages: str | None,
-                    soak: str | None, db: str | None, as_json: bool) -> None:
-    """End an experiment: devices drop the split (keeping their active version)."""
-    rollout: dict[str, Any] = {}
+                    soak: str | None, no_gates: bool, db: str | None, as_json: bool) -> None:
+    """End an experiment: devices drop the split (keeping their active version); with
+    --promote the winner is rolled out by the rollout engine (stages, gates)."""
+    rollout: dict[str, Any] = {"gates": []} if no_gates else {}
     if stages is not None:
         try:
             rollout["stages"] = [float(s) for s in stages.split(",") if s.strip()]

@@ -1,9 +1,12 @@
 """Per-arm evidence from the stored telemetry windows: feedback sums and merged latency.
 
 An arm is a version: every window of the experiment's model and one of its versions, from a
-device in scope, ending after the experiment started, adds its request count, its ``feedback``
-sums and (for ``p95_ms``) its latency histogram to that version's :class:`ArmData` in the
-device's group. Histograms merge exactly, so an arm's p95 is the p95 of all its requests.
+device in scope, starting after that device reported the experiment's split applied, adds its
+request count, its ``feedback`` sums and (for ``p95_ms``) its latency histogram to that
+version's :class:`ArmData` in the device's group. Histograms merge exactly, so an arm's p95 is
+the p95 of all its requests. (Counting a device only once it routes by the split keeps the
+control arm free of the traffic it served alone before the experiment, and every arm measured
+over the same span.)
 
 Windows are validated against the contract when they arrive; here feedback is also checked for
 consistency with the experiment (labels within feedback counts, rewards of a binary experiment
@@ -126,22 +129,26 @@ def _add(data: ArmData, window: Mapping[str, Any], spec: ExperimentSpec) -> str 
     return None
 
 
-def collect(store: Store, spec: ExperimentSpec, since: float,
+def collect(store: Store, spec: ExperimentSpec, starts: Mapping[str, float],
             device_groups: Mapping[str, str]) -> Collected:
-    """Evidence per group and arm from windows ending after ``since`` of devices in
-    ``device_groups`` (device id → group)."""
+    """Evidence per group and arm from the windows of devices in ``device_groups`` (device id →
+    group) that start at or after the device's time in ``starts`` (devices without one have
+    not joined yet)."""
     result = Collected(groups={group: {v: ArmData() for v in spec.arms}
                                for group in sorted(set(device_groups.values()))})
-    if not device_groups:
+    joined = {d: t for d, t in starts.items() if d in device_groups}
+    if not joined:
         return result
-    query = sa.select(windows.c.device_id, windows.c.version, windows.c.data).where(
+    query = sa.select(windows.c.device_id, windows.c.version, windows.c.window_start,
+                      windows.c.data).where(
         windows.c.model == spec.model, windows.c.version.in_(list(spec.arms)),
-        windows.c.window_end > since)
+        windows.c.window_start >= min(joined.values()))
     with store.read() as conn:
         for row in conn.execute(query):
-            group = device_groups.get(row.device_id)
-            if group is None:
+            start = joined.get(row.device_id)
+            if start is None or row.window_start < start:
                 continue
+            group = device_groups[row.device_id]
             reason = _add(result.groups[group][row.version], json.loads(row.data), spec)
             if reason is not None:
                 result.rejected += 1

@@ -18,6 +18,7 @@ One controller runs per fleet: on PostgreSQL it holds an advisory lock for its l
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -58,7 +59,7 @@ def status(store: Store, record: ExperimentRecord, now: float | None = None) -> 
     if record.state.done and record.state.report is not None:
         return record.state.report
     groups = device_groups(store, record.spec)
-    evidence = collect(store, record.spec, record.state.started, groups)
+    evidence = collect(store, record.spec, record.state.joined, groups)
     return build_report(record, evidence, groups, now)
 
 
@@ -143,8 +144,9 @@ class ExperimentController:
     def _step(self, record: ExperimentRecord, now: float) -> int:
         spec = record.spec
         groups = device_groups(self.store, spec)
-        evidence = collect(self.store, spec, record.state.started, groups)
-        state, _ = advance(spec, record.state, evidence, now, self.seed)
+        joined = self._joined(spec, record.state, groups, now)
+        evidence = collect(self.store, spec, joined.joined, groups)
+        state, _ = advance(spec, joined, evidence, now, self.seed)
         if record.stop_request is not None:  # after advance: an A/B test at its horizon decides
             return self._finish(record_with(record, state), record.stop_request, groups,
                                 evidence, now)
@@ -152,6 +154,22 @@ class ExperimentController:
         state.report = build_report(record_with(record, state), evidence, groups, now)
         self.experiments.save(record, state, now)
         return writes
+
+    def _joined(self, spec: ExperimentSpec, state: ExperimentState, groups: Mapping[str, str],
+                now: float) -> ExperimentState:
+        """Note devices that now report the split applied (their evidence counts from now)."""
+        waiting = [d for d in groups if d not in state.joined]
+        if not waiting:
+            return state
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(device_models.c.device_id, device_models.c.traffic)
+                                .where(device_models.c.model == spec.model,
+                                       device_models.c.device_id.in_(waiting))).all()
+        arrived = {r.device_id for r in rows if set(json.loads(r.traffic or "{}")) == set(spec.arms)}
+        if not arrived:
+            return state
+        return state.model_copy(update={"joined": {**state.joined,
+                                                   **dict.fromkeys(sorted(arrived), now)}})
 
     def _reported_active(self, model: str) -> dict[str, str | None]:
         with self.store.read() as conn:

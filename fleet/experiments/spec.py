@@ -236,6 +236,9 @@ class ExperimentState(BaseModel):
     started: float
     weights: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="group -> version -> weight, as last pushed")
+    joined: dict[str, float] = Field(
+        default_factory=dict, description="device -> when it first reported the split applied; "
+                                          "its windows count from then on")
     last_push: float = 0.0
     pushes: int = 0
     history: list[Push] = Field(default_factory=list)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from edgeserve.contract import Status, Window
 from edgeserve.errors import ConfigError
@@ -38,6 +39,7 @@ from edgeserve.fleet.experiments import (
 from edgeserve.fleet.registry import apply_status
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
+from edgeserve.fleet.tables import device_models
 from edgeserve.fleet.telemetry import store_windows, window_row
 from edgeserve.telemetry import LatencyHistogram
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
@@ -170,12 +172,22 @@ class Env:
         model = desired.models.get("toy") if desired is not None else None
         return dict(model.traffic) if model is not None else {}
 
+    def report_split(self, arms: list[str]) -> None:
+        """Every device reports (as its ``reported`` message would) the split applied."""
+        now = time.time()
+        with self.store.write() as conn:
+            conn.execute(sa.delete(device_models).where(device_models.c.model == "toy"))
+            conn.execute(sa.insert(device_models), [
+                {"device_id": f"d{i}", "model": "toy", "active": arms[0], "state": "committed",
+                 "traffic": json.dumps(dict.fromkeys(arms, 1.0)), "updated": now}
+                for i in range(DEVICES)])
+
     def feed(self, device: str, version: str, n: int, wins: int, **extra: Any) -> None:
         """One window of ``device`` answered by ``version`` carrying ``n`` rewards."""
         now = time.time()
         feedback = {"count": n, "rewarded": n, "reward_sum": float(wins),
                     "reward_sumsq": float(wins), **extra}
-        window = Window(seq=next(self.seq), start=now - 1, end=now, model="toy",
+        window = Window(seq=next(self.seq), start=now, end=now + 1, model="toy",
                         version=version, requests=n, feedback=feedback)  # type: ignore[arg-type]
         with self.store.write() as conn:
             store_windows(self.store, conn, [window_row(device, window, now)], now)
@@ -204,14 +216,19 @@ def env(tmp_path: Path, keypair: KeyPair) -> Iterator[Env]:
 
 
 def test_ab_split_is_pushed_decided_once_and_the_winner_promoted(env: Env) -> None:
-    """Devices running the model get the split (others nothing); at the horizon the test runs
-    once; stop --promote clears the split and hands the winner to the rollout engine."""
+    """Devices running the model get the split (others nothing) and count once they report it
+    applied; at the horizon the test runs once; stop --promote clears the split and hands the
+    winner to the rollout engine."""
     record = env.repo.create({"model": "toy", "arms": {"1.0.0": 50, "2.0.0": 50},
                               "min_samples": 200})
     assert env.controller.tick() == DEVICES
     assert env.desired_traffic("d0") == {"1.0.0": 0.5, "2.0.0": 0.5}
     assert env.desired_traffic("other") == {}
     assert env.controller.tick() == 0  # in line already: nothing rewritten
+    env.feed("d0", "1.0.0", 100, 50)  # served before d0 routed by the split: not counted
+    env.report_split(["1.0.0", "2.0.0"])
+    env.controller.tick()
+    assert set(env.repo.get(record.id).state.joined) == {f"d{i}" for i in range(DEVICES)}
     for i in range(DEVICES):
         env.feed(f"d{i}", "1.0.0", 40, 20)
         env.feed(f"d{i}", "2.0.0", 40, 30)
@@ -242,6 +259,7 @@ def test_bandit_pushes_at_a_bounded_rate(env: Env) -> None:
     """Thompson weights move toward the better arm, but at most once per push interval."""
     record = env.repo.create({"model": "toy", "kind": "bandit", "arms": {"1.0.0": 1, "2.0.0": 1},
                               "push_every_s": 10, "floor": 0.05, "min_samples": 100})
+    env.report_split(["1.0.0", "2.0.0"])
     t0 = time.time()
     env.controller.tick(t0)
     assert env.repo.get(record.id).state.pushes == 1
@@ -264,6 +282,7 @@ def test_bandit_per_group_learns_each_group(env: Env) -> None:
     """group_by=site: each site gets its own weights, and each device carries its site's."""
     record = env.repo.create({"model": "toy", "kind": "bandit", "group_by": "site",
                               "arms": {"1.0.0": 1, "2.0.0": 1}, "push_every_s": 1})
+    env.report_split(["1.0.0", "2.0.0"])
     t0 = time.time()
     env.controller.tick(t0)
     for i in range(DEVICES):
@@ -281,6 +300,8 @@ def test_bandit_per_group_learns_each_group(env: Env) -> None:
 def test_malformed_feedback_windows_are_left_out_and_reported(env: Env) -> None:
     """A window claiming 5 successes out of 2 binary rewards is not counted, and is named."""
     record = env.repo.create({"model": "toy", "arms": {"1.0.0": 1, "2.0.0": 1}})
+    env.report_split(["1.0.0", "2.0.0"])
+    env.controller.tick()
     env.feed("d0", "1.0.0", 10, 5)
     env.feed("d1", "2.0.0", 2, 5)
     report = status(env.store, env.repo.get(record.id))
