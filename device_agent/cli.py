@@ -1,4 +1,5 @@
-"""``edgeserve agent``: install, list, predict, batch, activate, rollback, remove, check, serve.
+"""``edgeserve agent``: install, list, predict, batch, activate, rollback, remove, check, serve,
+feedback.
 
 Every command takes ``--cache DIR`` (default: see :mod:`.config`) and ``--json``. The telemetry
 part adds ``agent run`` (serving + MQTT link) in ``run.py`` with the same options.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +23,13 @@ import numpy as np
 
 from edgeserve.cli import SuggestingGroup
 from edgeserve.console import console, emit, format_bytes, json_option, table
-from edgeserve.errors import ConfigError, InvalidInputError
+from edgeserve.errors import (
+    AuthError,
+    ConfigError,
+    EdgeserveError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 
 from .agent import Agent
 from .config import load_config, open_agent
@@ -292,6 +302,65 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
         finally:
             if grpc_handle is not None:
                 grpc_handle.stop()
+
+
+def _label(text: str | None) -> int | str | None:
+    """A class index when the text is a whole number, else a label name."""
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _post_feedback(url: str, model: str, body: dict[str, Any], token: str | None,
+                   timeout: float) -> dict[str, Any]:
+    """POST the feedback to a running agent; its error message becomes the matching error."""
+    endpoint = f"{url.rstrip('/')}/v2/models/{model}/feedback"
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return dict(json.loads(response.read() or b"{}"))
+    except urllib.error.HTTPError as exc:
+        try:
+            message = str(json.loads(exc.read()).get("error", exc.reason))
+        except ValueError:
+            message = str(exc.reason)
+        error = {400: InvalidInputError, 401: AuthError, 403: AuthError,
+                 404: ModelNotFoundError}.get(exc.code, EdgeserveError)
+        raise error(f"the agent refused the feedback ({exc.code}): {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"cannot reach the agent at {url}: {reason}; is 'edgeserve agent "
+                          "serve' or 'agent run' listening there?") from None
+
+
+@agent.command("feedback")
+@click.argument("prediction_id")
+@click.option("--model", required=True, help="The model that made the prediction.")
+@click.option("--reward", type=float, default=None,
+              help="A number, e.g. 1 (good) or 0 (bad) for binary outcomes.")
+@click.option("--label", default=None, help="The true label: a class index or a label name.")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+              envvar="EDGESERVE_AGENT_URL", help="The running agent's HTTP address.")
+@click.option("--token", default=None, envvar="EDGESERVE_AGENT_TOKEN",
+              help="Bearer token when the agent requires one.")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@json_option
+def feedback(prediction_id: str, model: str, reward: float | None, label: str | None, url: str,
+             token: str | None, timeout: float, as_json: bool) -> None:
+    """Attach a reward and/or the true label to a past prediction of a running agent."""
+    if reward is None and label is None:
+        raise InvalidInputError("feedback needs --reward, --label, or both")
+    body: dict[str, Any] = {"id": prediction_id}
+    if reward is not None:
+        body["reward"] = reward
+    if label is not None:
+        body["label"] = _label(label)
+    answer = _post_feedback(url, model, body, token, timeout)
+    emit(answer, as_json, lambda d: console.print(
+        f"feedback for {prediction_id} accepted ({d.get('model')} {d.get('model_version')})"))
 
 
 def _with_threads(a: Agent, threads: int) -> Any:

@@ -106,8 +106,10 @@ class FeedbackLog:
                                     f"{(classes or 1) - 1}")
         return label
 
-    def add(self, request_id: str, reward: Any = None, label: Any = None) -> Prediction:
-        """Attach feedback to a past prediction; raises InvalidInputError on anything wrong."""
+    def add(self, request_id: str, reward: Any = None, label: Any = None,
+            model: str | None = None) -> Prediction:
+        """Attach feedback to a past prediction; raises InvalidInputError on anything wrong
+        (``model``, when given, must be the model that made the prediction)."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidInputError("feedback needs the prediction id (a non-empty string) "
                                     "returned with the prediction")
@@ -119,6 +121,9 @@ class FeedbackLog:
             if entry is None or time.time() - entry.at > self.ttl_s:
                 raise InvalidInputError(f"unknown or expired prediction id {request_id!r}; "
                                         "feedback must name a recent prediction of this agent")
+            if model is not None and entry.model != model:
+                raise InvalidInputError(f"prediction {request_id!r} was made by model "
+                                        f"{entry.model!r}, not {model!r}")
             index = self._label(label, entry)
             if entry.answered:
                 raise InvalidInputError(f"prediction {request_id!r} already has feedback")

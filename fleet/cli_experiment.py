@@ -14,6 +14,7 @@ from typing import Any
 import click
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
@@ -112,14 +113,20 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 
 def _plan_line(d: dict[str, Any]) -> str:
-    p = d["plan"]
+    p, n = d["plan"], d["min_samples"]
+    if d["kind"] == "bandit":
+        return (f"a winner needs P(best) >= {1 - p['alpha']:.3g} and {n} samples; weights "
+                "follow the evidence until then")
     if d["metric"] == "p95_ms":
-        return f"decides at {d['min_samples']} requests per arm (non-overlapping intervals)"
+        return f"decides at {n} requests per arm (non-overlapping intervals of the p95)"
     if p.get("mde") is None:
-        return f"decides at {d['min_samples']} samples per arm"
-    return (f"{d['min_samples']} samples per arm (power {p['power']:g} to detect "
-            f"{p['mde']:.3g} at alpha {p['alpha']:g}; power calculation: "
-            f"{p['samples_per_arm']} per arm)")
+        return f"decides at {n} samples per arm"
+    if d.get("mde") is not None:
+        return (f"decides at {n} samples per arm (power calculation: {p['samples_per_arm']} "
+                f"per arm detect {p['mde']:.3g} with power {p['power']:g} at alpha "
+                f"{p['alpha']:g})")
+    return (f"decides at {n} samples per arm (detects {p['mde']:.3g} or more with power "
+            f"{p['power']:g} at alpha {p['alpha']:g})")
 
 
 def _arms_table(arms: list[dict[str, Any]]) -> Table:
@@ -158,8 +165,8 @@ def _view(reports: list[dict[str, Any]]) -> Group:
             parts.append("P(best): " + ", ".join(f"{v} {p:.3f}" for v, p in d["p_best"].items()))
         if d["rejected"]["windows"]:
             parts.append(f"[yellow]rejected {d['rejected']['windows']} window(s): "
-                         f"{d['rejected']['reason']}[/]")
-        parts.append(f"result: {d['result']}")
+                         f"{escape(str(d['rejected']['reason']))}[/]")
+        parts.append(f"result: {escape(str(d['result']))}")
         parts.append("")
     return Group(*(parts or ["no experiments"]))
 
