@@ -336,6 +336,8 @@ class Link:
         try:
             info = client.publish(self._topics["status"], self._status("offline", "stopped"),
                                   qos=1, retain=True)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return  # not connected (is_published would raise): the Last Will says offline
             deadline = time.monotonic() + 2.0
             while not info.is_published() and time.monotonic() < deadline:
                 if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
