@@ -9,6 +9,9 @@ next tick — and stores the state with a fresh status report (what the dashboar
 Desired revisions are published retained by the rollout controller; ``publish`` (its
 ``publish_pending``) is called right after a push so devices see new weights within the tick.
 
+While a rollout of the same model runs (one created by hand; ``create`` refuses to start an
+experiment during one) the controller writes no desired state for it and says so in the status.
+
 Stopping removes the split from every device of the model (each keeps its active version); with
 ``promote`` the winner — the A/B decision's, or for a bandit the arm that is best with
 probability >= 1 - alpha — is handed to the rollout engine as a new staged rollout.
@@ -150,7 +153,11 @@ class ExperimentController:
         if record.stop_request is not None:  # after advance: an A/B test at its horizon decides
             return self._finish(record_with(record, state), record.stop_request, groups,
                                 evidence, now)
-        writes = self._sync(spec, state, groups)
+        rollouts = Rollouts(self.store).find(active_only=True, model=spec.model)
+        # a rollout of the model owns its desired state until it ends: no tug of war
+        state.blocked = f"rollout {rollouts[0].id} of {spec.model} is running" if rollouts \
+            else None
+        writes = 0 if rollouts else self._sync(spec, state, groups)
         state.report = build_report(record_with(record, state), evidence, groups, now)
         self.experiments.save(record, state, now)
         return writes

@@ -118,4 +118,7 @@ def build_report(record: ExperimentRecord, collected: Collected,
         _bandit(spec, collected, pooled, state.weights, report)
     if state.done:
         report["result"] = f"stopped: {state.reason or 'by operator'} — {report['result']}"
+    elif state.blocked:
+        report["result"] = f"not pushing ({state.blocked}) — {report['result']}"
+    report["blocked"] = state.blocked
     return report

@@ -246,6 +246,8 @@ class ExperimentState(BaseModel):
     stopped: float | None = None
     reason: str | None = None
     rollout: str | None = Field(default=None, description="the rollout promoting the winner")
+    blocked: str | None = Field(default=None, description="why no desired state is written now "
+                                                          "(a rollout of the model runs)")
     report: dict[str, Any] | None = Field(default=None, description="the last computed status "
                                                                      "(read by the dashboard)")
 

@@ -193,9 +193,11 @@ class Env:
             store_windows(self.store, conn, [window_row(device, window, now)], now)
 
 
-@pytest.fixture
-def env(tmp_path: Path, keypair: KeyPair) -> Iterator[Env]:
-    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet="exp")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, keypair: KeyPair) -> Iterator[Env]:
+    url = (f"sqlite:///{tmp_path}/fleet.db" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    store = Store.open(url, fleet="exp")
     artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
     for release, version in enumerate(("1.0.0", "2.0.0", "3.0.0"), start=1):
         pkg = tmp_path / f"toy-{version}.edgepkg"
@@ -333,3 +335,20 @@ def test_stop_promote_without_a_winner_promotes_nothing(env: Env) -> None:
     assert final.phase == "stopped" and final.rollout is None
     assert "nothing promoted" in str(final.reason) and "horizon" in str(final.reason)
     assert json.loads(json.dumps(final.report))["state"] == "stopped"
+
+
+def test_no_pushes_while_a_rollout_of_the_model_runs(env: Env) -> None:
+    """A rollout created by hand during an experiment owns the model's desired state: the
+    experiment writes nothing (and says why) until it ends, then restores the split."""
+    record = env.repo.create({"model": "toy", "arms": {"1.0.0": 1, "2.0.0": 1}})
+    env.controller.tick()
+    rollouts = Rollouts(env.store)
+    rollout = rollouts.create({"model": "toy", "version": "3.0.0", "stages": [100]})
+    DesiredStates(env.store, env.artifacts, "http://127.0.0.1:1").set_model("d0", "toy", "3.0.0")
+    assert env.controller.tick() == 0 and env.desired_traffic("d0") == {}
+    report = env.repo.get(record.id).state.report
+    assert report is not None and rollout.id in str(report["blocked"])
+    assert "not pushing" in report["result"]
+    rollouts.save(rollout, rollout.state.model_copy(update={"phase": "completed"}), time.time())
+    assert env.controller.tick() == 1 and env.desired_traffic("d0") == {"1.0.0": 0.5,
+                                                                       "2.0.0": 0.5}
