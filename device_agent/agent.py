@@ -460,8 +460,12 @@ class Agent:
             outputs=outputs, latency_ms=latency, error=error, request_id=request_id,
             batch_size=batch, extra=loaded.extra if loaded else {})
         for observer in observers:
-            with contextlib.suppress(Exception):
+            # try/except rather than contextlib.suppress: this runs on every request, and the
+            # context manager costs about a microsecond per observer
+            try:  # noqa: SIM105
                 observer.on_inference(event)
+            except Exception:  # observers must never break serving
+                pass
         return latency
 
     # -- package data ------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Demo:
         self.http_port = http_port
         self.rate = rate
         self.outcome = Outcome()
-        self.server: Any = None
+        self.service: Any = None  # the fleet service, a child process
+        self.store: Any = None
         self.fleet: Any = None
         self._offline_from: dict[str, int] = {}
 
@@ -145,19 +146,22 @@ class Demo:
         return packages, keys / "release.pub.pem", v1
 
     def start_fleet(self, packages: dict[str, Path], public_key: Path) -> None:
-        from .fleet.server import FleetConfig, FleetServer
+        from .fleet.artifacts import ArtifactStore
+        from .fleet.store import Store
+        from .signing import TrustStore
+        from .sim import FleetChild
 
         started = time.monotonic()
-        self.server = FleetServer(FleetConfig(
-            fleet="demo", db=f"sqlite:///{self.work / 'fleet.db'}", broker=None,
-            embedded_port=_free_port(18830), http_port=_free_port(self.http_port),
-            artifacts_dir=self.work / "artifacts", trusted_keys=[public_key],
-            rollout_tick_s=0.5)).start()
+        self.service = FleetChild("demo", self.work, public_key, broker_port=_free_port(18830),
+                                  http_port=_free_port(self.http_port), tick_s=0.5).start()
+        self.store = Store.open(self.service.db_url, migrate=False)
+        artifacts = ArtifactStore(self.service.artifacts_dir, TrustStore.from_paths([public_key]))
         for path in packages.values():
-            self.server.artifacts.publish(path)
-        self.outcome.dashboard = f"{self.server.http_url}/"
-        console.print(f"fleet up: embedded MQTT broker {self.server.broker_url}, SQLite "
-                      f"{self.work / 'fleet.db'}\n[bold]dashboard: {self.outcome.dashboard}[/]")
+            artifacts.publish(path)
+        self.outcome.dashboard = f"{self.service.http_url}/"
+        console.print(f"fleet service up (its own process): embedded MQTT broker "
+                      f"{self.service.broker_url}, SQLite {self.work / 'fleet.db'}\n"
+                      f"[bold]dashboard: {self.outcome.dashboard}[/]")
         self._timed("fleet", started)
 
     def start_devices(self, public_key: Path, data: Any) -> None:
@@ -167,7 +171,7 @@ class Demo:
         traffic = Traffic(MODEL, {"input": data.x_test}, data.y_test, rate_per_s=self.rate)
         with console.status(f"starting {self.count} device agents"):
             self.fleet = SimFleet.build(self.count, DEVICE_PROFILES, self.work / "devices",
-                                        [public_key], self.server.broker_url, "demo",
+                                        [public_key], self.service.broker_url, "demo",
                                         traffic=traffic, window_s=2.0, prefix="edge").start()
         profiles = sorted({d.profile for d in self.fleet.devices})
         console.print(f"{self.count} devices running ({', '.join(profiles)}); each serves "
@@ -179,7 +183,7 @@ class Demo:
         from .fleet.rollouts.repo import Rollouts
 
         started = time.monotonic()
-        repo = Rollouts(self.server.store)
+        repo = Rollouts(self.store)
         record = repo.create({"model": MODEL, "version": version, **spec})
         with Live(self._status(record.id, label), console=console, refresh_per_second=4,
                   transient=True) as live:
@@ -212,7 +216,7 @@ class Demo:
     def _status(self, rollout_id: str, label: str) -> Table:
         from .fleet.rollouts.repo import Rollouts
 
-        record = Rollouts(self.server.store).get(rollout_id)
+        record = Rollouts(self.store).get(rollout_id)
         versions = self.fleet.versions(MODEL)
         status = Table(title=f"{label} — {record.state.phase}, stage {record.state.stage + 1}/"
                              f"{len(record.spec.stages)}", title_justify="left")
@@ -247,16 +251,16 @@ class Demo:
         self.fleet.wait_for(lambda: all(
             d.run.link.acked_seq >= since[d.device_id] + recorded[d.device_id] for d in away), 60)
         stored = 0
-        with self.server.store.read() as conn:
+        with self.store.read() as conn:
             for device in away:
                 stored += conn.execute(sa.select(sa.func.count()).select_from(windows).where(
                     windows.c.device_id == device.device_id,
                     windows.c.seq > since[device.device_id],
                     windows.c.seq <= since[device.device_id] + recorded[device.device_id])
                 ).scalar_one()
-        stats = self.server.service.ingestor.stats.snapshot()
+        duplicates = int(self.service.metric("edgeserve_fleet_ingest_duplicates_total"))
         self.outcome.offline = {"recorded": sum(recorded.values()), "stored": stored,
-                                "resent_copies_ignored": stats["duplicates"]}
+                                "resent_copies_ignored": duplicates}
         converged = self.fleet.wait_for(
             lambda: all(d.active_version(MODEL) == "2.0.0" for d in away), 60)
         console.print(f"backlog: {stored} of {sum(recorded.values())} offline windows stored "
@@ -292,8 +296,10 @@ class Demo:
     def stop(self) -> None:
         if self.fleet is not None:
             self.fleet.stop()
-        if self.server is not None:
-            self.server.stop()
+        if self.service is not None:
+            self.service.stop()
+        if self.store is not None:
+            self.store.close()
 
 
 def _report_table(report: dict[str, Any]) -> Table:

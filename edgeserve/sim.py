@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +35,7 @@ from .profiles import HardwareProfile, load_profile
 if TYPE_CHECKING:
     from .device_agent.run import AgentRun
 
-__all__ = ["SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
+__all__ = ["FleetChild", "SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +212,81 @@ class SimFleet:
                 return True
             time.sleep(interval)
         return bool(predicate())
+
+
+@dataclass
+class FleetChild:
+    """``edgeserve fleet serve`` in a child process, sharing a work directory with the caller.
+
+    The fleet is its own service in production; running it in its own process here also keeps
+    its work (queries, JSON, sketch merges) from competing with the simulated devices for this
+    interpreter, which would otherwise show up as latency in the very gates being tested. The
+    caller reads and writes the same SQLite store and artifact directory.
+    """
+
+    fleet: str
+    work: Path
+    trusted_key: Path
+    broker_port: int
+    http_port: int
+    broker: str | None = None
+    tick_s: float = 0.5
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.work / 'fleet.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.work / "artifacts"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker or f"mqtt://127.0.0.1:{self.broker_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60.0) -> FleetChild:
+        logs = self.work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "edgeserve", "fleet", "serve", "--fleet", self.fleet,
+                "--db", self.db_url, "--artifacts", str(self.artifacts_dir), "--trusted-key",
+                str(self.trusted_key), "--http-port", str(self.http_port), "--rollout-tick",
+                str(self.tick_s), "--log-level", "warning"]
+        args += ["--broker", self.broker] if self.broker else \
+            ["--broker-port", str(self.broker_port)]
+        with (logs / "fleet.log").open("ab") as log_file:
+            self.process = subprocess.Popen(args, stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EdgeserveError(f"the fleet service exited with {self.process.returncode};"
+                                     f" see {logs / 'fleet.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1):
+                    return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        self.stop()
+        raise EdgeserveError(f"the fleet service did not start within {timeout:g} s; see "
+                             f"{logs / 'fleet.log'}")
+
+    def metric(self, name: str) -> float:
+        """One unlabelled value from the fleet's Prometheus ``/metrics``."""
+        with urllib.request.urlopen(f"{self.http_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -106,3 +106,11 @@ def test_help_everywhere(group: str) -> None:
     """Every group answers --help."""
     result = run(group, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_cli_reference_is_current() -> None:
+    """docs/cli.md matches the commands (regenerate: python -m edgeserve.clidoc > docs/cli.md)."""
+    from edgeserve.clidoc import render
+
+    published = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    assert published == render()

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.rollouts.repo import Rollouts
-from edgeserve.fleet.server import FleetConfig, FleetServer
-from edgeserve.sim import SimFleet, Traffic
+from edgeserve.fleet.store import Store
+from edgeserve.sim import FleetChild, SimFleet, Traffic
 from edgeserve.testing import KeyPair, make_keypair
+from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,30 +101,31 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Packages]:
 
 @pytest.fixture
 def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
-           fleet_name: str) -> Iterator[tuple[FleetServer, SimFleet]]:
+           fleet_name: str) -> Iterator[tuple[Store, SimFleet]]:
+    """The fleet service in its own process (as in production), devices in this one."""
     host, port = mqtt_broker
-    server = FleetServer(FleetConfig(
-        fleet=fleet_name, db=f"sqlite:///{tmp_path}/fleet.db", broker=f"mqtt://{host}:{port}",
-        http_port=0, artifacts_dir=tmp_path / "artifacts",
-        trusted_keys=[packages.key.public_path], rollout_tick_s=0.25)).start()
-    assert server.artifacts is not None
+    service = FleetChild(fleet_name, tmp_path, packages.key.public_path, broker_port=0,
+                         http_port=free_port(), broker=f"mqtt://{host}:{port}",
+                         tick_s=0.25).start()
+    store = Store.open(service.db_url, migrate=False)
+    artifacts = ArtifactStore(service.artifacts_dir, packages.key.trust)
     for path in packages.paths.values():
-        server.artifacts.publish(path)
+        artifacts.publish(path)
     traffic = Traffic(MODEL, {"input": packages.x_test}, packages.y_test, rate_per_s=12)
     devices = SimFleet.build(DEVICES, [PROFILE], tmp_path / "devices",
                              [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
                              traffic=traffic, window_s=0.5, prefix=fleet_name).start()
     try:
-        yield server, devices
+        yield store, devices
     finally:
         devices.stop()
-        server.stop()
+        service.stop()
+        store.close()
 
 
-def _rollout(server: FleetServer, devices: SimFleet, version: str, timeout: float = 90,
+def _rollout(store: Store, devices: SimFleet, version: str, timeout: float = 90,
              **spec: object) -> str:
-    assert server.store is not None
-    repo = Rollouts(server.store)
+    repo = Rollouts(store)
     record = repo.create({"model": MODEL, "version": version, "stages": [10, 50, 100],
                           "soak_seconds": 2.0, "min_requests": 120, "min_devices": 2,
                           "gates": ["error_rate<=0.02", "p50_ms<=3*control"], **spec})
@@ -131,16 +134,15 @@ def _rollout(server: FleetServer, devices: SimFleet, version: str, timeout: floa
 
 
 def test_good_version_completes_and_bad_ones_are_rolled_back(
-        system: tuple[FleetServer, SimFleet]) -> None:
+        system: tuple[Store, SimFleet]) -> None:
     """v2 reaches every device; erroring, slow and disagreeing versions are stopped at stage 1."""
-    server, devices = system
-    assert server.store is not None
-    repo = Rollouts(server.store)
-    first = _rollout(server, devices, "1.0.0", stages=[100], gates=[])
-    assert repo.get(first).state.phase == "completed"
+    store, devices = system
+    repo = Rollouts(store)
+    first = _rollout(store, devices, "1.0.0", stages=[100], gates=[])
+    assert repo.get(first).state.phase == "completed", repo.get(first).state.reason
     assert devices.wait_for(lambda: devices.versions(MODEL) == {"1.0.0": DEVICES}, 30)
 
-    good = _rollout(server, devices, "2.0.0")
+    good = _rollout(store, devices, "2.0.0")
     state = repo.get(good).state
     assert state.phase == "completed", state.reason
     assert [h.event for h in state.history].count("stage") == 2  # 10% -> 50% -> 100%, no manual step
@@ -151,7 +153,7 @@ def test_good_version_completes_and_bad_ones_are_rolled_back(
             ("2.2.0", {"p50_ms<=3*control"}, {}),
             ("2.3.0", {"disagreement<=0.05"},
              {"strategy": "blue-green", "stages": [10, 100], "gates": ["disagreement<=0.05"]})):
-        rid = _rollout(server, devices, version, **extra)
+        rid = _rollout(store, devices, version, **extra)
         state = repo.get(rid).state
         assert state.phase == "rolled-back", (version, state.phase, state.reason)
         assert state.failed_gate in gate, (version, state.failed_gate, state.reason)
@@ -163,17 +165,17 @@ def test_good_version_completes_and_bad_ones_are_rolled_back(
     assert served > 1000
 
 
-def test_offline_device_converges_on_reconnect(system: tuple[FleetServer, SimFleet]) -> None:
+def test_offline_device_converges_on_reconnect(system: tuple[Store, SimFleet]) -> None:
     """A device offline for a whole rollout gets its desired version when it comes back."""
-    server, devices = system
-    assert server.store is not None
-    repo = Rollouts(server.store)
-    _rollout(server, devices, "1.0.0", stages=[100], gates=[])
+    store, devices = system
+    repo = Rollouts(store)
+    _rollout(store, devices, "1.0.0", stages=[100], gates=[])
     assert devices.wait_for(lambda: devices.versions(MODEL) == {"1.0.0": DEVICES}, 30)
     away = devices.devices[0]
     away.go_offline()
-    rid = _rollout(server, devices, "2.0.0", stages=[50, 100], silent_after_s=3.0)
-    assert repo.get(rid).state.phase == "completed"
+    rid = _rollout(store, devices, "2.0.0", stages=[50, 100], silent_after_s=3.0)
+    state = repo.get(rid).state
+    assert state.phase == "completed", state.reason
     assert away.active_version(MODEL) == "1.0.0"
     away.come_back()
     assert devices.wait_for(lambda: away.active_version(MODEL) == "2.0.0", 30)
