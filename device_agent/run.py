@@ -27,11 +27,11 @@ import click
 from edgeserve.console import console
 from edgeserve.contract import Desired, FileChunk, Reported, decode, encode
 from edgeserve.errors import ConfigError, ContractError
+from edgeserve.mqtt import BrokerSettings
 
 from .agent import Agent
 from .cli import agent_options
 from .config import load_config, open_agent
-from .telemetry.connection import BrokerSettings
 from .telemetry.link import Link, LinkSettings
 from .telemetry.monitor import Monitor
 from .telemetry.outbox import DEFAULT_MAX_BYTES, Outbox

@@ -79,8 +79,8 @@ class SimDevice:
                  seed: int = 0) -> None:
         from .device_agent.agent import Agent
         from .device_agent.run import AgentRun
-        from .device_agent.telemetry.connection import BrokerSettings
         from .device_agent.telemetry.link import LinkSettings
+        from .mqtt import BrokerSettings
 
         self.device_id = device_id
         self.profile = profile

@@ -1,7 +1,5 @@
-"""How the fleet reaches its MQTT broker: URL, credentials, TLS, protocol version.
+"""How the fleet connects to its MQTT broker (settings: :mod:`edgeserve.mqtt`).
 
-``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default port
-8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's.
 :func:`connect` opens a paho client and waits for the broker's CONNACK, trying MQTT 5 first and
 MQTT 3.1.1 when the broker refuses version 5 (``protocol="auto"``).
 """
@@ -11,100 +9,20 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 
-from edgeserve.errors import BrokerError, ConfigError
+from edgeserve.errors import BrokerError
+from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client
 
-__all__ = ["BrokerSettings", "BrokerUnreachableError", "Protocol", "connect"]
-
-Protocol = Literal["auto", "5", "3.1.1"]
-_VERSIONS: dict[str, MQTTProtocolVersion] = {"5": MQTTProtocolVersion.MQTTv5,
-                                            "3.1.1": MQTTProtocolVersion.MQTTv311}
+__all__ = ["BrokerSettings", "BrokerUnreachableError", "connect"]
 
 
 class BrokerUnreachableError(BrokerError):
     """No TCP/TLS connection to the broker (worth retrying, unlike a refused CONNECT)."""
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """Where and how to connect. ``protocol`` "auto" = MQTT 5, falling back to 3.1.1."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    tls_insecure: bool = False
-    protocol: Protocol = "auto"
-    keepalive: int = 30
-
-    @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
-        """Parse ``mqtt[s]://[user[:pass]@]host[:port]``; non-None ``overrides`` win."""
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-            raise ConfigError(f"broker URL {url!r} is not valid; expected mqtt://HOST[:PORT] or "
-                              "mqtts://HOST[:PORT] (user:password@ optional)")
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"broker URL {url!r} has a path; expected mqtt://HOST[:PORT]")
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError:
-            raise ConfigError(f"broker URL {url!r} has an invalid port") from None
-        settings = cls(host=parts.hostname, port=port, tls=tls,
-                       username=unquote(parts.username) if parts.username else None,
-                       password=unquote(parts.password) if parts.password else None)
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if given.get("ca_file") or given.get("cert_file"):
-            given.setdefault("tls", True)
-        return replace(settings, **given).checked()
-
-    def checked(self) -> BrokerSettings:
-        for what in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, what)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"{what.replace('_', ' ')} {path} does not exist or is not a "
-                                  "file; expected a PEM file")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("a client certificate needs both --cert-file and --key-file")
-        if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ConfigError(f"MQTT version {self.protocol!r} is not supported; expected auto, "
-                              "5 or 3.1.1")
-        return self
-
-    @property
-    def url(self) -> str:
-        """The broker URL without credentials (for logs and messages)."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def new_client(settings: BrokerSettings, client_id: str, version: MQTTProtocolVersion,
-               manual_ack: bool = False) -> mqtt.Client:
-    """A configured, unconnected paho client (callback API v2)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version,
-                         clean_session=False if version != mqtt.MQTTv5 else None,
-                         manual_ack=manual_ack)
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password)
-    if settings.tls:
-        client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                       certfile=str(settings.cert_file) if settings.cert_file else None,
-                       keyfile=str(settings.key_file) if settings.key_file else None,
-                       cert_reqs=ssl.CERT_REQUIRED)
-        if settings.tls_insecure:
-            client.tls_insecure_set(True)
-    return client
 
 
 @dataclass
@@ -124,9 +42,9 @@ def connect(settings: BrokerSettings, client_id: str, prepare: Callable[[mqtt.Cl
     versions = ["5", "3.1.1"] if settings.protocol == "auto" else [settings.protocol]
     last = "no attempt"
     for name in versions:
-        client = new_client(settings, client_id, _VERSIONS[name], manual_ack)
+        client = new_client(settings, client_id, VERSIONS[name], manual_ack)
         prepare(client)
-        outcome = _handshake(client, settings, connect_properties(_VERSIONS[name]), timeout)
+        outcome = _handshake(client, settings, connect_properties(VERSIONS[name]), timeout)
         if outcome.reason is not None and not outcome.reason.is_failure:
             # client.loop() made a wake-up socket pair; loop_start() makes its own and would
             # leak this one (an unclosed-socket ResourceWarning), so close it now.

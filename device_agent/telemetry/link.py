@@ -49,8 +49,8 @@ from edgeserve.contract import (
     parse_topic,
 )
 from edgeserve.errors import ContractError
+from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client
 
-from .connection import VERSIONS, BrokerSettings, new_client
 from .outbox import Outbox, Record
 
 __all__ = ["Link", "LinkSettings", "LinkStats"]

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from edgeserve.device_agent.telemetry.connection import BrokerSettings
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
+from edgeserve.mqtt import BrokerSettings
 
 
 def main(argv: list[str] | None = None) -> int:

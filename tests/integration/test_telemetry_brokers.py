@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.device_agent.telemetry.connection import BrokerSettings as AgentBroker
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.fleet.broker import EmbeddedBroker
@@ -20,6 +19,7 @@ from edgeserve.fleet.connection import BrokerSettings as FleetBroker
 from edgeserve.fleet.ingest import Ingestor
 from edgeserve.fleet.service import FleetService
 from edgeserve.fleet.store import Store
+from edgeserve.mqtt import BrokerSettings as AgentBroker
 from tests.integration.telemetry_support import store_counts, wait_for, window_fields
 from tests.services import free_port, start_mosquitto
 

@@ -20,11 +20,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeserve.contract import Ack, Status, decode, device_topic, encode
-from edgeserve.device_agent.telemetry.connection import BrokerSettings
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import ConfigError
 from edgeserve.fleet.broker import EmbeddedBroker
+from edgeserve.mqtt import BrokerSettings
 from tests.integration.telemetry_support import FleetProcess, store_counts, wait_for, window_fields
 from tests.services import MosquittoProcess, free_port, start_mosquitto
 

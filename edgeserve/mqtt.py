@@ -1,10 +1,9 @@
-"""How the agent reaches its MQTT broker: URL, credentials, TLS, protocol version.
+"""How agents and the fleet reach an MQTT broker: URL, credentials, TLS, protocol version.
 
 ``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default port
-8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's. The link
-(:mod:`.link`) drives the connection itself (protocol fallback, back-off); this module only
-describes the broker and builds paho clients. The fleet has its own copy of these few lines
-because parts never import each other.
+8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's. This module
+only describes the broker and builds paho clients (callback API v2); the agent's link and the
+fleet's services drive their connections. It needs paho-mqtt (the ``agent`` and ``fleet`` extras).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edgeserve.errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["VERSIONS", "BrokerSettings", "Protocol", "new_client"]
 
