@@ -4,8 +4,8 @@ Measures, in one run: the time from ``rollout create`` until every device runs a
 (stages 1/10/50/100 %, a few seconds of soak each), and until every device is back after a bad
 version (one that fails on some inputs) is rolled back. Devices are the real device stack
 (cache, ONNX Runtime, monitor, outbox, MQTT link, updater) in one process; the fleet is the real
-fleet service (store, ingestion, artifact endpoint, rollout controller) on Mosquitto (or the
-embedded broker when no Mosquitto listens on 127.0.0.1:1883).
+fleet service (store, ingestion, artifact endpoint, rollout controller) in its own process, on
+Mosquitto (or the embedded broker when no Mosquitto listens on 127.0.0.1:1883).
 
     .venv/bin/python bench/rollout.py [--devices 200] [--soak 3] [--record]
 """
@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.rollouts.repo import Rollouts
-from edgeserve.fleet.server import FleetConfig, FleetServer
-from edgeserve.sim import SimFleet, Traffic
+from edgeserve.fleet.store import Store
+from edgeserve.sim import FleetChild, SimFleet, Traffic
 from edgeserve.testing import make_keypair
 
 console = Console()
@@ -70,10 +71,9 @@ def _packages(root: Path, key_path: Path) -> tuple[dict[str, Path], np.ndarray, 
     return paths, v1.x_test, v1.y_test
 
 
-def _timed_rollout(server: FleetServer, devices: SimFleet, version: str, want: str,
+def _timed_rollout(store: Store, devices: SimFleet, version: str, want: str,
                    label: str, timeout: float, **spec: object) -> tuple[float, str, str | None]:
-    assert server.store is not None
-    repo = Rollouts(server.store)
+    repo = Rollouts(store)
     started = time.monotonic()
     record = repo.create({"model": "digits", "version": version, **spec})
     total = len(devices.devices)
@@ -105,33 +105,32 @@ def main() -> int:
         paths, x_test, y_test = _packages(root, key.private_path)
     broker = _mosquitto()
     fleet = f"bench-{os.getpid()}"
-    server = FleetServer(FleetConfig(
-        fleet=fleet, db=f"sqlite:///{root}/fleet.db", broker=broker, embedded_port=18830,
-        http_port=0, artifacts_dir=root / "artifacts", trusted_keys=[key.public_path],
-        rollout_tick_s=0.5)).start()
-    assert server.artifacts is not None
+    service = FleetChild(fleet, root, key.public_path, broker_port=18830, http_port=18080,
+                         broker=broker, tick_s=0.5).start()
+    store = Store.open(service.db_url, migrate=False)
+    artifacts = ArtifactStore(service.artifacts_dir, key.trust)
     for path in paths.values():
-        server.artifacts.publish(path)
-    broker_url = server.broker_url or ""
+        artifacts.publish(path)
     with console.status(f"starting {args.devices} devices"):
         devices = SimFleet.build(args.devices, [PROFILE], root / "devices", [key.public_path],
-                                 broker_url, fleet, Traffic("digits", {"input": x_test}, y_test,
-                                                            rate_per_s=args.rate),
+                                 service.broker_url, fleet, Traffic("digits", {"input": x_test},
+                                                                    y_test, rate_per_s=args.rate),
                                  window_s=1.0, prefix="bench").start()
     try:
         spec = {"soak_seconds": args.soak, "min_requests": 100, "silent_after_s": 30,
                 "gates": ["error_rate<=0.02", "p95_ms<=3*control"]}
-        base, _, _ = _timed_rollout(server, devices, "1.0.0", "1.0.0", "deploy 1.0.0", 300,
+        base, _, _ = _timed_rollout(store, devices, "1.0.0", "1.0.0", "deploy 1.0.0", 300,
                                     stages=[100], gates=[], soak_seconds=0)
-        good, good_phase, _ = _timed_rollout(server, devices, "2.0.0", "2.0.0",
+        good, good_phase, _ = _timed_rollout(store, devices, "2.0.0", "2.0.0",
                                              "canary 2.0.0 (1/10/50/100 %)", 600,
                                              stages=[1, 10, 50, 100], **spec)
-        bad, bad_phase, gate = _timed_rollout(server, devices, "2.1.0", "2.0.0",
+        bad, bad_phase, gate = _timed_rollout(store, devices, "2.1.0", "2.0.0",
                                               "canary 2.1.0 (fails on some inputs)", 600,
                                               stages=[1, 10, 50, 100], **spec)
     finally:
         devices.stop()
-        server.stop()
+        service.stop()
+        store.close()
     table = Table(title=f"rollouts over {args.devices} devices (soak {args.soak:g} s per stage)")
     for column in ("rollout", "outcome", "time to converge"):
         table.add_column(column)

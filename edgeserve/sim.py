@@ -187,10 +187,12 @@ class SimFleet:
         return cls(devices)
 
     def start(self) -> SimFleet:
-        # Many devices share one interpreter here; with the default 5 ms GIL switch interval a
-        # request can wait that long for the interpreter, which would drown the latency
-        # differences between model versions that rollout gates are meant to see.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        # Devices share one interpreter: with the default 5 ms GIL switch interval a request can
+        # wait that long for it, blurring the latency differences rollout gates look at. A
+        # shorter interval helps a few dozen devices, but every waiting thread wakes once per
+        # interval, so with hundreds of devices (thousands of threads) it would thrash.
+        if len(self.devices) <= 50:
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         for device in self.devices:
             device.start()
         return self
