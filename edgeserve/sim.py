@@ -11,7 +11,10 @@ Like the demo, this module ties the parts together, so it imports them lazily.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import random
 import re
 import signal
@@ -35,7 +38,7 @@ from .profiles import HardwareProfile, load_profile
 if TYPE_CHECKING:
     from .device_agent.run import AgentRun
 
-__all__ = ["FleetChild", "SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
+__all__ = ["FleetChild", "ProcessFleet", "SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +180,27 @@ class SimFleet:
     @classmethod
     def build(cls, count: int, profiles: list[str], root: Path, trusted_keys: Iterable[Path],
               broker_url: str, fleet: str, traffic: Traffic | None = None,
-              window_s: float = 2.0, prefix: str = "dev") -> SimFleet:
+              window_s: float = 2.0, prefix: str = "dev",
+              ids: Iterable[int] | None = None) -> SimFleet:
+        """``count`` devices ``{prefix}-000`` … (or only the numbers in ``ids``)."""
         keys = list(trusted_keys)
         devices = [
             SimDevice(f"{prefix}-{i:03d}", profiles[i % len(profiles)], root, keys, broker_url,
                       fleet, window_s=window_s, labels={"site": f"site-{i % 3}"},
                       traffic=traffic, seed=i)
-            for i in range(count)]
+            for i in (range(count) if ids is None else ids)]
         return cls(devices)
 
-    def start(self) -> SimFleet:
-        # Devices share one interpreter: with the default 5 ms GIL switch interval a request can
-        # wait that long for it, blurring the latency differences rollout gates look at. A
-        # shorter interval helps a few dozen devices, but every waiting thread wakes once per
-        # interval, so with hundreds of devices (thousands of threads) it would thrash.
-        if len(self.devices) <= 50:
+    def start(self, short_switch: bool | None = None) -> SimFleet:
+        """Start every device. ``short_switch`` (default: with at most 50 devices) sets a 1 ms
+        GIL switch interval for this process.
+
+        Devices share one interpreter: with the default 5 ms interval a request can wait that
+        long for the GIL, blurring the latency differences rollout gates look at. A shorter
+        interval helps a few dozen lightly loaded devices, but every thread that wants the GIL
+        is switched in once per interval, so on a saturated machine (hundreds of devices) it
+        turns into a thousand context switches per thread per second."""
+        if short_switch if short_switch is not None else len(self.devices) <= 50:
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         for device in self.devices:
             device.start()
@@ -214,6 +223,94 @@ class SimFleet:
                 return True
             time.sleep(interval)
         return bool(predicate())
+
+
+class ProcessFleet:
+    """Many devices spread over worker processes (``SimFleet.build`` arguments, split evenly).
+
+    One interpreter holds a few dozen devices well; hundreds need more than one: their threads
+    queue for one GIL, and paho's ``select()`` loop cannot watch a socket whose descriptor
+    number passes 1023, which a process with ~150 devices (cache, outbox and feedback
+    databases, sockets) reaches. Each worker runs an ordinary :class:`SimFleet` and answers
+    :meth:`versions` over a pipe. ``nice`` lowers the workers' CPU priority, so that the fleet
+    service, which in production has a machine of its own, is not starved by a thousand device
+    threads on the same two cores.
+    """
+
+    def __init__(self, count: int, processes: int, profiles: list[str], root: Path,
+                 trusted_keys: Iterable[Path], broker_url: str, fleet: str,
+                 traffic: Traffic | None = None, window_s: float = 2.0,
+                 prefix: str = "dev", nice: int = 0) -> None:
+        self.count = count
+        context = multiprocessing.get_context("spawn")
+        self._workers: list[tuple[Any, Any]] = []
+        ids = list(range(count))
+        for n in range(max(1, min(processes, count))):
+            mine = ids[n::max(1, min(processes, count))]
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_fleet_worker, name=f"sim-fleet-{n}", daemon=True,
+                args=(child, mine, profiles, root, list(trusted_keys), broker_url, fleet,
+                      traffic, window_s, prefix, nice))
+            self._workers.append((process, parent))
+
+    def start(self, timeout: float = 300.0) -> ProcessFleet:
+        for process, _ in self._workers:
+            process.start()
+        for process, pipe in self._workers:
+            if not pipe.poll(timeout):
+                self.stop()
+                raise EdgeserveError(f"{process.name} did not start its devices within "
+                                     f"{timeout:g} s")
+            reply = pipe.recv()
+            if reply != "started":
+                self.stop()
+                raise EdgeserveError(f"{process.name} failed to start its devices: {reply}")
+        return self
+
+    def versions(self, model: str) -> Counter[str | None]:
+        total: Counter[str | None] = Counter()
+        for _, pipe in self._workers:
+            pipe.send(("versions", model))
+            total.update(pipe.recv())
+        return total
+
+    def stop(self) -> None:
+        for process, pipe in self._workers:
+            if process.is_alive():
+                with contextlib.suppress(OSError):  # it is going already
+                    pipe.send(("stop", None))
+        for process, _ in self._workers:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _fleet_worker(pipe: Any, ids: list[int], profiles: list[str], root: Path,
+                  keys: list[Path], broker_url: str, fleet: str, traffic: Traffic | None,
+                  window_s: float, prefix: str, nice: int) -> None:
+    """One :class:`ProcessFleet` worker: build and start its devices, answer, stop."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if nice:
+        os.nice(nice)
+    try:
+        devices = SimFleet.build(len(ids), profiles, root, keys, broker_url, fleet, traffic,
+                                 window_s, prefix, ids).start(short_switch=False)
+    except Exception as exc:
+        pipe.send(f"{type(exc).__name__}: {exc}")
+        return
+    pipe.send("started")
+    try:
+        while True:
+            command, argument = pipe.recv()
+            if command == "stop":
+                break
+            pipe.send(devices.versions(argument))
+    except EOFError:
+        pass  # the parent went away
+    finally:
+        devices.stop()
 
 
 @dataclass
