@@ -24,8 +24,13 @@ from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
 
 from .artifacts import ArtifactStore
-from .cli_options import artifacts_option, db_option, default_artifacts_dir
-from .cli_rollout import _duration, _labels
+from .cli_options import (
+    artifacts_option,
+    db_option,
+    default_artifacts_dir,
+    parse_duration,
+    parse_labels,
+)
 from .experiments.controller import status
 from .experiments.repo import ExperimentRecord, Experiments
 from .experiments.spec import parse_arms
@@ -92,9 +97,9 @@ def experiment_create(model: str, arms: str, kind: str, metric: str, binary: boo
         "model": model, "kind": kind, "arms": weights, "metric": metric,
         "binary": binary if binary is not None else metric != "p95_ms",
         "min_samples": min_samples, "mde": mde, "baseline": baseline, "stddev": stddev,
-        "alpha": alpha, "power": power, "floor": floor, "push_every_s": _duration(push_every),
+        "alpha": alpha, "power": power, "floor": floor, "push_every_s": parse_duration(push_every),
         "group_by": group_by,
-        "selector": {"profiles": list(profiles), "labels": _labels(labels),
+        "selector": {"profiles": list(profiles), "labels": parse_labels(labels),
                      "devices": list(device_ids)}}
     with Store.open(db or default_url()) as store:
         record = Experiments(store).create(spec)
@@ -244,7 +249,7 @@ def experiment_stop(experiment_id: str, promote: bool, reason: str, stages: str 
             raise click.BadParameter(f"{stages!r} is not a comma-separated list of "
                                      "percentages", param_hint="--stages") from None
     if soak is not None:
-        rollout["soak_seconds"] = _duration(soak)
+        rollout["soak_seconds"] = parse_duration(soak)
     with Store.open(db or default_url(), migrate=False) as store:
         repo = Experiments(store)
         record = repo.get(experiment_id)

@@ -8,7 +8,6 @@ rollout controller inside ``edgeserve fleet serve`` carries rollouts out. Operat
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,14 @@ from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
 
 from .artifacts import ArtifactStore
-from .cli_options import artifacts_option, db_option, default_artifacts_dir, trusted_keys_option
+from .cli_options import (
+    artifacts_option,
+    db_option,
+    default_artifacts_dir,
+    parse_duration,
+    parse_labels,
+    trusted_keys_option,
+)
 from .rollouts.controller import device_views
 from .rollouts.repo import RolloutRecord, Rollouts
 from .store import Store, default_url
@@ -61,27 +67,6 @@ def publish_command(package: Path, artifacts_dir: Path | None, trusted_keys: tup
 @click.group("rollout", cls=SuggestingGroup)
 def rollout() -> None:
     """Create, watch and steer rollouts of model versions."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
-
-def _duration(text: str) -> float:
-    """Seconds from ``90``, ``90s``, ``5m``, ``2h`` or ``1d``."""
-    match = _DURATION.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration; expected e.g. 30, 30s, 5m, 2h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-
-
-def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"label {pair!r} is not KEY=VALUE", param_hint="--label")
-        key, value = pair.split("=", 1)
-        out[key] = value
-    return out
 
 
 @rollout.command("create")
@@ -132,11 +117,11 @@ def rollout_create(model: str, version: str, strategy: str, stages: str,
                                  param_hint="--stages") from None
     spec: dict[str, Any] = {
         "model": model, "version": version, "strategy": strategy, "stages": stage_list,
-        "soak_seconds": _duration(soak), "soak_inferences": soak_inferences,
+        "soak_seconds": parse_duration(soak), "soak_inferences": soak_inferences,
         "min_requests": min_requests, "min_devices": min_devices,
-        "max_failed_devices": max_failed_devices, "silent_after_s": _duration(silent_after),
+        "max_failed_devices": max_failed_devices, "silent_after_s": parse_duration(silent_after),
         "auto_promote": not manual, "shadow_sample_rate": shadow_sample,
-        "selector": {"profiles": list(profiles), "labels": _labels(labels),
+        "selector": {"profiles": list(profiles), "labels": parse_labels(labels),
                      "devices": list(device_ids)},
     }
     if no_gates:
