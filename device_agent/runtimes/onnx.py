@@ -72,9 +72,13 @@ class OnnxRuntime:
         self.inputs = [_info(a) for a in self._session.get_inputs()]
         self.outputs = [_info(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        # A failing request raises (the agent turns it into an InferenceError and counts it);
+        # ORT would also print it to stderr, past the application's logging, once per request.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._session.run(self._output_names, feeds))
+        return list(self._session.run(self._output_names, feeds, self._run_options))
 
     def close(self) -> None:
         with contextlib.suppress(AttributeError):
