@@ -9,13 +9,15 @@
 (b) Bytes on the wire per window: MQTT payload bytes of a batch / windows, for a counts +
     latency window and for one with input/output sketches and drift (the 4→3 toy MLP).
 (c) Monitoring overhead per inference: ``Agent.predict`` with the monitoring observer vs
-    without, on real ONNX Runtime models (4→16→3 MLP and a 3×32×32 CNN), interleaved rounds,
-    median ratio.
+    without, on real ONNX Runtime models (4→16→3 MLP, a 3×32×32 CNN and a ~1 ms 3×128×128
+    CNN), blocks of calls interleaved in shuffled order, calling-thread CPU time; µs overhead
+    per call and the ratio, end to end and for the observer hook timed on its own.
 
 Usage::
 
     .venv/bin/python bench/telemetry.py                  # everything
     .venv/bin/python bench/telemetry.py --skip-postgres  # SQLite only
+    .venv/bin/python bench/telemetry.py --only overhead  # one part (repeatable)
     .venv/bin/python bench/telemetry.py --json           # machine-readable
 
 Needs Mosquitto on 127.0.0.1:1883 (or ``--port``) and, for PostgreSQL, a server on
@@ -184,14 +186,46 @@ def bench_bytes() -> dict[str, Any]:
 
 # -- (c) monitoring overhead ------------------------------------------------------------------
 
-def _cnn_package(path: Path, key: Any) -> Path:
-    model = cnn_onnx()
-    calibration = np.random.default_rng(1).normal(size=(200, 3, 32, 32)).astype(np.float32)
+def _large_cnn_onnx(seed: int = 0, size: int = 128) -> bytes:
+    """``x`` float32 [N, 3, size, size] → three 3×3 convolutions (32, 64, 64 channels, the last
+    two with stride 2) → global pool → ``y`` [N, 10]: about 1 ms per image on one core here, the
+    order of a small vision model on an edge CPU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, shape: tuple[int, ...], scale: float) -> Any:
+        return numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+
+    inits = [weight("c1", (32, 3, 3, 3), 0.3), weight("c2", (64, 32, 3, 3), 0.06),
+             weight("c3", (64, 64, 3, 3), 0.04), weight("fc", (64, 10), 1.0)]
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "c2"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Conv", ["d", "c3"], ["e"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["e"], ["f"]),
+             helper.make_node("GlobalAveragePool", ["f"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["h"]),
+             helper.make_node("MatMul", ["h", "fc"], ["i"]),
+             helper.make_node("Softmax", ["i"], ["y"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "cnn_large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _image_package(path: Path, key: Any, name: str, model: bytes, size: int) -> Path:
+    """A signed package of an image classifier 3×size×size → 10 with a drift reference."""
+    calibration = np.random.default_rng(1).normal(size=(100, 3, size, size)).astype(np.float32)
     stats = ReferenceStats.from_arrays({"x": calibration}, {"y": run_onnx(model, calibration)},
                                        layouts={"x": "NCHW"}, classifier_outputs=("y",))
     manifest = make_manifest(
-        name="cnn", reference="reference/stats.json",
-        inputs=[{"name": "x", "dtype": "float32", "shape": ["batch", 3, 32, 32],
+        name=name, reference="reference/stats.json",
+        inputs=[{"name": "x", "dtype": "float32", "shape": ["batch", 3, size, size],
                  "layout": "NCHW"}],
         outputs=[{"name": "y", "dtype": "float32", "shape": ["batch", 10]}],
         labels=[str(i) for i in range(10)])
@@ -204,7 +238,8 @@ def _cnn_package(path: Path, key: Any) -> Path:
 def _one_thread(agent: Agent) -> Any:
     """The agent's profile with one ONNX Runtime thread: on this shared 2-core machine, idle
     spinning pool threads would otherwise slow down whatever Python runs after each inference
-    and make any observer look expensive."""
+    and make any observer look expensive; and with one thread, the calling thread's CPU time is
+    the whole inference."""
     runtimes = agent.profile.runtimes
     assert runtimes.onnxruntime is not None
     ort = runtimes.onnxruntime.model_copy(update={"intra_op_threads": 1})
@@ -212,21 +247,62 @@ def _one_thread(agent: Agent) -> Any:
         update={"onnxruntime": ort})})
 
 
-def _observer_cost(monitor: Monitor, event: InferenceEvent, calls: int, rounds: int) -> float:
-    """CPU µs per on_inference call (best block; thread CPU time ignores other processes)."""
+def _cpu_us(fn: Any, calls: int, rounds: int, after: Any = None) -> float:
+    """Best block's calling-thread CPU µs per ``fn()`` call (thread CPU time ignores other
+    processes; the best block is the one least disturbed by them)."""
     best = float("inf")
     for _ in range(rounds):
         started = time.thread_time()
         for _ in range(calls):
-            monitor.on_inference(event)
+            fn()
         best = min(best, (time.thread_time() - started) / calls * 1e6)
-        monitor.flush()
+        if after is not None:
+            after()
     return best
 
 
-def bench_overhead(rounds: int, calls: int) -> list[dict[str, Any]]:
-    """Per model: the observer's own CPU cost per inference (isolated, precise), and
-    Agent.predict with vs without monitoring (blocks in shuffled order; best and median)."""
+def _hook_costs(agent: Agent, model: str, x: np.ndarray,
+                monitor: Monitor) -> tuple[float, float]:
+    """Isolated CPU µs per request of (the agent's observer hook with ``monitor`` attached minus
+    the same hook with no observer, ``monitor.on_inference`` alone on a real event).
+
+    The hook is ``Agent._notify``, what ``predict`` runs after the runtime returns: with an
+    observer it builds the InferenceEvent and calls each observer. Timing it apart from the
+    runtime resolves fractions of a µs that the end-to-end blocks cannot on a shared machine."""
+    loaded = agent.model(model)
+    inputs = {"x": x}
+    outputs = agent.predict(model, inputs).outputs
+    start = time.perf_counter()
+    observers = agent._observers
+    try:
+        agent._observers = []
+        bare = _cpu_us(lambda: agent._notify(model, None, loaded, inputs, outputs, start, None,
+                                              None), 5000, 7)
+        agent._observers = [monitor]
+        hooked = _cpu_us(lambda: agent._notify(model, None, loaded, inputs, outputs, start,
+                                                None, None), 5000, 7, monitor.flush)
+    finally:
+        agent._observers = observers
+    event = InferenceEvent(model, loaded.version, inputs, outputs, 0.5)
+    alone = _cpu_us(lambda: monitor.on_inference(event), 5000, 7, monitor.flush)
+    return hooked - bare, alone
+
+
+OVERHEAD_MODELS = [  # model name, title, input shape (batch 1)
+    ("toy", "MLP 4→16→3", (1, 4)),
+    ("cnn", "CNN 3×32×32", (1, 3, 32, 32)),
+    ("cnn_large", "CNN 3×128×128", (1, 3, 128, 128)),
+]
+
+
+def bench_overhead(rounds: int, block_ms: float) -> list[dict[str, Any]]:
+    """Per model and monitoring mode: ``Agent.predict`` CPU µs per call without and with the
+    monitor, in blocks of ~``block_ms`` (at least 200 calls) run in shuffled order each round
+    (best block and median). Each monitored block is one monitoring window, sketching included:
+    the default samples at most ~200 requests/s on a stride that starts from the previous
+    window's rate, which the interleaving dilutes, so the first 32 requests of a block are
+    sketched more often than in steady serving. Also the observer hook's cost on its own (no
+    sketching: its loop runs far above the sketch rate)."""
     results = []
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +310,9 @@ def bench_overhead(rounds: int, calls: int) -> list[dict[str, Any]]:
         key = make_keypair(root / "keys")
         agent = Agent(root / "cache", trusted_keys=[key.public_path], warmup=True)
         agent.install(mlp_package(root / "toy.edgepkg", key))
-        agent.install(_cnn_package(root / "cnn.edgepkg", key))
+        agent.install(_image_package(root / "cnn.edgepkg", key, "cnn", cnn_onnx(), 32))
+        agent.install(_image_package(root / "large.edgepkg", key, "cnn_large",
+                                     _large_cnn_onnx(), 128))
         agent.close()
         agent = Agent(root / "cache", trusted_keys=[key.public_path], warmup=True)
         agent.profile = _one_thread(agent)
@@ -244,51 +322,63 @@ def bench_overhead(rounds: int, calls: int) -> list[dict[str, Any]]:
             "every request": Monitor(Outbox(root / "b.db"), references=agent.reference_stats,
                                      health=lambda: None, max_sketch_rate=None),
         }
-        cases = [("toy", "MLP 4→16→3, batch 1", rng.normal(size=(1, 4)).astype(np.float32)),
-                 ("cnn", "CNN 3×32×32, batch 1",
-                  rng.normal(size=(1, 3, 32, 32)).astype(np.float32))]
-        for model, title, x in cases:
+        for model, title, shape in OVERHEAD_MODELS:
+            x = rng.normal(size=shape).astype(np.float32)
             version = agent.active_version(model)
             for monitor in monitors.values():
                 monitor.watch(model, version)
-            outputs = agent.predict(model, {"x": x}).outputs
-            n = calls if model == "toy" else max(100, calls // 8)
-            times: dict[str, list[float]] = {"off": [], **{k: [] for k in monitors}}
-            order = list(times)
-            with Progress(console=console, transient=True) as progress:
-                task = progress.add_task(f"overhead {model}", total=rounds)
-                for _ in range(rounds):
-                    rng.shuffle(order)
-                    for condition in order:
-                        monitor = monitors.get(condition)
-                        if monitor is not None:
-                            agent.add_observer(monitor)
-                        started = time.thread_time()
-                        for _ in range(n):
-                            agent.predict(model, {"x": x})
-                        times[condition].append((time.thread_time() - started) / n * 1e6)
-                        if monitor is not None:
-                            agent.remove_observer(monitor)
-                            monitor.flush()
-                    progress.advance(task)
+            per_call = _cpu_us(lambda m=model, x=x: agent.predict(m, {"x": x}), 20, 3)
+            # at least 200 calls, so that every block (a fresh window) reaches the monitor's
+            # in-window restride (after 32 requests) even for the ~1 ms model
+            n = max(200, round(block_ms * 1000 / per_call))
+            times = _interleaved(agent, model, x, monitors, rounds, n)
             base, base_median = min(times["off"]), statistics.median(times["off"])
-            event = InferenceEvent(model, version, {"x": x}, outputs, 0.5)
             for condition, monitor in monitors.items():
-                cost = _observer_cost(monitor, event, 2000, 7)
-                on = min(times[condition])
+                hook, alone = _hook_costs(agent, model, x, monitor)
+                on, on_median = min(times[condition]), statistics.median(times[condition])
                 results.append({
-                    "model": title, "monitoring": condition,
-                    "predict_us_off": round(base, 1), "predict_us_on": round(on, 1),
-                    "median_us_off": round(base_median, 1),
-                    "median_us_on": round(statistics.median(times[condition]), 1),
-                    "ratio_end_to_end": round(on / base, 3),
-                    "observer_us": round(cost, 2), "ratio_observer": round(1 + cost / base, 4),
+                    "model": f"{title}, batch 1", "monitoring": condition,
+                    "predict_us_off": round(base, 2), "predict_us_on": round(on, 2),
+                    "overhead_us": round(on - base, 2), "ratio": round(on / base, 4),
+                    "median_us_off": round(base_median, 2), "median_us_on": round(on_median, 2),
+                    "median_ratio": round(on_median / base_median, 4),
+                    "hook_us": round(hook, 3), "hook_ratio": round(1 + hook / base, 4),
+                    "observer_us": round(alone, 3),
                     "calls_per_block": n, "rounds": rounds})
         agent.close()
     return results
 
 
+def _interleaved(agent: Agent, model: str, x: np.ndarray, monitors: dict[str, Monitor],
+                 rounds: int, n: int) -> dict[str, list[float]]:
+    """CPU µs per predict for each condition ("off" and each monitor), one block of ``n`` calls
+    per condition per round, in a fresh random order each round."""
+    rng = np.random.default_rng(1)
+    times: dict[str, list[float]] = {"off": [], **{k: [] for k in monitors}}
+    order = list(times)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"overhead {model}", total=rounds)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for condition in order:
+                monitor = monitors.get(condition)
+                if monitor is not None:
+                    agent.add_observer(monitor)
+                started = time.thread_time()
+                for _ in range(n):
+                    agent.predict(model, {"x": x})
+                times[condition].append((time.thread_time() - started) / n * 1e6)
+                if monitor is not None:
+                    agent.remove_observer(monitor)
+                    monitor.flush()
+            progress.advance(task)
+    return times
+
+
 # -- main -------------------------------------------------------------------------------------
+
+PARTS = ("ingest", "bytes", "overhead")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -297,30 +387,40 @@ def main() -> None:
         "EDGESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true", help="only (b) and (c)")
+    parser.add_argument("--only", action="append", choices=PARTS,
+                        help="run only this part (repeatable); the other parts' results in "
+                             "bench/out/telemetry.json are kept")
     parser.add_argument("--devices", type=int, default=300)
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--calls", type=int, default=800)
+    parser.add_argument("--rounds", type=int, default=25, help="(c): blocks per condition")
+    parser.add_argument("--block-ms", type=float, default=50.0,
+                        help="(c): CPU time per block of predict calls")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
-    ingest = []
-    if not args.skip_ingest:
+    parts = set(args.only or PARTS) - ({"ingest"} if args.skip_ingest else set())
+    results: dict[str, Any] = {"ingest": [], "bytes": None, "overhead": []}
+    if args.only and OUT.is_file():
+        results.update(json.loads(OUT.read_text()))
+    results["machine"] = {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())}
+    if "ingest" in parts:
+        ingest = []
         with tempfile.TemporaryDirectory() as tmp:
             ingest.append(bench_ingest(f"sqlite:///{tmp}/fleet.db", args.port, args.devices,
                                        args.windows, args.batch, "SQLite"))
         if not args.skip_postgres:
             ingest.append(_bench_pg(args))
-    results["ingest"] = ingest
-    results["bytes"] = bench_bytes()
-    results["overhead"] = bench_overhead(args.rounds, args.calls)
+        results["ingest"] = ingest
+    if "bytes" in parts:
+        results["bytes"] = bench_bytes()
+    if "overhead" in parts:
+        results["overhead"] = bench_overhead(args.rounds, args.block_ms)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    _render(results)
+    _render(results, parts)
 
 
 def _bench_pg(args: argparse.Namespace) -> dict[str, Any]:
@@ -338,28 +438,33 @@ def _bench_pg(args: argparse.Namespace) -> dict[str, Any]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def _render(results: dict[str, Any]) -> None:
-    out = Console()
-    t = Table(title="fleet ingestion (backlog queued in Mosquitto, then drained)")
-    for col in ("store", "windows", "seconds", "windows/s", "insert-only windows/s",
-                "payload B/window"):
-        t.add_column(col)
-    for r in results["ingest"]:
-        t.add_row(r["db"], str(r["stored"]), str(r["seconds"]), str(r["windows_per_s"]),
-                  str(r["insert_only_windows_per_s"]), str(r["payload_bytes_per_window"]))
-    out.print(t)
-    b = results["bytes"]
-    out.print(f"bytes per window: {b['counts_latency_bytes']} (counts + latency), "
-              f"{b['with_sketches_drift_bytes']} (with sketches and drift)")
-    t = Table(title="monitoring overhead per inference (CPU time of the calling thread)")
-    for col in ("model", "sketching", "predict µs off", "predict µs on", "end-to-end ratio",
-                "observer µs", "observer ratio"):
-        t.add_column(col)
-    for r in results["overhead"]:
-        t.add_row(r["model"], r["monitoring"], str(r["predict_us_off"]), str(r["predict_us_on"]),
-                  f"{r['ratio_end_to_end']:.3f}", str(r["observer_us"]),
-                  f"{r['ratio_observer']:.4f}")
-    out.print(t)
+def _render(results: dict[str, Any], parts: set[str]) -> None:
+    out = Console() if sys.stdout.isatty() else Console(width=160)  # a file: wide rows, unwrapped
+    if "ingest" in parts:
+        t = Table(title="fleet ingestion (backlog queued in Mosquitto, then drained)")
+        for col in ("store", "windows", "seconds", "windows/s", "insert-only windows/s",
+                    "payload B/window"):
+            t.add_column(col)
+        for r in results["ingest"]:
+            t.add_row(r["db"], str(r["stored"]), str(r["seconds"]), str(r["windows_per_s"]),
+                      str(r["insert_only_windows_per_s"]), str(r["payload_bytes_per_window"]))
+        out.print(t)
+    if "bytes" in parts:
+        b = results["bytes"]
+        out.print(f"bytes per window: {b['counts_latency_bytes']} (counts + latency), "
+                  f"{b['with_sketches_drift_bytes']} (with sketches and drift)")
+    if "overhead" in parts:
+        t = Table(title="monitoring overhead per inference (CPU time of the calling thread; "
+                        f"load average {results['machine']['load_average'][0]:.2f})")
+        for col in ("model", "sketching", "predict µs off", "on", "overhead µs", "ratio",
+                    "median ratio", "hook µs", "hook ratio", "observer µs"):
+            t.add_column(col)
+        for r in results["overhead"]:
+            t.add_row(r["model"], r["monitoring"], str(r["predict_us_off"]),
+                      str(r["predict_us_on"]), f"{r['overhead_us']:+.2f}", f"{r['ratio']:.3f}",
+                      f"{r['median_ratio']:.3f}", f"{r['hook_us']:.2f}",
+                      f"{r['hook_ratio']:.4f}", f"{r['observer_us']:.2f}")
+        out.print(t)
 
 
 if __name__ == "__main__":

@@ -453,12 +453,14 @@ class Agent:
         observers = self._observers
         if not observers:
             return latency
-        first = next(iter(inputs.values()), None) if inputs else None
-        batch = int(first.shape[0]) if isinstance(first, np.ndarray) and first.ndim else 1
-        event = InferenceEvent(
-            model=model, version=loaded.version if loaded else (version or ""), inputs=inputs,
-            outputs=outputs, latency_ms=latency, error=error, request_id=request_id,
-            batch_size=batch, extra=loaded.extra if loaded else {})
+        # Positional arguments and no batch size (the event works it out if asked): keywords
+        # alone cost ~0.35 µs per request here, the batch size another ~0.2 µs.
+        if loaded is not None:
+            event = InferenceEvent(model, loaded.record.version, inputs, outputs, latency, error,
+                                   request_id, None, loaded.extra)
+        else:
+            event = InferenceEvent(model, version or "", inputs, outputs, latency, error,
+                                   request_id)
         for observer in observers:
             # try/except rather than contextlib.suppress: this runs on every request, and the
             # context manager costs about a microsecond per observer

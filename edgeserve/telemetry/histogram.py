@@ -12,8 +12,12 @@ few dozen buckets), see :class:`HistogramData`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from math import ceil as _ceil
+from math import log as _log
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["DEFAULT_RELATIVE_ACCURACY", "HistogramData", "LatencyHistogram"]
@@ -68,15 +72,46 @@ class LatencyHistogram:
         self.max = 0.0
 
     def add(self, value_ms: float) -> None:
+        # On the request path of some observers (update health checks): comparisons instead of
+        # min()/max() and module-level log/ceil halve its cost (~0.55 → ~0.25 µs). Same results,
+        # NaN included (never becomes min or max).
         self.count += 1
         self.sum += value_ms
-        self.min = min(self.min, value_ms)
-        self.max = max(self.max, value_ms)
+        if value_ms < self.min:  # noqa: PLR1730 - min() is the slow part, see above
+            self.min = value_ms
+        if value_ms > self.max:  # noqa: PLR1730
+            self.max = value_ms
         if value_ms <= _MIN_VALUE:
             self.zero_count += 1
             return
-        index = math.ceil(math.log(value_ms) / self._log_gamma)
-        self._counts[index] = self._counts.get(index, 0) + 1
+        index = _ceil(_log(value_ms) / self._log_gamma)
+        counts = self._counts
+        counts[index] = counts.get(index, 0) + 1
+
+    def add_many(self, values_ms: Sequence[float]) -> None:
+        """Add values in one vectorized step (for callers that buffer values on a hot path).
+
+        The same counts as :meth:`add` one by one, except that a value within a rounding error
+        of a bucket boundary may land in the neighbouring bucket (still within ``α``), and the
+        sum may differ in its last digits. Values must be finite, as for :meth:`add`."""
+        if not len(values_ms):
+            return
+        values = np.asarray(values_ms, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("latency values must be finite")
+        self.count += values.size
+        self.sum += float(values.sum())
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+        positive = values[values > _MIN_VALUE]
+        self.zero_count += values.size - positive.size
+        if positive.size:
+            indices = np.ceil(np.log(positive) / self._log_gamma).astype(np.int64)
+            low = int(indices.min())
+            # finite values span at most ~36,000 buckets, so a dense count is cheap
+            counts = np.bincount(indices - low).tolist()
+            for offset in np.flatnonzero(counts).tolist():
+                self._counts[low + offset] = self._counts.get(low + offset, 0) + counts[offset]
 
     def merge(self, other: LatencyHistogram) -> None:
         if abs(other.alpha - self.alpha) > 1e-12:

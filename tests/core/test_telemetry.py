@@ -56,6 +56,25 @@ def test_histogram_merge_equals_single() -> None:
     assert merged.count == whole.count == 5000
 
 
+def test_histogram_add_many_equals_add_one_by_one() -> None:
+    """add_many (the monitor's batched path) gives the same counts, zeros, min and max as add,
+    and refuses non-finite values without changing the histogram."""
+    values = np.concatenate([np.random.default_rng(4).lognormal(0, 2, 5000), [0.0, 1e-7, 3.0]])
+    one_by_one, batched = LatencyHistogram(), LatencyHistogram()
+    for v in values:
+        one_by_one.add(float(v))
+    batched.add_many(values[:1000].tolist())
+    batched.add_many(values[1000:].tolist())
+    batched.add_many([])
+    assert batched.to_data().c == one_by_one.to_data().c
+    assert (batched.count, batched.zero_count, batched.min, batched.max) == (
+        one_by_one.count, one_by_one.zero_count, one_by_one.min, one_by_one.max)
+    assert batched.sum == pytest.approx(one_by_one.sum, rel=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        batched.add_many([1.0, float("nan")])
+    assert batched.count == len(values)
+
+
 def test_histogram_empty_and_zero() -> None:
     """An empty histogram has no quantiles; zeros are counted, not lost."""
     h = LatencyHistogram()

@@ -221,6 +221,18 @@ def test_threads_and_observers(agent: Agent, agent_assets: dict[str, Path]) -> N
     assert events[0].extra["artifact"] == "onnx-fp32"
 
 
+def test_event_batch_size_comes_from_the_first_input_unless_given() -> None:
+    """An InferenceEvent's batch size is its first input's first axis (1 for a scalar, a
+    non-array or no inputs) unless the caller gives one."""
+    out = {"y": np.zeros((1, 3))}
+    assert InferenceEvent("m", "1", {"x": np.zeros((7, 4))}, out, 1.0).batch_size == 7
+    assert InferenceEvent("m", "1", {"x": np.zeros((7, 4))}, out, 1.0, None, None,
+                          2).batch_size == 2
+    assert InferenceEvent("m", "1", {"x": np.float32(3)}, out, 1.0).batch_size == 1
+    assert InferenceEvent("m", "1", {"x": [1, 2]}, out, 1.0).batch_size == 1  # type: ignore[dict-item]
+    assert InferenceEvent("m", "1", {}, None, 1.0).batch_size == 1
+
+
 def test_predict_batch_splits_results(agent: Agent, agent_assets: dict[str, Path]) -> None:
     """predict_batch runs many requests at once and returns one result per request, in order."""
     agent.install(agent_assets["pkg_v1"])

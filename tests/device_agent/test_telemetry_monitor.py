@@ -83,24 +83,39 @@ def test_drift_is_low_in_distribution_and_high_when_inputs_shift(tmp_path: Path,
     assert sum(shifted["inputs"]["g"][0]["c"][0]) == 600
 
 
-def test_busy_versions_are_sketched_on_a_stride(tmp_path: Path) -> None:
-    """After a window at 1000 requests/s with max_sketch_rate=100, every 10th request of the
-    next window is sketched; counts and latency still cover every request."""
+def test_busy_versions_are_sketched_on_a_stride_from_their_first_requests(
+        tmp_path: Path) -> None:
+    """With max_sketch_rate=128: a burst at 1024 requests/s is sketched at ~128 samples/s within
+    its first window (after a few dozen requests), the next window at that rate starts on the
+    stride, and a version whose load then drops is sketched on every request again within the
+    same window; requests and latency always count every request."""
     now = [0.0]
     outbox = Outbox(tmp_path / "o.db")
     reference = ReferenceStats.from_arrays({"x": np.random.default_rng(1).normal(size=(200, 4))},
                                            {})
-    monitor = Monitor(outbox, window_s=1, references=lambda m, v: reference,
-                      health=lambda: None, max_sketch_rate=100, clock=lambda: now[0])
+    monitor = Monitor(outbox, window_s=60, references=lambda m, v: reference,
+                      health=lambda: None, max_sketch_rate=128, clock=lambda: now[0])
     monitor.watch("m", "1")
     event = InferenceEvent("m", "1", {"x": np.zeros((1, 4))}, {"y": np.zeros((1, 1))}, 1.0)
-    for window_end in (1.0, 2.0):
-        for _ in range(1000):
+
+    def requests(count: int, interval_s: float) -> None:
+        for _ in range(count):
             monitor.on_inference(event)
-        monitor.flush(window_end)
-    first, second = (w for w in windows_of(outbox) if "model" in w)
-    assert first["drift_inputs"]["n"] == 1000 and second["drift_inputs"]["n"] == 100
-    assert second["requests"] == second["latency"]["n"] == 1000
+            now[0] += interval_s
+
+    requests(4096, 1 / 1024)  # 4 s at 1024/s
+    monitor.flush(now[0])
+    requests(1024, 1 / 1024)  # 1 s more at 1024/s
+    monitor.flush(now[0])
+    requests(200, 0.25)  # 50 s at 4/s, after a window at 1024/s
+    monitor.flush(now[0])
+    burst, steady, quiet = (w for w in windows_of(outbox) if "model" in w)
+    assert burst["requests"] == burst["latency"]["n"] == 4096
+    assert 4 * 128 <= burst["drift_inputs"]["n"] <= 4 * 128 + 40
+    assert steady["requests"] == steady["latency"]["n"] == 1024
+    assert 128 <= steady["drift_inputs"]["n"] <= 130
+    assert quiet["requests"] == quiet["latency"]["n"] == 200
+    assert quiet["drift_inputs"]["n"] >= 200 - 32
 
 
 def test_windows_align_to_the_clock_and_health_comes_every_window(tmp_path: Path) -> None:
@@ -120,7 +135,8 @@ def test_windows_align_to_the_clock_and_health_comes_every_window(tmp_path: Path
 
 
 def test_concurrent_requests_are_all_counted_across_window_closes(tmp_path: Path) -> None:
-    """Requests from several threads while windows close are each counted exactly once."""
+    """Requests from several threads while windows close are each counted exactly once, in
+    the request counts and in the (batched) latency histograms."""
     outbox = Outbox(tmp_path / "o.db", synchronous="normal")
     monitor = Monitor(outbox, health=lambda: None)
     event = InferenceEvent("m", "1", {"x": np.ones((1, 4))}, {"y": np.ones((1, 3))}, 0.7)
@@ -144,7 +160,9 @@ def test_concurrent_requests_are_all_counted_across_window_closes(tmp_path: Path
     stop.set()
     closing.join()
     monitor.flush()
-    assert sum(w.get("requests", 0) for w in windows_of(outbox)) == 8000
+    windows = windows_of(outbox)
+    assert sum(w.get("requests", 0) for w in windows) == 8000
+    assert sum(w["latency"]["n"] for w in windows if "latency" in w) == 8000
 
 
 def test_the_observer_never_raises(tmp_path: Path, agent: Agent) -> None:
