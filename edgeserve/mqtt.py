@@ -3,11 +3,13 @@
 ``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default port
 8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's. This module
 only describes the broker and builds paho clients (callback API v2); the agent's link and the
-fleet's services drive their connections. It needs paho-mqtt (the ``agent`` and ``fleet`` extras).
+fleet's services drive their connections (:func:`pump` is one turn of such a loop). It needs
+paho-mqtt (the ``agent`` and ``fleet`` extras).
 """
 
 from __future__ import annotations
 
+import select
 import ssl
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,11 +17,11 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from .errors import ConfigError
 
-__all__ = ["VERSIONS", "BrokerSettings", "Protocol", "new_client"]
+__all__ = ["VERSIONS", "BrokerSettings", "Protocol", "new_client", "pump"]
 
 Protocol = Literal["auto", "5", "3.1.1"]
 VERSIONS: dict[str, MQTTProtocolVersion] = {"5": MQTTProtocolVersion.MQTTv5,
@@ -99,3 +101,45 @@ def new_client(settings: BrokerSettings, client_id: str, version: MQTTProtocolVe
         if settings.tls_insecure:
             client.tls_insecure_set(True)
     return client
+
+
+def pump(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
+    """One turn of a client's network loop on the caller's thread: wait up to ``timeout``
+    seconds for its socket, then read, write and keep alive - what ``client.loop()`` does, but
+    waiting with ``poll()``.
+
+    ``client.loop()`` waits with ``select()``, which cannot watch a descriptor numbered 1024 or
+    more: in a process with that many files and sockets open (an app or gateway embedding the
+    agent, a simulation of hundreds of devices) every connection attempt then fails as "closed
+    before CONNACK". Where ``poll()`` does not exist (Windows), this is ``client.loop()``.
+    """
+    sock = client.socket()
+    if sock is None:
+        return MQTTErrorCode.MQTT_ERR_NO_CONN
+    if not hasattr(select, "poll"):
+        return client.loop(timeout)
+    readable = writable = False
+    # bytes TLS has decrypted already are not visible to poll(): read them without waiting
+    if getattr(sock, "pending", lambda: 0)() > 0:
+        readable = True
+    else:
+        poller = select.poll()
+        want_write = client.want_write()
+        poller.register(sock, select.POLLIN | (select.POLLOUT if want_write else 0))
+        try:
+            events = poller.poll(max(0.0, timeout) * 1000.0)
+        except (OSError, ValueError):  # the socket was closed under us
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        for _, mask in events:
+            # a hang-up or error is "readable": the read finds it and reports the lost connection
+            readable = bool(mask & (select.POLLIN | select.POLLERR | select.POLLHUP))
+            writable = bool(mask & select.POLLOUT)
+    if readable:
+        rc = client.loop_read()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    if writable or client.want_write():
+        rc = client.loop_write()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    return client.loop_misc()

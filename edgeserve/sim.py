@@ -228,13 +228,11 @@ class SimFleet:
 class ProcessFleet:
     """Many devices spread over worker processes (``SimFleet.build`` arguments, split evenly).
 
-    One interpreter holds a few dozen devices well; hundreds need more than one: their threads
-    queue for one GIL, and paho's ``select()`` loop cannot watch a socket whose descriptor
-    number passes 1023, which a process with ~150 devices (cache, outbox and feedback
-    databases, sockets) reaches. Each worker runs an ordinary :class:`SimFleet` and answers
-    :meth:`versions` over a pipe. ``nice`` lowers the workers' CPU priority, so that the fleet
-    service, which in production has a machine of its own, is not starved by a thousand device
-    threads on the same two cores.
+    One interpreter holds a few dozen devices well; hundreds need more than one, because their
+    four threads each (traffic, monitor, link, updater) queue for one GIL. Each worker runs an
+    ordinary :class:`SimFleet` and answers :meth:`versions` over a pipe. ``nice`` lowers the
+    workers' CPU priority, so that the fleet service, which in production has a machine of its
+    own, is not starved by a thousand device threads on the same two cores.
     """
 
     def __init__(self, count: int, processes: int, profiles: list[str], root: Path,

@@ -1,7 +1,8 @@
 """The MQTT link: carries the outbox to the fleet and brings acks (and desired state) back.
 
-One thread owns one paho client (callback API v2) and drives it by hand (``client.loop``), so
-that reconnecting, back-off and sending are all decided here:
+One thread owns one paho client (callback API v2) and drives it by hand (:func:`edgeserve.mqtt.pump`,
+which waits with poll(), not select(), so any descriptor number works), so that reconnecting,
+back-off and sending are all decided here:
 
 - **Session**: MQTT 5 with ``clean_start=False`` and a ``SessionExpiryInterval`` (both are needed
   for the broker to keep the session and queue acks/desired state while the device is away);
@@ -49,7 +50,7 @@ from edgeserve.contract import (
     parse_topic,
 )
 from edgeserve.errors import ContractError
-from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client
+from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client, pump
 
 from .outbox import Outbox, Record
 
@@ -227,7 +228,7 @@ class Link:
         client = self._client
         assert client is not None
         busy = self._sent > self._acked or self._has_pending()
-        rc = client.loop(timeout=0.05 if busy else 0.25)
+        rc = pump(client, 0.05 if busy else 0.25)
         if self._lost or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._drop_connection()
             return 1
@@ -275,7 +276,7 @@ class Link:
         while "reason" not in result and "closed" not in result:
             if time.monotonic() > deadline or self._stop.is_set():
                 break
-            client.loop(timeout=0.1)
+            pump(client, 0.1)
         reason = result.get("reason")
         if reason is None or reason.is_failure:
             _close(client)
@@ -340,7 +341,7 @@ class Link:
                 return  # not connected (is_published would raise): the Last Will says offline
             deadline = time.monotonic() + 2.0
             while not info.is_published() and time.monotonic() < deadline:
-                if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if pump(client, 0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
         finally:
             _close(client)
@@ -440,7 +441,7 @@ class Link:
 def _close(client: mqtt.Client) -> None:
     with contextlib.suppress(OSError, ValueError):
         client.disconnect()
-        client.loop(timeout=0.01)
+        pump(client, 0.01)
     sock = client.socket()
     if sock is not None:
         with contextlib.suppress(OSError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -200,6 +202,41 @@ def test_unacked_windows_are_capped_then_sent_again(mqtt_broker: tuple[str, int]
                              for _t, p, _r in watcher.messages), 10, "windows after 30")
     finally:
         link.stop()
+
+
+def test_the_link_works_with_descriptors_past_1023(mqtt_broker: tuple[str, int],
+                                                    fleet_name: str, tmp_path: Path,
+                                                    watcher_factory: Any) -> None:
+    """An app or gateway embedding the agent can hold over a thousand files and sockets, and
+    select() cannot watch a descriptor numbered 1024 or more (paho's own loop fails on it as
+    "closed before CONNACK"). With every descriptor below 1100 taken, the link's socket gets a
+    higher number and must still connect, send its windows and take the fleet's ack."""
+    port = mqtt_broker[1]
+    watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.append_many([window_fields(i) for i in range(20)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}; this test needs 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    link = None
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        link = Link(settings(port, fleet_name, batch_windows=10), outbox).start()
+        assert link.connected.wait(10), "the link did not connect"
+        wait_for(lambda: len(watcher.messages) >= 2, 10, "both batches")
+        watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=20)),
+                               qos=1)
+        wait_for(lambda: outbox.floor() == 21, 10, "the ack to delete 1-20")
+        assert link.stats.connect_failures == 0
+    finally:
+        if link is not None:
+            link.stop()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_an_ack_from_an_earlier_life_renumbers_the_outbox(mqtt_broker: tuple[str, int],
