@@ -38,6 +38,8 @@ bench: venv
 	$(BIN)/python bench/agent.py
 	$(BIN)/python bench/telemetry.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/experiments.py
+	$(BIN)/python bench/evidence.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

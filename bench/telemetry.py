@@ -61,7 +61,12 @@ from edgeserve.fleet.store import Store  # noqa: E402
 from edgeserve.fleet.tables import devices, windows  # noqa: E402
 from edgeserve.fleet.telemetry import window_row  # noqa: E402
 from edgeserve.telemetry import ReferenceStats  # noqa: E402
-from edgeserve.testing import make_keypair, make_manifest, write_test_package  # noqa: E402
+from edgeserve.testing import (  # noqa: E402
+    make_keypair,
+    make_manifest,
+    postgres_schema,
+    write_test_package,
+)
 from tests.integration.telemetry_models import (  # noqa: E402
     cnn_onnx,
     mlp_package,
@@ -424,18 +429,9 @@ def main() -> None:
 
 
 def _bench_pg(args: argparse.Namespace) -> dict[str, Any]:
-    import psycopg
-
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.pg, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in args.pg else "?"
-    try:
-        return bench_ingest(f"{args.pg}{sep}options=-csearch_path%3D{schema}", args.port,
-                            args.devices, args.windows, args.batch, "PostgreSQL")
-    finally:
-        with psycopg.connect(args.pg, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    with postgres_schema(args.pg, "bench") as url:
+        return bench_ingest(url, args.port, args.devices, args.windows, args.batch,
+                            "PostgreSQL")
 
 
 def _render(results: dict[str, Any], parts: set[str]) -> None:

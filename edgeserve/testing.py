@@ -7,7 +7,9 @@ or files the caller gives (the converter's tests give real ONNX/TFLite files).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,3 +78,21 @@ def write_test_package(out: Path, key: KeyPair | Ed25519PrivateKey,
         writer.add_file(name, content)
     private = key.private if isinstance(key, KeyPair) else key
     return writer.write(out, private)
+
+
+@contextmanager
+def postgres_schema(url: str, prefix: str = "es") -> Iterator[str]:
+    """``url`` with its ``search_path`` set to a fresh schema, dropped (with everything in it)
+    afterwards, so that a test or benchmark shares a PostgreSQL database with nobody.
+    Raises ``psycopg.OperationalError`` when the server cannot be reached; needs psycopg."""
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

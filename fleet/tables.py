@@ -85,6 +85,7 @@ windows = sa.Table(
     sa.Column("data", sa.Text, nullable=False, comment="the whole window, compact JSON"),
     sa.Index("ix_windows_model_version_start", "model", "version", "window_start"),
     sa.Index("ix_windows_start", "window_start"),
+    sa.Index("ix_windows_model_received", "model", "received"),
 )
 
 # -- desired state and rollouts (fleet/desired.py, fleet/rollouts/) --------------------------------

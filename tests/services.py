@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeserve.testing import postgres_schema
+
 __all__ = ["MosquittoProcess", "free_port", "need", "port_open", "start_mosquitto",
            "unique_name"]
 
@@ -153,15 +155,10 @@ def postgres_url() -> Iterator[str]:
         import psycopg
     except ImportError:
         need("psycopg is not installed")
-    schema = unique_name("es").replace("-", "_")
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{schema}"')
+        with psycopg.connect(url, autocommit=True):
+            pass
     except psycopg.OperationalError as exc:
         need(f"cannot connect to PostgreSQL at {url}: {exc}")
-    sep = "&" if "?" in url else "?"
-    try:
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    with postgres_schema(url) as scoped:
+        yield scoped

@@ -1,7 +1,8 @@
 """The experiment controller: the I/O around the pure experiment engine.
 
 Once per tick, for every experiment that is not stopped, it (1) carries out a queued stop, or
-(2) collects the evidence from the stored windows, advances the engine (A/B decision, bandit
+(2) brings the evidence up to date from the stored windows (:class:`~.collect.Evidence`: only
+what arrived since the previous tick is read), advances the engine (A/B decision, bandit
 weights), writes desired state so that every device in scope carries its group's weights — a
 new device, or one whose desired state someone else changed, is brought back in line on the
 next tick — and stores the state with a fresh status report (what the dashboard reads).
@@ -39,7 +40,7 @@ from ..desired import DesiredStates
 from ..rollouts.repo import Rollouts
 from ..store import Store
 from ..tables import device_models
-from .collect import Collected, collect
+from .collect import Collected, Evidence, collect
 from .engine import advance, bandit_winner
 from .repo import ExperimentRecord, Experiments, StopRequest
 from .report import build_report
@@ -90,6 +91,7 @@ class ExperimentController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pg_lock: Any = None
+        self._evidence: dict[str, Evidence] = {}  # per running experiment, kept up to date
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -135,7 +137,10 @@ class ExperimentController:
         """Advance every experiment once; returns the number of desired-state writes."""
         now = time.time() if now is None else now
         writes = 0
-        for record in self.experiments.find(active_only=True):
+        records = self.experiments.find(active_only=True)
+        for gone in self._evidence.keys() - {r.id for r in records}:
+            del self._evidence[gone]
+        for record in records:
             try:
                 writes += self._step(record, now)
             except EdgeserveError as exc:
@@ -148,7 +153,10 @@ class ExperimentController:
         spec = record.spec
         groups = device_groups(self.store, spec)
         joined = self._joined(spec, record.state, groups, now)
-        evidence = collect(self.store, spec, joined.joined, groups)
+        tracker = self._evidence.get(record.id)
+        if tracker is None:
+            tracker = self._evidence[record.id] = Evidence(spec)
+        evidence = tracker.update(self.store, joined.joined, groups)
         state, _ = advance(spec, joined, evidence, now, self.seed)
         if record.stop_request is not None:  # after advance: an A/B test at its horizon decides
             return self._finish(record_with(record, state), record.stop_request, groups,
