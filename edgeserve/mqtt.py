@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import ssl
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -103,10 +104,17 @@ def new_client(settings: BrokerSettings, client_id: str, version: MQTTProtocolVe
     return client
 
 
-def pump(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
+def pump(client: mqtt.Client, timeout: float,
+         lock: AbstractContextManager[Any] | None = None) -> MQTTErrorCode:
     """One turn of a client's network loop on the caller's thread: wait up to ``timeout``
     seconds for its socket, then read, write and keep alive - what ``client.loop()`` does, but
     waiting with ``poll()``.
+
+    Without paho's own thread (``loop_start``), ``client.publish`` from another thread writes
+    to the socket at once, and two threads writing at the same time can interleave two
+    packets' bytes when a send is partial. Give ``lock`` (an ``RLock``) and hold it around
+    every ``publish``/``subscribe`` made from other threads: the reads, writes and callbacks
+    here run with it held; the wait does not.
 
     ``client.loop()`` waits with ``select()``, which cannot watch a descriptor numbered 1024 or
     more: in a process with that many files and sockets open (an app or gateway embedding the
@@ -134,12 +142,13 @@ def pump(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
             # a hang-up or error is "readable": the read finds it and reports the lost connection
             readable = bool(mask & (select.POLLIN | select.POLLERR | select.POLLHUP))
             writable = bool(mask & select.POLLOUT)
-    if readable:
-        rc = client.loop_read()
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-            return rc
-    if writable or client.want_write():
-        rc = client.loop_write()
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-            return rc
-    return client.loop_misc()
+    with lock if lock is not None else nullcontext():
+        if readable:
+            rc = client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc
+        if writable or client.want_write():
+            rc = client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc
+        return client.loop_misc()

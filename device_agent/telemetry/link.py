@@ -122,6 +122,9 @@ class Link:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        # held around every use of the client's socket: the link thread's reads and writes
+        # (pump) and publishes/subscribes from other threads (see edgeserve.mqtt.pump)
+        self._io = threading.RLock()
         self._lost = False
         self._handlers: dict[str, Callable[[bytes], None]] = {}
         self._connect_hooks: list[Callable[[], None]] = []
@@ -171,7 +174,8 @@ class Link:
         self._handlers[topic] = handler
         client = self._client
         if client is not None and self.connected.is_set():
-            client.subscribe(topic, qos=1)
+            with self._io:
+                client.subscribe(topic, qos=1)
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the link's thread) after every successful connect, e.g. to
@@ -186,13 +190,17 @@ class Link:
         if client is None:
             return False
         topic = device_topic(self.settings.fleet, self.settings.device_id, kind, *sub)
-        return client.publish(topic, payload, qos=1, retain=retain).rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        with self._io:
+            info = client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def refresh_status(self) -> None:
         """Publish the birth message again (the active model versions changed)."""
         client = self._client
         if client is not None and self.connected.is_set():
-            client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
+            with self._io:
+                client.publish(self._topics["status"], self._status("online"), qos=1,
+                               retain=True)
 
     @property
     def acked_seq(self) -> int:
@@ -228,7 +236,7 @@ class Link:
         client = self._client
         assert client is not None
         busy = self._sent > self._acked or self._has_pending()
-        rc = pump(client, 0.05 if busy else 0.25)
+        rc = pump(client, 0.05 if busy else 0.25, self._io)
         if self._lost or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._drop_connection()
             return 1
@@ -295,11 +303,12 @@ class Link:
         client.on_connect = None
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        self._client = client
-        self._lost = False
-        for topic in (self._topics["ack"], *self._handlers):
-            client.subscribe(topic, qos=1)
-        client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
+        with self._io:
+            self._client = client
+            self._lost = False
+            for topic in (self._topics["ack"], *self._handlers):
+                client.subscribe(topic, qos=1)
+            client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
         # everything not acked is sent again: the broker may have lost what was in flight
         self._acked = max(self._acked, self.outbox.floor() - 1)
         self._sent = self._acked
@@ -324,7 +333,8 @@ class Link:
         self.connected.clear()
         self.stats.disconnects += 1
         if client is not None:
-            _close(client)
+            with self._io:
+                _close(client)
         if not self._stop.is_set():
             log.warning("%s: lost the connection to %s", self.settings.device_id,
                         self.settings.broker.url)
@@ -335,13 +345,14 @@ class Link:
         if client is None:
             return
         try:
-            info = client.publish(self._topics["status"], self._status("offline", "stopped"),
-                                  qos=1, retain=True)
+            with self._io:
+                info = client.publish(self._topics["status"],
+                                      self._status("offline", "stopped"), qos=1, retain=True)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return  # not connected (is_published would raise): the Last Will says offline
             deadline = time.monotonic() + 2.0
             while not info.is_published() and time.monotonic() < deadline:
-                if pump(client, 0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if pump(client, 0.05, self._io) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
         finally:
             _close(client)
@@ -419,7 +430,8 @@ class Link:
         if client is None:
             return False
         payload = self._batch(records)
-        info = client.publish(self._topics["telemetry"], payload, qos=1)
+        with self._io:
+            info = client.publish(self._topics["telemetry"], payload, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
         if self._sent == self._acked:
