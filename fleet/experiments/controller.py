@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +35,7 @@ from edgeserve.errors import EdgeserveError
 
 from ..artifacts import ArtifactStore
 from ..desired import DesiredStates
+from ..leader import LeaderLoop
 from ..rollouts.repo import Rollouts
 from ..store import Store
 from ..tables import device_models
@@ -88,48 +87,17 @@ class ExperimentController:
         self.tick_s = tick_s
         self.publish = publish
         self.seed = seed
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pg_lock: Any = None
+        self._loop = LeaderLoop(store, "edgeserve-experiments", fleet, self.tick, tick_s)
         self._evidence: dict[str, Evidence] = {}  # per running experiment, kept up to date
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> ExperimentController:
-        self._thread = threading.Thread(target=self._run, name="edgeserve-experiments",
-                                        daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        if self._pg_lock is not None:
-            self._pg_lock.close()
-
-    def _holds_lock(self) -> bool:
-        if self.store.dialect != "postgresql":
-            return True
-        if self._pg_lock is None:
-            self._pg_lock = self.store.engine.connect()
-        key = zlib.crc32(f"edgeserve-experiments/{self.fleet}".encode())
-        got = self._pg_lock.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-        return bool(got.scalar())
-
-    def _run(self) -> None:
-        leader = False
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                leader = leader or self._holds_lock()
-                if leader:
-                    self.tick()
-            except EdgeserveError as exc:
-                log.error("experiment controller tick failed: %s", exc)
-            except Exception:
-                log.exception("experiment controller tick failed")
-            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
+        self._loop.stop()
 
     # -- one tick ---------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,6 +37,7 @@ from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect
 from ..desired import DesiredStates
 from ..files import answer_file_request
+from ..leader import LeaderLoop
 from ..registry import list_devices
 from ..store import Store
 from ..tables import device_models
@@ -115,10 +115,8 @@ class RolloutController:
         self._client: mqtt.Client | None = None
         self._reports: dict[str, tuple[Reported, float]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_event: dict[str, tuple[float, str]] = {}
-        self._pg_lock: Any = None
+        self._loop = LeaderLoop(store, "edgeserve-rollouts", fleet, self.tick, tick_s)
         self.bad_reports = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -129,18 +127,13 @@ class RolloutController:
         self._client.subscribe(fleet_filter(self.fleet, "reported"), qos=1)
         # chunked artifact transfer for devices that only speak MQTT
         self._client.subscribe(f"{fleet_filter(self.fleet, 'files')[:-2]}/req", qos=1)
-        self._thread = threading.Thread(target=self._run, name="edgeserve-rollouts", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self._loop.stop()
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
-        if self._pg_lock is not None:
-            self._pg_lock.close()
 
     def _prepare(self, client: mqtt.Client) -> None:
         client.on_message = self._on_message
@@ -172,29 +165,6 @@ class RolloutController:
         answer = answer_file_request(self.artifacts, request)
         client.publish(device_topic(self.fleet, topic.device_id, "files", "data"), encode(answer),
                        qos=1)
-
-    def _holds_lock(self) -> bool:
-        if self.store.dialect != "postgresql":
-            return True
-        if self._pg_lock is None:
-            self._pg_lock = self.store.engine.connect()
-        key = zlib.crc32(f"edgeserve-rollouts/{self.fleet}".encode())
-        got = self._pg_lock.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-        return bool(got.scalar())
-
-    def _run(self) -> None:
-        leader = False
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                leader = leader or self._holds_lock()
-                if leader:
-                    self.tick()
-            except EdgeserveError as exc:
-                log.error("rollout controller tick failed: %s", exc)
-            except Exception:
-                log.exception("rollout controller tick failed")
-            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
 
     # -- one tick ---------------------------------------------------------------------------------
 

@@ -1,0 +1,74 @@
+"""A periodic job that one process of a fleet runs: the rollout and experiment controllers.
+
+:class:`LeaderLoop` calls ``tick()`` every ``tick_s`` seconds on a thread of its own, but only
+while this process leads: on PostgreSQL, where several fleet processes may share a store, it
+holds a session advisory lock named after the job and the fleet for its lifetime (the other
+processes keep trying, so one takes over when the leader's connection ends); on SQLite the
+store belongs to one process and it always leads. A failing tick is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from edgeserve.errors import EdgeserveError
+
+from .store import Store
+
+__all__ = ["LeaderLoop"]
+
+log = logging.getLogger(__name__)
+
+
+class LeaderLoop:
+    def __init__(self, store: Store, job: str, fleet: str, tick: Callable[[], Any],
+                 tick_s: float) -> None:
+        self.store = store
+        self.job = job
+        self.key = zlib.crc32(f"{job}/{fleet}".encode())
+        self.tick = tick
+        self.tick_s = tick_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_conn: Any = None
+
+    def start(self) -> LeaderLoop:
+        self._thread = threading.Thread(target=self._run, name=self.job, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._lock_conn is not None:
+            self._lock_conn.close()
+
+    def _leads(self) -> bool:
+        if self.store.dialect != "postgresql":
+            return True
+        if self._lock_conn is None:
+            self._lock_conn = self.store.engine.connect()
+        got = self._lock_conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
+        return bool(got.scalar())
+
+    def _run(self) -> None:
+        leader = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                leader = leader or self._leads()
+                if leader:
+                    self.tick()
+            except EdgeserveError as exc:
+                log.error("%s tick failed: %s", self.job, exc)
+            except Exception:
+                log.exception("%s tick failed", self.job)
+            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
