@@ -32,10 +32,10 @@ def new_artifact(plan: PlannedArtifact) -> BuiltArtifact:
 
 
 def _validate(ctx: BuildContext, built: BuiltArtifact, runner: Runner) -> BuiltArtifact:
-    outputs = run_dataset(runner, ctx.evaluation.inputs)
+    outputs = run_dataset(runner, ctx.evaluation.inputs, ctx.signature)
     metrics = compare_outputs(ctx.reference_eval, outputs, ctx.classifier_indices,
                               ctx.evaluation.labels)
-    samples = run_dataset(runner, ctx.samples.inputs)
+    samples = run_dataset(runner, ctx.samples.inputs, ctx.signature)
     sample_error = compare_outputs(ctx.reference_samples, samples).get("max_abs_error")
     latency = measure_latency(runner, ctx.evaluation.sample(0))
     status, reasons, per_profile = judge(metrics, built.plan.budgets)

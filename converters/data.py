@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.errors import ConfigError
+from edgeserve.errors import ConfigError, InvalidInputError
 from edgeserve.manifest import ImagePreprocessing, TensorSpec
+from edgeserve.samples import plan_samples
 
 __all__ = ["DataSpec", "Dataset", "load_dataset", "preprocess_image", "random_dataset"]
 
@@ -199,18 +200,24 @@ def preprocess_image(img: Any, prep: ImagePreprocessing) -> np.ndarray:
 
 
 def _conform(dataset: Dataset, inputs: Sequence[TensorSpec]) -> Dataset:
+    """Check the arrays against the model's inputs by the shared rule (:mod:`edgeserve.samples`)
+    and cast them to the model's dtypes."""
+    try:
+        plan = plan_samples(inputs, dataset.inputs, where=dataset.source)
+    except InvalidInputError as exc:
+        raise ConfigError(exc.message) from None
+    for spec in inputs:
+        if plan.forms[spec.name] != "slice" or plan.input_axes[spec.name] != 0:
+            # every later step (calibration, onnx2tf, drift statistics) takes samples stacked
+            # on a leading batch axis
+            raise ConfigError(
+                f"{dataset.source}: input {spec.name!r} ({list(spec.shape)}): the converter "
+                "takes data stacked on a leading batch axis only, an array of shape (n, "
+                f"{', '.join(str(d) for d in spec.shape[1:])}); one call's full input per "
+                "sample, or a batch axis elsewhere, is not supported for conversion")
     arrays = {}
     for spec in inputs:
         array = dataset.inputs[spec.name]
-        if array.ndim != len(spec.shape):
-            raise ConfigError(
-                f"{dataset.source}: input {spec.name!r} has shape {list(array.shape)}, the model "
-                f"expects rank {len(spec.shape)} ({spec.shape}) with samples on the first axis")
-        for axis, dim in enumerate(spec.shape[1:], start=1):
-            if isinstance(dim, int) and dim > 0 and array.shape[axis] != dim:
-                raise ConfigError(
-                    f"{dataset.source}: input {spec.name!r} has shape {list(array.shape)}, the "
-                    f"model expects {spec.shape} (axis {axis} must be {dim})")
         dtype = _NP_DTYPES.get(spec.dtype)
         arrays[spec.name] = array.astype(dtype, copy=False) if dtype is not None else array
     return Dataset(arrays, dataset.labels, dataset.source, list(dataset.notes))

@@ -85,7 +85,7 @@ def make_context(options: Converter, source: Any, work: Path,
     signature = read_signature(model, options.layouts)
     try:
         runner = OrtRunner(reference_path)
-        reference_eval = run_dataset(runner, evaluation.inputs)
+        reference_eval = run_dataset(runner, evaluation.inputs, signature)
     except ConversionError:
         raise
     except Exception as exc:
@@ -106,4 +106,4 @@ def make_context(options: Converter, source: Any, work: Path,
 
 def reference_outputs(ctx: BuildContext, data: Dataset) -> list[np.ndarray]:
     """The fp32 reference's outputs for ``data``."""
-    return run_dataset(OrtRunner(ctx.reference_path), data.inputs)
+    return run_dataset(OrtRunner(ctx.reference_path), data.inputs, ctx.signature)

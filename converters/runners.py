@@ -17,6 +17,9 @@ import numpy as np
 
 from edgeserve.errors import ConversionError
 from edgeserve.manifest import TensorSpec
+from edgeserve.samples import run_samples
+
+from .signature import ModelSignature
 
 __all__ = ["LiteRtRunner", "OrtRunner", "Runner", "layout_permutation", "measure_latency",
            "run_dataset"]
@@ -120,14 +123,15 @@ class LiteRtRunner:
                 for model, artifact, index in self._out]
 
 
-def run_dataset(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
-    """All samples through ``runner`` (one at a time for batch-1 artifacts), outputs concatenated."""
-    n = len(next(iter(inputs.values())))
-    step = 1 if runner.batch_one else batch
-    chunks: list[list[np.ndarray]] = []
-    for i in range(0, n, step):
-        chunks.append(runner.run({k: v[i:i + step] for k, v in inputs.items()}))
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+def run_dataset(runner: Runner, inputs: Mapping[str, np.ndarray], signature: ModelSignature,
+                batch: int = 64) -> list[np.ndarray]:
+    """Every sample through ``runner``, outputs joined with samples first, in the signature's
+    output order: run as :mod:`edgeserve.samples` says (the rule the package's health-check
+    samples and the device agent follow too), never more than one sample per call for an
+    artifact whose batch is fixed at one."""
+    joined = run_samples(runner.run, signature.inputs, signature.outputs, inputs,
+                         max_batch=1 if runner.batch_one else batch, where="data")
+    return [joined[name] for name in signature.output_names]
 
 
 def measure_latency(runner: Runner, sample: Mapping[str, np.ndarray], repeats: int = 30,

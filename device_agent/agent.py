@@ -30,6 +30,7 @@ from edgeserve.errors import (
 from edgeserve.manifest import Artifact, Manifest, parse_manifest
 from edgeserve.package import atomic_write
 from edgeserve.profiles import HardwareProfile, load_profile
+from edgeserve.samples import run_samples
 from edgeserve.signing import TrustStore
 from edgeserve.telemetry import ReferenceStats
 
@@ -501,6 +502,11 @@ class Agent:
             inputs, expected = load_samples(self.cache, loaded.record, loaded.manifest)
         except KeyError as exc:
             raise CacheError(f"{model} {version}: {exc.args[0]}") from None
-        result = self.predict(model, inputs, version)
-        return compare_samples(loaded.manifest, loaded.artifact, self.profile, result.outputs,
-                               expected)
+        manifest = loaded.manifest
+        # Run as the model takes them (edgeserve.samples): stacked where the batch axis is
+        # dynamic, one call per sample where it is fixed; quietly, so that the check counts
+        # neither as live traffic in telemetry nor towards the health watch.
+        outputs = run_samples(lambda feeds: self._predict_quiet(model, feeds, version),
+                              manifest.inputs, manifest.outputs, inputs,
+                              where=f"{model} {version} samples")
+        return compare_samples(manifest, loaded.artifact, self.profile, outputs, expected)

@@ -202,8 +202,15 @@ class CacheError(EdgeserveError):
 
 
 class TransferError(EdgeserveError):
+    """``retryable``: a cut connection, a timeout, a busy server (the next attempt resumes);
+    False when asking again cannot help (e.g. HTTP 404, a URL of the wrong scheme)."""
+
     exit_code = 13
     http_status = 502
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class OverloadedError(EdgeserveError):

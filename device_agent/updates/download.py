@@ -33,9 +33,15 @@ class DownloadResult:
     resumed_from: int
 
 
+def _retryable(status: int) -> bool:
+    """Server errors, timeouts and rate limits pass; other client errors (404, 403) do not."""
+    return status >= 500 or status in (408, 425, 429)
+
+
 def _request(url: str, headers: Mapping[str, str]) -> urllib.request.Request:
     if not url.startswith(("http://", "https://")):
-        raise TransferError(f"cannot download {url!r}: only http(s) URLs are supported")
+        raise TransferError(f"cannot download {url!r}: only http(s) URLs are supported",
+                            retryable=False)
     return urllib.request.Request(url, headers=dict(headers))
 
 
@@ -46,7 +52,9 @@ def fetch_bytes(url: str, max_bytes: int = 8 << 20, timeout: float = 30.0,
         with urllib.request.urlopen(_request(url, headers or {}), timeout=timeout) as response:
             data: bytes = response.read(max_bytes + 1)
     except urllib.error.HTTPError as exc:
-        raise TransferError(f"GET {url}: HTTP {exc.code} {exc.reason}") from None
+        exc.close()  # it holds the response and its socket
+        raise TransferError(f"GET {url}: HTTP {exc.code} {exc.reason}",
+                            retryable=_retryable(exc.code)) from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise TransferError(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
     if len(data) > max_bytes:
@@ -103,7 +111,9 @@ def download_file(url: str, dest: Path, size: int, sha256: str,
                     fh.flush()
                     os.fsync(fh.fileno())
         except urllib.error.HTTPError as exc:
-            raise TransferError(f"GET {url}: HTTP {exc.code} {exc.reason}") from None
+            exc.close()  # it holds the response and its socket
+            raise TransferError(f"GET {url}: HTTP {exc.code} {exc.reason}",
+                                retryable=_retryable(exc.code)) from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise TransferError(f"GET {url}: {getattr(exc, 'reason', exc)} after {have} of "
                                 f"{size} bytes; the next attempt resumes") from None

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from edgeserve import __version__
 from edgeserve.contract import FileChunk, FileRequest, VersionRef
 from edgeserve.errors import TamperedManifestError, TransferError
 from edgeserve.manifest import parse_manifest
@@ -22,7 +23,7 @@ from ..selection import required_files
 from .chunked import ChunkedDownload, fetch_chunked
 from .download import download_file, fetch_bytes
 
-__all__ = ["MqttTransport", "Progress", "fetch_version"]
+__all__ = ["MqttTransport", "Progress", "fetch_version", "user_agent"]
 
 Progress = Callable[[int, int], None]
 
@@ -50,21 +51,29 @@ def _check_manifest(manifest_bytes: bytes, ref: VersionRef, where: str) -> None:
         )
 
 
+def user_agent(device_id: str | None) -> dict[str, str]:
+    """The ``User-Agent`` of a device's requests: the fleet's logs (and a proxy's) can tell
+    which device asked, and which agent version."""
+    device = f" device/{device_id}" if device_id else ""
+    return {"User-Agent": f"edgeserve-agent/{__version__}{device}"}
+
+
 def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_dir: Path,
-                  progress: Progress | None = None,
-                  mqtt: MqttTransport | None = None) -> tuple[InstalledVersion, int]:
+                  progress: Progress | None = None, mqtt: MqttTransport | None = None,
+                  device_id: str | None = None) -> tuple[InstalledVersion, int]:
     """Download, verify and stage (not activate) ``model`` ``version``.
 
     Returns the installed version and the bytes that crossed the network. Partial downloads stay
     in ``work_dir`` so a later attempt resumes them.
     """
+    headers = user_agent(device_id)
     work = Path(work_dir) / model / version
     work.mkdir(parents=True, exist_ok=True)
     where = f"{model} {version}"
     if ref.transport == "mqtt":
         if mqtt is None:
             raise TransferError(f"{where}: desired state asks for MQTT transfer, but this agent "
-                                "has no MQTT link")
+                                "has no MQTT link", retryable=False)
         path, moved = mqtt.get(model, version, "manifest.json", work / "manifest.json", None,
                                ref.manifest_sha256)
         manifest_bytes = path.read_bytes()
@@ -73,8 +82,8 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
         moved += n
     else:
         assert ref.url is not None
-        manifest_bytes = fetch_bytes(ref.url + "manifest.json")
-        signature = fetch_bytes(ref.url + "signature", max_bytes=65536)
+        manifest_bytes = fetch_bytes(ref.url + "manifest.json", headers=headers)
+        signature = fetch_bytes(ref.url + "signature", max_bytes=65536, headers=headers)
         moved = len(manifest_bytes) + len(signature)
     _check_manifest(manifest_bytes, ref, where)
     agent.trust.verify(manifest_bytes, signature)
@@ -99,7 +108,7 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
             moved += n
         else:
             result = download_file(f"{ref.url}files/{name}", dest, entry.size, entry.sha256,
-                                   progress=report)
+                                   progress=report, headers=headers)
             files[name] = result.path
             moved += result.bytes_transferred
         done += entry.size

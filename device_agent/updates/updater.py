@@ -11,12 +11,21 @@ Per model, in order:
    and staged (see :mod:`.fetch`) — a failure leaves the running version serving and is reported;
 2. if the active version changes: activate (atomic), run the package's sample check, then watch the
    first ``min_inferences`` live requests (:mod:`.health`); healthy → *committed*, otherwise the
-   previous version is re-activated by itself and the reason reported (*rolled-back*);
+   previous version is re-activated by itself and the reason reported (*rolled-back*). A first
+   version has nothing to return to: it keeps serving and is reported *unhealthy* (the fleet's
+   rollout then decides, e.g. removes it);
 3. traffic weights and the shadow version are applied through the router / shadow runner when the
    agent provides them.
 
+Delivery on a flaky link is normal, not a failure: a download that is cut, times out or meets a
+busy server is retried within the same revision with jittered exponential back-off, each attempt
+resuming where the last stopped (HTTP Range, or the next chunk), and reported as *retrying* with
+the reason. The revision counts as applied only once every model is delivered — or a version
+failed verification, could never be served (e.g. HTTP 404), or kept failing past
+``delivery_deadline_s``, which is reported as *failed*. A newer revision replaces a pending retry.
+
 State (revision applied, per-model reports, watches in progress) is persisted, so a reboot neither
-repeats nor loses an update.
+repeats nor loses an update; a retry in progress resumes from the retained desired state.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgeserve.contract import (
     Desired,
@@ -38,28 +49,62 @@ from edgeserve.contract import (
     ModelReport,
     Reported,
 )
-from edgeserve.errors import EdgeserveError, ModelNotFoundError
+from edgeserve.errors import EdgeserveError, ModelNotFoundError, TransferError
 from edgeserve.package import atomic_write
 
 from ..agent import Agent
 from .fetch import MqttTransport, fetch_version
 from .health import HealthWatch
 
-__all__ = ["Updater"]
+__all__ = ["RetryPolicy", "Updater"]
 
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_S = 1.0
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often a device keeps trying to obtain a version named by desired state."""
+
+    min_s: float = 1.0
+    """first wait after a cut download; doubles per attempt (full jitter)"""
+    max_s: float = 300.0
+    """longest wait between two attempts"""
+    deadline_s: float = 24 * 3600.0
+    """give up (report *failed*) when a version could not be delivered for this long"""
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        cap = min(self.max_s, self.min_s * 2.0 ** min(attempt - 1, 30))
+        return float(rng.uniform(0.5, 1.0) * cap)
+
+
+@dataclass
+class _Delivery:
+    """Attempts at one (model, version) that have not succeeded yet."""
+
+    attempts: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+class _DeliveryPending(Exception):
+    """A version could not be obtained this time; the same revision is tried again later."""
+
+    def __init__(self, error: TransferError, attempts: int, wait_s: float) -> None:
+        super().__init__(str(error))
+        self.error, self.attempts, self.wait_s = error, attempts, wait_s
+
+
 class Updater:
     def __init__(self, agent: Agent, device_id: str, state_dir: Path,
                  report: Callable[[Reported], None] | None = None,
-                 mqtt: MqttTransport | None = None) -> None:
+                 mqtt: MqttTransport | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.agent = agent
         self.device_id = device_id
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.mqtt = mqtt
+        self.retry = retry or RetryPolicy()
         self._report_cb = report
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -67,8 +112,12 @@ class Updater:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._watches: dict[str, tuple[HealthWatch, str | None]] = {}
+        self._deliveries: dict[tuple[str, str], _Delivery] = {}
+        self._retry_at: tuple[float, Desired] | None = None
+        self._rng = random.Random()
         self._last_progress = 0.0
         self.bytes_downloaded = 0
+        self.delivery_retries = 0
         self.revision, self.models = self._load()
         self._resume_watches()
 
@@ -168,37 +217,61 @@ class Updater:
                 if self._stop:
                     return
                 desired, self._pending = self._pending, None
+                if desired is None and self._retry_at is not None \
+                        and time.monotonic() >= self._retry_at[0]:
+                    desired = self._retry_at[1]
                 if desired is None and not self._watches:
-                    self._wake.wait(1.0)
+                    self._wake.wait(self._idle_wait())
                     continue
             if desired is not None:
                 self.apply(desired)
             self.check_watches()
             if desired is None:
                 with self._wake:
-                    self._wake.wait(0.2)
+                    self._wake.wait(min(0.2, self._idle_wait()))
+
+    def _idle_wait(self) -> float:
+        if self._retry_at is None:
+            return 1.0
+        return max(0.01, min(1.0, self._retry_at[0] - time.monotonic()))
 
     # -- applying ---------------------------------------------------------------------------------
 
     def apply(self, desired: Desired) -> Reported:
-        """Apply one desired state synchronously (the worker calls this; so can tests)."""
+        """Apply one desired state synchronously (the worker calls this; so can tests).
+
+        The revision counts as applied unless a version is still being delivered; then the same
+        desired state is tried again after the back-off (``pending_retry_s`` says when)."""
         if desired.revision <= self.revision:
             return self.current_report()
+        self._retry_at = None
         for name in sorted(set(self.models) - set(desired.models)):
             self._retire(name)
+        wait: float | None = None
         for name, model in desired.models.items():
             try:
                 self._apply_model(name, model)
+            except _DeliveryPending as pending:
+                wait = pending.wait_s if wait is None else min(wait, pending.wait_s)
             except EdgeserveError as exc:
                 self._set(name, state="failed", last_error=_error(exc, model.active))
             except Exception as exc:  # never let one model's bug stop the agent
                 log.exception("applying desired state for %s failed", name)
                 self._set(name, state="failed", last_error=_error(exc, model.active))
         with self._lock:
-            self.revision = desired.revision
-            self._save()
+            if wait is None:
+                self.revision = desired.revision
+                self._save()
+            else:
+                self._retry_at = (time.monotonic() + wait, desired)
         self._publish()
         return self.current_report()
+
+    @property
+    def pending_retry_s(self) -> float | None:
+        """Seconds until the pending desired state is tried again (None: nothing pending)."""
+        retry = self._retry_at
+        return None if retry is None else max(0.0, retry[0] - time.monotonic())
 
     def _retire(self, name: str) -> None:
         """A model the fleet managed is gone from desired state: remove it from the device."""
@@ -233,7 +306,9 @@ class Updater:
         current = self._active(name)
         if desired.active == current:
             report = self.models.get(name)
-            if report is None or report.state in ("idle", "downloading", "failed"):
+            # nothing to activate: what runs is what the fleet wants (a version still under
+            # watch, or that failed its check with nothing to return to, keeps that state)
+            if report is None or report.state not in ("health-check", "committed", "unhealthy"):
                 self._set(name, state="committed", target=current, progress=1.0)
             return
         watch = self._watches.pop(name, None)
@@ -250,14 +325,43 @@ class Updater:
                 self._last_progress = now
                 self._set(name, progress=round(done / total, 3) if total else 1.0)
 
+        delivery = self._deliveries.setdefault((name, version), _Delivery())
+        delivery.attempts += 1
         try:
             _, moved = fetch_version(self.agent, name, version, desired.versions[version],
-                                     self.state_dir / "downloads", progress, self.mqtt)
+                                     self.state_dir / "downloads", progress, self.mqtt,
+                                     self.device_id)
+        except TransferError as exc:
+            self._delivery_failed(name, version, delivery, exc)
         except EdgeserveError as exc:
+            self._deliveries.pop((name, version), None)
             self._set(name, state="failed", last_error=_error(exc, version))
             raise
+        self._deliveries.pop((name, version), None)
         self.bytes_downloaded += moved
         self._set(name, state="staged", progress=1.0)
+
+    def _delivery_failed(self, name: str, version: str, delivery: _Delivery,
+                         exc: TransferError) -> NoReturn:
+        """Schedule another attempt (raises _DeliveryPending), or give up (raises a final
+        TransferError, which the caller reports as *failed*)."""
+        waited = time.monotonic() - delivery.since
+        if not exc.retryable or waited >= self.retry.deadline_s:
+            self._deliveries.pop((name, version), None)
+            if not exc.retryable:
+                raise exc
+            log.warning("%s %s: giving up after %d delivery attempts over %.0f s: %s", name,
+                        version, delivery.attempts, waited, exc)
+            raise TransferError(f"gave up after {delivery.attempts} attempts over {waited:.0f} s "
+                                f"(deadline {self.retry.deadline_s:g} s); last: {exc.message}",
+                                retryable=False) from None
+        wait = self.retry.delay(delivery.attempts, self._rng)
+        self.delivery_retries += 1
+        log.info("%s %s: delivery attempt %d failed (%s); retrying in %.1f s", name, version,
+                 delivery.attempts, exc, wait)
+        self._set(name, state="retrying", last_error=_error(TransferError(
+            f"attempt {delivery.attempts} failed, next in {wait:.0f} s: {exc.message}"), version))
+        raise _DeliveryPending(exc, delivery.attempts, wait)
 
     def _activate(self, name: str, desired: DesiredModel, previous: str | None) -> None:
         version = desired.active
@@ -301,12 +405,18 @@ class Updater:
                                                             f"{verdict.reason}")
 
     def _revert(self, name: str, version: str, previous: str | None, reason: str) -> None:
-        if previous is not None:
-            self.agent.activate(name, previous)
-        log.warning("%s %s rolled back to %s: %s", name, version, previous, reason)
+        error = ErrorInfo(code="HealthCheckFailed", message=reason[:2000], version=version)
+        if previous is None:
+            # nothing earlier to return to: serving this version beats serving nothing, and
+            # the report says it is unhealthy so the fleet (or an operator) can act
+            log.warning("%s %s %s; no earlier version to return to: it keeps serving and is "
+                        "reported unhealthy", name, version, reason)
+            self._set(name, state="unhealthy", target=version, last_error=error)
+            return
+        self.agent.activate(name, previous)
+        log.warning("%s %s %s; rolled back to %s", name, version, reason, previous)
         self._set(name, state="rolled-back", target=version, active_since=time.time(),
-                  last_error=ErrorInfo(code="HealthCheckFailed", message=reason[:2000],
-                                       version=version))
+                  last_error=error)
 
     def _configure_routing(self, name: str, desired: DesiredModel) -> None:
         """Traffic split (A/B arms, bandit weights) and shadow version, as desired."""

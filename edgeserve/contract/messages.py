@@ -120,6 +120,11 @@ class HealthPolicy(Message):
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     max_latency_ms: float | None = Field(default=None, gt=0)
     sample_tolerance: float = Field(default=1e-2, ge=0)
+    max_watch_s: float = Field(
+        default=600.0, gt=0, le=30 * 86400,
+        description="a device that sees fewer than min_inferences live requests in this time "
+                    "decides on those it saw (the sample check has passed already), so that an "
+                    "idle device does not hold a rollout stage forever")
 
 
 class DesiredModel(Message):
@@ -164,8 +169,13 @@ class ModelReport(Message):
     active: Ver | None = None
     previous: Ver | None = None
     installed: list[Ver] = Field(default_factory=list, max_length=64)
-    state: Literal["idle", "downloading", "verifying", "staged", "health-check", "committed",
-                   "rolled-back", "failed"] = "idle"
+    state: Literal["idle", "downloading", "retrying", "verifying", "staged", "health-check",
+                   "committed", "rolled-back", "unhealthy", "failed"] = Field(
+        default="idle",
+        description="retrying: a download was cut or refused for a while, the next attempt "
+                    "resumes it (last_error says why and when); unhealthy: the version failed "
+                    "its health check and there was no earlier version to return to, so it "
+                    "still serves; failed: the target could not be delivered or verified")
     target: Ver | None = None
     progress: float = Field(default=0.0, ge=0, le=1)
     traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16)

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 _EVENT_EVERY_S = 2.0
 WARMUP_S = 1.0
 """Canary traffic in the first second after activation (model load, cache warm-up) is not judged."""
+_FAILED_STATES = ("rolled-back", "unhealthy", "failed")
+"""Reported states that count against a rollout (``retrying`` is delivery still under way)."""
 
 
 def in_scope(spec: RolloutSpec, profile: str | None, labels: dict[str, str],
@@ -95,8 +97,8 @@ def device_views(store: Store, spec: RolloutSpec, now: float) -> list[DeviceView
         views.append(DeviceView(
             device_id=device.device_id, online=online, last_seen=last_seen,
             active=report.active, shadow=report.shadow, state=report.state,
-            last_error=report.error_message if report.state in ("rolled-back", "failed")
-            else None, error_version=report.error_version))
+            last_error=report.error_message if report.state in _FAILED_STATES else None,
+            error_version=report.error_version))
     return views
 
 

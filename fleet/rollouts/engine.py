@@ -115,7 +115,8 @@ class DeviceView(BaseModel):
     last_seen: float = 0.0
     active: str | None = None
     shadow: str | None = None
-    state: str = "idle"
+    state: str = Field(default="idle", description="the device's update state for the model "
+                                                   "(ModelReport.state); 'committed' = healthy")
     last_error: str | None = None
     error_version: str | None = None
 
@@ -293,7 +294,11 @@ def _reachable(spec: RolloutSpec, snap: Snapshot) -> dict[str, DeviceView]:
 
 
 def _converged(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> tuple[int, int]:
-    """(done, expected) among reachable assigned devices; silent ones don't block a stage."""
+    """(done, expected) among reachable assigned devices; silent ones don't block a stage.
+
+    Done means the device runs what it should *and* reports it committed: a device still under
+    its on-device health check (or retrying a download) has not converged, so no stage ends, and
+    no rollout completes, before its devices have passed."""
     reachable = _reachable(spec, snap)
     done = expected = 0
     for device_id in state.assigned:
@@ -302,7 +307,8 @@ def _converged(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> tuple[
             continue
         want = _desired_for(spec, state, device_id)
         expected += 1
-        if device.active == want.active and device.shadow == want.shadow:
+        if device.active == want.active and device.shadow == want.shadow \
+                and device.state == "committed":
             done += 1
     return done, expected
 

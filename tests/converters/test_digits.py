@@ -121,6 +121,7 @@ def test_samples_replay_on_each_artifact_within_the_recorded_error(digits_result
     import io
 
     from edgeserve.converters.runners import LiteRtRunner, OrtRunner, run_dataset
+    from edgeserve.converters.signature import ModelSignature
 
     with open_package(digits_result.package) as pkg:
         manifest = pkg.manifest
@@ -136,6 +137,6 @@ def test_samples_replay_on_each_artifact_within_the_recorded_error(digits_result
             runner = OrtRunner(Path(path)) if artifact.format == "onnx" else LiteRtRunner(
                 Path(path), manifest.inputs, manifest.outputs,
                 artifact.inputs or manifest.inputs, artifact.outputs or manifest.outputs)
-            got = run_dataset(runner, inputs)[0]
+            got = run_dataset(runner, inputs, ModelSignature(manifest.inputs, manifest.outputs))[0]
             recorded = artifact.validation["sample_max_abs_error"]
             assert np.abs(got - expected["logits"]).max() <= recorded + 1e-5, artifact.id

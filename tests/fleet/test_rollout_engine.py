@@ -32,7 +32,8 @@ class Fleet:
 
     def __init__(self, n: int, version: str = "1.0.0") -> None:
         self.devices = {f"d{i:03d}": DeviceView(device_id=f"d{i:03d}", active=version,
-                                                last_seen=0.0) for i in range(n)}
+                                                state="committed", last_seen=0.0)
+                        for i in range(n)}
 
     def apply(self, commands: list[SetDesired], fail_version: str | None = None) -> None:
         for c in commands:
@@ -42,8 +43,8 @@ class Fleet:
                     "state": "rolled-back", "last_error": "sample outputs differ",
                     "error_version": fail_version})
             else:
-                self.devices[c.device_id] = d.model_copy(update={"active": c.active,
-                                                                 "shadow": c.shadow})
+                self.devices[c.device_id] = d.model_copy(update={
+                    "active": c.active, "shadow": c.shadow, "state": "committed"})
 
     def snap(self, now: float, canary: CohortMetrics = GOOD,
              control: CohortMetrics | None = CONTROL) -> Snapshot:
@@ -262,3 +263,54 @@ def test_relative_gates_use_last_control_once_everyone_moved() -> None:
     state, _ = step(slow, state, Tick(snapshot=Fleet(10).snap(
         100, CohortMetrics(requests=1000, p95_ms=9.0), control=None)))
     assert state.phase == "rolling-back" and state.failed_gate == "p95_ms<=1.5*control"
+
+
+def _report(fleet: Fleet, version: str, **update: object) -> None:
+    """Every device running ``version`` now reports ``update`` (e.g. its state)."""
+    for device_id, device in fleet.devices.items():
+        if device.active == version:
+            fleet.devices[device_id] = device.model_copy(update=update)
+
+
+def test_no_stage_ends_before_its_devices_pass_their_health_check() -> None:
+    """Devices that run the version but are still under watch hold the stage, without gates
+    or soak, and their later health failure rolls the rollout back instead of completing it."""
+    fleet = Fleet(4)
+    s = spec(stages=[100], gates=[], soak_seconds=0)
+    state, commands = step(s, initial_state(s, 0), Tick(snapshot=fleet.snap(0)))
+    fleet.apply(commands)
+    _report(fleet, "2.0.0", state="health-check")
+    for now in (1.0, 2.0, 3.0):
+        state, _ = step(s, state, Tick(snapshot=fleet.snap(now)))
+        assert state.phase == "running", state.history[-1]
+    _report(fleet, "2.0.0", active=None, state="unhealthy", last_error="health check failed",
+            error_version="2.0.0")
+    state, commands = step(s, state, Tick(snapshot=fleet.snap(4.0)))
+    assert state.phase == "rolling-back" and state.failed_gate == "device_health"
+    assert {c.active for c in commands} == {"1.0.0"}
+
+
+def test_a_committed_stage_completes() -> None:
+    """The same rollout completes once every device reports the version committed."""
+    fleet = Fleet(4)
+    s = spec(stages=[100], gates=[], soak_seconds=0)
+    state, commands = step(s, initial_state(s, 0), Tick(snapshot=fleet.snap(0)))
+    fleet.apply(commands)
+    state, _ = step(s, state, Tick(snapshot=fleet.snap(1.0)))
+    assert state.phase == "completed"
+
+
+def test_a_device_retrying_its_download_is_not_a_failure() -> None:
+    """'retrying' (a cut download being resumed) holds the stage but does not roll back."""
+    fleet = Fleet(4)
+    s = spec(stages=[100], gates=[], soak_seconds=0)
+    state, commands = step(s, initial_state(s, 0), Tick(snapshot=fleet.snap(0)))
+    for device_id in fleet.devices:
+        fleet.devices[device_id] = fleet.devices[device_id].model_copy(update={
+            "state": "retrying", "error_version": "2.0.0"})
+    for now in (1.0, 2.0):
+        state, _ = step(s, state, Tick(snapshot=fleet.snap(now)))
+    assert state.phase == "running" and not state.failed_devices
+    fleet.apply(commands)
+    state, _ = step(s, state, Tick(snapshot=fleet.snap(3.0)))
+    assert state.phase == "completed"
