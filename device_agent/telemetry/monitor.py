@@ -18,7 +18,9 @@ cost on a fraction of its requests. The stride starts from the previous window's
 and is recomputed every 32 requests from the rate since the last recomputation, so a burst is
 rate-limited from its first few dozen requests and a version whose load drops is sketched more
 often again within the same window. Counts and latency always cover every request; the sample
-count is in each drift score (``n``). Reference statistics are looked up off the
+count is in each drift score (``n``), and a window with fewer sampled requests than
+:data:`~edgeserve.telemetry.MIN_SAMPLES` carries its sketches but no drift score (too few to
+tell drift from noise; the fleet scores merged windows). Reference statistics are looked up off the
 hot path (:meth:`watch`, or the monitor thread within a second of a new version's first request).
 The observer never raises: a failure in monitoring is counted, logged once, and serving goes on.
 

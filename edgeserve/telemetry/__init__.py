@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .histogram import DEFAULT_RELATIVE_ACCURACY, HistogramData, LatencyHistogram
 from .sketch import (
+    MIN_SAMPLES,
     REFERENCE_SCHEMA,
     DistributionSketch,
     DriftScore,
@@ -14,6 +15,7 @@ from .sketch import (
     SketchGroupData,
     extract_features,
     jensen_shannon,
+    noise_floor,
     plan_group,
     psi,
     sketch_from_data,
@@ -21,6 +23,7 @@ from .sketch import (
 
 __all__ = [
     "DEFAULT_RELATIVE_ACCURACY",
+    "MIN_SAMPLES",
     "REFERENCE_SCHEMA",
     "DistributionSketch",
     "DriftScore",
@@ -32,6 +35,7 @@ __all__ = [
     "SketchGroupData",
     "extract_features",
     "jensen_shannon",
+    "noise_floor",
     "plan_group",
     "psi",
     "sketch_from_data",

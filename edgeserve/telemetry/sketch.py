@@ -9,13 +9,38 @@ construction.
 
 On the device, :class:`DistributionSketch` counts live samples into those same bins. Counts merge
 by addition, so windows from many devices combine exactly. Drift is the Population Stability
-Index and the Jensen–Shannon divergence between live and reference bin frequencies.
+Index and the Jensen–Shannon divergence between live and reference bin frequencies, corrected
+for sampling noise (:meth:`DistributionSketch.drift`).
+
+Why a correction: both sides are samples (a window of tens to thousands of live samples; a
+reference of 64 to 2000 calibration samples), and the plug-in PSI of two samples of one
+distribution is not 0 but about ``(B-1)·(1/n + 1/m)`` for ``B`` bins, since ``n·m/(n+m)·PSI`` is
+asymptotically χ² with ``B-1`` degrees of freedom (the PSI is the symmetrised KL divergence, whose
+second-order term is Pearson's χ²). With the old ε = 1e-4 floor an empty live bin against a 10 %
+reference bin alone added ``0.1·ln(1000) ≈ 0.69``, so a few-dozen-sample window read 4-5 on
+unchanged data. Subtracting that mean is not enough for a number people put thresholds on: the
+noise around it is of the same size (a standard deviation of ``√(2(B-1))·(1/n + 1/m)``, 0.15
+for a 50-sample window against a 64-sample reference), and the reported score is the *maximum*
+over features, which picks the noisiest. So each feature's score is the PSI *in excess of its
+noise floor*: the value same-distribution samples of those sizes exceed with probability
+``level`` (5 %) for the maximum over all the features scored (Šidák), read off the χ² quantile
+(:func:`noise_floor`). On unchanged data the reported PSI is then 0 in ≥ 95 % of windows; on
+drifted data it reads low by ``(floor - mean noise)``, about ``8·(1/n + 1/m)`` for one 10-bin
+feature and ``12·(1/n + 1/m)`` for four, which vanishes as samples grow (a one-sigma shift,
+population PSI 0.93 over the deciles, reads ≈ 0.4-0.7 at 50 samples and ≈ 0.9-1.0 at 1000).
+Frequencies use Jeffreys (Krichevsky–Trofimov) smoothing, half a count per bin, not a
+tiny ε: it keeps log ratios of empty bins finite and small and is close to the add-constant
+with the lowest worst-case KL risk. Bins empty on both sides carry no information and are left out. Below
+:data:`MIN_SAMPLES` samples (or 5 per occupied bin) on either side the χ² approximation does
+not hold and a feature is not scored; with no feature scored the drift is ``None``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from itertools import pairwise
+from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
@@ -25,15 +50,21 @@ from .._validation import validate_json
 from ..errors import SchemaError
 
 __all__ = [
+    "FALSE_ALARM",
+    "MIN_PER_BIN",
+    "MIN_SAMPLES",
     "REFERENCE_SCHEMA",
+    "SMOOTHING",
     "DistributionSketch",
     "DriftScore",
     "FeatureGroup",
     "ReferenceStats",
     "SketchData",
     "SketchGroupData",
+    "chi2_quantile",
     "extract_features",
     "jensen_shannon",
+    "noise_floor",
     "plan_group",
     "psi",
     "sketch_from_data",
@@ -45,7 +76,14 @@ ELEMENT_LIMIT = 128
 CHANNEL_LIMIT = 64
 ARGMAX_LIMIT = 64
 BINS = 10
-_EPS = 1e-4
+SMOOTHING = 0.5
+"""Pseudo-count added to every occupied bin of both sides (Jeffreys / Krichevsky–Trofimov)."""
+MIN_PER_BIN = 5
+"""Fewest samples per occupied bin, on each side, for a feature to be scored (Cochran's rule)."""
+MIN_SAMPLES = MIN_PER_BIN * BINS
+"""Fewest live and reference samples for a decile-binned feature to be scored."""
+FALSE_ALARM = 0.05
+"""Chance that same-distribution data gives a drift score above 0 (over all features scored)."""
 
 
 class FeatureGroup(BaseModel):
@@ -206,36 +244,89 @@ class SketchData(BaseModel):
 
 
 class DriftScore(BaseModel):
+    """Drift of one role's features (inputs or outputs) against the reference.
+
+    ``psi``, ``js`` and ``psi_mean`` are noise-corrected (see the module docstring): 0 means no
+    drift beyond what samples of these sizes show by chance. Old senders sent the plug-in values
+    in the same fields, so the wire form is unchanged.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    psi: float = Field(ge=0, description="max PSI over features")
-    js: float = Field(ge=0, le=1, description="max Jensen–Shannon divergence (base 2)")
+    psi: float = Field(ge=0, description="max PSI over features, in excess of its noise floor")
+    js: float = Field(ge=0, le=1, description="max Jensen–Shannon divergence (base 2), in "
+                      "excess of its noise floor")
     psi_mean: float = Field(ge=0)
-    worst: str | None = Field(default=None, description="feature with the highest PSI")
+    worst: str | None = Field(default=None, description="feature closest to (or furthest "
+                              "beyond) its noise floor")
     n: int = Field(ge=0, description="live samples compared")
 
 
-def _probabilities(counts: np.ndarray) -> np.ndarray:
-    total = counts.sum(axis=-1, keepdims=True)
-    p = counts / np.maximum(total, 1)
-    p = np.maximum(p, _EPS)
-    return np.asarray(p / p.sum(axis=-1, keepdims=True))
+def _frequencies(counts: np.ndarray, keep: np.ndarray, smoothing: float) -> np.ndarray:
+    """Smoothed frequencies over the ``keep`` bins of each row (1 elsewhere, a log-safe filler)."""
+    bins = keep.sum(axis=-1, keepdims=True)
+    total = counts.sum(axis=-1, keepdims=True) + bins * smoothing
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(keep, (counts + smoothing) / np.where(total > 0, total, 1), 1.0)
 
 
-def psi(live_counts: np.ndarray, ref_counts: np.ndarray) -> np.ndarray:
-    """Population Stability Index per row (feature): Σ (p−q)·ln(p/q), ε-smoothed."""
-    p = _probabilities(np.asarray(live_counts, float))
-    q = _probabilities(np.asarray(ref_counts, float))
-    return np.asarray(((p - q) * np.log(p / q)).sum(axis=-1))
+def _smoothed_pair(live_counts: np.ndarray | list[int], ref_counts: np.ndarray | list[int],
+                   smoothing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    live, ref = np.asarray(live_counts, float), np.asarray(ref_counts, float)
+    # a bin empty on both sides says nothing about either distribution
+    keep = (live + ref) > 0
+    return _frequencies(live, keep, smoothing), _frequencies(ref, keep, smoothing), keep
 
 
-def jensen_shannon(live_counts: np.ndarray, ref_counts: np.ndarray) -> np.ndarray:
-    """Jensen–Shannon divergence per row, base 2 (0 = same, 1 = disjoint)."""
-    p = _probabilities(np.asarray(live_counts, float))
-    q = _probabilities(np.asarray(ref_counts, float))
+def psi(live_counts: np.ndarray | list[int], ref_counts: np.ndarray | list[int],
+        smoothing: float = SMOOTHING) -> np.ndarray:
+    """Plug-in Population Stability Index per row (feature): Σ (p−q)·ln(p/q).
+
+    ``p`` and ``q`` add ``smoothing`` (> 0) to every bin occupied on either side. This is the raw
+    statistic: on two samples of one distribution it averages ``(B-1)·(1/n + 1/m)``, not 0;
+    :meth:`DistributionSketch.drift` reports it net of its :func:`noise_floor`.
+    """
+    p, q, keep = _smoothed_pair(live_counts, ref_counts, smoothing)
+    return np.asarray(np.where(keep, (p - q) * np.log(p / q), 0.0).sum(axis=-1))
+
+
+def jensen_shannon(live_counts: np.ndarray | list[int], ref_counts: np.ndarray | list[int],
+                   smoothing: float = SMOOTHING) -> np.ndarray:
+    """Plug-in Jensen–Shannon divergence per row, base 2 (0 = same, 1 = disjoint), smoothed as
+    :func:`psi`. For small differences it is ``PSI / (8·ln 2)``, noise included."""
+    p, q, keep = _smoothed_pair(live_counts, ref_counts, smoothing)
     m = (p + q) / 2
-    kl_pm = (p * np.log2(p / m)).sum(axis=-1)
-    kl_qm = (q * np.log2(q / m)).sum(axis=-1)
-    return np.asarray(np.clip((kl_pm + kl_qm) / 2, 0.0, 1.0))
+    terms = np.where(keep, p * np.log2(p / m) + q * np.log2(q / m), 0.0)
+    return np.asarray(np.clip(terms.sum(axis=-1) / 2, 0.0, 1.0))
+
+
+def chi2_quantile(df: np.ndarray | int, p: float) -> np.ndarray:
+    """The ``p`` quantile of χ² with ``df`` degrees of freedom (element-wise; 0 for df ≤ 0).
+
+    Exact for 1 and 2 degrees of freedom, Wilson–Hilferty above, so the device needs no SciPy:
+    within 1 % for p ≤ 0.99, and in the far tail (p up to 1 - 1e-5, the Šidák level for
+    thousands of features) at most 5 % too high, i.e. on the side of fewer false alarms.
+    """
+    k = np.asarray(df, float)
+    z = NormalDist().inv_cdf(p)
+    h = 2 / (9 * np.maximum(k, 1))
+    wilson = k * np.maximum(1 - h + z * np.sqrt(h), 0) ** 3
+    one = NormalDist().inv_cdf((1 + p) / 2) ** 2
+    two = -2 * math.log1p(-p)
+    return np.asarray(np.select([k <= 0, k == 1, k == 2], [0.0, one, two], wilson))
+
+
+def noise_floor(n_live: np.ndarray | int, n_ref: np.ndarray | int, bins: np.ndarray | int,
+                level: float = FALSE_ALARM) -> np.ndarray:
+    """The PSI that a live sample of ``n_live`` and a reference of ``n_ref`` drawn from one
+    distribution, over ``bins`` occupied bins, exceed with probability ``level``.
+
+    ``n·m/(n+m)·PSI`` is asymptotically χ² with ``bins-1`` degrees of freedom under "same
+    distribution", so the floor is that χ² quantile times ``1/n + 1/m`` (checked by simulation
+    with decile-binned references of 64-2000 samples and windows of 50-1000 samples: the
+    exceedance rate is 3-5 % at level 5 %, the smoothing making it conservative on few samples).
+    """
+    inverse = 1 / np.asarray(n_live, float) + 1 / np.asarray(n_ref, float)
+    return np.asarray(chi2_quantile(np.asarray(bins) - 1, 1 - level) * inverse)
 
 
 class DistributionSketch:
@@ -257,6 +348,11 @@ class DistributionSketch:
             self._edges.append(padded)
             self._bins.append([len(e) + 1 for e in group.edges])
         self.counts = [np.zeros((e.shape[0], e.shape[1] + 1), np.int64) for e in self._edges]
+        # reference counts padded like the live counts (padding bins are empty on both sides)
+        self._ref = [np.zeros(c.shape) for c in self.counts]
+        for ref, group in zip(self._ref, self.groups, strict=True):
+            for f, row in enumerate(group.ref_counts):
+                ref[f, : len(row)] = row
         self.sums = [np.zeros(len(g.features)) for g in self.groups]
         self.n = [0 for _ in self.groups]
 
@@ -308,28 +404,51 @@ class DistributionSketch:
             for i, g in enumerate(self.groups)
         ])
 
-    def drift(self) -> DriftScore | None:
-        """Drift of everything counted so far against the reference (None before any sample)."""
-        scores_psi: list[np.ndarray] = []
-        scores_js: list[np.ndarray] = []
-        names: list[str] = []
-        total = 0
-        for i, group in enumerate(self.groups):
-            if self.n[i] == 0:
-                continue
-            total = max(total, self.n[i])
-            for f, name in enumerate(group.features):
-                live = self.feature_counts(i, f)
-                scores_psi.append(psi(live, np.asarray(group.ref_counts[f])))
-                scores_js.append(jensen_shannon(live, np.asarray(group.ref_counts[f])))
-                names.append(name)
-        if not scores_psi:
+    def drift(self, level: float = FALSE_ALARM) -> DriftScore | None:
+        """Noise-corrected drift of everything counted so far against the reference.
+
+        Each feature with at least :data:`MIN_SAMPLES` (and :data:`MIN_PER_BIN` per occupied bin)
+        live and reference samples scores its plug-in PSI and JS minus their :func:`noise_floor`
+        at the Šidák level that makes the *maximum* over the ``F`` features scored exceed 0 with
+        probability ``level`` (in (0, 1)) on same-distribution data, clamped at 0. None when no
+        feature has enough samples (no evidence either way, which is not "no drift").
+        """
+        if not 0 < level < 1:
+            raise ValueError(f"drift level must be in (0, 1), got {level}")
+        names, raw_psi, raw_js, n, m, bins = self._scored_features()
+        if not names:
             return None
-        all_psi = np.asarray(scores_psi, float)
-        worst = int(np.argmax(all_psi))
-        return DriftScore(psi=round(float(all_psi.max()), 6),
-                          js=round(float(np.max(scores_js)), 6),
-                          psi_mean=round(float(all_psi.mean()), 6), worst=names[worst], n=total)
+        per_feature = -math.expm1(math.log1p(-level) / len(names))  # Šidák: 1-(1-level)^(1/F)
+        floor = noise_floor(n, m, bins, per_feature)
+        excess = raw_psi - floor
+        scores = np.maximum(excess, 0.0)
+        # JS ≈ PSI/(8·ln 2) to second order, for the noise as for the drift
+        js = np.clip(raw_js - floor / (8 * math.log(2)), 0.0, 1.0)
+        return DriftScore(psi=round(float(scores.max()), 6), js=round(float(js.max()), 6),
+                          psi_mean=round(float(scores.mean()), 6),
+                          worst=names[int(np.argmax(excess))], n=int(n.max()))
+
+    def _scored_features(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                        np.ndarray, np.ndarray]:
+        """Features with enough samples: names, plug-in PSI and JS, live and reference sample
+        counts, occupied bins (one array entry per feature)."""
+        names: list[str] = []
+        parts: list[tuple[np.ndarray, ...]] = []
+        for i, group in enumerate(self.groups):
+            live, ref = self.counts[i].astype(float), self._ref[i]
+            bins = ((live + ref) > 0).sum(axis=1)
+            n, m = live.sum(axis=1), ref.sum(axis=1)
+            need = np.maximum(MIN_SAMPLES, MIN_PER_BIN * bins)
+            scored = (n >= need) & (m >= need)
+            names += [name for name, ok in zip(group.features, scored, strict=True) if ok]
+            parts.append((psi(live[scored], ref[scored]),
+                          jensen_shannon(live[scored], ref[scored]),
+                          n[scored], m[scored], bins[scored]))
+        if not parts:
+            empty = np.zeros(0)
+            return names, empty, empty, empty, empty, empty
+        raw_psi, raw_js, n, m, bins = (np.concatenate(c) for c in zip(*parts, strict=True))
+        return names, raw_psi, raw_js, n, m, bins
 
     def reset(self) -> None:
         for i in range(len(self.groups)):

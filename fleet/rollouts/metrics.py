@@ -5,9 +5,12 @@ is the devices in scope it has not moved yet (or, once every device moved, nobod
 then stay pending unless a control window exists). Latency histograms are merged exactly (so p95
 is the cohort's p95, not an average of window p95s), counts are summed, and shadow comparisons
 are summed. Drift is computed from the windows' input/output sketches merged per version against
-that version's reference statistics (given a ``references`` lookup): a PSI over all the cohort's
-samples, not an average of per-window PSIs, which are biased upwards on the few samples of one
-short window. Without a reference it falls back to the request-weighted mean of window PSIs.
+that version's reference statistics (given a ``references`` lookup): a noise-corrected PSI
+(:meth:`~edgeserve.telemetry.DistributionSketch.drift`) over all the cohort's samples, not an
+average of per-window scores. Each window's score is corrected for its own few samples, so their
+average reads a real drift low, and windows under ``MIN_SAMPLES`` sampled requests carry none.
+Without a reference it falls back to the request-weighted mean of the window scores that exist
+(None when no window has one).
 
 For blue-green's shadow phase the canary numbers come from the shadow reports inside the active
 version's windows: the shadow's own latency and errors, and how often it disagreed.
