@@ -19,6 +19,7 @@ from edgeserve.contract import (
     DesiredModel,
     FileChunk,
     FileRequest,
+    FleetStatus,
     Message,
     ModelReport,
     Reported,
@@ -84,6 +85,8 @@ def examples() -> dict[str, Message]:
         "FileRequest": FileRequest(transfer="t-cam-7-1", model="detector", version="2.1.0",
                                    file="artifacts/model.tflite", offset=0, length=65536),
         "FileChunk": FileChunk.of("t-cam-7-1", "artifacts/model.tflite", 0, 11, b"hello world"),
+        "FleetStatus": FleetStatus(state="online", instance="3f9c2a61b7d0", ts=TS,
+                                   resumed=False),
     }
 
 

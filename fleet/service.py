@@ -7,6 +7,10 @@ one transaction, publishes each device's ack, and only then acknowledges the MQT
 broker's: the persistent session (clean start off, session expiry set) hands it over again after
 a restart, and the primary key makes the second copy a no-op.
 
+Once its subscriptions are granted (after every connect), the service announces itself on the
+retained ``{fleet}/fleet/status`` (``online``; the Last Will says ``offline``): devices that sent
+telemetry while no fleet was subscribed, which the broker dropped, send it again at once.
+
 Telemetry is subscribed as a shared subscription (``$share/edgeserve-fleet/…``) when the broker
 says it supports them (MQTT 5 ``SharedSubscriptionAvailable``, absent = yes), so several fleet
 workers split the load; ``status`` is subscribed plainly by every worker, because retained
@@ -20,6 +24,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +32,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeserve.contract import Ack, device_topic, encode, fleet_filter, shared_filter
+from edgeserve.contract import (
+    Ack,
+    FleetStatus,
+    device_topic,
+    encode,
+    fleet_filter,
+    fleet_status_topic,
+    shared_filter,
+)
 from edgeserve.errors import BrokerError, StoreError
 
 from .connection import BrokerSettings, BrokerUnreachableError, connect
@@ -73,6 +86,9 @@ class FleetService:
         self._worker: threading.Thread | None = None
         self._shared_available = True
         self._pending_subs: dict[int, str] = {}
+        self.instance = uuid.uuid4().hex[:12]
+        self.announcements = 0
+        self._resumed = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -119,8 +135,18 @@ class FleetService:
         if self._worker is not None:
             self._worker.join(timeout=30)
         if self._client is not None:
+            if self._client.is_connected():
+                info = self._client.publish(*self._status("offline"))
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(2.0)
             self._client.disconnect()
             self._client.loop_stop()
+
+    def _status(self, state: str) -> tuple[str, bytes, int, bool]:
+        """(topic, payload, qos, retain) of this process's fleet announcement."""
+        status = FleetStatus(state=state, instance=self.instance,  # type: ignore[arg-type]
+                             resumed=self._resumed)
+        return fleet_status_topic(self.ingestor.fleet), encode(status), 1, True
 
     def run(self, duration_s: float | None = None) -> None:
         """Block until :meth:`stop` is called from another thread, or ``duration_s`` passed."""
@@ -142,6 +168,7 @@ class FleetService:
     # -- MQTT callbacks ----------------------------------------------------------------------------
 
     def _prepare(self, client: mqtt.Client) -> None:
+        client.will_set(*self._status("offline"))
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -160,6 +187,7 @@ class FleetService:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
+        self._resumed = bool(flags.session_present)
         self._shared_available = bool(getattr(props, "SharedSubscriptionAvailable", 1))
         use_shared = self.shared == "on" or (self.shared == "auto" and self._shared_available
                                              and client.protocol == mqtt.MQTTv5)
@@ -189,6 +217,8 @@ class FleetService:
             return
         if not self._pending_subs:
             self.ready.set()
+            client.publish(*self._status("online"))
+            self.announcements += 1
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_Received(message.mid, message.qos, message.topic,

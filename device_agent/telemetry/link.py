@@ -16,6 +16,16 @@ back-off and sending are all decided here:
   token bucket (``rate_windows_per_s``) and by acks: at most ``max_unacked_windows`` are in
   flight. If no ack moves for ``ack_timeout_s`` the unacked windows are sent again (the fleet
   may have lost them, e.g. it restarted with a new session); duplicates cost nothing there.
+- **Fleet announcements**: the fleet publishes ``{fleet}/fleet/status`` online whenever its
+  subscriptions are granted; a live announcement (not the retained copy a new subscription gets)
+  of a fleet whose broker session was not resumed makes the link send its unacked windows again
+  at once, instead of after ``ack_timeout_s``: whatever it sent while no fleet session existed
+  (a brand-new fleet, a broker that lost the fleet's session) was dropped by the broker. A
+  resumed session had them queued, so nothing is sent twice.
+- **Client id**: ``{device_id}@{fleet}`` unless set, so two fleets (or a test and a real fleet)
+  with the same device ids on one broker do not take over each other's sessions; a takeover
+  (MQTT 5 reason 0x8E, or connections closed within seconds of connecting, again and again) is
+  logged as such, naming the client id.
 - **Acks**: an ``Ack(seq)`` deletes every window up to ``seq`` from the outbox. An ack above any
   sequence number this device ever used means the fleet knew this device id before (the outbox
   was wiped): the held windows are renumbered after it instead of being ignored as duplicates.
@@ -41,12 +51,14 @@ from paho.mqtt.properties import Properties
 from edgeserve import __version__
 from edgeserve.contract import (
     Ack,
+    FleetStatus,
     Status,
     TopicKind,
     check_id,
     decode,
     device_topic,
     encode,
+    fleet_status_topic,
     parse_topic,
 )
 from edgeserve.errors import ContractError
@@ -60,6 +72,8 @@ log = logging.getLogger(__name__)
 
 _CONNACK_TIMEOUT_S = 10.0
 _PROTOCOL_REFUSED = "Unsupported protocol version"
+_SESSION_TAKEN_OVER = 0x8E
+_QUICK_DROP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,9 @@ class LinkSettings:
     fleet: str
     device_id: str
     client_id: str | None = None
-    """MQTT client id (default: the device id, which keeps broker ACLs by ``%c`` simple)."""
+    """MQTT client id (default ``{device_id}@{fleet}``: unique per fleet and device, so fleets
+    sharing a broker never take over each other's sessions; ``@`` cannot occur in either id, and
+    unlike ``/`` every broker here accepts it. Broker ACLs key on the username)."""
     session_expiry_s: int = 7 * 86400
     batch_windows: int = 100
     batch_bytes: int = 256 * 1024
@@ -84,6 +100,10 @@ class LinkSettings:
         check_id(self.fleet, "fleet name")
         check_id(self.device_id, "device id")
 
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or f"{self.device_id}@{self.fleet}"
+
 
 @dataclass
 class LinkStats:
@@ -95,6 +115,11 @@ class LinkStats:
     bytes_sent: int = 0
     acks: int = 0
     retransmits: int = 0
+    """unacked windows sent again because no ack came for ack_timeout_s"""
+    fleet_resends: int = 0
+    """unacked windows sent again at once because the fleet announced itself online"""
+    takeovers: int = 0
+    """connections the broker closed because another client used this client id"""
     rebased: int = 0
     protocol: str | None = None
     extra: dict[str, int] = field(default_factory=dict)
@@ -139,6 +164,8 @@ class Link:
         self._tokens_at = time.monotonic()
         self._topics = {kind: device_topic(settings.fleet, settings.device_id, kind)
                         for kind in ("status", "telemetry", "ack")}
+        self._fleet_topic = fleet_status_topic(settings.fleet)
+        self._quick_drops = 0
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -265,7 +292,7 @@ class Link:
         """One attempt; None on success, else why it failed."""
         version = VERSIONS[name]
         s = self.settings
-        client = new_client(s.broker, s.client_id or s.device_id, version)
+        client = new_client(s.broker, s.mqtt_client_id, version)
         self._connect_ts = time.time()
         client.will_set(self._topics["status"], self._status("offline", "connection lost"),
                         qos=1, retain=True)
@@ -306,7 +333,7 @@ class Link:
         with self._io:
             self._client = client
             self._lost = False
-            for topic in (self._topics["ack"], *self._handlers):
+            for topic in (self._topics["ack"], self._fleet_topic, *self._handlers):
                 client.subscribe(topic, qos=1)
             client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
         # everything not acked is sent again: the broker may have lost what was in flight
@@ -325,8 +352,26 @@ class Link:
             except Exception:
                 log.exception("%s: on_connect callback failed", self.settings.device_id)
 
-    def _on_disconnect(self, *_args: Any) -> None:
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any = None) -> None:
         self._lost = True
+        client_id = self.settings.mqtt_client_id
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            self.stats.takeovers += 1
+            log.error("%s: the broker closed this connection because another client connected "
+                      "with the same client id %r (session taken over); two agents, or two "
+                      "fleets on one broker, use this id: give each its own device id or "
+                      "--client-id", self.settings.device_id, client_id)
+            return
+        if time.time() - self._connect_ts < _QUICK_DROP_S:
+            self._quick_drops += 1
+            if self._quick_drops in (3, 10, 100):
+                log.error("%s: the broker closed the connection within %.0f s of connecting %d "
+                          "times in a row; if another client uses client id %r, each takes the "
+                          "session over from the other", self.settings.device_id,
+                          _QUICK_DROP_S, self._quick_drops, client_id)
+        else:
+            self._quick_drops = 0
 
     def _drop_connection(self) -> None:
         client, self._client = self._client, None
@@ -369,6 +414,9 @@ class Link:
         if message.topic == self._topics["ack"]:
             self._on_ack(bytes(message.payload))
             return
+        if message.topic == self._fleet_topic:
+            self._on_fleet_status(bytes(message.payload), bool(message.retain))
+            return
         handler = self._handlers.get(message.topic)
         if handler is None:
             return
@@ -397,6 +445,26 @@ class Link:
             self._sent = max(self._sent, seq)
             self._last_progress = time.monotonic()
             self._ack_timeout = self.settings.ack_timeout_s
+
+    def _on_fleet_status(self, payload: bytes, retained: bool) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            status = decode(FleetStatus, payload, where=self._fleet_topic)
+        except ContractError as exc:
+            log.warning("%s: ignored a bad fleet status: %s", self.settings.device_id, exc)
+            return
+        # the retained copy comes with our own subscription, right after connecting, when
+        # everything unacked is being sent again anyway
+        if status.state != "online" or status.resumed or retained or self._sent <= self._acked:
+            return
+        log.info("%s: the fleet announced itself (instance %s); sending the %d unacked "
+                 "window(s) again now", self.settings.device_id, status.instance,
+                 self._sent - self._acked)
+        self._sent = self._acked
+        self._last_progress = time.monotonic()
+        self._ack_timeout = self.settings.ack_timeout_s
+        self.stats.fleet_resends += 1
 
     # -- flushing ----------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ __all__ = [
     "FeedbackSummary",
     "FileChunk",
     "FileRequest",
+    "FleetStatus",
     "Health",
     "HealthPolicy",
     "Message",
@@ -88,6 +89,19 @@ class Status(Message):
                                   description="active version per model")
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     reason: str | None = Field(default=None, max_length=256)
+
+
+class FleetStatus(Message):
+    """Retained on ``{fleet}/fleet/status``: the fleet's ingestion announces itself ``online``
+    each time its subscriptions are granted (Last Will: ``offline``). A device that sees a live
+    announcement without ``resumed`` sends its unacked telemetry again at once: what it sent
+    while no fleet session existed was dropped by the broker."""
+
+    state: Literal["online", "offline"]
+    instance: str = Field(min_length=1, max_length=64, description="one fleet process's run")
+    ts: Seconds = Field(default_factory=time.time)
+    resumed: bool = Field(default=False, description="the broker kept the fleet's session, so "
+                                                     "it queued what devices sent meanwhile")
 
 
 # -- desired --------------------------------------------------------------------------------------

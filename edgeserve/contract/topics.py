@@ -1,4 +1,5 @@
-"""MQTT topics of contract v1: ``edgeserve/v1/{fleet}/devices/{device}/{kind}[/…]``.
+"""MQTT topics of contract v1: ``edgeserve/v1/{fleet}/devices/{device}/{kind}[/…]``, and the
+fleet's own ``edgeserve/v1/{fleet}/fleet/status``.
 
 Builders refuse ids that would break topic structure (``/``, ``+``, ``#``, control characters) and
 the parser refuses anything that is not a v1 device topic, so neither side can be tricked into
@@ -22,6 +23,7 @@ __all__ = [
     "check_id",
     "device_topic",
     "fleet_filter",
+    "fleet_status_topic",
     "parse_topic",
     "shared_filter",
     "topic_matches",
@@ -66,6 +68,12 @@ def device_topic(fleet: str, device_id: str, kind: TopicKind, *rest: str) -> str
     for part in rest:
         check_id(part, "files sub-topic")
     return "/".join((TOPIC_ROOT, fleet, "devices", device_id, kind, *rest))
+
+
+def fleet_status_topic(fleet: str) -> str:
+    """The fleet's own retained announcement: ``edgeserve/v1/{fleet}/fleet/status``."""
+    check_id(fleet, "fleet name")
+    return f"{TOPIC_ROOT}/{fleet}/fleet/status"
 
 
 def fleet_filter(fleet: str, kind: TopicKind | Literal["+"], device_id: str = "+") -> str:
