@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,14 +30,12 @@ from edgeserve.profiles import HardwareProfile
 from edgeserve.telemetry import ReferenceStats
 
 from .context import BuildContext, BuiltArtifact
+from .options import ConversionResult, ConvertOptions
 from .preflight import PreflightIssue
 from .progress import Progress
 from .reference import reference_outputs
 from .report import REPORT_SCHEMA, render_markdown
 from .validate import worst_status
-
-if TYPE_CHECKING:
-    from .pipeline import ConversionResult, Converter
 
 __all__ = ["assemble_report", "member_path", "write_outputs"]
 
@@ -111,7 +109,7 @@ def _data_text(data: Any) -> str | None:
     return None if data is None else f"{data.source} ({len(data)} samples)"
 
 
-def assemble_report(options: Converter, ctx: BuildContext, profiles: Sequence[HardwareProfile],
+def assemble_report(options: ConvertOptions, ctx: BuildContext, profiles: Sequence[HardwareProfile],
                     built: Sequence[BuiltArtifact], issues: Sequence[PreflightIssue],
                     elapsed_s: float) -> dict[str, Any]:
     verdicts = _profile_verdicts(profiles, built, issues)
@@ -161,7 +159,7 @@ def _stats(ctx: BuildContext) -> ReferenceStats:
                                       ctx.signature.classifier_outputs(ctx.task))
 
 
-def _manifest(options: Converter, ctx: BuildContext, report: dict[str, Any],
+def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any],
               kept: Sequence[BuiltArtifact]) -> Manifest:
     entries = {a["id"]: a for a in report["artifacts"]}
     artifacts = [Artifact(
@@ -183,11 +181,9 @@ def _manifest(options: Converter, ctx: BuildContext, report: dict[str, Any],
     ).model_dump(by_alias=True))
 
 
-def write_outputs(options: Converter, ctx: BuildContext, report: dict[str, Any],
+def write_outputs(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any],
                   built: Sequence[BuiltArtifact], out: Path, key: Ed25519PrivateKey,
                   progress: Progress) -> ConversionResult:
-    from .pipeline import ConversionResult
-
     out.mkdir(parents=True, exist_ok=True)
     kept = [b for b in built if b.status != "failed" and b.path is not None and b.path.exists()]
     package, manifest = None, None

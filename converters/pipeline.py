@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeserve.errors import ConfigError, ConversionError
-from edgeserve.manifest import ImagePreprocessing, Manifest
-from edgeserve.profiles import HardwareProfile, load_profile
+from edgeserve.profiles import HardwareProfile
 
 from .artifacts import (
     build_coreml_artifacts,
@@ -36,7 +35,7 @@ from .artifacts import (
     new_artifact,
 )
 from .context import BuiltArtifact
-from .data import DataSpec
+from .options import ConversionResult, ConvertOptions
 from .packaging import assemble_report, write_outputs
 from .plan import PlannedArtifact, plan_artifacts
 from .preflight import PreflightIssue, preflight
@@ -47,64 +46,9 @@ __all__ = ["ConversionResult", "Converter", "convert"]
 
 
 @dataclass
-class ConversionResult:
-    """What a conversion produced; ``ok`` is False when a required artifact failed."""
-
-    report: dict[str, Any]
-    package: Path | None
-    report_json: Path
-    report_md: Path
-    manifest: Manifest | None = None
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.report["ok"])
-
-    def artifact(self, artifact_id: str) -> dict[str, Any]:
-        for artifact in self.report["artifacts"]:
-            if artifact["id"] == artifact_id:
-                return dict(artifact)
-        raise KeyError(artifact_id)
-
-
-@dataclass
-class Converter:
-    """Options of a conversion; :meth:`run` converts one source with them.
-
-    ``profiles`` are names or :class:`HardwareProfile` objects. ``calibration``/``evaluation``
-    are :data:`~edgeserve.converters.data.DataSpec` (``.npz`` path, image folder, mapping of
-    arrays, :class:`Dataset` or callable). ``example_inputs`` are needed for an in-memory torch
-    module; ``input_shapes`` fix dynamic dimensions (``{"x": [1, 3, 224, 224]}``);
-    ``constant_inputs`` freeze inputs that always have one value (``{"sr": 16000}``) into the
-    reference, which lets ``If`` nodes on them fold away.
-    """
-
-    profiles: Sequence[str | HardwareProfile]
-    name: str
-    version: str
-    release: int = 1
-    calibration: DataSpec | None = None
-    evaluation: DataSpec | None = None
-    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
-    constant_inputs: Mapping[str, Any] = field(default_factory=dict)
-    example_inputs: Any = None
-    input_names: Sequence[str] | None = None
-    output_names: Sequence[str] | None = None
-    labels: Sequence[str] | None = None
-    task: str | None = None
-    layouts: Mapping[str, str] = field(default_factory=dict)
-    preprocessing: Mapping[str, ImagePreprocessing] = field(default_factory=dict)
-    description: str = ""
-    keep_going: bool = False
-    allow_random_calibration: bool = False
-    max_eval_samples: int = 1000
-    show_progress: bool = True
-    work_dir: Path | None = None
-
-    def load_profiles(self) -> list[HardwareProfile]:
-        if not self.profiles:
-            raise ConfigError("at least one hardware profile is needed (--profile NAME)")
-        return [p if isinstance(p, HardwareProfile) else load_profile(p) for p in self.profiles]
+class Converter(ConvertOptions):
+    """The options of a conversion (:class:`~.options.ConvertOptions`); :meth:`run` converts one
+    source with them."""
 
     def run(self, source: Any, out: Path | str,
             sign_key: Ed25519PrivateKey | Path | str) -> ConversionResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -13,13 +13,11 @@ from edgeserve.errors import ConfigError, ConversionError
 from .context import BuildContext
 from .data import Dataset, load_dataset, random_dataset
 from .graph import fix_input_shapes, fold, freeze_inputs
+from .options import ConvertOptions
 from .plan import PlannedArtifact
 from .runners import OrtRunner, measure_latency, run_dataset
 from .signature import ModelSignature, detect_task, read_signature
 from .sources import import_model
-
-if TYPE_CHECKING:
-    from .pipeline import Converter
 
 __all__ = ["SAMPLE_COUNT", "make_context", "needs_calibration", "reference_outputs"]
 
@@ -31,7 +29,7 @@ def needs_calibration(plans: Sequence[PlannedArtifact]) -> list[str]:
     return [p.id for p in plans if p.key.quantization in ("static", "full-integer")]
 
 
-def _data(options: Converter, signature: ModelSignature,
+def _data(options: ConvertOptions, signature: ModelSignature,
           plans: Sequence[PlannedArtifact]) -> tuple[Dataset | None, Dataset]:
     prep = dict(options.preprocessing)
     calibration = None if options.calibration is None else \
@@ -59,11 +57,11 @@ def _data(options: Converter, signature: ModelSignature,
     return calibration, evaluation
 
 
-def _shapes(options: Converter) -> dict[str, list[int]]:
+def _shapes(options: ConvertOptions) -> dict[str, list[int]]:
     return {k: [int(d) for d in v] for k, v in options.input_shapes.items()}
 
 
-def make_context(options: Converter, source: Any, work: Path,
+def make_context(options: ConvertOptions, source: Any, work: Path,
                  plans: Sequence[PlannedArtifact]) -> BuildContext:
     """Import, fix shapes, load data, simplify (checked), run the reference on the data."""
     import onnx
