@@ -1,10 +1,7 @@
 """Which artifact of a package this device keeps, and which package files it needs for it.
 
-The rule (shared with the rollout engineer, who downloads only these files): walk the profile's
-``artifacts`` in order of preference and take the first that the package carries (same format,
-precision and quantization; io dtype and a matching ``profiles`` entry break ties) and that a
-runtime *on this machine* can run. When no target matches, an artifact built for the profile by
-name is taken. Otherwise the package is refused, naming what it has and what the profile wants.
+The rule itself is the core's (:mod:`edgeserve.selection`, shared with the fleet, which checks a
+rollout's devices against it); here the formats are those a runtime *on this machine* can run.
 """
 
 from __future__ import annotations
@@ -14,11 +11,10 @@ import sys
 
 from edgeserve.errors import RuntimeUnavailableError
 from edgeserve.manifest import Artifact, Manifest
-from edgeserve.profiles import ArtifactTarget, HardwareProfile
+from edgeserve.profiles import HardwareProfile
+from edgeserve.selection import RUNTIME_FORMATS, artifact_io_dtype, choose_artifact
 
 __all__ = ["artifact_io_dtype", "required_files", "runnable_formats", "select_artifact"]
-
-_PROFILE_RUNTIME = {"onnx": ("onnxruntime",), "tflite": ("litert",), "coreml": ("coreml",)}
 
 
 def _has_module(name: str) -> bool:
@@ -39,20 +35,7 @@ def runnable_formats(profile: HardwareProfile) -> list[str]:
     }
     declared = set(profile.runtimes.available())
     return [fmt for fmt, ok in here.items()
-            if ok and declared & set(_PROFILE_RUNTIME[fmt])]
-
-
-def artifact_io_dtype(artifact: Artifact, manifest: Manifest) -> str:
-    specs = artifact.inputs or manifest.inputs
-    return specs[0].dtype if specs else "float32"
-
-
-def _matches(target: ArtifactTarget, artifact: Artifact) -> bool:
-    if (artifact.format, artifact.precision) != (target.format, target.precision):
-        return False
-    loose = {"none", "static"}
-    return artifact.quantization == target.quantization or \
-        (artifact.quantization in loose and target.quantization in loose)
+            if ok and declared & set(RUNTIME_FORMATS[fmt])]
 
 
 def select_artifact(manifest: Manifest, profile: HardwareProfile,
@@ -64,25 +47,7 @@ def select_artifact(manifest: Manifest, profile: HardwareProfile,
         if chosen.format not in formats:
             raise RuntimeUnavailableError(_cannot_run(chosen, profile, formats))
         return chosen
-    for target in profile.artifacts:
-        if target.format not in formats:
-            continue
-        found = [a for a in manifest.artifacts if _matches(target, a)]
-        if found:
-            found.sort(key=lambda a: (artifact_io_dtype(a, manifest) != target.io_dtype,
-                                      profile.name not in a.profiles))
-            return found[0]
-    named = [a for a in manifest.artifacts if profile.name in a.profiles and a.format in formats]
-    if named:
-        return named[0]
-    has = ", ".join(f"{a.id} ({a.format} {a.precision} {a.quantization})"
-                    for a in manifest.artifacts)
-    wants = ", ".join(t.key for t in profile.artifacts)
-    raise RuntimeUnavailableError(
-        f"package {manifest.name} {manifest.version} has no artifact that profile "
-        f"{profile.name!r} can run here (runnable formats here: {', '.join(formats) or 'none'}); "
-        f"the package has: {has}; the profile wants: {wants}"
-    )
+    return choose_artifact(manifest, profile, formats)
 
 
 def _cannot_run(artifact: Artifact, profile: HardwareProfile, formats: list[str]) -> str:

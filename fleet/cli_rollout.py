@@ -32,6 +32,7 @@ from .cli_options import (
     parse_labels,
     trusted_keys_option,
 )
+from .rollouts.admission import create_rollout
 from .rollouts.controller import device_views
 from .rollouts.repo import RolloutRecord, Rollouts
 from .store import Store, default_url
@@ -92,6 +93,12 @@ def rollout() -> None:
               help="On-device health-check failures tolerated before rolling back.")
 @click.option("--silent-after", default="10m", show_default=True,
               help="A device silent this long does not block a stage.")
+@click.option("--stage-timeout", default="1h", show_default=True,
+              help="A stage not complete this long after it began (pauses not counted) is "
+                   "rolled back, naming what it waited for.")
+@click.option("--only-fitting", is_flag=True,
+              help="Narrow the scope to the devices that can run the package (by default a "
+                   "rollout is refused when a device in scope has no artifact it can run).")
 @click.option("--manual", is_flag=True, help="Wait for 'rollout promote' after each stage.")
 @click.option("--shadow-sample", type=float, default=1.0, show_default=True,
               help="Blue-green: fraction of live requests the shadow also runs.")
@@ -104,12 +111,16 @@ def rollout() -> None:
 def rollout_create(model: str, version: str, strategy: str, stages: str,
                    gates: tuple[str, ...], no_gates: bool, soak: str, soak_inferences: int,
                    min_requests: int, min_devices: int, max_failed_devices: int,
-                   silent_after: str, manual: bool, shadow_sample: float,
-                   profiles: tuple[str, ...], labels: tuple[str, ...],
+                   silent_after: str, stage_timeout: str, only_fitting: bool, manual: bool,
+                   shadow_sample: float, profiles: tuple[str, ...], labels: tuple[str, ...],
                    device_ids: tuple[str, ...], db: str | None, artifacts_dir: Path | None,
                    as_json: bool) -> None:
-    """Roll MODEL VERSION out to the devices in scope, stage by stage, gated on model health."""
-    ArtifactStore(artifacts_dir or default_artifacts_dir(), TrustStore()).get(model, version)
+    """Roll MODEL VERSION out to the devices in scope, stage by stage, gated on model health.
+
+    Refused up front when a device in scope has no artifact it can run (see --only-fitting),
+    when no device is in scope, or when a gate relative to the control cohort can never get one
+    (a single device, a first deployment)."""
+    artifacts = ArtifactStore(artifacts_dir or default_artifacts_dir(), TrustStore())
     try:
         stage_list = [float(s) for s in stages.split(",") if s.strip()]
     except ValueError:
@@ -120,6 +131,7 @@ def rollout_create(model: str, version: str, strategy: str, stages: str,
         "soak_seconds": parse_duration(soak), "soak_inferences": soak_inferences,
         "min_requests": min_requests, "min_devices": min_devices,
         "max_failed_devices": max_failed_devices, "silent_after_s": parse_duration(silent_after),
+        "stage_timeout_s": parse_duration(stage_timeout),
         "auto_promote": not manual, "shadow_sample_rate": shadow_sample,
         "selector": {"profiles": list(profiles), "labels": parse_labels(labels),
                      "devices": list(device_ids)},
@@ -129,11 +141,15 @@ def rollout_create(model: str, version: str, strategy: str, stages: str,
     elif gates:
         spec["gates"] = list(gates)
     with Store.open(db or default_url()) as store:
-        record = Rollouts(store).create(spec)
-    emit(record.to_dict(), as_json, lambda d: console.print(
-        f"created rollout [bold]{d['id']}[/]: {d['strategy']} {model} {version}, stages "
-        f"{', '.join(f'{s:g}%' for s in d['stages'])}; gates: "
-        f"{', '.join(record.spec.gates) or 'none'}"))
+        record, admission = create_rollout(store, artifacts, spec, only_fitting=only_fitting)
+    for note in [] if as_json else admission.notes:  # with --json they are in the output
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    emit({**record.to_dict(), "admission": admission.to_dict()}, as_json,
+         lambda d: console.print(
+             f"created rollout [bold]{d['id']}[/]: {d['strategy']} {model} {version}, stages "
+             f"{', '.join(f'{s:g}%' for s in d['stages'])}; gates: "
+             f"{', '.join(record.spec.gates) or 'none'}; {len(admission.fitting)} device(s) "
+             "checked"))
 
 
 def _status_view(store: Store, records: list[RolloutRecord]) -> Group:

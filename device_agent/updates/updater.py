@@ -60,6 +60,8 @@ __all__ = ["RetryPolicy", "Updater"]
 
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_S = 1.0
+_LOCAL_CHECK_S = 2.0
+"""How often the worker looks for versions activated outside it (see report_local_changes)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class Updater:
         self.bytes_downloaded = 0
         self.delivery_retries = 0
         self.revision, self.models = self._load()
+        self._published_active: dict[str, str] | None = None
+        self._local_checked = 0.0
         self._resume_watches()
 
     # -- persistence ------------------------------------------------------------------------------
@@ -170,9 +174,23 @@ class Updater:
     def _publish(self) -> None:
         if self._report_cb is not None:
             try:
-                self._report_cb(self.current_report())
+                report = self.current_report()
+                self._report_cb(report)
+                self._published_active = self._active_versions()
             except Exception:  # the link may be down; the retained report is re-sent on connect
                 log.exception("publishing the update report failed")
+
+    def _active_versions(self) -> dict[str, str]:
+        return {v.name: v.version for v in self.agent.list_models() if v.active}
+
+    def report_local_changes(self) -> bool:
+        """Publish again when the active versions changed outside the updater (``agent install``
+        or ``activate`` by hand, from another process): the fleet must know what runs, e.g. so
+        that a rollback returns the device to it. True when it published."""
+        if self._report_cb is None or self._active_versions() == self._published_active:
+            return False
+        self._publish()
+        return True
 
     def _set(self, name: str, **changes: Any) -> None:
         with self._lock:
@@ -220,15 +238,16 @@ class Updater:
                 if desired is None and self._retry_at is not None \
                         and time.monotonic() >= self._retry_at[0]:
                     desired = self._retry_at[1]
-                if desired is None and not self._watches:
-                    self._wake.wait(self._idle_wait())
-                    continue
             if desired is not None:
                 self.apply(desired)
             self.check_watches()
+            if time.monotonic() - self._local_checked >= _LOCAL_CHECK_S:
+                self._local_checked = time.monotonic()
+                self.report_local_changes()
             if desired is None:
                 with self._wake:
-                    self._wake.wait(min(0.2, self._idle_wait()))
+                    if self._pending is None and not self._stop:
+                        self._wake.wait(0.2 if self._watches else self._idle_wait())
 
     def _idle_wait(self) -> float:
         if self._retry_at is None:

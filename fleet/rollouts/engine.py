@@ -46,6 +46,7 @@ __all__ = [
     "Snapshot",
     "Tick",
     "initial_state",
+    "stage_size",
     "step",
 ]
 
@@ -80,6 +81,10 @@ class RolloutSpec(BaseModel):
     auto_promote: bool = True
     silent_after_s: float = Field(default=600.0, gt=0)
     max_failed_devices: int = Field(default=0, ge=0)
+    stage_timeout_s: float = Field(
+        default=3600.0, gt=0,
+        description="a stage that has not completed this long after it began (paused time not "
+                    "counted) is rolled back, naming what it still waited for")
     shadow_sample_rate: float = Field(default=1.0, gt=0, le=1)
     selector: Selector = Field(default_factory=Selector)
 
@@ -188,9 +193,13 @@ class RolloutState(BaseModel):
     paused_from: Phase | None = None
     stage: int = 0
     stage_started: float = 0.0
+    stage_deadline: float | None = None
+    paused_at: float | None = None
     bg_step: Literal["shadow", "switched"] = "shadow"
-    assigned: dict[str, str | None] = Field(default_factory=dict,
-                                            description="device -> version it ran before")
+    assigned: dict[str, str | None] = Field(
+        default_factory=dict, description="device -> version it ran before (as it reported "
+                                          "it); a rollback returns it there, None removes the "
+                                          "model the rollout brought")
     failed_devices: dict[str, str] = Field(default_factory=dict)
     reason: str | None = None
     failed_gate: str | None = None
@@ -206,7 +215,7 @@ class RolloutState(BaseModel):
 
 
 def initial_state(spec: RolloutSpec, now: float) -> RolloutState:
-    state = RolloutState(stage_started=now)
+    state = RolloutState(stage_started=now, stage_deadline=now + spec.stage_timeout_s)
     _log(state, now, "created", f"{spec.strategy} rollout of {spec.model} {spec.version}, "
                                 f"stages {spec.stages}")
     return state
@@ -223,11 +232,15 @@ def step(spec: RolloutSpec, state: RolloutState,
     if isinstance(event, Pause):
         if state.phase in ("running", "awaiting-promotion"):
             state.paused_from, state.phase = state.phase, "paused"
+            state.paused_at = event.now
             _log(state, event.now, "paused")
         return state, []
     if isinstance(event, Resume):
         if state.phase == "paused":
             state.phase, state.paused_from = state.paused_from or "running", None
+            if state.stage_deadline is not None and state.paused_at is not None:
+                state.stage_deadline += max(0.0, event.now - state.paused_at)
+            state.paused_at = None
             _log(state, event.now, "resumed")
         return state, []
     if isinstance(event, Promote):
@@ -251,7 +264,8 @@ def _order(spec: RolloutSpec, device_id: str) -> str:
     return hashlib.sha256(f"{spec.id}/{device_id}".encode()).hexdigest()
 
 
-def _stage_size(spec: RolloutSpec, stage: int, in_scope: int) -> int:
+def stage_size(spec: RolloutSpec, stage: int, in_scope: int) -> int:
+    """How many of ``in_scope`` devices stage ``stage`` (0-based) moves in all."""
     if in_scope == 0:
         return 0
     wanted = math.ceil(spec.stages[stage] / 100 * in_scope)
@@ -260,6 +274,8 @@ def _stage_size(spec: RolloutSpec, stage: int, in_scope: int) -> int:
 
 def _desired_for(spec: RolloutSpec, state: RolloutState, device_id: str) -> SetDesired:
     previous = state.assigned.get(device_id)
+    if previous == spec.version:  # it ran the version already: it simply keeps it
+        return SetDesired(device_id=device_id, model=spec.model, active=spec.version)
     # a device without the model has nothing to shadow: it simply gets the new version
     if spec.strategy == "blue-green" and state.bg_step == "shadow" and previous is not None:
         return SetDesired(device_id=device_id, model=spec.model, active=previous,
@@ -271,7 +287,7 @@ def _desired_for(spec: RolloutSpec, state: RolloutState, device_id: str) -> SetD
 
 
 def _assign(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> list[Command]:
-    target = _stage_size(spec, state.stage, len(snap.devices))
+    target = stage_size(spec, state.stage, len(snap.devices))
     if len(state.assigned) >= target:
         return []
     candidates = [d for d in snap.devices if d.device_id not in state.assigned]
@@ -279,8 +295,9 @@ def _assign(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> list[Comm
     candidates.sort(key=lambda d: (not d.online, _order(spec, d.device_id)))
     commands: list[Command] = []
     for device in candidates[: target - len(state.assigned)]:
-        previous = device.active if device.active != spec.version else None
-        state.assigned[device.device_id] = previous
+        # what it runs now, as it reported it: a rollback returns it exactly there (a model it
+        # already had, even this very version, is never removed by rolling back)
+        state.assigned[device.device_id] = device.active
         commands.append(_desired_for(spec, state, device.device_id))
     _log(state, snap.now, "assigned", f"{len(commands)} device(s); {len(state.assigned)} of "
                                       f"{len(snap.devices)} now in the rollout")
@@ -305,12 +322,15 @@ def _converged(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> tuple[
         device = reachable.get(device_id)
         if device is None:
             continue
-        want = _desired_for(spec, state, device_id)
         expected += 1
-        if device.active == want.active and device.shadow == want.shadow \
-                and device.state == "committed":
-            done += 1
+        done += _device_done(spec, state, device)
     return done, expected
+
+
+def _device_done(spec: RolloutSpec, state: RolloutState, device: DeviceView) -> bool:
+    want = _desired_for(spec, state, device.device_id)
+    return device.active == want.active and device.shadow == want.shadow \
+        and device.state == "committed"
 
 
 def _device_failures(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> None:
@@ -353,11 +373,36 @@ def _tick(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> list[Comman
         else:
             state.phase = "awaiting-promotion"
             _log(state, snap.now, "awaiting-promotion", "soak complete, all gates passed")
+    elif state.phase == "running" and state.stage_deadline is not None \
+            and snap.now >= state.stage_deadline:
+        return commands + _start_rollback(
+            spec, state, snap.now, f"stage {state.stage + 1} did not complete within "
+                                   f"{spec.stage_timeout_s:g} s: {_waiting_for(spec, state, snap)}",
+            "stage_timeout")
     return commands
 
 
+def _waiting_for(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> str:
+    """What a stage still waits for, in words (for a timeout's reason)."""
+    waiting = []
+    done, expected = _converged(spec, state, snap)
+    if done < expected or done == 0:
+        reachable = _reachable(spec, snap)
+        behind = [f"{d} ({reachable[d].state})" for d in state.assigned
+                  if d in reachable and not _device_done(spec, state, reachable[d])]
+        waiting.append(f"{done} of {expected} reachable device(s) committed the version"
+                       + (f", e.g. {', '.join(behind[:3])}" if behind else ""))
+    if snap.now - state.stage_started < spec.soak_seconds:
+        waiting.append("the soak time")
+    if snap.canary.requests < spec.soak_inferences:
+        waiting.append(f"{snap.canary.requests} of {spec.soak_inferences} soak inferences")
+    waiting += [f"gate {r.gate} pending ({r.detail})" for r in state.gate_results
+                if r.verdict != "pass"]
+    return "; ".join(waiting) or "nothing (it completes on the next tick)"
+
+
 def _stage_complete(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> bool:
-    if len(state.assigned) < _stage_size(spec, state.stage, len(snap.devices)):
+    if len(state.assigned) < stage_size(spec, state.stage, len(snap.devices)):
         return False
     done, expected = _converged(spec, state, snap)
     if done < expected or done == 0:
@@ -372,6 +417,7 @@ def _stage_complete(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> b
 def _advance(spec: RolloutSpec, state: RolloutState, now: float, why: str) -> list[Command]:
     state.phase = "running"
     state.paused_from = None
+    state.stage_deadline = now + spec.stage_timeout_s
     if state.stage + 1 < len(spec.stages):
         state.stage += 1
         state.stage_started = now
@@ -403,14 +449,15 @@ def _start_rollback(spec: RolloutSpec, state: RolloutState, now: float, reason: 
 
 
 def _reverted(spec: RolloutSpec, state: RolloutState, snap: Snapshot) -> tuple[int, int]:
-    """(done, expected) among reachable assigned devices: no longer running the new version."""
+    """(done, expected) among reachable assigned devices: back on what they ran before."""
     reachable = _reachable(spec, snap)
     done = expected = 0
-    for device_id in state.assigned:
+    for device_id, previous in state.assigned.items():
         device = reachable.get(device_id)
         if device is None:
             continue
         expected += 1
-        if spec.version not in (device.active, device.shadow):
+        if device.active == previous and (device.shadow != spec.version
+                                          or previous == spec.version):
             done += 1
     return done, expected

@@ -30,7 +30,9 @@ from starlette.routing import Route
 
 from edgeserve.errors import ConfigError, EdgeserveError
 
+from ..artifacts import ArtifactStore
 from ..registry import list_devices
+from ..rollouts.admission import create_rollout as admit_and_create
 from ..rollouts.metrics import Accumulator, References
 from ..rollouts.repo import Rollouts
 from ..store import Store
@@ -146,7 +148,8 @@ def _json(fn: Callable[..., Any]) -> Handler:
 
 
 def api_routes(store: Store, experiments: ExperimentsProvider | None = None,
-               references: References | None = None) -> list[Route]:
+               references: References | None = None,
+               artifacts: ArtifactStore | None = None) -> list[Route]:
     rollouts = Rollouts(store)
 
     def get_overview(request: Request) -> Any:
@@ -166,7 +169,12 @@ def api_routes(store: Store, experiments: ExperimentsProvider | None = None,
     def create_rollout(request: Request, body: Any) -> Any:
         if not isinstance(body, dict):
             raise ConfigError("expected a JSON object with the rollout spec")
-        return rollouts.create(body).to_dict()
+        if artifacts is None:
+            raise ConfigError("this API serves no artifact store: create rollouts with "
+                              "'edgeserve fleet rollout create'")
+        only_fitting = request.query_params.get("only_fitting") in ("1", "true", "yes")
+        record, admission = admit_and_create(store, artifacts, body, only_fitting=only_fitting)
+        return {**record.to_dict(), "admission": admission.to_dict()}
 
     def act(request: Request, body: Any) -> Any:
         action = request.path_params["action"]

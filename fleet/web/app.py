@@ -81,7 +81,7 @@ def create_app(store: Store, artifacts: ArtifactStore, *,
         Route("/healthz", health),
         Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=static), name="static"),
-        *api_routes(store, experiments, artifacts.reference),
+        *api_routes(store, experiments, artifacts.reference, artifacts),
         *artifact_routes(artifacts),
     ]
     middleware = [Middleware(_AuthMiddleware, authenticator=authenticator,

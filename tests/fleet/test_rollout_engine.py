@@ -314,3 +314,49 @@ def test_a_device_retrying_its_download_is_not_a_failure() -> None:
     fleet.apply(commands)
     state, _ = step(s, state, Tick(snapshot=fleet.snap(3.0)))
     assert state.phase == "completed"
+
+
+def test_rollback_returns_each_device_to_what_it_reported_never_removing_its_model() -> None:
+    """A device that already ran the version keeps it, one on an older version returns to it,
+    and only a device the rollout brought the model to loses it."""
+    fleet = Fleet(3)
+    fleet.devices["d001"] = fleet.devices["d001"].model_copy(update={"active": "2.0.0"})
+    fleet.devices["d002"] = fleet.devices["d002"].model_copy(update={"active": None})
+    s = spec(stages=[100], gates=[], soak_seconds=0)
+    state, commands = step(s, initial_state(s, 0), Tick(snapshot=fleet.snap(0)))
+    assert state.assigned == {"d000": "1.0.0", "d001": "2.0.0", "d002": None}
+    state, commands = step(s, state, Rollback(now=1.0))
+    assert {c.device_id: c.active for c in commands} == {"d000": "1.0.0", "d001": "2.0.0",
+                                                         "d002": None}
+    fleet.apply(commands)
+    state, _ = step(s, state, Tick(snapshot=fleet.snap(2.0)))
+    assert state.phase == "rolled-back"
+
+
+def test_a_stage_that_cannot_finish_times_out_naming_what_it_waited_for() -> None:
+    """Past the stage time limit the rollout rolls back, and the reason lists the pending gate."""
+    fleet = Fleet(10)
+    s = spec(stage_timeout_s=60, gates=["p95_ms<=1.5*control"])
+    state = initial_state(s, 0)
+    for now in range(0, 60, 5):  # within the limit: waiting, no verdict
+        state, commands = step(s, state, Tick(snapshot=fleet.snap(now, control=None)))
+        fleet.apply(commands)
+        assert state.phase == "running"
+    state, commands = step(s, state, Tick(snapshot=fleet.snap(61.0, control=None)))
+    assert state.phase == "rolling-back" and state.failed_gate == "stage_timeout"
+    assert "did not complete within 60 s" in (state.reason or "")
+    assert "p95_ms<=1.5*control pending (control has no data)" in (state.reason or "")
+    assert {c.active for c in commands} == {"1.0.0"}
+
+
+def test_paused_time_does_not_count_towards_the_stage_limit() -> None:
+    """A pause of an hour leaves the stage its remaining time after resuming."""
+    fleet = Fleet(10)
+    s = spec(stage_timeout_s=60, soak_inferences=10**9)
+    state, _ = step(s, initial_state(s, 0), Tick(snapshot=fleet.snap(0)))
+    state, _ = step(s, state, Pause(now=10.0))
+    state, _ = step(s, state, Resume(now=3610.0))
+    state, _ = step(s, state, Tick(snapshot=fleet.snap(3650.0)))
+    assert state.phase == "running"
+    state, _ = step(s, state, Tick(snapshot=fleet.snap(3661.0)))
+    assert state.failed_gate == "stage_timeout"

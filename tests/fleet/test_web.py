@@ -101,10 +101,16 @@ def test_overview_and_series(server: ServerHandle) -> None:
 
 
 def test_rollout_api_round_trip(server: ServerHandle, store: Store) -> None:
-    """Rollouts can be created and steered over the API; bad input is a 400 with a message."""
-    created = requests.post(server.url + "/api/v1/rollouts", auth=AUTH, timeout=5,
-                            json={"model": "toy", "version": "1.0.0", "stages": [100]}).json()
+    """Rollouts can be created and steered over the API; bad input is a 400 with a message,
+    and so is a scope with devices that cannot run the package (until narrowed)."""
+    spec = {"model": "toy", "version": "1.0.0", "stages": [100], "gates": ["error_rate<=0.01"]}
+    unfit = requests.post(server.url + "/api/v1/rollouts", auth=AUTH, timeout=5, json=spec)
+    assert unfit.status_code == 400 and "d0 (profile pixel-8" in unfit.json()["error"]
+    created = requests.post(server.url + "/api/v1/rollouts?only_fitting=1", auth=AUTH,
+                            timeout=5, json=spec).json()
     assert created["phase"] == "running"
+    assert created["admission"]["fitting"] == ["d2"] and sorted(created["admission"]["unfit"]) \
+        == ["d0", "d1"]
     acted = requests.post(f"{server.url}/api/v1/rollouts/{created['id']}/pause", auth=AUTH,
                           timeout=5, json={"reason": "lunch"})
     assert acted.status_code == 200 and acted.json()["queued"]

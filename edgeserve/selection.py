@@ -1,0 +1,68 @@
+"""Which artifact of a package a device of a given profile keeps: one rule for the device agent
+(which downloads only that artifact) and the fleet (which checks, before a rollout starts, that
+every device in scope has one).
+
+Walk the profile's ``artifacts`` in order of preference and take the first that the package
+carries (same format, precision and quantization; io dtype and a matching ``profiles`` entry
+break ties) in a format one of ``formats`` runs. When no target matches, an artifact built for
+the profile by name is taken. Otherwise there is none, and the error names what the package has
+and what the profile wants. ``formats`` are the artifact formats the device can run: on the
+device, those whose runtime is installed; on the fleet, those the profile declares a runtime for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from .errors import RuntimeUnavailableError
+from .manifest import Artifact, Manifest
+from .profiles import ArtifactTarget, HardwareProfile
+
+__all__ = ["RUNTIME_FORMATS", "artifact_io_dtype", "choose_artifact", "declared_formats"]
+
+RUNTIME_FORMATS = {"onnx": ("onnxruntime",), "tflite": ("litert",), "coreml": ("coreml",)}
+"""Artifact format -> the profile runtimes that run it."""
+
+
+def declared_formats(profile: HardwareProfile) -> list[str]:
+    """Formats the profile declares a runtime for (what a device of that class can run)."""
+    declared = set(profile.runtimes.available())
+    return [fmt for fmt, runtimes in RUNTIME_FORMATS.items() if declared & set(runtimes)]
+
+
+def artifact_io_dtype(artifact: Artifact, manifest: Manifest) -> str:
+    specs = artifact.inputs or manifest.inputs
+    return specs[0].dtype if specs else "float32"
+
+
+def _matches(target: ArtifactTarget, artifact: Artifact) -> bool:
+    if (artifact.format, artifact.precision) != (target.format, target.precision):
+        return False
+    loose = {"none", "static"}
+    return artifact.quantization == target.quantization or \
+        (artifact.quantization in loose and target.quantization in loose)
+
+
+def choose_artifact(manifest: Manifest, profile: HardwareProfile,
+                    formats: Collection[str], where: str = "here") -> Artifact:
+    """The artifact a device of ``profile`` that runs ``formats`` keeps (module docstring);
+    :class:`~edgeserve.errors.RuntimeUnavailableError` when there is none."""
+    for target in profile.artifacts:
+        if target.format not in formats:
+            continue
+        found = [a for a in manifest.artifacts if _matches(target, a)]
+        if found:
+            found.sort(key=lambda a: (artifact_io_dtype(a, manifest) != target.io_dtype,
+                                      profile.name not in a.profiles))
+            return found[0]
+    named = [a for a in manifest.artifacts if profile.name in a.profiles and a.format in formats]
+    if named:
+        return named[0]
+    has = ", ".join(f"{a.id} ({a.format} {a.precision} {a.quantization})"
+                    for a in manifest.artifacts)
+    wants = ", ".join(t.key for t in profile.artifacts)
+    raise RuntimeUnavailableError(
+        f"package {manifest.name} {manifest.version} has no artifact that profile "
+        f"{profile.name!r} can run {where} (runnable formats: {', '.join(formats) or 'none'}); "
+        f"the package has: {has}; the profile wants: {wants}"
+    )
