@@ -8,7 +8,9 @@ logged (throttled, so a flood of garbage cannot flood the log) and dropped.
 Rejection reasons: ``topic`` (not a v1 device topic of this fleet, or a kind the fleet does not
 ingest), ``oversize`` (over :data:`~edgeserve.contract.MAX_PAYLOAD_BYTES`), ``malformed`` (not a
 JSON object), ``schema`` (JSON that breaks the contract), ``device-mismatch`` (the payload names
-another device than its topic: a device may publish only under its own id).
+another device than its topic: a device may publish only under its own id), ``error`` (handling
+it raised something unexpected - a bug, logged with its traceback - and it was dropped so that
+ingestion goes on; see :mod:`.service`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ __all__ = ["REJECT_REASONS", "IngestStats", "Ingestor", "Parsed"]
 
 log = logging.getLogger(__name__)
 
-REJECT_REASONS = ("topic", "oversize", "malformed", "schema", "device-mismatch")
+REJECT_REASONS = ("topic", "oversize", "malformed", "schema", "device-mismatch", "error")
 _LOG_FIRST = 20
 _LOG_EVERY = 1000
 
@@ -150,6 +152,10 @@ class Ingestor:
             self.stats.acks += len(acks)
         return acks
 
+    def reject(self, reason: str, topic: str, detail: str) -> None:
+        """Count and log (throttled) one dropped message."""
+        self._reject(reason, topic, detail)
+
     def _reject(self, reason: str, topic: str, detail: str) -> Parsed | None:
         with self._lock:
             self.stats.rejected[reason] += 1
@@ -161,7 +167,9 @@ class Ingestor:
 
 
 def _classify(payload: bytes) -> str:
+    if not payload.lstrip()[:1] == b"{":
+        return "malformed"  # not an object: no need to parse it (deep nesting included)
     try:
         return "schema" if isinstance(json.loads(payload), dict) else "malformed"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "malformed"

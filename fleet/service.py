@@ -88,6 +88,8 @@ class FleetService:
         self._pending_subs: dict[int, str] = {}
         self.instance = uuid.uuid4().hex[:12]
         self.announcements = 0
+        self.errors = 0
+        self.worker_restarts = 0
         self._resumed = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -125,6 +127,14 @@ class FleetService:
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 10.0)
 
+    def _restart_worker_if_dead(self) -> None:
+        if self._stop.is_set() or self._worker is None or self._worker.is_alive():
+            return
+        self.worker_restarts += 1
+        log.error("the ingest worker died; restarting it (restart #%d)", self.worker_restarts)
+        self._worker = threading.Thread(target=self._work, name="fleet-ingest", daemon=True)
+        self._worker.start()
+
     def request_stop(self) -> None:
         """Make :meth:`run` return (safe from a signal handler)."""
         self._stop.set()
@@ -158,6 +168,7 @@ class FleetService:
             if remaining <= 0:
                 break
             self._stop.wait(remaining)
+            self._restart_worker_if_dead()
             if time.monotonic() >= next_log:
                 next_log += self.stats_interval_s
                 now = self.ingestor.stats.snapshot()
@@ -251,16 +262,60 @@ class FleetService:
             group = self._take_group()
             if not group:
                 continue
-            parsed = [p for p in (self.ingestor.parse(m.topic, m.payload) for m in group)
-                      if p is not None]
-            acks = self._commit(parsed)
+            try:
+                acks = self._commit(self._parse(group))
+            except Exception:
+                # a bug on some input: store what can be stored, drop the rest, go on
+                log.exception("ingesting a group of %d messages failed; retrying them one by one",
+                              len(group))
+                acks = self._one_by_one(group)
             if acks is None:
                 return
             self._publish_acks(acks)
             client = self._client
+            # acked even when dropped: a message that can never be stored must not come back
+            # from the broker after a restart and stop ingestion again
             for message in group:
                 if message.qos > 0 and client is not None:
                     client.ack(message.mid, message.qos)
+
+    def _parse(self, group: list[_Received]) -> list[Parsed]:
+        parsed = []
+        for message in group:
+            try:
+                item = self.ingestor.parse(message.topic, message.payload)
+            except Exception as exc:
+                self._drop(message, exc)
+                continue
+            if item is not None:
+                parsed.append(item)
+        return parsed
+
+    def _one_by_one(self, group: list[_Received]) -> dict[str, int] | None:
+        acks: dict[str, int] = {}
+        for message in group:
+            try:
+                found = self._commit(self._parse([message]))
+            except Exception as exc:
+                self._drop(message, exc)
+                continue
+            if found is None:
+                return None
+            for device_id, seq in found.items():
+                acks[device_id] = max(acks.get(device_id, 0), seq)
+        return acks
+
+    def _drop(self, message: _Received, exc: Exception) -> None:
+        self.errors += 1
+        if self.errors <= 20 or self.errors % 1000 == 0:
+            log.error("dropped a message on %s that raised %s (#%d)", message.topic[:200],
+                      type(exc).__name__, self.errors, exc_info=exc)
+        self.ingestor.reject("error", message.topic, f"{type(exc).__name__}: {exc}")
+
+    @property
+    def healthy(self) -> bool:
+        """The ingest worker is alive (it restarts by itself from :meth:`run` when it died)."""
+        return self._worker is not None and self._worker.is_alive()
 
     def _commit(self, parsed: list[Parsed]) -> dict[str, int] | None:
         delay = 0.5
