@@ -141,6 +141,15 @@ class RolloutController:
         client.on_message = self._on_message
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # an exception here would end paho's network thread, and with it desired state
+        try:
+            self._handle_message(client, msg)
+        except Exception:
+            self.bad_reports += 1
+            if self.bad_reports <= 20 or self.bad_reports % 1000 == 0:
+                log.exception("dropped a message on %s that raised", msg.topic[:200])
+
+    def _handle_message(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.endswith("/files/req"):
             self._on_file_request(client, msg)
             return
