@@ -7,6 +7,8 @@ Layout under the cache root::
     blobs/sha256/ab/abcd…          immutable files named by their sha256
     models/NAME/VERSION.json       one record per installed version (written last = installed)
     models/NAME/state.json         {"active", "previous", "max_release"} (replaced atomically)
+    floors.json                    {NAME: release}: the rollback floor of every model ever
+                                   installed, kept whatever is removed (replaced atomically)
     tmp/                           staging; anything here after a crash is garbage
 
 Crash safety comes from ordering, not from journaling: a blob is written as temp file + fsync +
@@ -293,6 +295,35 @@ class ModelCache:
         except (OSError, ValueError, TypeError, AttributeError):
             return ModelState()
 
+    # -- rollback floors ---------------------------------------------------------------------------
+
+    def floor(self, name: str) -> int:
+        """The highest release of ``name`` this cache ever installed: anything older is refused.
+
+        Kept in ``floors.json`` for the life of the cache, so removing a model (by hand, or
+        because desired state dropped it) does not reopen the door to an older signed release,
+        as TUF and Uptane keep their version counters."""
+        return max(self._floors().get(name, 0), self.state(name).max_release)
+
+    def raise_floor(self, name: str, release: int) -> None:
+        """Make ``release`` the floor of ``name`` if it is higher (call under :meth:`locked`)."""
+        floors = self._floors()
+        if floors.get(name, 0) < release:
+            floors[name] = release
+            atomic_write(self.root / "floors.json", json.dumps(floors, sort_keys=True).encode())
+
+    def _floors(self) -> dict[str, int]:
+        try:
+            data = json.loads((self.root / "floors.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # unreadable floors must not silently become "no floor": refuse until repaired
+            raise CacheError(f"{self.root / 'floors.json'} is unreadable ({exc}); it holds the "
+                             "rollback protection, restore it or remove the whole cache") from None
+        return {str(k): int(v) for k, v in data.items() if isinstance(v, int)} \
+            if isinstance(data, dict) else {}
+
     def write_state(self, name: str, state: ModelState) -> None:
         data = {"active": state.active, "previous": state.previous,
                 "max_release": state.max_release}
@@ -342,6 +373,8 @@ class ModelCache:
             records = self.records(name)
             if not records and not self._model_dir(name).exists():
                 raise ModelNotFoundError(f"model {name!r} is not installed")
+            self.raise_floor(name, max([self.state(name).max_release,
+                                        *(r.release for r in records)]))
             if version is None:
                 shutil.rmtree(self._model_dir(name), ignore_errors=True)
                 self._gc_blobs()

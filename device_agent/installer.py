@@ -38,9 +38,8 @@ __all__ = ["install_package", "install_parts"]
 
 
 def _check_release(cache: ModelCache, manifest: Manifest) -> None:
-    state = cache.state(manifest.name)
     installed = [r.release for r in cache.records(manifest.name)]
-    high = max([state.max_release, *installed], default=0)
+    high = max([cache.floor(manifest.name), *installed], default=0)
     if high and manifest.release < high:
         raise RollbackError(
             f"{manifest.name} {manifest.version} has release {manifest.release}, older than the "
@@ -72,6 +71,7 @@ def _commit(cache: ModelCache, manifest: Manifest, artifact: Artifact, blobs: di
         signature_sha256=signature_sha, files=blobs, size_bytes=size, signed_by=signed_by,
         installed_at=time.time())
     cache.write_record(record)
+    cache.raise_floor(manifest.name, manifest.release)
     state = cache.state(manifest.name)
     if state.max_release < manifest.release:
         cache.write_state(manifest.name, ModelState(state.active, state.previous,
