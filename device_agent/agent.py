@@ -36,6 +36,7 @@ from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
 from .cache import CacheCheck, ModelCache, VersionRecord
+from .events import EventLog
 from .feedback import FeedbackLog, Prediction
 from .installer import install_package, install_parts
 from .observe import InferenceEvent, InferenceObserver
@@ -147,6 +148,7 @@ class Agent:
         self.router = TrafficRouter()
         self.feedback_log = FeedbackLog() if feedback else None
         self.shadows = ShadowRunner(self._predict_quiet, self._is_classifier)
+        self.events = EventLog(self.cache.root)
         self._refresh_states()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class Agent:
         """
         record = install_package(self.cache, self.trust, self.profile, Path(pkg_path),
                                  activate, artifact_id)
-        return self._after_install(record)
+        return self._after_install(record, f"from {Path(pkg_path).name}")
 
     def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes,
                       files: Mapping[str, Path], activate: bool = True,
@@ -195,11 +197,15 @@ class Agent:
         :func:`~.selection.required_files` names (member name → local path), each verified."""
         record = install_parts(self.cache, self.trust, self.profile, manifest_bytes,
                                signature_bytes, files, activate, artifact_id, move)
-        return self._after_install(record)
+        return self._after_install(record, "from downloaded parts")
 
-    def _after_install(self, record: VersionRecord) -> InstalledVersion:
+    def _after_install(self, record: VersionRecord, source: str) -> InstalledVersion:
         self._refresh_states(force=True)
-        return self._info(record)
+        info = self._info(record)
+        self.events.add("installed", info.name, info.version,
+                        f"{source}; release {info.release}, artifact {info.artifact_id}; "
+                        + ("active" if info.active else "staged"))
+        return info
 
     def _info(self, record: VersionRecord) -> InstalledVersion:
         state = self.cache.state(record.name)
@@ -217,13 +223,19 @@ class Agent:
         self.cache.activate(model, version)
         self._refresh_states(force=True)
         self._unload_stale(model)
-        return self._info(self.cache.record(model, version))
+        info = self._info(self.cache.record(model, version))
+        previous = self.cache.state(model).previous
+        self.events.add("activated", model, version,
+                        f"previous: {previous}" if previous else "no previous version")
+        return info
 
     def rollback(self, model: str) -> InstalledVersion:
         """Return to the previous version (the current one becomes previous)."""
         state = self.cache.rollback(model)
         self._refresh_states(force=True)
         assert state.active is not None
+        self.events.add("rolled-back", model, state.active,
+                        f"{state.previous} is now the previous version")
         return self._info(self.cache.record(model, state.active))
 
     def remove(self, model: str, version: str | None = None,
@@ -236,6 +248,8 @@ class Agent:
                 if loaded is not None:
                     loaded.runtime.close()
         self._refresh_states(force=True)
+        for v in removed:
+            self.events.add("removed", model, v)
         return removed
 
     def list_models(self) -> list[InstalledVersion]:

@@ -1,5 +1,5 @@
-"""``edgeserve agent``: install, list, predict, batch, activate, rollback, remove, check, serve,
-feedback.
+"""``edgeserve agent``: install, list, predict, batch, activate, rollback, remove, check, events,
+serve, feedback.
 
 Every command takes ``--cache DIR`` (default: see :mod:`.config`) and ``--json``. The telemetry
 part adds ``agent run`` (serving + MQTT link) in ``run.py`` with the same options.
@@ -11,8 +11,10 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from edgeserve.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
+from edgeserve.manifest import Manifest
 
 from .agent import Agent
 from .config import load_config, open_agent
@@ -67,9 +70,18 @@ def _agent(cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path
         made.close()
 
 
+def quiet_third_party_warnings() -> None:
+    """Drop the deprecation walls some runtimes' dependencies print on import (setuptools'
+    ``pkg_resources`` and ``distutils`` notices): nothing an agent's user can act on."""
+    warnings.filterwarnings("ignore", module=r"(setuptools|pkg_resources|_distutils_hack)(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
+    warnings.filterwarnings("ignore", message=r".*(declare_namespace|Setuptools is replacing).*")
+
+
 @click.group("agent", cls=SuggestingGroup)
 def agent() -> None:
     """Run models on this device: install, predict, serve."""
+    quiet_third_party_warnings()
 
 
 def _when(ts: float) -> str:
@@ -77,7 +89,8 @@ def _when(ts: float) -> str:
 
 
 @agent.command("install")
-@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path),
+                help="The signed .edgepkg to install.")
 @click.option("--no-activate", is_flag=True, help="Stage the version without activating it.")
 @click.option("--artifact", "artifact_id", default=None,
               help="Keep this artifact id instead of the profile's choice.")
@@ -121,39 +134,108 @@ def _summary(outputs: dict[str, np.ndarray], labels: list[str] | None) -> dict[s
     return data
 
 
+_SHOWN_ROWS = 5
+
+
 def _render_prediction(d: dict[str, Any]) -> None:
-    console.print(f"[bold]{d['model']}[/] {d['version']} in {d['latency_ms']:.2f} ms")
+    samples = d.get("samples")
+    console.print(f"[bold]{d['model']}[/] {d['version']} in {d['latency_ms']:.2f} ms"
+                  + (f" ({samples} samples)" if samples else ""))
+    if d.get("accuracy") is not None:
+        console.print(f"  accuracy {d['accuracy']:.4f} against the file's {samples} labels")
+    elif d.get("labels") == "ignored":
+        console.print("  (the file's labels were ignored: they do not match the model's "
+                      "output classes)")
     outputs = d["outputs"]
-    for row, top in enumerate(outputs.get("top", [])):
+    tops = outputs.get("top", [])
+    for row, top in enumerate(tops[:_SHOWN_ROWS]):
         console.print(f"  [{row}] " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
+    if len(tops) > _SHOWN_ROWS:
+        console.print(f"  … {len(tops) - _SHOWN_ROWS} more rows (--json shows every one)")
     for name, value in outputs.items():
         if name != "top":
             text = str(np.asarray(value).round(5).tolist())
             console.print(f"  {name}: {text[:300]}{'…' if len(text) > 300 else ''}")
 
 
+def _take_labels(manifest: Manifest, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Pop a ``labels`` array (an eval file's) unless the model has an input of that name."""
+    if "labels" in inputs and "labels" not in {t.name for t in manifest.inputs}:
+        return inputs.pop("labels")
+    return None
+
+
+def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float | None:
+    """Top-1 accuracy of a single class-score output against class indices (or one-hot rows);
+    None when the labels are not of that kind."""
+    if len(outputs) != 1:
+        return None
+    scores = next(iter(outputs.values()))
+    if scores.ndim != 2 or len(labels) != len(scores):
+        return None
+    if labels.ndim == 2 and labels.shape == scores.shape:
+        labels = labels.argmax(axis=1)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        return None
+    return float(np.mean(scores.argmax(axis=1) == labels))
+
+
+def _predict_samples(a: Agent, manifest: Manifest, inputs: dict[str, np.ndarray],
+                     version: str | None, where: str) -> tuple[dict[str, np.ndarray], str, float]:
+    """Run an eval file's samples as the model takes them: (outputs, version(s), total ms)."""
+    from edgeserve.samples import run_samples
+
+    versions: set[str] = set()
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        one = a.predict(manifest.name, feeds, version)
+        versions.add(one.version)
+        return one.outputs
+
+    start = time.perf_counter()
+    outputs = run_samples(run, manifest.inputs, manifest.outputs, inputs, where=where)
+    return outputs, ", ".join(sorted(versions)), (time.perf_counter() - start) * 1000.0
+
+
 @agent.command("predict")
-@click.argument("model")
+@click.argument("model", help="The installed model to run.")
 @click.option("--input", "input_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Input file ({', '.join(INPUT_SUFFIXES)}).")
+              help=f"Input file ({', '.join(INPUT_SUFFIXES)}); an .npz may carry a 'labels' "
+                   "array (the converter's eval file): the accuracy is shown.")
 @click.option("--version", default=None, help="A specific installed version (default: active).")
 @agent_options
 @json_option
 def predict(model: str, input_path: Path, version: str | None, cache_dir: Path | None,
             profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
-    """Run one prediction on an input file."""
+    """Run a prediction on an input file (one sample or a batch).
+
+    An eval .npz (one array per input plus 'labels', as 'edgeserve convert --eval' takes) is
+    run the way the model takes samples (in batches, or one by one for a fixed batch axis), and
+    the top-1 accuracy against the labels is shown."""
     with _agent(cache_dir, profile, trusted_keys, warmup=False) as a:
         manifest = a.manifest(model, version)
-        result = a.predict(model, read_inputs(manifest, input_path), version)
-    data = {"model": result.model, "version": result.version, "latency_ms": result.latency_ms,
-            "outputs": _summary(result.outputs, manifest.labels)}
+        inputs = read_inputs(manifest, input_path)
+        labels = _take_labels(manifest, inputs)
+        if labels is None:
+            result = a.predict(model, inputs, version)
+            outputs, served, latency = result.outputs, result.version, result.latency_ms
+        else:
+            outputs, served, latency = _predict_samples(a, manifest, inputs, version,
+                                                        input_path.name)
+    data: dict[str, Any] = {"model": model, "version": served, "latency_ms": latency,
+                            "outputs": _summary(outputs, manifest.labels)}
+    if labels is not None:
+        accuracy = _accuracy(outputs, labels)
+        data.update(samples=len(labels), accuracy=accuracy,
+                    labels="compared" if accuracy is not None else "ignored")
     emit(data, as_json, _render_prediction)
 
 
 @agent.command("batch")
-@click.argument("model")
-@click.argument("input_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("model", help="The installed model to run.")
+@click.argument("input_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+                help="Directory of input files, one prediction each.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for one NAME.npz of outputs per input file.")
 @click.option("--version", default=None, help="A specific installed version (default: active).")
@@ -177,7 +259,9 @@ def batch(model: str, input_dir: Path, out_dir: Path, version: str | None,
         task = progress.add_task(f"{model}: predicting", total=len(files))
         for path in files:
             try:
-                result = a.predict(model, read_inputs(manifest, path), version)
+                inputs = read_inputs(manifest, path)
+                _take_labels(manifest, inputs)  # an eval file's labels are not an input
+                result = a.predict(model, inputs, version)
                 np.savez(out_dir / f"{path.stem}.npz", **result.outputs)  # type: ignore[arg-type]
                 done += 1
             except InvalidInputError as exc:
@@ -192,8 +276,8 @@ def batch(model: str, input_dir: Path, out_dir: Path, version: str | None,
 
 
 @agent.command("activate")
-@click.argument("model")
-@click.argument("version")
+@click.argument("model", help="The installed model.")
+@click.argument("version", help="The installed version to serve from now on.")
 @agent_options
 @json_option
 def activate(model: str, version: str, cache_dir: Path | None, profile: str | None,
@@ -206,7 +290,7 @@ def activate(model: str, version: str, cache_dir: Path | None, profile: str | No
 
 
 @agent.command("rollback")
-@click.argument("model")
+@click.argument("model", help="The model to roll back.")
 @agent_options
 @json_option
 def rollback(model: str, cache_dir: Path | None, profile: str | None,
@@ -219,7 +303,7 @@ def rollback(model: str, cache_dir: Path | None, profile: str | None,
 
 
 @agent.command("remove")
-@click.argument("model")
+@click.argument("model", help="The model to remove (every version unless --version).")
 @click.option("--version", default=None, help="Remove only this version.")
 @click.option("--force", is_flag=True, help="Allow removing the active version.")
 @agent_options
@@ -250,6 +334,33 @@ def check(no_repair: bool, cache_dir: Path | None, profile: str | None,
         raise click.exceptions.Exit(9)
 
 
+@agent.command("events")
+@click.option("--model", default=None, help="Only this model's events.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Show the newest N events (in time order).")
+@agent_options
+@json_option
+def events(model: str | None, limit: int, cache_dir: Path | None, profile: str | None,
+           trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Show the agent's event log: installs, activations, rollbacks, removals, and what fleet
+    updates came to (committed, health failures, failed deliveries)."""
+    from .events import EventLog
+
+    config = load_config(cache_dir, profile, trusted_keys)
+    rows = [e.to_dict() for e in EventLog(config.cache_dir).read(limit, model)]
+
+    def render(data: list[dict[str, Any]]) -> None:
+        if not data:
+            console.print(f"no events in {config.cache_dir}")
+            return
+        console.print(table(f"{len(data)} event(s)", ["time (UTC)", "event", "model", "version",
+                                                       "detail"],
+                            [(_when(e["ts"]), e["event"], e["model"], e["version"], e["detail"])
+                             for e in data]))
+
+    emit(rows, as_json, render)
+
+
 @agent.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0: any).")
@@ -271,7 +382,7 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
           threads: int | None, max_body: int, auth: str | None, cache_dir: Path | None,
           profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
-    from .server import parse_auth_option, start_grpc_server, start_http_server
+    from .server import MetricsRegistry, parse_auth_option, start_grpc_server, start_http_server
 
     authenticator = parse_auth_option(auth)
     config = load_config(cache_dir, profile, trusted_keys)
@@ -279,11 +390,14 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
                 concurrency=workers) as a:
         if threads is not None:
             a.profile = _with_threads(a, threads)
+        # one registry for both transports: /metrics and the statistics extension agree
+        metrics = MetricsRegistry()
+        a.add_observer(metrics)
         grpc_handle = None
         if grpc_port is not None:
             grpc_handle = start_grpc_server(a, host, grpc_port, auth=authenticator,
                                             workers=workers, queue=queue,
-                                            max_message_bytes=max_body)
+                                            max_message_bytes=max_body, metrics=metrics)
 
         def listening(handle: Any) -> None:
             data = {"http": handle.url, "grpc": grpc_handle.address if grpc_handle else None,
@@ -298,7 +412,8 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
 
         try:
             start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,
-                              max_body_bytes=max_body, block=True, on_listen=listening)
+                              max_body_bytes=max_body, metrics=metrics, block=True,
+                              on_listen=listening)
         finally:
             if grpc_handle is not None:
                 grpc_handle.stop()
@@ -337,7 +452,8 @@ def _post_feedback(url: str, model: str, body: dict[str, Any], token: str | None
 
 
 @agent.command("feedback")
-@click.argument("prediction_id")
+@click.argument("prediction_id",
+                help="The id the agent gave the prediction (its response's \"id\").")
 @click.option("--model", required=True, help="The model that made the prediction.")
 @click.option("--reward", type=float, default=None,
               help="A number, e.g. 1 (good) or 0 (bad) for binary outcomes.")
@@ -346,7 +462,8 @@ def _post_feedback(url: str, model: str, body: dict[str, Any], token: str | None
               envvar="EDGESERVE_AGENT_URL", help="The running agent's HTTP address.")
 @click.option("--token", default=None, envvar="EDGESERVE_AGENT_TOKEN",
               help="Bearer token when the agent requires one.")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for the agent's answer.")
 @json_option
 def feedback(prediction_id: str, model: str, reward: float | None, label: str | None, url: str,
              token: str | None, timeout: float, as_json: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import re
 import signal
@@ -24,23 +25,29 @@ from typing import Any
 
 import click
 
-from edgeserve.console import console
+from edgeserve.auth import Authenticator
+from edgeserve.console import console, err_console
 from edgeserve.contract import Desired, FileChunk, Reported, decode, encode
 from edgeserve.errors import ConfigError, ContractError
 from edgeserve.mqtt import BrokerSettings
 
 from .agent import Agent
-from .cli import agent_options
-from .config import load_config, open_agent
+from .cli import agent, agent_options
+from .config import AgentConfig, load_config, open_agent
 from .telemetry.link import Link, LinkSettings
 from .telemetry.monitor import Monitor
 from .telemetry.outbox import DEFAULT_MAX_BYTES, Outbox
 from .updates.fetch import MqttTransport
 from .updates.updater import Updater
 
-__all__ = ["AgentRun", "default_device_id", "run"]
+__all__ = ["AgentRun", "claim_cache", "default_device_id", "run"]
 
 log = logging.getLogger(__name__)
+
+
+_OUTCOMES = {"committed": "committed", "rolled-back": "health-failed",
+             "unhealthy": "health-failed", "failed": "update-failed"}
+"""Reported update states worth an event, and the event's name."""
 
 
 def default_device_id() -> str:
@@ -61,6 +68,9 @@ class AgentRun:
     http: Any = None
     _chunks: queue.Queue[FileChunk] = field(default_factory=queue.Queue, repr=False)
     labels: dict[str, str] = field(default_factory=dict)
+    _outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict, repr=False)
+    # reports come from the updater's thread and the link's (on connect)
+    _outcomes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, agent: Agent, *, window_s: float = 60.0, outbox_path: Path | None = None,
@@ -97,13 +107,37 @@ class AgentRun:
                 "files", encode(request), sub=("req",)), receive)
         updater = Updater(self.agent, device_id, self.agent.cache.root / "updates",
                           self._report, mqtt=transport)
+        # what the updater had reached before this start is not news for the event log
+        self._outcomes = {name: (m.state, m.target) for name, m in updater.models.items()}
         self._wire(link, updater)
         return updater
 
     def _report(self, reported: Reported) -> None:
+        self._log_outcomes(reported)
         if self.link is not None:
             self.link.publish("reported", encode(reported), retain=True)
             self.link.refresh_status()
+
+    def _log_outcomes(self, reported: Reported) -> None:
+        """Write what an update came to into the agent's event log, once per outcome."""
+        for name, model in reported.models.items():
+            outcome = (model.state, model.target)
+            with self._outcomes_lock:
+                seen = self._outcomes.get(name) == outcome
+                self._outcomes[name] = outcome
+            if seen or model.state not in _OUTCOMES:
+                continue
+            error = model.last_error.message if model.last_error else ""
+            if model.state == "committed":
+                detail = "passed its health check; the fleet counts it"
+            elif model.state == "rolled-back":
+                detail = f"{error}; rolled back to {model.active}"
+            elif model.state == "unhealthy":
+                detail = f"{error}; no earlier version to return to, so it keeps serving"
+            else:
+                detail = error
+            self.agent.events.add(_OUTCOMES[model.state], name,
+                                  model.target or model.active, detail)
 
     def _wire(self, link: Link, updater: Updater) -> None:
         def on_desired(payload: bytes) -> None:
@@ -149,6 +183,14 @@ class AgentRun:
                 "models": {m.name: m.version for m in self.agent.list_models() if m.active}}
 
     def start(self, host: str = "127.0.0.1", port: int | None = 8000, **http: Any) -> AgentRun:
+        """Serve (``port`` None: no HTTP API), monitor and connect to the fleet.
+
+        A taken port fails here, before the link connects: a device that registered with the
+        fleet and then died would stay in its registry as a ghost."""
+        if port is not None:
+            from .server.runner import check_port_free
+
+            check_port_free(host, port)
         for info in self.agent.list_models():
             if info.active:
                 self.monitor.watch(info.name, info.version)
@@ -175,6 +217,24 @@ class AgentRun:
         self.agent.close()
 
 
+def claim_cache(cache_dir: Path) -> int:
+    """Lock ``CACHE/run.lock`` for this process's lifetime (returns the descriptor to keep).
+
+    Two ``agent run`` on one cache would share one telemetry outbox and one update state, and
+    the second would only find out half-way; refusing at once names the fix."""
+    import fcntl
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"another 'edgeserve agent run' already uses the cache {cache_dir}; "
+                          "give each agent on this host its own --cache DIR and --port") from None
+    return fd
+
+
 def _labels(values: tuple[str, ...]) -> dict[str, str]:
     labels = {}
     for item in values:
@@ -188,7 +248,8 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Local HTTP API address.")
 @click.option("--port", default=8000, show_default=True, type=int,
-              help="Local HTTP API port (0: any free port; -1: no HTTP API).")
+              help="Local HTTP API port (0: any free port; -1: no HTTP API). Several agents on "
+                   "one host need one port (and one --cache) each.")
 @click.option("--broker", envvar="EDGESERVE_BROKER", default=None, metavar="URL",
               help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker. Without it the "
                    "telemetry waits in the outbox.")
@@ -202,7 +263,8 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
               help="Label for the device registry; repeatable.")
 @click.option("--outbox-max-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_BYTES,
               show_default=True, help="Disk the outbox may use; past it the oldest windows go.")
-@click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None)
+@click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None,
+              help="MQTT user name, when the broker wants one [env EDGESERVE_MQTT_USERNAME].")
 @click.option("--password", envvar="EDGESERVE_MQTT_PASSWORD", default=None,
               help="MQTT password [env EDGESERVE_MQTT_PASSWORD].")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -213,7 +275,7 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
               help="Private key of --cert-file.")
 @click.option("--tls-insecure", is_flag=True, help="Do not check the broker's host name.")
 @click.option("--mqtt-version", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
-              show_default=True)
+              show_default=True, help="auto = MQTT 5, falling back to 3.1.1.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
               help="Inference worker threads of the HTTP API.")
 @click.option("--auth", default=None, envvar="EDGESERVE_AUTH",
@@ -242,6 +304,22 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         link = LinkSettings(settings, fleet_name, device)
     authenticator = parse_auth_option(auth)
     config = load_config(cache_dir, profile, trusted_keys)
+    if not config.trusted_keys:
+        err_console.print("[yellow]warning:[/] no trusted keys (--trusted-key, "
+                          "EDGESERVE_TRUSTED_KEYS or agent.toml): this agent cannot verify or "
+                          "install anything the fleet sends it", soft_wrap=True)
+    lock = claim_cache(config.cache_dir)
+    try:
+        _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
+             workers, duration, fleet_name)
+    finally:
+        os.close(lock)
+
+
+def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: float,
+         outbox_max_bytes: int, labels: tuple[str, ...], host: str, port: int,
+         authenticator: Authenticator | None, workers: int, duration: float | None,
+         fleet_name: str) -> None:
     agent = open_agent(config, concurrency=workers, feedback=True)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
@@ -260,3 +338,8 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
     finally:
         signal.signal(signal.SIGTERM, previous)
         running.stop()
+
+
+# device_agent.cli adds this command when it is imported first; when this module is imported
+# first, cli's import of it finds it half-made, so the command is added here as well
+agent.add_command(run)

@@ -34,7 +34,7 @@ _LAZY_GROUPS = {
     "convert": ("edgeserve.converters.cli", "convert", "convert"),
     "agent": ("edgeserve.device_agent.cli", "agent", "agent"),
     "fleet": ("edgeserve.fleet.cli", "fleet", "fleet"),
-    "demo": ("edgeserve.demo", "demo", "all"),
+    "demo": ("edgeserve.demo.app", "demo", "all"),
 }
 _HELP = {
     "convert": "Convert a trained model into a validated, signed package.",
@@ -163,7 +163,8 @@ def _render_package(data: dict[str, Any]) -> None:
 
 
 @package.command("inspect")
-@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path),
+                help="The .edgepkg to show.")
 @json_option
 def package_inspect(pkg: Path, as_json: bool) -> None:
     """Show a package's manifest: model signature, artifacts, sizes (signature not checked)."""
@@ -172,7 +173,8 @@ def package_inspect(pkg: Path, as_json: bool) -> None:
 
 
 @package.command("verify")
-@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path),
+                help="The .edgepkg to verify.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, required=True,
               type=click.Path(exists=True, path_type=Path),
               help="Public key PEM (or a directory of them) to trust; repeatable.")
@@ -223,7 +225,7 @@ def profiles_list(as_json: bool) -> None:
 
 
 @profiles.command("show")
-@click.argument("name")
+@click.argument("name", help="A profile name ('profiles list') or a profile TOML file.")
 @json_option
 def profiles_show(name: str, as_json: bool) -> None:
     """Show one profile (by name or TOML path) in full."""

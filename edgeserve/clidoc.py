@@ -25,6 +25,10 @@ def _usage(command: click.Command, path: str) -> str:
 def _options(command: click.Command) -> list[str]:
     lines = []
     for param in command.params:
+        if isinstance(param, click.Argument):
+            metavar = param.make_metavar(click.Context(command))
+            lines.append(f"| `{metavar}` | {(param.help or '').replace(chr(10), ' ')} |")
+            continue
         if not isinstance(param, click.Option) or param.hidden:
             continue
         names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
@@ -46,7 +50,7 @@ def _walk(command: click.Command, path: str, out: list[str], depth: int) -> None
         out.append(f"```\n{_usage(command, path)}\n```\n")
         options = _options(command)
         if options:
-            out.extend(["| option | meaning |", "|---|---|", *options, ""])
+            out.extend(["| argument / option | meaning |", "|---|---|", *options, ""])
         return
     for name in command.list_commands(ctx):
         sub = command.get_command(ctx, name)

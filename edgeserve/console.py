@@ -2,25 +2,64 @@
 
 Commands build plain data (dicts and lists) and hand it here with a renderer, so human and machine
 output always show the same facts.
+
+Output that is not a terminal (a pipe, a file, a CI log) has no width to fit: there the consoles
+are wide (:data:`PIPE_WIDTH`), so tables keep one line per row and messages one line each
+instead of being folded at 80 columns (``COLUMNS`` still wins when set). :func:`watch` refreshes
+in place on a terminal and prints each new state when piped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions, RenderableType
+from rich.style import Style
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["console", "emit", "err_console", "format_bytes", "json_option", "table", "to_json"]
+__all__ = ["PIPE_WIDTH", "console", "emit", "err_console", "format_bytes", "json_option",
+           "table", "to_json", "watch"]
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 1000
+"""Columns of a console whose output is not a terminal (see the module docstring)."""
+_RULE_WIDTH = 100
+
+
+class _Console(Console):
+    """A rich console that is wide when its output is not a terminal."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+    def rule(self, title: str | Text = "", *, characters: str = "─",
+             style: str | Style = "rule.line",
+             align: Literal["left", "center", "right"] = "center") -> None:
+        from rich.rule import Rule
+
+        # a rule spans the console: on a wide piped console, a sane width instead
+        self.print(Rule(title, characters=characters, style=style, align=align),
+                   width=None if self.is_terminal else min(self.width, _RULE_WIDTH))
+
+
+console: Console = _Console(highlight=False)
+err_console: Console = _Console(stderr=True, highlight=False)
 
 
 def _default(value: Any) -> Any:
@@ -71,3 +110,34 @@ def format_bytes(n: float | None) -> str:
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")(f)
+
+
+def watch(view: Callable[[], tuple[RenderableType, bool]], interval: float) -> None:
+    """Show ``view()`` (a renderable, and whether it is final) until it is final.
+
+    On a terminal it refreshes in place; piped, each state that differs from the last one is
+    printed below a time stamp, so ``--watch | tee log`` records the progress."""
+    from rich.live import Live
+
+    renderable, done = view()
+    if console.is_terminal:
+        with Live(renderable, console=console, refresh_per_second=4) as live:
+            while not done:
+                time.sleep(interval)
+                renderable, done = view()
+                live.update(renderable)
+        return
+    last = None
+    while True:
+        with console.capture() as captured:
+            console.print(renderable)
+        text = captured.get()
+        if text != last:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            sys.stdout.write(f"-- {stamp} UTC --\n{text}")
+            sys.stdout.flush()
+            last = text
+        if done:
+            return
+        time.sleep(interval)
+        renderable, done = view()

@@ -8,6 +8,7 @@ the CLI and the HTTP servers use it instead of deciding on their own.
 
     EdgeserveError
     ├── ConfigError                      settings, CLI arguments
+    │   ├── InUseError                   still used (a published version by a rollout, a device online)
     │   └── ProfileError                 a hardware profile file is broken
     │       └── UnknownProfileError      no profile of that name (lists close matches)
     ├── SchemaError                      a document (manifest, MQTT payload, report) is invalid
@@ -25,7 +26,8 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     ├── KeyFileError                     a key file is missing or not an ed25519 PEM key
     ├── ConversionError                  a model could not be converted or validated
     │   ├── UnsupportedOpError           the target lacks an op the model needs
-    │   └── ProfileLimitError            a profile limit (bytes, arena) cannot be met
+    │   ├── ProfileLimitError            a profile limit (bytes, arena) cannot be met
+    │   └── UnservedProfileError         a profile gets no artifact at all (nor a fallback)
     ├── ModelNotFoundError               unknown model or version
     ├── InvalidInputError                tensors with wrong names, shapes, dtypes or encodings
     ├── InferenceError                   the model's runtime failed on a well-formed request
@@ -51,6 +53,7 @@ __all__ = [
     "CorruptPackageError",
     "EdgeserveError",
     "ForbiddenError",
+    "InUseError",
     "InferenceError",
     "InvalidInputError",
     "KeyFileError",
@@ -70,6 +73,7 @@ __all__ = [
     "TransferError",
     "UnknownProfileError",
     "UnsafeMemberError",
+    "UnservedProfileError",
     "UnsupportedOpError",
     "UntrustedKeyError",
     "VersionConflictError",
@@ -98,6 +102,12 @@ class EdgeserveError(Exception):
 class ConfigError(EdgeserveError):
     exit_code = 2
     http_status = 400
+
+
+class InUseError(ConfigError):
+    """Refused because something still uses it; the message names what, and how to free it."""
+
+    http_status = 409
 
 
 class ProfileError(ConfigError):
@@ -174,6 +184,12 @@ class UnsupportedOpError(ConversionError):
 
 class ProfileLimitError(ConversionError):
     pass
+
+
+class UnservedProfileError(ConversionError):
+    """The conversion ran, but some profile got no artifact that passed (nor a fallback)."""
+
+    exit_code = 16
 
 
 class ModelNotFoundError(EdgeserveError):

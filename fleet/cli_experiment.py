@@ -7,19 +7,18 @@ store and carried out on the controller's next tick.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Group
-from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgeserve.cli import SuggestingGroup
 from edgeserve.console import console, emit, json_option, table
+from edgeserve.console import watch as watch_view
 from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
 
@@ -45,7 +44,7 @@ def experiment() -> None:
 
 
 @experiment.command("create")
-@click.argument("model")
+@click.argument("model", help="The model whose published versions compete.")
 @click.option("--arms", required=True, metavar="V:W,V:W",
               help="Versions and weights, e.g. 1.0.0:50,2.0.0:50; the first is the control.")
 @click.option("--kind", type=click.Choice(["ab", "bandit"]), default="ab", show_default=True,
@@ -68,7 +67,9 @@ def experiment() -> None:
               help="Outcome standard deviation for the power calculation (continuous rewards).")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="False-positive rate (split among arms compared with the control).")
-@click.option("--power", type=float, default=0.8, show_default=True)
+@click.option("--power", type=float, default=0.8, show_default=True,
+              help="Chance of detecting an effect of --mde when there is one (power "
+                   "calculation).")
 @click.option("--floor", type=float, default=0.05, show_default=True,
               help="Bandit: least weight any arm keeps.")
 @click.option("--push-every", default="10s", show_default=True,
@@ -184,9 +185,14 @@ def _load(store: Store, experiment_id: str | None) -> list[ExperimentRecord]:
 
 
 @experiment.command("status")
-@click.argument("experiment_id", required=False)
-@click.option("--watch", is_flag=True, help="Refresh live (Ctrl-C stops).")
-@click.option("--interval", type=float, default=2.0, show_default=True)
+@click.argument("experiment_id", required=False,
+                help="The experiment (an unambiguous prefix will do) [default: every running "
+                     "one, else the newest].")
+@click.option("--watch", is_flag=True,
+              help="Refresh until the experiment stops (Ctrl-C stops); piped, each change is "
+                   "printed.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
 @db_option
 @json_option
 def experiment_status(experiment_id: str | None, watch: bool, interval: float, db: str | None,
@@ -199,13 +205,12 @@ def experiment_status(experiment_id: str | None, watch: bool, interval: float, d
         if as_json or not watch:
             emit(reports(), as_json, lambda rs: console.print(_view(rs)))
             return
-        with Live(_view(reports()), console=console, refresh_per_second=2) as live:
-            while True:
-                time.sleep(interval)
-                current = reports()
-                live.update(_view(current))
-                if all(r["state"] == "stopped" for r in current):
-                    break
+
+        def view() -> tuple[Group, bool]:
+            current = reports()
+            return _view(current), all(r["state"] == "stopped" for r in current)
+
+        watch_view(view, interval)
 
 
 @experiment.command("list")
@@ -227,7 +232,7 @@ def experiment_list(show_all: bool, db: str | None, as_json: bool) -> None:
 
 
 @experiment.command("stop")
-@click.argument("experiment_id")
+@click.argument("experiment_id", help="The experiment (an unambiguous prefix will do).")
 @click.option("--promote", is_flag=True,
               help="Roll the winner out through the rollout engine (fails when there is no "
                    "winner yet).")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-__all__ = ["artifacts_option", "db_option", "default_artifacts_dir", "parse_duration", "parse_labels",
-           "trusted_keys_option"]
+if TYPE_CHECKING:
+    from edgeserve.mqtt import BrokerSettings
+
+__all__ = ["artifacts_option", "broker_options", "broker_settings", "db_option",
+           "default_artifacts_dir", "parse_duration", "parse_labels", "trusted_keys_option"]
 
 db_option = click.option(
     "--db", envvar="EDGESERVE_FLEET_DB", default=None, metavar="URL",
@@ -55,3 +60,43 @@ def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
         key, value = pair.split("=", 1)
         out[key] = value
     return out
+
+
+def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker`` and its credentials/TLS options, for commands that talk to the broker
+    directly (``fleet device remove``); :func:`broker_settings` turns them into settings."""
+    options = [
+        click.option("--broker", envvar="EDGESERVE_BROKER", default="mqtt://127.0.0.1:1883",
+                     show_default=True, metavar="URL",
+                     help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker "
+                          "[env EDGESERVE_BROKER]."),
+        click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None,
+                     help="MQTT user name [env EDGESERVE_MQTT_USERNAME]."),
+        click.option("--password", envvar="EDGESERVE_MQTT_PASSWORD", default=None,
+                     help="MQTT password [env EDGESERVE_MQTT_PASSWORD]."),
+        click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="CA certificate(s) to verify the broker (implies TLS)."),
+        click.option("--cert-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Client certificate (PEM) for brokers that authenticate by one."),
+        click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Private key of --cert-file."),
+        click.option("--tls-insecure", is_flag=True, help="Do not check the broker's host name."),
+        click.option("--mqtt-version", type=click.Choice(["auto", "5", "3.1.1"]),
+                     default="auto", show_default=True,
+                     help="auto = MQTT 5, falling back to 3.1.1."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def broker_settings(options: dict[str, Any]) -> BrokerSettings:
+    """The ``BrokerSettings`` for the values of :func:`broker_options` (popped from
+    ``options``)."""
+    from edgeserve.mqtt import BrokerSettings
+
+    return BrokerSettings.from_url(
+        options.pop("broker"), username=options.pop("username"),
+        password=options.pop("password"), ca_file=options.pop("ca_file"),
+        cert_file=options.pop("cert_file"), key_file=options.pop("key_file"),
+        tls_insecure=options.pop("tls_insecure") or None, protocol=options.pop("mqtt_version"))

@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 from rich.console import Group
-from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgeserve.cli import SuggestingGroup
-from edgeserve.console import console, emit, json_option, table
+from edgeserve.console import console, emit, err_console, json_option, table
+from edgeserve.console import watch as watch_view
 from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
 
@@ -51,15 +51,22 @@ def _trust(paths: tuple[Path, ...]) -> TrustStore:
 
 
 @click.command("publish")
-@click.argument("package", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("package", type=click.Path(dir_okay=False, path_type=Path),
+                help="The signed .edgepkg to publish.")
 @artifacts_option
 @trusted_keys_option
 @json_option
 def publish_command(package: Path, artifacts_dir: Path | None, trusted_keys: tuple[Path, ...],
                     as_json: bool) -> None:
-    """Verify a package and store it in the fleet's artifact store."""
+    """Verify a package and store it in the fleet's artifact store.
+
+    Warns when the new version's inputs or outputs (names, dtypes, shapes) differ from the
+    newest published version's: clients of the model would need changing too."""
     store = ArtifactStore(artifacts_dir or default_artifacts_dir(), _trust(trusted_keys))
     published = store.publish(package)
+    for change in published.interface_changes:  # on stderr; --json output carries them too
+        err_console.print(f"[yellow]warning:[/] {published.name} {published.version} changes "
+                          f"the model's interface: {change}", soft_wrap=True)
     emit(published.to_dict(), as_json, lambda d: console.print(
         f"published [bold]{d['name']} {d['version']}[/] (release {d['release']}, "
         f"{len(d['artifacts'])} artifacts) to {store.root}"))
@@ -71,10 +78,12 @@ def rollout() -> None:
 
 
 @rollout.command("create")
-@click.argument("model")
-@click.argument("version")
+@click.argument("model", help="The model's name, as published.")
+@click.argument("version", help="The published version to roll out.")
 @click.option("--strategy", type=click.Choice(["canary", "blue-green"]), default="canary",
-              show_default=True)
+              show_default=True,
+              help="canary: move devices stage by stage; blue-green: run the new version as "
+                   "a shadow first, gate on disagreement, then switch every device at once.")
 @click.option("--stages", default="1,10,50,100", show_default=True,
               help="Percent of devices in scope per stage, ending at 100.")
 @click.option("--gate", "gates", multiple=True,
@@ -194,14 +203,28 @@ def _num(value: float | None) -> str:
 
 
 @rollout.command("status")
-@click.argument("rollout_id", required=False)
-@click.option("--watch", is_flag=True, help="Refresh live until the rollout ends (Ctrl-C stops).")
-@click.option("--interval", type=float, default=1.0, show_default=True)
+@click.argument("rollout_id", required=False,
+                help="The rollout (an unambiguous prefix will do) [default: every running one, "
+                     "else the newest].")
+@click.option("--watch", is_flag=True,
+              help="Refresh until the rollout ends (Ctrl-C stops); piped, each change is "
+                   "printed.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--gate-ticks", type=click.IntRange(min=0), default=50, show_default=True,
+              help="With --json: how many of the newest gate evaluations to include beside "
+                   "every milestone event.")
 @db_option
 @json_option
-def rollout_status(rollout_id: str | None, watch: bool, interval: float, db: str | None,
-                   as_json: bool) -> None:
-    """Show one rollout (or every running one): stages with progress bars and gate values."""
+def rollout_status(rollout_id: str | None, watch: bool, interval: float, gate_ticks: int,
+                   db: str | None, as_json: bool) -> None:
+    """Show one rollout (or every running one): stages with progress bars and gate values.
+
+    With --json each rollout carries its history: every milestone (created, assigned, stage,
+    awaiting-promotion, paused, resumed, device-failed, completed, rolled-back, ...) and the
+    newest gate values."""
+    from .events import rollout_history
+
     with Store.open(db or default_url(), migrate=False) as store:
         repo = Rollouts(store)
 
@@ -211,19 +234,18 @@ def rollout_status(rollout_id: str | None, watch: bool, interval: float, db: str
             return repo.find(active_only=True) or repo.find()[-1:]
 
         if as_json:
-            records = load()
-            emit([{**r.to_dict(), "events": repo.events(r.id, 50)} for r in records], True)
+            emit([{**r.to_dict(), "events": rollout_history(store, r.id, gate_ticks)}
+                  for r in load()], True)
             return
         if not watch:
             console.print(_status_view(store, load()))
             return
-        with Live(_status_view(store, load()), console=console, refresh_per_second=4) as live:
-            while True:
-                records = load()
-                live.update(_status_view(store, records))
-                if all(r.state.done for r in records):
-                    break
-                time.sleep(interval)
+
+        def view() -> tuple[Group, bool]:
+            records = load()
+            return _status_view(store, records), all(r.state.done for r in records)
+
+        watch_view(view, interval)
 
 
 @rollout.command("list")
@@ -243,7 +265,7 @@ def rollout_list(show_all: bool, db: str | None, as_json: bool) -> None:
 
 def _action(name: str, help_text: str) -> click.Command:
     @click.command(name, help=help_text)
-    @click.argument("rollout_id")
+    @click.argument("rollout_id", help="The rollout (an unambiguous prefix will do).")
     @click.option("--reason", default="", help="Recorded with the action.")
     @db_option
     @json_option

@@ -69,7 +69,8 @@ def _ago(ts: float, now: float) -> str:
               help="mqtt[s]://[USER[:PASS]@]HOST[:PORT]. Without it an embedded broker starts "
                    "(MQTT 5 on --broker-port, 3.1.1 on the port after it).")
 @db_option
-@click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None)
+@click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None,
+              help="MQTT user name, when the broker wants one [env EDGESERVE_MQTT_USERNAME].")
 @click.option("--password", envvar="EDGESERVE_MQTT_PASSWORD", default=None,
               help="MQTT password [env EDGESERVE_MQTT_PASSWORD].")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -111,7 +112,7 @@ def _ago(ts: float, now: float) -> str:
 @click.option("--duration", type=float, default=None,
               help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
+              default="info", show_default=True, help="How much the service logs (to stderr).")
 @json_option
 def serve_command(fleet_name: str, broker: str | None, db: str | None, username: str | None,
                   password: str | None, ca_file: Path | None, cert_file: Path | None,

@@ -167,7 +167,7 @@ class Ingestor:
 
 
 def _classify(payload: bytes) -> str:
-    if not payload.lstrip()[:1] == b"{":
+    if payload.lstrip()[:1] != b"{":
         return "malformed"  # not an object: no need to parse it (deep nesting included)
     try:
         return "schema" if isinstance(json.loads(payload), dict) else "malformed"

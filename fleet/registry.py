@@ -24,9 +24,10 @@ from sqlalchemy.engine import Connection
 from edgeserve.contract import Status
 
 from .store import Store
-from .tables import devices
+from .tables import desired_state, device_models, devices, windows
 
-__all__ = ["DeviceRecord", "apply_status", "ensure_devices", "get_device", "list_devices"]
+__all__ = ["DeviceRecord", "apply_status", "delete_device_rows", "ensure_devices", "get_device",
+           "list_devices"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,17 @@ def get_device(store: Store, device_id: str) -> DeviceRecord | None:
     with store.read() as conn:
         row = conn.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
     return None if row is None else _record(row)
+
+
+def delete_device_rows(store: Store, device_id: str) -> dict[str, int]:
+    """Delete every row about ``device_id`` (registry, desired state, reports, telemetry
+    windows) in one transaction; returns the rows deleted per table.
+
+    The windows go too: a device that comes back under the same id starts its sequence numbers
+    afresh, and old windows under those numbers would make its new ones look like duplicates."""
+    deleted = {}
+    with store.write() as conn:
+        for table in (desired_state, device_models, windows, devices):
+            result = conn.execute(sa.delete(table).where(table.c.device_id == device_id))
+            deleted[table.name] = int(result.rowcount or 0)
+    return deleted

@@ -90,6 +90,7 @@ class FleetServer:
         self.http: ServerHandle | None = None
         self.artifacts: ArtifactStore | None = None
         self.broker_url: str | None = None
+        self.broker_settings: BrokerSettings | None = None
         self.generated_password: str | None = None
         self._stop = threading.Event()
 
@@ -114,7 +115,8 @@ class FleetServer:
                 self.embedded = EmbeddedBroker(c.embedded_host, c.embedded_port).start()
                 broker = self.embedded.url
             self.broker_url = broker
-            settings = BrokerSettings.from_url(broker, **c.broker_options)
+            settings = self.broker_settings = BrokerSettings.from_url(broker,
+                                                                      **c.broker_options)
             self.service = FleetService(Ingestor(self.store, c.fleet), settings,
                                         c.client_id or f"edgeserve-fleet-{c.fleet}-{c.worker}",
                                         shared=c.shared)
@@ -150,7 +152,8 @@ class FleetServer:
         store = self.store
         app = create_app(store, self.artifacts, authenticator=auth,
                          stats=service.ingestor.stats.snapshot,
-                         experiments=lambda: reports(store))
+                         experiments=lambda: reports(store), broker=self.broker_settings,
+                         fleet=c.fleet)
         self.http = start_server(app, c.http_host, c.http_port or 0)
 
     def run(self, duration_s: float | None = None) -> None:

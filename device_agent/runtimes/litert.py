@@ -8,8 +8,14 @@ of interpreters (one per concurrent caller, up to ``pool_size``). A model whose 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,6 +49,49 @@ def import_interpreter() -> tuple[Any, Any]:
     return lite.Interpreter, lite.load_delegate
 
 
+_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_banner_lock = threading.Lock()
+_banner_seen = False
+
+
+@contextlib.contextmanager
+def _without_xnnpack_banner() -> Iterator[None]:
+    """LiteRT's C++ code writes ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` to
+    fd 2 the first time a process allocates an interpreter, with no setting to turn it off.
+    Around that first allocation fd 2 goes to a temporary file; everything else written there
+    meanwhile (other threads' logs) is passed on afterwards, only that line is dropped."""
+    global _banner_seen
+    if _banner_seen:
+        yield
+        return
+    with _banner_lock:
+        if _banner_seen:
+            yield
+            return
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all: nothing to keep clean
+            _banner_seen = True
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                _banner_seen = True
+                sink.seek(0)
+                kept = [line for line in sink.read().splitlines(keepends=True)
+                        if not line.startswith(_BANNER)]
+                if kept:
+                    os.write(2, b"".join(kept))
+
+
 def _shape(detail: dict[str, Any]) -> tuple[int | None, ...]:
     signature = detail.get("shape_signature")
     dims = signature if signature is not None and len(signature) else detail["shape"]
@@ -60,7 +109,8 @@ class _Interp:
 
     def __init__(self, interpreter: Any) -> None:
         self.interpreter = interpreter
-        interpreter.allocate_tensors()
+        with _without_xnnpack_banner():
+            interpreter.allocate_tensors()
         self.inputs = interpreter.get_input_details()
         self.outputs = interpreter.get_output_details()
         self.shapes: list[tuple[int, ...]] = [tuple(int(d) for d in i["shape"])
@@ -112,6 +162,9 @@ class LiteRtRuntime:
             if library in _UNAVAILABLE:
                 continue
             try:
+                # a library that is not there fails here, before load_delegate builds a
+                # half-made Delegate whose __del__ prints a traceback when it is collected
+                ctypes.CDLL(library)
                 delegates.append(self._load_delegate(library))
             except (ValueError, OSError, RuntimeError) as exc:
                 _UNAVAILABLE[library] = str(exc)

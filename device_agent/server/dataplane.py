@@ -21,12 +21,16 @@ from edgeserve.errors import InvalidInputError, ModelNotFoundError, OverloadedEr
 
 from ..agent import Agent, PredictResult
 from .codec import tensor_metadata
+from .metrics import MetricsRegistry
 
 __all__ = ["PLATFORMS", "DataPlane", "LoadGate"]
 
 T = TypeVar("T")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "litert_tflite", "coreml": "coreml_mlpackage"}
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
+"""What ``/v2`` and gRPC ServerMetadata advertise; each is served over both transports:
+binary tensors, the repository index (``POST /v2/repository/index``, gRPC RepositoryIndex) and
+per-version statistics (``GET /v2/models[/M[/versions/V]]/stats``, gRPC ModelStatistics)."""
 
 
 class LoadGate:
@@ -156,3 +160,63 @@ class DataPlane:
             "parameters": {"version": manifest.version, "artifact": record.artifact_id,
                            "release": manifest.release},
         }
+
+    # -- extensions: model repository index and statistics (Triton's shapes) --------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every installed version as ``{name, version, state, reason}``: ``READY`` when it is
+        loaded in memory (the servers load active versions at start), else ``UNAVAILABLE`` with
+        the reason (it loads on its first request). ``ready_only`` lists only READY ones."""
+        # Agent._loaded is read, never changed, here: which versions are in memory right now
+        loaded = set(self.agent._loaded)
+        index = []
+        for name in self.agent.cache.models():
+            active = self.agent.cache.state(name).active
+            for record in self.agent.cache.records(name):
+                ready = (name, record.version) in loaded
+                if ready_only and not ready:
+                    continue
+                reason = "" if ready else (
+                    "active, not loaded yet (loads on its first request)"
+                    if record.version == active else
+                    "installed, not active (loads when a request names this version)")
+                index.append({"name": name, "version": record.version,
+                              "state": "READY" if ready else "UNAVAILABLE", "reason": reason})
+        return index
+
+    def model_statistics(self, metrics: MetricsRegistry, model: str | None = None,
+                         version: str | None = None) -> dict[str, Any]:
+        """Triton's ``{"model_stats": [...]}`` for every installed version, of one model, or of
+        one version; figures come from the server's :class:`MetricsRegistry` (the agent's
+        inference observer). Timings are the agent's whole request latency, so they appear
+        under ``success``/``fail`` and ``compute_infer``; queue and input/output copying are
+        not measured apart (count 0)."""
+        if model is None:
+            keys = [(m, r.version) for m in self.agent.cache.models()
+                    for r in self.agent.cache.records(m)]
+        else:
+            versions = self._versions(model)
+            if version is not None and version not in versions:
+                raise ModelNotFoundError(f"model {model!r} has no version {version!r} "
+                                         f"(installed: {', '.join(versions)})")
+            keys = [(model, v) for v in ([version] if version is not None else versions)]
+        return {"model_stats": [_model_stat(m, v, metrics) for m, v in keys]}
+
+
+def _duration(count: int, ns: int) -> dict[str, int]:
+    return {"count": count, "ns": ns}
+
+
+def _model_stat(model: str, version: str, metrics: MetricsRegistry) -> dict[str, Any]:
+    s = metrics.version_stats(model, version)
+    none = _duration(0, 0)
+    return {
+        "name": model, "version": version, "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success, s.success_ns), "fail": _duration(s.fail, s.fail_ns),
+            "queue": dict(none), "compute_input": dict(none),
+            "compute_infer": _duration(s.success, s.success_ns),
+            "compute_output": dict(none), "cache_hit": dict(none), "cache_miss": dict(none)},
+        "batch_stats": [],
+    }

@@ -5,6 +5,11 @@ Message and service code is generated (``.._grpc_gen``); this module maps it ont
 (what tritonclient sends and expects) or in the typed ``contents`` fields. The server's thread pool
 is the inference worker pool; ``maximum_concurrent_rpcs`` bounds admission, so excess calls get
 RESOURCE_EXHAUSTED at once.
+
+The published OIP proto has no repository index or statistics RPCs; :func:`extension_handler`
+serves Triton's ``RepositoryIndex`` and ``ModelStatistics`` under the same service name, with
+messages from ``triton_extensions.proto`` (wire-compatible with Triton's), so
+``tritonclient.grpc`` can call them as ServerMetadata advertises.
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ from edgeserve.errors import (
 
 from .._grpc_gen import open_inference_grpc_pb2 as pb
 from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
+from .._grpc_gen import triton_extensions_pb2 as ext
 from .codec import DATATYPES, datatype_of, decode_bytes_tensor, encode_bytes_tensor
 from .dataplane import DataPlane
 from .metrics import MetricsRegistry
 
-__all__ = ["InferenceServicer", "status_for"]
+__all__ = ["SERVICE", "InferenceServicer", "extension_handler", "status_for"]
 
 log = logging.getLogger("edgeserve.agent.grpc")
 T = TypeVar("T")
+SERVICE = "inference.GRPCInferenceService"
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
@@ -175,3 +182,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 encode_bytes_tensor(array) if array.dtype.kind in "OSU"
                 else np.ascontiguousarray(array).tobytes())
         return response
+
+    # -- extensions (not in the OIP proto; registered by extension_handler) ----------------------
+
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> Any:
+            index = self.plane.repository_index(bool(request.ready))
+            return ext.RepositoryIndexResponse(
+                models=[ext.RepositoryIndexResponse.ModelIndex(**entry) for entry in index])
+        return self._call(context, build)
+
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> Any:
+            stats = self.plane.model_statistics(self.metrics, request.name or None,
+                                                request.version or None)
+            return ext.ModelStatisticsResponse(model_stats=[
+                ext.ModelStatistics(**{k: v for k, v in entry.items() if k != "batch_stats"})
+                for entry in stats["model_stats"]])
+        return self._call(context, build)
+
+
+def extension_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """RepositoryIndex and ModelStatistics under ``inference.GRPCInferenceService``: the
+    server tries it after the generated handler, which answers only the OIP's own methods."""
+    def unary(method: Callable[[Any, grpc.ServicerContext], Any], request: Any,
+              response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "RepositoryIndex": unary(servicer.RepositoryIndex, ext.RepositoryIndexRequest,
+                                 ext.RepositoryIndexResponse),
+        "ModelStatistics": unary(servicer.ModelStatistics, ext.ModelStatisticsRequest,
+                                 ext.ModelStatisticsResponse),
+    })

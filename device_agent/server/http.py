@@ -122,9 +122,33 @@ class HttpApp:
         if self.auth is not None and path not in PUBLIC_PATHS:
             self.auth.check(headers.get("authorization"))
         parts = [p for p in path.split("/") if p]
+        if parts == ["v2", "models", "stats"]:  # statistics of every model (Triton's path)
+            _allow(method, "GET")
+            return _json(200, self.plane.model_statistics(self.metrics))
         if parts[:1] == ["v2"] and len(parts) >= 3 and parts[1] == "models":
             return await self._model_route(parts[2:], method, headers, receive)
+        if parts[:2] == ["v2", "repository"]:
+            return await self._repository_route(parts[2:], method, headers, receive)
         return self._simple_route(path, method)
+
+    async def _repository_route(self, parts: list[str], method: str, headers: dict[str, str],
+                                receive: Receive) -> Response:
+        """``POST /v2/repository/index`` (body ``{"ready": bool}`` optional, empty allowed)."""
+        if parts != ["index"]:
+            raise ModelNotFoundError(
+                f"no such endpoint: /v2/repository/{'/'.join(parts)[:200]}; the model repository "
+                "extension here is POST /v2/repository/index (models are installed with "
+                "'edgeserve agent install', not loaded over the API)")
+        _allow(method, "POST")
+        body = await self._read_body(headers, receive)
+        try:
+            options = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise InvalidInputError(f"repository index body is not valid JSON: {exc}") from None
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise InvalidInputError('repository index body must be a JSON object like '
+                                    '{"ready": true} (or empty)')
+        return _json(200, self.plane.repository_index(bool(options.get("ready", False))))
 
     def _simple_route(self, path: str, method: str) -> Response:
         routes: dict[str, Callable[[], Response]] = {
@@ -168,6 +192,9 @@ class HttpApp:
         if rest == ["ready"]:
             _allow(method, "GET")
             return _json(200, {"name": model, "ready": self.plane.model_ready(model, version)})
+        if rest == ["stats"]:
+            _allow(method, "GET")
+            return _json(200, self.plane.model_statistics(self.metrics, model, version))
         if rest == ["infer"]:
             _allow(method, "POST")
             body = await self._read_body(headers, receive)

@@ -1,18 +1,22 @@
 """Prometheus metrics of the servers, in the text exposition format (no client library needed).
 
 Inference figures come from an :class:`~..observe.InferenceObserver`, so they count every path
-(HTTP, gRPC, in-process) the same way; the servers add their own request counters.
+(HTTP, gRPC, in-process) the same way; the servers add their own request counters. The same
+observer keeps the per-version figures of the statistics extension (Triton's ``model_stats``):
+one bookkeeping for ``/metrics``, ``/v2/models/…/stats`` and gRPC ``ModelStatistics``.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from ..observe import InferenceEvent
 
-__all__ = ["LATENCY_BUCKETS_S", "MetricsRegistry"]
+__all__ = ["LATENCY_BUCKETS_S", "MetricsRegistry", "VersionStats"]
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -21,6 +25,23 @@ def _labels(**labels: str) -> str:
     inner = ",".join(f'{k}="{v.replace(chr(92), "/").replace(chr(34), "")}"'
                      for k, v in labels.items())
     return "{" + inner + "}"
+
+
+@dataclass
+class VersionStats:
+    """Cumulative figures of one model version since the server started.
+
+    ``inference_count`` counts samples (a batch of 8 is 8), ``execution_count`` runtime calls;
+    the ``*_ns`` totals are the agent's request latency (inputs checked and adapted, the
+    runtime's run, outputs adapted) of successful and failed requests."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
 
 
 class MetricsRegistry:
@@ -32,6 +53,7 @@ class MetricsRegistry:
         self._buckets: dict[tuple[str, str], list[int]] = {}
         self._sum: dict[tuple[str, str], float] = defaultdict(float)
         self._requests: dict[tuple[str, str], int] = defaultdict(int)
+        self._stats: dict[tuple[str, str], VersionStats] = {}
         self.gauges: dict[str, float] = {}
 
     def on_inference(self, event: InferenceEvent) -> None:
@@ -47,6 +69,29 @@ class MetricsRegistry:
                 buckets = self._buckets[key] = [0] * (len(LATENCY_BUCKETS_S) + 1)
             buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
             self._sum[key] += seconds
+            self._count_version(key, event)
+
+    def _count_version(self, key: tuple[str, str], event: InferenceEvent) -> None:
+        # (called with the lock held)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = VersionStats()
+        ns = int(event.latency_ms * 1e6)
+        if event.error is None:
+            stats.success += 1
+            stats.success_ns += ns
+            stats.execution_count += 1
+            stats.inference_count += event.batch_size
+        else:
+            stats.fail += 1
+            stats.fail_ns += ns
+        stats.last_inference_ms = int(time.time() * 1000)
+
+    def version_stats(self, model: str, version: str) -> VersionStats:
+        """A copy of one version's figures (zeros when it has not run since the start)."""
+        with self._lock:
+            stats = self._stats.get((model, version))
+            return VersionStats(**stats.__dict__) if stats is not None else VersionStats()
 
     def count_request(self, protocol: str, code: int | str) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """The OpenAPI 3.0 document of the agent's HTTP API (served at ``/openapi.json``).
 
-Follows the Open Inference Protocol v2 REST specification, plus ``/metrics`` and this document.
+Follows the Open Inference Protocol v2 REST specification with Triton's repository index and
+statistics extensions, plus ``/metrics`` and this document.
 Kept as data beside the server so schemathesis can check the two against each other.
 """
 
@@ -43,6 +44,9 @@ def _model_paths(prefix: str, versioned: bool,
                          "responses": {"200": _ok("ModelMetadata"), **errors}}},
         f"{prefix}/ready": {"get": {"summary": "Model readiness", "parameters": _params(versioned, models),
                                     "responses": {"200": _ok("Ready"), **errors}}},
+        f"{prefix}/stats": {"get": {"summary": "Statistics (Triton's statistics extension)",
+                                    "parameters": _params(versioned, models),
+                                    "responses": {"200": _ok("ModelStatistics"), **errors}}},
         f"{prefix}/infer": {"post": {
             "summary": "Inference (JSON, or JSON header + binary tensors)",
             "parameters": [*_params(versioned, models), {
@@ -92,6 +96,16 @@ def openapi_document(models: Mapping[str, list[str]] | None = None) -> dict[str,
                 "200": {"description": "text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "401": _ERROR, "403": _ERROR}}},
+            "/v2/models/stats": {"get": {"summary": "Statistics of every installed version",
+                                         "responses": {"200": _ok("ModelStatistics"),
+                                                       "401": _ERROR, "403": _ERROR}}},
+            "/v2/repository/index": {"post": {
+                "summary": "Installed model versions and whether they are loaded",
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {
+                        "ready": {"type": "boolean"}, "repository_name": {"type": "string"}}}}}},
+                "responses": {"200": _ok("RepositoryIndex"), "400": _ERROR, "401": _ERROR,
+                              "403": _ERROR, "413": _ERROR}}},
             **_model_paths("/v2/models/{model}", False, models),
             **_model_paths("/v2/models/{model}/versions/{version}", True, models),
             "/v2/models/{model}/feedback": {"post": {
@@ -117,6 +131,28 @@ def openapi_document(models: Mapping[str, list[str]] | None = None) -> dict[str,
                                                     "id": {"type": "string"},
                                                     "model": {"type": "string"},
                                                     "model_version": {"type": "string"}}},
+                "RepositoryIndex": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "version", "state", "reason"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                   "state": {"type": "string", "enum": ["READY",
+                                                                        "UNAVAILABLE"]},
+                                   "reason": {"type": "string"}}}},
+                "ModelStatistics": {"type": "object", "required": ["model_stats"], "properties": {
+                    "model_stats": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["name", "version", "last_inference", "inference_count",
+                                     "execution_count", "inference_stats"],
+                        "properties": {
+                            "name": {"type": "string"}, "version": {"type": "string"},
+                            "last_inference": {"type": "integer", "minimum": 0},
+                            "inference_count": {"type": "integer", "minimum": 0},
+                            "execution_count": {"type": "integer", "minimum": 0},
+                            "inference_stats": {"type": "object", "additionalProperties": {
+                                "$ref": "#/components/schemas/Duration"}},
+                            "batch_stats": {"type": "array", "items": {"type": "object"}}}}}}},
+                "Duration": {"type": "object", "required": ["count", "ns"], "properties": {
+                    "count": {"type": "integer", "minimum": 0},
+                    "ns": {"type": "integer", "minimum": 0}}},
                 "Live": {"type": "object", "properties": {"live": {"type": "boolean"}},
                          "required": ["live"]},
                 "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}},

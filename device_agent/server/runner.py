@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import socket
 import threading
@@ -20,7 +21,8 @@ from .dataplane import DataPlane, LoadGate
 from .http import DEFAULT_MAX_BODY, HttpApp
 from .metrics import MetricsRegistry
 
-__all__ = ["GrpcServerHandle", "HttpServerHandle", "start_grpc_server", "start_http_server"]
+__all__ = ["GrpcServerHandle", "HttpServerHandle", "check_port_free", "start_grpc_server",
+           "start_http_server"]
 
 
 @dataclass
@@ -74,7 +76,16 @@ class GrpcServerHandle:
         self.stop()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _port_error(host: str, port: int, exc: OSError, option: str) -> ConfigError:
+    """The one message for a port that cannot be had, naming the option that moves it."""
+    hint = ""
+    if exc.errno == errno.EADDRINUSE:
+        hint = (f" - another process (another agent?) already listens there; give this one "
+                f"another port with {option} (0 picks a free one)")
+    return ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}")
+
+
+def _bind(host: str, port: int, option: str = "--port") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -82,10 +93,21 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise _port_error(host, port, exc, option) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
+    """Raise :class:`ConfigError` (naming ``option``) when ``host:port`` cannot be listened on.
+
+    ``agent run`` checks before it connects to the broker: a device that registered with the
+    fleet and then died on a taken port would leave a ghost in the registry. (The real bind
+    follows at once; a port taken in between still fails with the same message.)"""
+    if port == 0:
+        return
+    _bind(host, port, option).close()
 
 
 def _metrics_for(agent: Agent, metrics: MetricsRegistry | None) -> MetricsRegistry:
@@ -159,7 +181,7 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     import grpc
 
     from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
-    from .grpc import InferenceServicer
+    from .grpc import InferenceServicer, extension_handler
 
     metrics = _metrics_for(agent, metrics)
     plane = DataPlane(agent)
@@ -170,11 +192,23 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(plane, metrics, auth), server)
+    servicer = InferenceServicer(plane, metrics, auth)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((extension_handler(servicer),))
     display = f"[{host}]" if ":" in host else host
-    bound = server.add_insecure_port(f"{display}:{port}")
+    if port != 0:  # grpc only says "0" when a port is taken: bind once to get the reason
+        try:
+            check_port_free(host, port, "--grpc-port")
+        except ConfigError:
+            server.stop(None)
+            raise
+    try:
+        bound = server.add_insecure_port(f"{display}:{port}")
+    except RuntimeError:  # newer grpcio versions raise where older ones returned 0
+        bound = 0
     if bound == 0:
-        raise ConfigError(f"cannot listen for gRPC on {host}:{port}")
+        server.stop(None)
+        raise ConfigError(f"cannot listen for gRPC on {host}:{port}; give another port with "
+                          "--grpc-port (0 picks a free one)")
     server.start()
     return GrpcServerHandle(f"{display}:{bound}", bound, server, metrics)

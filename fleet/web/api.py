@@ -11,6 +11,7 @@
 ``GET  /api/v1/experiments``                       experiments and their arms (when any)
 
 Errors are ``{"error": message}`` with the status of the :class:`EdgeserveError` raised.
+Packages, unpublishing, device removal and the event log are in :mod:`.admin`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.routing import Route
 from edgeserve.errors import ConfigError, EdgeserveError
 
 from ..artifacts import ArtifactStore
+from ..events import rollout_history
 from ..registry import list_devices
 from ..rollouts.admission import create_rollout as admit_and_create
 from ..rollouts.metrics import Accumulator, References
@@ -164,7 +166,8 @@ def api_routes(store: Store, experiments: ExperimentsProvider | None = None,
 
     def get_rollout(request: Request) -> Any:
         record = rollouts.get(request.path_params["rid"])
-        return {**record.to_dict(), "events": rollouts.events(record.id)}
+        # every milestone, however long the rollout ran, plus the gate values the charts plot
+        return {**record.to_dict(), "events": rollout_history(store, record.id, 500)}
 
     def create_rollout(request: Request, body: Any) -> Any:
         if not isinstance(body, dict):

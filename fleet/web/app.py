@@ -2,7 +2,8 @@
 
 Authentication, when configured, guards everything people and tools use (``/``, ``/static``,
 ``/api``, ``/metrics``); the artifact endpoint stays open by default because what it serves is
-signed and every device verifies it (pass ``protect_artifacts`` to guard it too).
+signed and every device verifies it (pass ``protect_artifacts`` to guard it too). State-changing
+API calls must also be JSON (:class:`~.admin.JsonWritesOnly`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edgeserve.errors import AuthError
+from edgeserve.mqtt import BrokerSettings
 
 from ..artifacts import ArtifactStore
 from ..store import Store
+from .admin import JsonWritesOnly, admin_routes
 from .api import ExperimentsProvider, api_routes
 from .artifacts import artifact_routes
 from .metrics import StatsProvider, render_metrics
@@ -61,7 +64,10 @@ class _AuthMiddleware(BaseHTTPMiddleware):
 def create_app(store: Store, artifacts: ArtifactStore, *,
                authenticator: Authenticator | None = None, protect_artifacts: bool = False,
                stats: StatsProvider | None = None,
-               experiments: ExperimentsProvider | None = None) -> Starlette:
+               experiments: ExperimentsProvider | None = None,
+               broker: BrokerSettings | None = None, fleet: str | None = None) -> Starlette:
+    """The fleet's HTTP app. ``broker`` and ``fleet`` let the API remove devices (their
+    retained MQTT messages are cleared through that broker)."""
     static = static_dir()
 
     async def index(request: Request) -> Response:
@@ -82,8 +88,11 @@ def create_app(store: Store, artifacts: ArtifactStore, *,
         Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=static), name="static"),
         *api_routes(store, experiments, artifacts.reference, artifacts),
+        *admin_routes(store, artifacts, broker, fleet),
         *artifact_routes(artifacts),
     ]
     middleware = [Middleware(_AuthMiddleware, authenticator=authenticator,
                              protect_artifacts=protect_artifacts)] if authenticator else []
+    # after authentication: an anonymous caller learns nothing about content types
+    middleware.append(Middleware(JsonWritesOnly))
     return Starlette(routes=routes, middleware=middleware)

@@ -36,7 +36,11 @@ def start_server(app: ASGIApp, host: str = "127.0.0.1", port: int = 0,
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False)
+    # log_config=None: uvicorn would otherwise run logging.config.dictConfig, which closes
+    # every handler the process has (a host application's, TensorFlow's absl handler and the
+    # stream it writes to); its loggers propagate to whatever the process configured instead
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
+                            log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                               name=f"http-{sock.getsockname()[1]}", daemon=True)
