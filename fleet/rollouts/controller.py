@@ -153,6 +153,8 @@ class RolloutController:
         if msg.topic.endswith("/files/req"):
             self._on_file_request(client, msg)
             return
+        if not msg.payload:
+            return  # a cleared retained report (the device was removed)
         try:
             topic = parse_topic(msg.topic)
             report = decode(Reported, msg.payload, msg.topic)
