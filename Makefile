@@ -11,7 +11,8 @@ export PATH := $(BIN):$(PATH)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# setup.py maps folders to edgeserve.* names: a new part folder needs a re-install too.
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	# torch first, pinned: the CPU build (any looser spec pulls a multi-GB CUDA build)

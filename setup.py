@@ -1,6 +1,6 @@
 """Package discovery for the folder-to-namespace mapping (everything else is in pyproject.toml).
 
-The three parts live in top-level folders but install under ``edgeserve.*``. Listing every
+The parts live in top-level folders but install under ``edgeserve.*``. Listing every
 subpackage by hand in pyproject.toml went stale whenever someone added one, so they are found here:
 every folder with an ``__init__.py`` under a mapped root is a package.
 """
@@ -12,6 +12,7 @@ from setuptools import setup
 ROOTS = {
     "edgeserve": "edgeserve",
     "edgeserve.converters": "converters",
+    "edgeserve.demo": "demo",
     "edgeserve.device_agent": "device_agent",
     "edgeserve.fleet": "fleet",
     "edgeserve.hw_profiles": "hw-profiles",

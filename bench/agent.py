@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from edgeserve._process import popen  # noqa: E402
 from edgeserve.device_agent import Agent  # noqa: E402
 from edgeserve.profiles import load_profile  # noqa: E402
 from edgeserve.testing import make_keypair  # noqa: E402
@@ -205,16 +206,26 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: 
     raise SystemExit(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def _wait_ready_or_stop(url: str, process: subprocess.Popen[bytes], log: Path,
+                        timeout: float) -> None:
+    """:func:`_wait_ready`; a server that never got ready is stopped, not left running."""
+    try:
+        _wait_ready(url, process, log, timeout)
+    except BaseException:
+        _stop(process)
+        raise
+
+
 def start_edgeserve(cache: Path, profile: Path, workers: int, work: Path
                     ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     log = work / "edgeserve.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(
+        process = popen(
             [str(Path(sys.executable).parent / "edgeserve"), "agent", "serve", "--cache",
              str(cache), "--profile", str(profile), "--port", str(port), "--workers",
              str(workers), "--threads", "1"], stdout=sink, stderr=subprocess.STDOUT)
-    _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process, log, 60)
+    _wait_ready_or_stop(f"http://127.0.0.1:{port}/v2/health/ready", process, log, 60)
     return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
 
 
@@ -234,10 +245,9 @@ def start_mlserver(onnx_path: Path, workers: int, work: Path
         "parallel_workers": workers, "debug": False, "metrics_endpoint": None}))
     log = work / "mlserver.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen([str(mlserver), "start", str(root)], cwd=model_dir,
-                                   stdout=sink, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(model_dir)})
-    _wait_ready(f"http://127.0.0.1:{port}/v2/models/toy/ready", process, log, 120)
+        process = popen([str(mlserver), "start", str(root)], cwd=model_dir, stdout=sink,
+                        stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(model_dir)})
+    _wait_ready_or_stop(f"http://127.0.0.1:{port}/v2/models/toy/ready", process, log, 120)
     return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.real_models import MODELS, load  # noqa: E402
 from edgeserve.converters import convert  # noqa: E402
-from edgeserve.demo_models import train_digits  # noqa: E402
+from edgeserve.demo.models import train_digits  # noqa: E402
 from edgeserve.signing import load_private_key, write_keypair  # noqa: E402
 
 PROFILE = """

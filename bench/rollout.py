@@ -14,6 +14,7 @@ listens on 127.0.0.1:1883).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import socket
@@ -27,10 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgeserve.demo.sim import FleetChild, ProcessFleet, Traffic
 from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
-from edgeserve.sim import FleetChild, ProcessFleet, Traffic
 from edgeserve.testing import make_keypair
 
 console = Console()
@@ -55,7 +56,7 @@ def _profile(root: Path) -> None:
 
 def _packages(root: Path, key_path: Path) -> tuple[dict[str, Path], np.ndarray, np.ndarray]:
     from edgeserve.converters import convert
-    from edgeserve.demo_models import erroring_variant, ink, train_digits
+    from edgeserve.demo.models import erroring_variant, ink, train_digits
 
     v1 = train_digits(seed=0, epochs=4)
     v2 = train_digits(seed=1, epochs=4)
@@ -111,19 +112,23 @@ def main() -> int:
         paths, x_test, y_test = _packages(root, key.private_path)
     broker = _mosquitto()
     fleet = f"bench-{os.getpid()}"
-    service = FleetChild(fleet, root, key.public_path, broker_port=18830, http_port=18080,
-                         broker=broker, tick_s=0.5).start()
-    store = Store.open(service.db_url, migrate=False)
-    artifacts = ArtifactStore(service.artifacts_dir, key.trust)
-    for path in paths.values():
-        artifacts.publish(path)
-    with console.status(f"starting {args.devices} devices in {args.processes} processes"):
-        devices = ProcessFleet(args.devices, args.processes, [PROFILE], root / "devices",
-                               [key.public_path], service.broker_url, fleet,
-                               Traffic("digits", {"input": x_test}, y_test,
-                                       rate_per_s=args.rate),
-                               window_s=args.window, prefix="bench", nice=10).start()
-    try:
+    # every child is stopped (last started, first stopped) however far the run got
+    with contextlib.ExitStack() as stack:
+        service = FleetChild(fleet, root, key.public_path, broker_port=18830, http_port=18080,
+                             broker=broker, tick_s=0.5).start()
+        stack.callback(service.stop)
+        store = Store.open(service.db_url, migrate=False)
+        stack.callback(store.close)
+        artifacts = ArtifactStore(service.artifacts_dir, key.trust)
+        for path in paths.values():
+            artifacts.publish(path)
+        with console.status(f"starting {args.devices} devices in {args.processes} processes"):
+            devices = ProcessFleet(args.devices, args.processes, [PROFILE], root / "devices",
+                                   [key.public_path], service.broker_url, fleet,
+                                   Traffic("digits", {"input": x_test}, y_test,
+                                           rate_per_s=args.rate),
+                                   window_s=args.window, prefix="bench", nice=10).start()
+        stack.callback(devices.stop)
         spec = {"soak_seconds": args.soak, "min_requests": 100, "silent_after_s": 30,
                 "gates": ["error_rate<=0.02", "p95_ms<=3*control"]}
         base, _, _ = _timed_rollout(store, devices, "1.0.0", "1.0.0", "deploy 1.0.0", 300,
@@ -134,10 +139,6 @@ def main() -> int:
         bad, bad_phase, gate = _timed_rollout(store, devices, "2.1.0", "2.0.0",
                                               "canary 2.1.0 (fails on some inputs)", 600,
                                               stages=[1, 10, 50, 100], **spec)
-    finally:
-        devices.stop()
-        service.stop()
-        store.close()
     table = Table(title=f"rollouts over {args.devices} devices (soak {args.soak:g} s per stage)")
     for column in ("rollout", "outcome", "time to converge"):
         table.add_column(column)

@@ -3,7 +3,8 @@
 This core package holds the contracts every part shares: the model package format and its
 signatures, hardware profiles, the MQTT topic and message contract, telemetry sketches, errors and
 the ``edgeserve`` CLI. The parts are ``edgeserve.converters``, ``edgeserve.device_agent`` and
-``edgeserve.fleet``; they import this core, never each other.
+``edgeserve.fleet``; they import this core, never each other. ``edgeserve.demo`` ties them
+together. This core imports no part (``tests/core/test_layering.py``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeserve.demo_models import Digits, train_digits
+from edgeserve.demo.models import Digits, train_digits
 from edgeserve.testing import KeyPair, make_keypair
 
 __all__ = ["Digits", "train_digits", "write_profile"]

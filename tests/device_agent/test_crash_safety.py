@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeserve._process import popen
 from edgeserve.device_agent import Agent
 
 from .models import mlp_weights
@@ -36,7 +37,7 @@ print("done", flush=True)
 
 
 def _child(cache: Path, assets: dict[str, Path], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return popen(
         [sys.executable, "-c", CHILD, str(cache), str(assets["public_key"]),
          str(assets["pkg_v2"])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, **env})

@@ -15,6 +15,7 @@ from edgeserve.device_agent.agent import Agent
 from edgeserve.device_agent.server import start_http_server
 from edgeserve.errors import ConfigError, InvalidInputError, ModelNotFoundError
 from edgeserve.testing import KeyPair
+from tests.support import wait_until
 
 from .models import build_mlp_package
 
@@ -127,8 +128,20 @@ def test_shadow_measures_disagreement_off_the_answer_path(agent: Agent) -> None:
     assert same["disagreements"] == 0 and same["max_abs_diff"] < 1e-5
     agent.set_shadow("toy", None)
     agent.predict("toy", {"x": XS[0]})
-    time.sleep(0.2)
-    assert agent.shadows.drain() == {}
+    # "nothing compared" means something only once a later comparison came through the same
+    # (first in, first out) queue: a sentinel answered by 2.0.0, so that its report is told
+    # apart from one for the unshadowed request, which 1.0.0 answered
+    agent.set_shadow("toy", "3.0.0")
+    agent.predict("toy", {"x": XS[1]}, version="2.0.0")
+    reports: dict[tuple[str, str], float] = {}
+
+    def sentinel_compared() -> bool:
+        for key, report in agent.shadows.drain().items():
+            reports[key] = reports.get(key, 0) + report.compared
+        return ("toy", "2.0.0") in reports
+
+    wait_until(sentinel_compared, 10, "the sentinel request's shadow comparison")
+    assert reports == {("toy", "2.0.0"): 1}
 
 
 def test_http_feedback_endpoint(agent: Agent) -> None:

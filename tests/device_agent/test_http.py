@@ -36,13 +36,11 @@ X = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory,
            agent_assets: dict[str, Path]) -> Iterator[tuple[Agent, HttpServerHandle]]:
-    agent = Agent(tmp_path_factory.mktemp("http") / "cache",
-                  trusted_keys=[agent_assets["public_key"]])
-    agent.install(agent_assets["pkg_v1"])
-    handle = start_http_server(agent, workers=2, queue=8, max_body_bytes=100_000)
-    yield agent, handle
-    handle.stop()
-    agent.close()
+    with Agent(tmp_path_factory.mktemp("http") / "cache",
+               trusted_keys=[agent_assets["public_key"]]) as agent:
+        agent.install(agent_assets["pkg_v1"])
+        with start_http_server(agent, workers=2, queue=8, max_body_bytes=100_000) as handle:
+            yield agent, handle
 
 
 def _body(x: np.ndarray = X, **extra: Any) -> dict[str, Any]:
@@ -58,12 +56,12 @@ def _post(url: str, body: Any, **kwargs: Any) -> requests.Response:
 def test_health_metadata_and_json_inference(served: tuple[Agent, HttpServerHandle]) -> None:
     """Health, server and model metadata, and a JSON inference that matches the Python API."""
     agent, handle = served
-    assert requests.get(f"{handle.url}/v2/health/live").json() == {"live": True}
-    assert requests.get(f"{handle.url}/v2/health/ready").status_code == 200
-    assert "binary_tensor_data" in requests.get(f"{handle.url}/v2").json()["extensions"]
-    meta = requests.get(f"{handle.url}/v2/models/toy").json()
+    assert requests.get(f"{handle.url}/v2/health/live", timeout=10).json() == {"live": True}
+    assert requests.get(f"{handle.url}/v2/health/ready", timeout=10).status_code == 200
+    assert "binary_tensor_data" in requests.get(f"{handle.url}/v2", timeout=10).json()["extensions"]
+    meta = requests.get(f"{handle.url}/v2/models/toy", timeout=10).json()
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
-    assert requests.get(f"{handle.url}/v2/models/toy/versions/1.0.0/ready").json()["ready"]
+    assert requests.get(f"{handle.url}/v2/models/toy/versions/1.0.0/ready", timeout=10).json()["ready"]
     response = _post(f"{handle.url}/v2/models/toy/infer", _body(id="req-1"))
     assert response.status_code == 200, response.text
     data = response.json()
@@ -127,11 +125,11 @@ def test_not_found_and_method_errors(served: tuple[Agent, HttpServerHandle]) -> 
     assert _post(f"{handle.url}/v2/models/nope/infer", _body()).status_code == 404
     response = _post(f"{handle.url}/v2/models/toy/versions/9.9.9/infer", _body())
     assert response.status_code == 404 and "9.9.9" in response.json()["error"]
-    assert requests.get(f"{handle.url}/v2/models/toy/versions/9.9.9").status_code == 404
-    assert requests.get(f"{handle.url}/nowhere").status_code == 404
+    assert requests.get(f"{handle.url}/v2/models/toy/versions/9.9.9", timeout=10).status_code == 404
+    assert requests.get(f"{handle.url}/nowhere", timeout=10).status_code == 404
     for sneaky in ("...", "%2E%2E", "toy/versions/%2E%2E", "toy/versions/.hidden"):
-        assert requests.get(f"{handle.url}/v2/models/{sneaky}/ready").status_code == 404
-    response = requests.get(f"{handle.url}/v2/models/toy/infer")
+        assert requests.get(f"{handle.url}/v2/models/{sneaky}/ready", timeout=10).status_code == 404
+    response = requests.get(f"{handle.url}/v2/models/toy/infer", timeout=10)
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert "Traceback" not in response.text
 
@@ -151,7 +149,7 @@ def test_metrics_count_inferences(served: tuple[Agent, HttpServerHandle]) -> Non
     """/metrics exposes per-version inference counts and latency histograms."""
     _, handle = served
     _post(f"{handle.url}/v2/models/toy/infer", _body())
-    text = requests.get(f"{handle.url}/metrics").text
+    text = requests.get(f"{handle.url}/metrics", timeout=10).text
     assert 'edgeserve_inference_total{model="toy",version="1.0.0",outcome="success"}' in text
     assert "edgeserve_inference_seconds_bucket" in text and "edgeserve_requests_total" in text
 
@@ -225,7 +223,7 @@ def test_auth_schemes(tmp_path: Path, agent_assets: dict[str, Path]) -> None:
         agent.install(agent_assets["pkg_v1"])
         for auth, attempts in cases:
             with start_http_server(agent, auth=auth) as handle:
-                assert requests.get(f"{handle.url}/v2/health/live").status_code == 200
+                assert requests.get(f"{handle.url}/v2/health/live", timeout=10).status_code == 200
                 for header, status in attempts:
                     headers = {"Authorization": header} if header else {}
                     response = _post(f"{handle.url}/v2/models/toy/infer", _body(),

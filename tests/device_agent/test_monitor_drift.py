@@ -4,6 +4,7 @@ the calibration distribution, a clear one on shifted traffic, none at all below 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,15 @@ from edgeserve.testing import make_keypair
 from tests.integration.telemetry_models import mlp_package
 
 
-def test_window_drift_against_a_64_sample_reference(tmp_path: Path) -> None:
+def test_window_drift_against_a_64_sample_reference(tmp_path: Path,
+                                                    resources: contextlib.ExitStack) -> None:
     """Windows of 50 and 200 calibration-like requests: PSI < 0.1 for inputs and outputs;
     200 requests shifted by one sigma: PSI > 0.25; 20 requests: sketches but no drift score."""
     key = make_keypair(tmp_path / "keys")
-    agent = Agent(tmp_path / "cache", trusted_keys=[key.public_path], warmup=False)
+    agent = resources.enter_context(Agent(tmp_path / "cache", trusted_keys=[key.public_path],
+                                          warmup=False))
     agent.install(mlp_package(tmp_path / "toy.edgepkg", key, samples=64))
-    outbox = Outbox(tmp_path / "o.db")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     monitor = Monitor(outbox, references=agent.reference_stats, bin_rows=64,
                       max_sketch_rate=None)
     assert monitor.watch("toy", "1.0.0")
@@ -38,7 +41,6 @@ def test_window_drift_against_a_64_sample_reference(tmp_path: Path) -> None:
         monitor.flush()
     found: list[dict[str, Any]] = [w for w in (json.loads(r.data) for r in
                                                outbox.pending(limit=100)) if "model" in w]
-    agent.close()
     assert [w["requests"] for w in found] == [count for count, _ in plan]
     tiny, *same, shift_a, shift_b = found
     assert "inputs" in tiny and "drift_inputs" not in tiny and "drift_outputs" not in tiny

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +33,25 @@ def toy_pkg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, KeyPair]:
 
 
 @pytest.fixture
-def agent(tmp_path: Path, toy_pkg: tuple[Path, KeyPair]) -> Agent:
+def agent(tmp_path: Path, toy_pkg: tuple[Path, KeyPair]) -> Iterator[Agent]:
     pkg, key = toy_pkg
-    a = Agent(tmp_path / "cache", trusted_keys=[key.public_path], warmup=False)
-    a.install(pkg)
-    return a
+    with Agent(tmp_path / "cache", trusted_keys=[key.public_path], warmup=False) as a:
+        a.install(pkg)
+        yield a
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, resources: contextlib.ExitStack) -> Outbox:
+    """The test's outbox, closed afterwards whatever happened."""
+    return resources.enter_context(Outbox(tmp_path / "o.db"))
 
 
 def windows_of(outbox: Outbox) -> list[dict[str, Any]]:
     return [json.loads(r.data) for r in outbox.pending(limit=10_000)]
 
 
-def test_windows_count_requests_errors_and_latency(tmp_path: Path, agent: Agent) -> None:
+def test_windows_count_requests_errors_and_latency(outbox: Outbox, agent: Agent) -> None:
     """Every request is counted; failed ones as errors; latency only for successes."""
-    outbox = Outbox(tmp_path / "o.db")
     monitor = Monitor(outbox, references=agent.reference_stats)
     agent.add_observer(monitor)
     x = np.random.default_rng(2).normal(size=(1, 4)).astype(np.float32)
@@ -61,10 +68,9 @@ def test_windows_count_requests_errors_and_latency(tmp_path: Path, agent: Agent)
     assert "model" not in health and health["health"]["mem_total_mb"] > 0
 
 
-def test_drift_is_low_in_distribution_and_high_when_inputs_shift(tmp_path: Path,
+def test_drift_is_low_in_distribution_and_high_when_inputs_shift(outbox: Outbox,
                                                                  agent: Agent) -> None:
     """Inputs like the calibration data score PSI < 0.1; shifted inputs score > 0.25."""
-    outbox = Outbox(tmp_path / "o.db")
     monitor = Monitor(outbox, references=agent.reference_stats, bin_rows=64,
                       max_sketch_rate=None)
     assert monitor.watch("toy", "1.0.0")
@@ -84,13 +90,12 @@ def test_drift_is_low_in_distribution_and_high_when_inputs_shift(tmp_path: Path,
 
 
 def test_busy_versions_are_sketched_on_a_stride_from_their_first_requests(
-        tmp_path: Path) -> None:
+        outbox: Outbox) -> None:
     """With max_sketch_rate=128: a burst at 1024 requests/s is sketched at ~128 samples/s within
     its first window (after a few dozen requests), the next window at that rate starts on the
     stride, and a version whose load then drops is sketched on every request again within the
     same window; requests and latency always count every request."""
     now = [0.0]
-    outbox = Outbox(tmp_path / "o.db")
     reference = ReferenceStats.from_arrays({"x": np.random.default_rng(1).normal(size=(200, 4))},
                                            {})
     monitor = Monitor(outbox, window_s=60, references=lambda m, v: reference,
@@ -118,10 +123,9 @@ def test_busy_versions_are_sketched_on_a_stride_from_their_first_requests(
     assert quiet["drift_inputs"]["n"] >= 200 - 32
 
 
-def test_windows_align_to_the_clock_and_health_comes_every_window(tmp_path: Path) -> None:
+def test_windows_align_to_the_clock_and_health_comes_every_window(outbox: Outbox) -> None:
     """Window ends fall on multiples of window_s; an idle window still has a health window."""
     now = [1000.0]
-    outbox = Outbox(tmp_path / "o.db")
     monitor = Monitor(outbox, window_s=60, clock=lambda: now[0])
     assert monitor.next_boundary(1000.0) == 1020.0
     event = InferenceEvent("m", "1", {"x": np.zeros((1, 2))}, {"y": np.zeros((1, 1))}, 1.5)
@@ -134,10 +138,11 @@ def test_windows_align_to_the_clock_and_health_comes_every_window(tmp_path: Path
     assert "inputs" not in got[0]  # no reference: counts and latency only
 
 
-def test_concurrent_requests_are_all_counted_across_window_closes(tmp_path: Path) -> None:
+def test_concurrent_requests_are_all_counted_across_window_closes(
+        tmp_path: Path, resources: contextlib.ExitStack) -> None:
     """Requests from several threads while windows close are each counted exactly once, in
     the request counts and in the (batched) latency histograms."""
-    outbox = Outbox(tmp_path / "o.db", synchronous="normal")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db", synchronous="normal"))
     monitor = Monitor(outbox, health=lambda: None)
     event = InferenceEvent("m", "1", {"x": np.ones((1, 4))}, {"y": np.ones((1, 3))}, 0.7)
     stop = threading.Event()
@@ -165,9 +170,8 @@ def test_concurrent_requests_are_all_counted_across_window_closes(tmp_path: Path
     assert sum(w["latency"]["n"] for w in windows if "latency" in w) == 8000
 
 
-def test_the_observer_never_raises(tmp_path: Path, agent: Agent) -> None:
+def test_the_observer_never_raises(outbox: Outbox, agent: Agent) -> None:
     """Events the sketches cannot digest are counted as internal errors, not raised."""
-    outbox = Outbox(tmp_path / "o.db")
     monitor = Monitor(outbox, references=agent.reference_stats, bin_rows=1)
     monitor.watch("toy", "1.0.0")
     weird = InferenceEvent("toy", "1.0.0", {"x": np.array(["a", "b"])},
@@ -185,12 +189,11 @@ def test_health_reads_memory_disk_and_load(tmp_path: Path) -> None:
     assert health.disk_free_mb is not None and health.cpu_load is not None
 
 
-def test_sources_fill_window_fields_even_without_requests(tmp_path: Path) -> None:
+def test_sources_fill_window_fields_even_without_requests(outbox: Outbox) -> None:
     """Drained per-version data (e.g. feedback) lands in that version's window; a version with
     data but no requests in the window still gets one."""
     from edgeserve.contract import FeedbackSummary
 
-    outbox = Outbox(tmp_path / "o.db")
     monitor = Monitor(outbox, health=lambda: None)
     pending = {("m", "1"): FeedbackSummary(count=3, reward_sum=2.0, reward_sumsq=2.0),
                ("m", "2"): FeedbackSummary(count=1, reward_sum=1.0, reward_sumsq=1.0)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeserve._process import popen
 from edgeserve.contract import TelemetryBatch, Window, decode
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import CacheError, SchemaError
@@ -129,8 +130,8 @@ def test_outbox_survives_kill_9_mid_write(tmp_path: Path) -> None:
     what was acked and what is held, byte count exact, and numbering goes on."""
     path = tmp_path / "o.db"
     for round_ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
+                     text=True)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "going"
         time.sleep(0.3 + 0.2 * round_)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -21,12 +22,23 @@ from edgeserve.testing import KeyPair, write_test_package
 PAYLOAD = hashlib.sha512(b"chunks").digest() * 3000  # 192 KB
 
 
-def _client(host: str, port: int, name: str) -> mqtt.Client:
+def _client(resources: contextlib.ExitStack, host: str, port: int, name: str) -> mqtt.Client:
+    """A connected client, disconnected at teardown whatever the test did."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
                          protocol=mqtt.MQTTv5)
     client.connect(host, port)
     client.loop_start()
+    resources.callback(client.loop_stop)
+    resources.callback(client.disconnect)
     return client
+
+
+def _subscribe(client: mqtt.Client, topic: str) -> None:
+    """Subscribe and return once the broker granted it: until then it may drop what comes."""
+    granted = threading.Event()
+    client.on_subscribe = lambda *_a: granted.set()
+    client.subscribe(topic, qos=1)
+    assert granted.wait(10), f"the broker did not grant a subscription to {topic}"
 
 
 @pytest.fixture
@@ -39,15 +51,15 @@ def store(tmp_path: Path, keypair: KeyPair) -> ArtifactStore:
 
 
 def test_chunked_download_over_mqtt_resumes(tmp_path: Path, store: ArtifactStore,
-                                            mqtt_broker: tuple[str, int], fleet_name: str) -> None:
+                                            mqtt_broker: tuple[str, int], fleet_name: str,
+                                            resources: contextlib.ExitStack) -> None:
     """A device fetches an artifact in chunks over MQTT, dies half-way, and fetches only the rest."""
     host, port = mqtt_broker
     req_topic = device_topic(fleet_name, "dev1", "files", "req")
     data_topic = device_topic(fleet_name, "dev1", "files", "data")
-    fleet = _client(host, port, f"{fleet_name}-fleet")
-    device = _client(host, port, f"{fleet_name}-dev1")
+    fleet = _client(resources, host, port, f"{fleet_name}-fleet")
+    device = _client(resources, host, port, f"{fleet_name}-dev1")
     chunks: queue.Queue[FileChunk] = queue.Queue()
-    subscribed = threading.Event()
 
     def fleet_on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
         answer = answer_file_request(store, decode(FileRequest, msg.payload))
@@ -58,10 +70,9 @@ def test_chunked_download_over_mqtt_resumes(tmp_path: Path, store: ArtifactStore
 
     fleet.on_message = fleet_on_message
     device.on_message = device_on_message
-    fleet.subscribe(req_topic, qos=1)
-    device.on_subscribe = lambda *a: subscribed.set()
-    device.subscribe(data_topic, qos=1)
-    assert subscribed.wait(5)
+    # both, not only the device's: a request sent before the fleet's SUBACK may be dropped
+    _subscribe(fleet, req_topic)
+    _subscribe(device, data_topic)
 
     def send(request: FileRequest) -> None:
         device.publish(req_topic, encode(request), qos=1)
@@ -72,31 +83,26 @@ def test_chunked_download_over_mqtt_resumes(tmp_path: Path, store: ArtifactStore
         except queue.Empty:
             return None
 
-    try:
-        entry = store.manifest("toy", "1.0.0").files["artifacts/model.onnx"]
-        dest = tmp_path / "dev" / "model.onnx"
-        first = ChunkedDownload("toy", "1.0.0", "artifacts/model.onnx", dest, entry.size,
-                                entry.sha256, chunk_bytes=16 * 1024)
-        for _ in range(5):  # five chunks, then the "device dies"
-            send(first.request())
-            chunk = receive(5)
-            assert chunk is not None
-            first.accept(chunk)
-        assert first.offset == 5 * 16 * 1024
-        second = ChunkedDownload("toy", "1.0.0", "artifacts/model.onnx", dest, entry.size,
-                                 entry.sha256, chunk_bytes=16 * 1024)
-        result = fetch_chunked(second, send, receive, timeout=5)
-        assert result.resumed_from == 5 * 16 * 1024
-        assert result.bytes_transferred == entry.size - result.resumed_from
-        assert dest.read_bytes() == PAYLOAD
-        unknown = ChunkedDownload("toy", "1.0.0", "artifacts/none.onnx", tmp_path / "x",
-                                  10, "0" * 64)
-        with pytest.raises(TransferError, match="fleet refused"):
-            fetch_chunked(unknown, send, receive, timeout=5)
-    finally:
-        for c in (fleet, device):
-            c.disconnect()
-            c.loop_stop()
+    entry = store.manifest("toy", "1.0.0").files["artifacts/model.onnx"]
+    dest = tmp_path / "dev" / "model.onnx"
+    first = ChunkedDownload("toy", "1.0.0", "artifacts/model.onnx", dest, entry.size,
+                            entry.sha256, chunk_bytes=16 * 1024)
+    for _ in range(5):  # five chunks, then the "device dies"
+        send(first.request())
+        chunk = receive(5)
+        assert chunk is not None
+        first.accept(chunk)
+    assert first.offset == 5 * 16 * 1024
+    second = ChunkedDownload("toy", "1.0.0", "artifacts/model.onnx", dest, entry.size,
+                             entry.sha256, chunk_bytes=16 * 1024)
+    result = fetch_chunked(second, send, receive, timeout=5)
+    assert result.resumed_from == 5 * 16 * 1024
+    assert result.bytes_transferred == entry.size - result.resumed_from
+    assert dest.read_bytes() == PAYLOAD
+    unknown = ChunkedDownload("toy", "1.0.0", "artifacts/none.onnx", tmp_path / "x",
+                              10, "0" * 64)
+    with pytest.raises(TransferError, match="fleet refused"):
+        fetch_chunked(unknown, send, receive, timeout=5)
 
 
 def test_chunk_for_wrong_size_or_hash_is_refused(tmp_path: Path, store: ArtifactStore) -> None:

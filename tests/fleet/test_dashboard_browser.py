@@ -10,15 +10,14 @@ from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.web.server import ServerHandle
 from tests.browser import chromium_page
-
-from .test_web import AUTH, server, store  # noqa: F401  (fixtures)
+from tests.fleet.conftest import AUTH
 
 SCREENSHOTS = Path(os.environ.get("EDGESERVE_SCREENSHOTS", "test-artifacts"))
 
 
-def test_dashboard_charts_render_with_data(server: ServerHandle, store: Store) -> None:  # noqa: F811
+def test_dashboard_charts_render_with_data(web_server: ServerHandle, web_store: Store) -> None:
     """Profile, latency and error charts draw real points; the rollout shows; screenshot saved."""
-    repo = Rollouts(store)
+    repo = Rollouts(web_store)
     record = repo.create({"model": "toy", "version": "1.0.0", "stages": [100]})
     repo.add_event(record.id, time.time() - 5, 0, "gates", "", {"gates": [
         {"gate": "error_rate<=0.01", "verdict": "pass", "canary": 0.001, "bound": 0.01,
@@ -29,7 +28,7 @@ def test_dashboard_charts_render_with_data(server: ServerHandle, store: Store) -
     with chromium_page({"username": AUTH[0], "password": AUTH[1]}) as page:
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server.url + "/")
+        page.goto(web_server.url + "/")
         for chart in ("chart-profiles", "chart-latency", "chart-errors", "chart-throughput"):
             page.wait_for_function(
                 f"document.getElementById('{chart}').dataset.points > 0", timeout=15_000)

@@ -7,9 +7,9 @@ tests/integration/test_rollout_e2e.py). This isolates the controller's own I/O.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -38,6 +38,7 @@ from edgeserve.fleet.tables import device_models
 from edgeserve.fleet.telemetry import store_windows, window_row
 from edgeserve.telemetry import LatencyHistogram
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from tests.support import wait_until
 
 N_DEVICES = 20
 
@@ -77,8 +78,12 @@ class SimDevices:
 
 @pytest.fixture
 def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
-              fleet_name: str) -> Iterator[tuple[Store, RolloutController, SimDevices]]:
-    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=fleet_name)
+              fleet_name: str, resources: contextlib.ExitStack,
+              ) -> tuple[Store, RolloutController, SimDevices]:
+    """Store, controller and simulated devices, each stopped at teardown however far the
+    setup got (last started, first stopped)."""
+    store = resources.enter_context(Store.open(f"sqlite:///{tmp_path}/fleet.db",
+                                               fleet=fleet_name))
     artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
     for version, release in (("1.0.0", 1), ("2.0.0", 2)):
         pkg = tmp_path / f"toy-{version}.edgepkg"
@@ -91,15 +96,12 @@ def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
                                              profile="generic-cpu", models={"toy": "1.0.0"}), now)
     host, port = mqtt_broker
     sim = SimDevices(host, port, fleet_name)
+    resources.callback(sim.close)
     controller = RolloutController(store, artifacts, BrokerSettings(host=host, port=port),
                                    fleet_name, "http://127.0.0.1:1", tick_s=0.2)
+    resources.callback(controller.stop)
     controller.start()
-    try:
-        yield store, controller, sim
-    finally:
-        controller.stop()
-        sim.close()
-        store.close()
+    return store, controller, sim
 
 
 def _windows(store: Store, sim: SimDevices, seq: dict[str, int], bad: bool) -> None:
@@ -180,14 +182,10 @@ def test_operator_actions_are_applied(
     repo = Rollouts(store)
     record = repo.create({"model": "toy", "version": "2.0.0", "stages": [50, 100],
                           "soak_seconds": 60, "gates": []})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(sim.active) < N_DEVICES // 2:
-        time.sleep(0.1)
+    wait_until(lambda: len(sim.active) >= N_DEVICES // 2, 10, "the first stage on half the "
+               "devices", progress=lambda: len(sim.active))
     repo.queue_action(record.id, "pause")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and repo.get(record.id).state.phase != "paused":
-        time.sleep(0.1)
-    assert repo.get(record.id).state.phase == "paused"
+    wait_until(lambda: repo.get(record.id).state.phase == "paused", 10, "the rollout to pause")
     repo.queue_action(record.id, "rollback", "operator says no")
     assert _drive(store, controller, sim, record.id, bad=False, deadline_s=15) == "rolled-back"
     assert repo.get(record.id).state.reason == "operator says no"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ FLEET = "acme"
 
 
 @pytest.fixture
-def ingestor(tmp_path: Path) -> Ingestor:
-    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=FLEET)
-    return Ingestor(store, FLEET)
+def ingestor(tmp_path: Path) -> Iterator[Ingestor]:
+    with Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=FLEET) as store:
+        yield Ingestor(store, FLEET)
 
 
 def good(device: str = "d1", seq: int = 1) -> bytes:

@@ -2,138 +2,73 @@
 
 from __future__ import annotations
 
-import base64
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import requests
 
-from edgeserve.contract import Status, Window
-from edgeserve.errors import AuthError
-from edgeserve.fleet.artifacts import ArtifactStore
-from edgeserve.fleet.registry import apply_status
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
-from edgeserve.fleet.telemetry import store_windows, window_row
-from edgeserve.fleet.web.app import create_app
-from edgeserve.fleet.web.server import ServerHandle, start_server
-from edgeserve.telemetry import LatencyHistogram
-from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from edgeserve.fleet.web.server import ServerHandle
+from tests.fleet.conftest import AUTH
 
 
-class PasswordAuth:
-    """A real (if minimal) basic-auth checker for the test."""
-
-    def check(self, authorization: str | None) -> str:
-        expected = "Basic " + base64.b64encode(b"admin:s3cret").decode()
-        if authorization != expected:
-            raise AuthError("missing or wrong credentials")
-        return "admin"
-
-    def challenge(self) -> str:
-        return 'Basic realm="edgeserve"'
-
-
-@pytest.fixture
-def store(tmp_path: Path, fleet_name: str) -> Iterator[Store]:
-    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=fleet_name)
-    now = time.time()
-    with store.write() as conn:
-        for i, profile in enumerate(["pixel-8", "pixel-8", "raspberry-pi-5"]):
-            apply_status(store, conn, Status(device_id=f"d{i}", state="online", profile=profile,
-                                             models={"toy": "1.0.0"}), now)
-        rows = []
-        for seq in range(1, 31):
-            hist = LatencyHistogram()
-            for v in range(1, 101):  # p99 of any merge of these windows is 99-100 ms
-                hist.add(float(v))
-            rows.append(window_row("d0", Window(seq=seq, start=now - 300 + seq * 10 - 10,
-                                                end=now - 300 + seq * 10, model="toy",
-                                                version="1.0.0", requests=4, errors=seq % 2,
-                                                latency=hist.to_data()), now))
-        store_windows(store, conn, rows, now)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def server(tmp_path: Path, store: Store, keypair: KeyPair) -> Iterator[ServerHandle]:
-    artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
-    pkg = tmp_path / "toy.edgepkg"
-    write_test_package(pkg, keypair, manifest=make_manifest())
-    artifacts.publish(pkg)
-    app = create_app(store, artifacts, authenticator=PasswordAuth(),
-                     stats=lambda: {"messages": 7, "rejected": {"malformed": 2}})
-    handle = start_server(app)
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
-AUTH = ("admin", "s3cret")
-
-
-def test_api_requires_credentials_but_artifacts_do_not(server: ServerHandle) -> None:
+def test_api_requires_credentials_but_artifacts_do_not(web_server: ServerHandle) -> None:
     """Without credentials the API and dashboard answer 401; signed artifacts stay reachable."""
     for path in ("/", "/api/v1/overview", "/metrics"):
-        response = requests.get(server.url + path, timeout=5)
+        response = requests.get(web_server.url + path, timeout=5)
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"].startswith("Basic")
-    assert requests.get(server.url + "/v1/packages/toy/1.0.0/manifest.json",
+    assert requests.get(web_server.url + "/v1/packages/toy/1.0.0/manifest.json",
                         timeout=5).status_code == 200
-    assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert requests.get(web_server.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_overview_and_series(server: ServerHandle) -> None:
+def test_overview_and_series(web_server: ServerHandle) -> None:
     """The overview counts devices by profile; the series merges latency per time bucket."""
-    overview = requests.get(server.url + "/api/v1/overview", auth=AUTH, timeout=5).json()
+    overview = requests.get(web_server.url + "/api/v1/overview", auth=AUTH, timeout=5).json()
     assert overview["devices"] == 3 and overview["by_profile"] == {"pixel-8": 2,
                                                                    "raspberry-pi-5": 1}
     assert overview["active_versions"] == {"toy": {"1.0.0": 3}}
-    series = requests.get(server.url + "/api/v1/models/toy/series?bucket=60", auth=AUTH,
+    series = requests.get(web_server.url + "/api/v1/models/toy/series?bucket=60", auth=AUTH,
                           timeout=5).json()
     points = series["versions"]["1.0.0"]
     assert sum(p["requests"] for p in points) == 120
     assert all(p["p99_ms"] == pytest.approx(99.5, rel=0.015) for p in points)
 
 
-def test_rollout_api_round_trip(server: ServerHandle, store: Store) -> None:
+def test_rollout_api_round_trip(web_server: ServerHandle, web_store: Store) -> None:
     """Rollouts can be created and steered over the API; bad input is a 400 with a message,
     and so is a scope with devices that cannot run the package (until narrowed)."""
     spec = {"model": "toy", "version": "1.0.0", "stages": [100], "gates": ["error_rate<=0.01"]}
-    unfit = requests.post(server.url + "/api/v1/rollouts", auth=AUTH, timeout=5, json=spec)
+    unfit = requests.post(web_server.url + "/api/v1/rollouts", auth=AUTH, timeout=5, json=spec)
     assert unfit.status_code == 400 and "d0 (profile pixel-8" in unfit.json()["error"]
-    created = requests.post(server.url + "/api/v1/rollouts?only_fitting=1", auth=AUTH,
+    created = requests.post(web_server.url + "/api/v1/rollouts?only_fitting=1", auth=AUTH,
                             timeout=5, json=spec).json()
     assert created["phase"] == "running"
     assert created["admission"]["fitting"] == ["d2"] and sorted(created["admission"]["unfit"]) \
         == ["d0", "d1"]
-    acted = requests.post(f"{server.url}/api/v1/rollouts/{created['id']}/pause", auth=AUTH,
+    acted = requests.post(f"{web_server.url}/api/v1/rollouts/{created['id']}/pause", auth=AUTH,
                           timeout=5, json={"reason": "lunch"})
     assert acted.status_code == 200 and acted.json()["queued"]
-    bad = requests.post(server.url + "/api/v1/rollouts", auth=AUTH, timeout=5,
+    bad = requests.post(web_server.url + "/api/v1/rollouts", auth=AUTH, timeout=5,
                         json={"model": "toy", "version": "1.0.0", "stages": [5, 1]})
     assert bad.status_code == 400 and "error" in bad.json()
-    missing = requests.get(server.url + "/api/v1/rollouts/nope", auth=AUTH, timeout=5)
+    missing = requests.get(web_server.url + "/api/v1/rollouts/nope", auth=AUTH, timeout=5)
     assert missing.status_code == 404
-    assert [r.id for r in Rollouts(store).find()] == [created["id"]]
+    assert [r.id for r in Rollouts(web_store).find()] == [created["id"]]
 
 
-def test_prometheus_metrics(server: ServerHandle) -> None:
+def test_prometheus_metrics(web_server: ServerHandle) -> None:
     """/metrics exposes devices online, rollouts by phase and ingestion counters."""
-    text = requests.get(server.url + "/metrics", auth=AUTH, timeout=5).text
+    text = requests.get(web_server.url + "/metrics", auth=AUTH, timeout=5).text
     assert 'edgeserve_fleet_devices{state="online"} 3' in text
     assert 'edgeserve_fleet_rollouts{phase="running"}' in text
     assert "edgeserve_fleet_ingest_messages_total 7" in text
     assert 'edgeserve_fleet_ingest_rejected_total{reason="malformed"} 2' in text
 
 
-def test_dashboard_assets_are_shipped(server: ServerHandle) -> None:
+def test_dashboard_assets_are_shipped(web_server: ServerHandle) -> None:
     """The dashboard and its chart library are served locally (no CDN)."""
-    page = requests.get(server.url + "/", auth=AUTH, timeout=5).text
+    page = requests.get(web_server.url + "/", auth=AUTH, timeout=5).text
     assert "/static/vendor/uPlot.iife.min.js" in page and "http" not in page.split("<body>")[1]
-    js = requests.get(server.url + "/static/vendor/uPlot.iife.min.js", auth=AUTH, timeout=5)
+    js = requests.get(web_server.url + "/static/vendor/uPlot.iife.min.js", auth=AUTH, timeout=5)
     assert js.status_code == 200 and len(js.content) > 40_000

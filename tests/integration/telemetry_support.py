@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from edgeserve._process import popen
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import devices, windows
 from edgeserve.telemetry import LatencyHistogram
+from tests.support import wait_until
 
 __all__ = ["FleetProcess", "Swarm", "fill_outboxes", "store_counts", "wait_for", "window_fields"]
 
@@ -56,13 +57,9 @@ def fill_outboxes(directory: Path, device_ids: Sequence[str], windows_each: int,
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             interval: float = 0.25) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+             interval: float = 0.25, progress: Callable[[], object] | None = None) -> None:
+    """:func:`tests.support.wait_until`, polling less often: conditions here query a store."""
+    wait_until(condition, timeout, what, progress=progress, interval=interval)
 
 
 @dataclass
@@ -82,13 +79,18 @@ class FleetProcess:
         if self.broker is not None:
             args += ["--broker", self.broker]
         self.lines = []
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, cwd=REPO)
+        self.process = popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO)
         threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
-        wait_for(lambda: any(" ready: " in line for line in self.lines) or
-                 self.process is None or self.process.poll() is not None, timeout, "fleet ready")
-        if self.process.poll() is not None:
-            raise AssertionError("fleet serve exited: " + "".join(self.lines[-20:]))
+        try:
+            wait_for(lambda: any(" ready: " in line for line in self.lines) or
+                     self.process is None or self.process.poll() is not None, timeout,
+                     "fleet ready")
+            if self.process.poll() is not None:
+                raise AssertionError("fleet serve exited: " + "".join(self.lines[-20:]))
+        except BaseException:  # never leave a half-started fleet (and its broker) running
+            self.kill()
+            raise
         return self
 
     def _read(self, process: subprocess.Popen[str]) -> None:
@@ -105,12 +107,19 @@ class FleetProcess:
             _close_pipes(self.process)
             self.process = None
 
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM; returns the final ingestion stats the process printed."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        out, _ = self.process.communicate(timeout=60)
-        self.process = None
+    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        """SIGTERM; returns the final ingestion stats the process printed. SIGKILL (and the
+        test fails) if it has not exited after ``timeout``."""
+        process, self.process = self.process, None
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise AssertionError(f"fleet serve did not exit within {timeout:g} s of SIGTERM"
+                                 ) from None
         return dict(json.loads(out)) if out.strip() else {}
 
 
@@ -126,11 +135,17 @@ class Swarm:
     processes: list[subprocess.Popen[str] | None] = field(default_factory=list)
 
     def start(self) -> Swarm:
-        self.processes = [self._spawn(group) for group in self.groups]
+        self.processes = []
+        try:
+            for group in self.groups:
+                self.processes.append(self._spawn(group))
+        except BaseException:  # the groups already started are not left behind
+            self.terminate()
+            raise
         return self
 
     def _spawn(self, group: list[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+        return popen(
             [sys.executable, "-m", "tests.integration.telemetry_swarm", "--dir",
              str(self.directory), "--port", str(self.port), "--fleet", self.fleet,
              "--devices", ",".join(group), *self.options],

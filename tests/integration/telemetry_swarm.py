@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         "connects": sum(link.stats.connects for link in links),
         "left": sum(link.outbox.next_seq() - link.outbox.floor() for link in links),
     }
+    for link in links:
+        link.outbox.close()
     print(json.dumps(summary), flush=True)
     return 0 if done else 1
 

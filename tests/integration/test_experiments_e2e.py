@@ -11,6 +11,7 @@ windows, fleet-wide evidence, Thompson weights, desired-state pushes, routing on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -28,14 +29,16 @@ import requests
 from click.testing import CliRunner
 
 from edgeserve.cli import cli
+from edgeserve.demo.sim import SimDevice, SimFleet
 from edgeserve.errors import EdgeserveError
 from edgeserve.fleet.experiments import Experiments, samples_per_arm, status
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.server import FleetConfig, FleetServer
-from edgeserve.sim import SimDevice, SimFleet
 from edgeserve.testing import KeyPair, make_keypair
+from tests.support import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# converting the three arms and a minute of bandit traffic: about 30 s each on two idle cores
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL = "arms"
 PROFILE = "onnx-only-exp"
@@ -67,7 +70,7 @@ def _profile_dir(root: Path) -> Path:
 def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Packages]:
     """One small digits CNN converted and signed as three versions (the arms)."""
     from edgeserve.converters import convert
-    from edgeserve.demo_models import train_digits
+    from edgeserve.demo.models import train_digits
 
     root = tmp_path_factory.mktemp("experiment-models")
     previous = os.environ.get("EDGESERVE_PROFILE_PATH")
@@ -175,28 +178,31 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
     tmp = tmp_path
     host, port = mqtt_broker
     db = f"sqlite:///{tmp}/fleet.db"
-    server = FleetServer(FleetConfig(
-        fleet=fleet_name, db=db, broker=f"mqtt://{host}:{port}", http_port=0,
-        artifacts_dir=tmp / "artifacts", trusted_keys=[packages.key.public_path],
-        rollout_tick_s=0.25, experiment_tick_s=0.25)).start()
-    assert server.artifacts is not None and server.store is not None
-    for path in packages.paths.values():
-        server.artifacts.publish(path)
-    devices = SimFleet.build(DEVICES, [PROFILE], tmp / "devices", [packages.key.public_path],
-                             f"mqtt://{host}:{port}", fleet_name, window_s=0.5,
-                             prefix=fleet_name).start()
-    traffic = RewardTraffic(devices.devices, packages.x_test).start()
-    try:
+    # each piece is stopped (last started, first stopped) however far the setup got
+    with contextlib.ExitStack() as stack:
+        server = FleetServer(FleetConfig(
+            fleet=fleet_name, db=db, broker=f"mqtt://{host}:{port}", http_port=0,
+            artifacts_dir=tmp / "artifacts", trusted_keys=[packages.key.public_path],
+            rollout_tick_s=0.25, experiment_tick_s=0.25))
+        stack.callback(server.stop)
+        server.start()
+        assert server.artifacts is not None and server.store is not None
+        for path in packages.paths.values():
+            server.artifacts.publish(path)
+        devices = SimFleet.build(DEVICES, [PROFILE], tmp / "devices", [packages.key.public_path],
+                                 f"mqtt://{host}:{port}", fleet_name, window_s=0.5,
+                                 prefix=fleet_name)
+        stack.callback(devices.stop)
+        devices.start()
+        traffic = RewardTraffic(devices.devices, packages.x_test)
+        stack.callback(traffic.stop)
+        traffic.start()
         rollouts = Rollouts(server.store)
         first = rollouts.create({"model": MODEL, "version": "1.0.0", "stages": [100],
                                  "soak_seconds": 0, "gates": []})
         assert devices.wait_for(lambda: rollouts.get(first.id).state.done, 60)
         assert devices.wait_for(lambda: devices.versions(MODEL) == {"1.0.0": DEVICES}, 30)
         yield System(server, devices, traffic, db, packages.paths)
-    finally:
-        traffic.stop()
-        devices.stop()
-        server.stop()
 
 
 def _matches(device: SimDevice, weights: dict[str, float]) -> bool:
@@ -267,9 +273,13 @@ def test_bandit_moves_traffic_to_the_best_arm(system: System) -> None:
     assert system.devices.wait_for(
         lambda: system.experiments.get(record.id).state.weights["*"][BEST] >= 0.85, 30)
     since = time.time()
-    time.sleep(5)
+    # a share over 800 answers (~5 s of traffic): its standard error is ~0.013, so 0.8 is four
+    # of them below a weight of 0.85; counted in answers, not seconds, so load cannot shrink it
+    wait_until(lambda: system.traffic.share(BEST, since)[1] >= 800, 20,
+               "800 answers to measure the routing share on",
+               progress=lambda: system.traffic.share(BEST, since)[1])
     share, answered = system.traffic.share(BEST, since)
-    assert answered >= 200 and share >= 0.8, (share, answered)
+    assert answered >= 800 and share >= 0.8, (share, answered)
 
     report = status(system.server.store, system.experiments.get(record.id))  # type: ignore[arg-type]
     assert report["regret"] < report["uniform_regret"], report["result"]

@@ -13,6 +13,7 @@ at the end no device runs them; a device offline during a rollout converges when
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeserve.demo.sim import FleetChild, SimFleet, Traffic
 from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
-from edgeserve.sim import FleetChild, SimFleet, Traffic
 from edgeserve.testing import KeyPair, make_keypair
 from tests.services import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# five versions converted, then five rollouts with soaks: minutes; the default timeout is 300 s
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODEL = "digits"
 PROFILE = "onnx-only-e2e"
@@ -57,7 +59,7 @@ def _profile_dir(root: Path) -> Path:
 def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Packages]:
     """v1, a better v2, and three broken versions, each converted and signed for real."""
     from edgeserve.converters import convert
-    from edgeserve.demo_models import (
+    from edgeserve.demo.models import (
         erroring_variant,
         ink,
         scrambled_variant,
@@ -104,23 +106,24 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
            fleet_name: str) -> Iterator[tuple[Store, SimFleet]]:
     """The fleet service in its own process (as in production), devices in this one."""
     host, port = mqtt_broker
-    service = FleetChild(fleet_name, tmp_path, packages.key.public_path, broker_port=0,
-                         http_port=free_port(), broker=f"mqtt://{host}:{port}",
-                         tick_s=0.25).start()
-    store = Store.open(service.db_url, migrate=False)
-    artifacts = ArtifactStore(service.artifacts_dir, packages.key.trust)
-    for path in packages.paths.values():
-        artifacts.publish(path)
-    traffic = Traffic(MODEL, {"input": packages.x_test}, packages.y_test, rate_per_s=12)
-    devices = SimFleet.build(DEVICES, [PROFILE], tmp_path / "devices",
-                             [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
-                             traffic=traffic, window_s=0.5, prefix=fleet_name).start()
-    try:
+    # each piece is stopped (last started, first stopped) however far the setup got
+    with contextlib.ExitStack() as stack:
+        service = FleetChild(fleet_name, tmp_path, packages.key.public_path, broker_port=0,
+                             http_port=free_port(), broker=f"mqtt://{host}:{port}",
+                             tick_s=0.25).start()
+        stack.callback(service.stop)
+        store = Store.open(service.db_url, migrate=False)
+        stack.callback(store.close)
+        artifacts = ArtifactStore(service.artifacts_dir, packages.key.trust)
+        for path in packages.paths.values():
+            artifacts.publish(path)
+        traffic = Traffic(MODEL, {"input": packages.x_test}, packages.y_test, rate_per_s=12)
+        devices = SimFleet.build(DEVICES, [PROFILE], tmp_path / "devices",
+                                 [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
+                                 traffic=traffic, window_s=0.5, prefix=fleet_name)
+        stack.callback(devices.stop)
+        devices.start()
         yield store, devices
-    finally:
-        devices.stop()
-        service.stop()
-        store.close()
 
 
 def _rollout(store: Store, devices: SimFleet, version: str, timeout: float = 90,

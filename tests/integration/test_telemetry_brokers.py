@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from edgeserve.contract import device_topic
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.fleet.broker import EmbeddedBroker
@@ -22,6 +26,7 @@ from edgeserve.fleet.store import Store
 from edgeserve.mqtt import BrokerSettings as AgentBroker
 from tests.integration.telemetry_support import store_counts, wait_for, window_fields
 from tests.services import free_port, start_mosquitto
+from tests.support import wait_until
 
 
 def two_ports() -> dict[str, int]:
@@ -77,80 +82,93 @@ def _service(store: Store, fleet: str, port: int) -> FleetService:
     return service
 
 
-def _link(outbox: Outbox, fleet: str, device: str, port: int) -> Link:
-    settings = LinkSettings(AgentBroker(port=port), fleet, device, batch_windows=25,
-                            ack_timeout_s=3.0, backoff_min_s=0.2, backoff_max_s=1.5)
-    return Link(settings, outbox)
-
-
 def test_windows_published_while_the_fleet_is_away_are_queued_for_it(
-        broker: Broker, tmp_path: Path, fleet_name: str) -> None:
+        broker: Broker, tmp_path: Path, fleet_name: str, watcher_factory: Any,
+        resources: contextlib.ExitStack) -> None:
     """The fleet's persistent session collects telemetry while it is stopped; on its return
     everything is stored and acked, and the device's outbox empties."""
     db = f"sqlite:///{tmp_path}/fleet.db"
-    store = Store.open(db, fleet=fleet_name)
-    service = _service(store, fleet_name, broker.port)
-    service.stop()
-    outbox = Outbox(tmp_path / "o.db")
+    store = resources.enter_context(Store.open(db, fleet=fleet_name))
+    _service(store, fleet_name, broker.port).stop()
+    watcher = watcher_factory(broker.port, device_topic(fleet_name, "dev1", "telemetry"))
+
+    def seen() -> int:
+        return len({w["seq"] for _t, p, _r in watcher.messages for w in json.loads(p)["windows"]})
+
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(300)])
-    # the device must not see acks yet: give it a long ack timeout so it sends each window once
+    # the device must not see acks yet: an ack timeout far beyond this test, so that it sends
+    # each window once
     link = Link(LinkSettings(AgentBroker(port=broker.port), fleet_name, "dev1",
                              batch_windows=50, max_unacked_windows=300, ack_timeout_s=600),
-                outbox).start()
-    wait_for(lambda: link.stats.windows_sent >= 300, 30, "all windows sent")
-    time.sleep(0.5)  # let the broker take the last PUBACKs
+                outbox)
+    resources.callback(link.stop)
+    link.start()
+    # another subscriber got every window: the broker has taken them all, and so queued them
+    # for the fleet's session too
+    wait_until(lambda: seen() == 300, 20, "the broker to take all 300 windows", progress=seen)
     assert store_counts(db)["total"] == 0
     service = _service(store, fleet_name, broker.port)
-    try:
-        wait_for(lambda: outbox.floor() == outbox.next_seq(), 60, "the outbox to empty")
-        assert link.stats.windows_sent == 300  # nothing was sent twice: the queue delivered
-        assert link.stats.retransmits == 0
-    finally:
-        link.stop()
-        service.stop()
+    resources.callback(service.stop)
+    wait_for(lambda: outbox.floor() == outbox.next_seq(), 20, "the outbox to empty",
+             progress=outbox.floor)
+    assert link.stats.windows_sent == 300  # nothing was sent twice: the queue delivered
+    assert link.stats.retransmits == 0
+    link.stop()
+    service.stop()
     counts = store_counts(db)
     assert counts["total"] == 300 and counts["acked"]["dev1"] == 300
-    store.close()
 
 
 def test_everything_arrives_exactly_once_across_a_broker_restart(
-        broker: Broker, tmp_path: Path, fleet_name: str) -> None:
+        broker: Broker, tmp_path: Path, fleet_name: str,
+        resources: contextlib.ExitStack) -> None:
     """A broker restart in the middle of a flush: device and fleet reconnect by themselves and
     the store ends with every window exactly once."""
     db = f"sqlite:///{tmp_path}/fleet.db"
-    store = Store.open(db, fleet=fleet_name)
+    store = resources.enter_context(Store.open(db, fleet=fleet_name))
     service = _service(store, fleet_name, broker.port)
+    resources.callback(service.stop)
     links = []
     for d in range(5):
-        outbox = Outbox(tmp_path / f"o{d}.db", synchronous="normal")
+        outbox = resources.enter_context(Outbox(tmp_path / f"o{d}.db", synchronous="normal"))
         outbox.append_many([window_fields(i) for i in range(400)])
         settings = LinkSettings(AgentBroker(port=broker.port), fleet_name, f"dev{d}",
                                 batch_windows=20, rate_windows_per_s=300, ack_timeout_s=3.0,
                                 backoff_min_s=0.2, backoff_max_s=1.5)
-        links.append(Link(settings, outbox).start())
-    try:
-        wait_for(lambda: store_counts(db)["total"] >= 300, 60, "the flush to be under way")
-        broker.restart()
-        wait_for(lambda: all(lk.outbox.floor() == lk.outbox.next_seq() for lk in links), 120,
-                 "every outbox to empty")
-    finally:
-        for lk in links:
-            lk.stop()
-        service.stop()
+        link = Link(settings, outbox)
+        resources.callback(link.stop)
+        links.append(link.start())
+
+    def left() -> int:
+        return sum(lk.outbox.next_seq() - lk.outbox.floor() for lk in links)
+
+    wait_for(lambda: store_counts(db)["total"] >= 300, 20, "the flush to be under way",
+             progress=left)
+    broker.restart()
+    wait_for(lambda: left() == 0, 30, "every outbox to empty", progress=left)
+    for lk in links:
+        lk.stop()
+    service.stop()
     counts = store_counts(db)
     assert counts["total"] == 2000
     assert set(counts["devices"].values()) == {(400, 1, 400)}
     assert all(lk.stats.connects >= 2 for lk in links)
-    store.close()
 
 
-def test_the_fleet_may_start_before_its_broker(tmp_path: Path, fleet_name: str) -> None:
+def test_the_fleet_may_start_before_its_broker(tmp_path: Path, fleet_name: str,
+                                               caplog: pytest.LogCaptureFixture,
+                                               resources: contextlib.ExitStack) -> None:
     """An unreachable broker is retried within connect_timeout; the fleet then subscribes."""
     proc = start_mosquitto()
+    resources.callback(shutil.rmtree, proc.workdir, ignore_errors=True)
+    resources.callback(proc.stop, kill=True)
     proc.stop()
-    store = Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=fleet_name)
+    store = resources.enter_context(
+        Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=fleet_name))
     service = FleetService(Ingestor(store, fleet_name), FleetBroker(port=proc.port),
                            f"edgeserve-fleet-{fleet_name}-0")
+    resources.callback(service.stop)
     errors: list[BaseException] = []
 
     def start() -> None:
@@ -159,15 +177,14 @@ def test_the_fleet_may_start_before_its_broker(tmp_path: Path, fleet_name: str) 
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
+    caplog.set_level(logging.WARNING, logger="edgeserve.fleet")
     thread = threading.Thread(target=start)
     thread.start()
-    try:
-        time.sleep(1.5)
-        proc.start()
-        thread.join(40)
-        assert not errors and service.ready.is_set()
-    finally:
-        service.stop()
-        proc.stop(kill=True)
-        shutil.rmtree(proc.workdir, ignore_errors=True)
-        store.close()
+    resources.callback(thread.join, 40)
+    # the broker comes up only once the fleet has found it missing and is retrying
+    wait_until(lambda: any("retrying" in r.getMessage() for r in caplog.records) or errors, 20,
+               "the fleet to retry the unreachable broker")
+    assert not errors, errors
+    proc.start()
+    wait_until(lambda: not thread.is_alive(), 40, "the fleet to connect and subscribe")
+    assert not errors and service.ready.is_set()

@@ -3,17 +3,19 @@ back-off, flow control, TLS with passwords and client certificates, drops, bad p
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
-import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeserve.contract import Ack, Status, decode, device_topic, encode
+from edgeserve.contract import Ack, device_topic, encode
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import ConfigError
 from edgeserve.fleet.broker import EmbeddedBroker
 from edgeserve.mqtt import BrokerSettings
-from tests.integration.telemetry_support import FleetProcess, store_counts, wait_for, window_fields
+from tests.integration.telemetry_support import FleetProcess, store_counts, window_fields
 from tests.services import MosquittoProcess, free_port, start_mosquitto
+from tests.support import wait_until
 
 
 def two_ports() -> dict[str, int]:
@@ -44,132 +47,106 @@ def two_ports() -> dict[str, int]:
 pytestmark = pytest.mark.integration
 
 
-class Watcher:
-    """A plain paho subscriber that records what arrives on a filter."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, m: self.messages.append(
-            (m.topic, bytes(m.payload), bool(m.retain)))
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(topic, qos=1)
-
-    def statuses(self) -> list[Status]:
-        return [decode(Status, p) for t, p, _r in self.messages if t.endswith("/status") and p]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture
-def watcher_factory() -> Iterator[Any]:
-    made: list[Watcher] = []
-
-    def make(port: int, topic: str) -> Watcher:
-        w = Watcher(port, topic)
-        made.append(w)
-        time.sleep(0.2)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
-
-
 def settings(port: int, fleet: str, device: str = "dev1", **kw: Any) -> LinkSettings:
+    # the client id is {device}@{fleet}: with a fleet name per test, a "dev1" of another run on
+    # the shared broker (a second checkout, CI) never takes this session over
     return LinkSettings(BrokerSettings(port=port, **kw.pop("broker", {})), fleet, device,
                         backoff_min_s=0.2, backoff_max_s=1.0, **kw)
 
 
+def started(resources: contextlib.ExitStack, link: Link) -> Link:
+    """Start ``link``; it is stopped at teardown whatever the test did (stopping twice is fine)."""
+    resources.callback(link.stop)
+    return link.start()
+
+
 def test_birth_is_retained_and_the_last_will_says_offline(
         mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path,
-        watcher_factory: Any) -> None:
+        watcher_factory: Any, resources: contextlib.ExitStack) -> None:
     """Connecting publishes a retained online status with profile and models; dying without a
     goodbye makes the broker publish the retained offline Last Will with the same ts."""
     port = mqtt_broker[1]
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
-    link = Link(settings(port, fleet_name), Outbox(tmp_path / "o.db"),
-                status_info=lambda: {"profile": "rpi5", "models": {"toy": "1.0.0"},
-                                     "labels": {"site": "lab"}}).start()
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
+    link = started(resources, Link(
+        settings(port, fleet_name), outbox,
+        status_info=lambda: {"profile": "rpi5", "models": {"toy": "1.0.0"},
+                             "labels": {"site": "lab"}}))
     assert link.connected.wait(10)
-    wait_for(lambda: len(watcher.statuses()) == 1, 10, "the birth message")
+    wait_until(lambda: len(watcher.statuses()) == 1, 10, "the birth message")
     link.kill()
-    wait_for(lambda: len(watcher.statuses()) == 2, 10, "the Last Will")
+    wait_until(lambda: len(watcher.statuses()) == 2, 10, "the Last Will")
     birth, will = watcher.statuses()
     assert (birth.state, birth.profile, birth.models, birth.labels) == (
         "online", "rpi5", {"toy": "1.0.0"}, {"site": "lab"})
     assert (will.state, will.reason, will.ts) == ("offline", "connection lost", birth.ts)
     late = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
-    wait_for(lambda: bool(late.messages), 10, "the retained status")
+    wait_until(lambda: bool(late.messages), 10, "the retained status")
     assert late.messages[0][2] and late.statuses()[0].state == "offline"
-    watcher.client.publish(device_topic(fleet_name, "dev1", "status"), b"", qos=1, retain=True)
 
 
 def test_subscribed_topics_and_connect_hooks_work_across_reconnects(
-        tmp_path: Path, fleet_name: str) -> None:
+        tmp_path: Path, fleet_name: str, private_mosquitto: MosquittoProcess,
+        resources: contextlib.ExitStack) -> None:
     """A desired-state handler gets retained messages on every connection, and on_connect
     callbacks run after each connect (here: after a broker restart)."""
-    proc = start_mosquitto()
+    proc = private_mosquitto
+    desired: list[bytes] = []
+    connects: list[int] = []
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
+    link = Link(settings(proc.port, fleet_name), outbox)
+    link.subscribe("desired", desired.append)
+    link.on_connect(lambda: connects.append(1))
+    started(resources, link)
+    assert link.connected.wait(10)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", proc.port)
+    publisher.loop_start()
     try:
-        desired: list[bytes] = []
-        connects: list[int] = []
-        link = Link(settings(proc.port, fleet_name), Outbox(tmp_path / "o.db"))
-        link.subscribe("desired", desired.append)
-        link.on_connect(lambda: connects.append(1))
-        link.start()
-        assert link.connected.wait(10)
-        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        publisher.connect("127.0.0.1", proc.port)
-        publisher.loop_start()
         publisher.publish(device_topic(fleet_name, "dev1", "desired"), b'{"v":1,"revision":3}',
                           qos=1, retain=True).wait_for_publish(5)
+    finally:
         publisher.disconnect()
         publisher.loop_stop()
-        wait_for(lambda: len(desired) == 1, 10, "the desired state")
-        proc.restart()
-        wait_for(lambda: len(connects) == 2, 20, "the reconnect")
-        assert link.publish("reported", b'{"v":1}', retain=True)
-        link.stop()
-    finally:
-        proc.stop(kill=True)
-        shutil.rmtree(proc.workdir, ignore_errors=True)
+    wait_until(lambda: len(desired) == 1, 10, "the desired state")
+    proc.restart()
+    wait_until(lambda: len(connects) == 2, 20, "the reconnect")
+    assert link.publish("reported", b'{"v":1}', retain=True)
 
 
 def test_a_clean_stop_says_offline_stopped(mqtt_broker: tuple[str, int], fleet_name: str,
-                                           tmp_path: Path, watcher_factory: Any) -> None:
+                                           tmp_path: Path, watcher_factory: Any,
+                                           resources: contextlib.ExitStack) -> None:
     """stop() publishes a retained offline status with reason 'stopped'."""
     port = mqtt_broker[1]
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "status"))
-    link = Link(settings(port, fleet_name), Outbox(tmp_path / "o.db")).start()
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
+    link = started(resources, Link(settings(port, fleet_name), outbox))
     assert link.connected.wait(10)
     link.stop()
-    wait_for(lambda: len(watcher.statuses()) == 2, 10, "the goodbye")
+    wait_until(lambda: len(watcher.statuses()) == 2, 10, "the goodbye")
     assert [(s.state, s.reason) for s in watcher.statuses()] == [("online", None),
                                                                  ("offline", "stopped")]
-    watcher.client.publish(device_topic(fleet_name, "dev1", "status"), b"", qos=1, retain=True)
 
 
-def test_the_link_falls_back_to_mqtt_311(tmp_path: Path, fleet_name: str) -> None:
+def test_the_link_falls_back_to_mqtt_311(tmp_path: Path, fleet_name: str,
+                                         resources: contextlib.ExitStack) -> None:
     """Against a listener that speaks only MQTT 3.1.1 the link connects with 3.1.1; against
     MQTT 5 it uses 5."""
-    with EmbeddedBroker(**two_ports()) as broker:
-        old = Link(settings(broker.port_v311, fleet_name), Outbox(tmp_path / "a.db")).start()
-        new = Link(settings(broker.port, fleet_name, "dev2"), Outbox(tmp_path / "b.db")).start()
-        try:
-            assert old.connected.wait(15) and new.connected.wait(15)
-            assert (old.stats.protocol, new.stats.protocol) == ("3.1.1", "5")
-        finally:
-            old.stop()
-            new.stop()
+    broker = resources.enter_context(EmbeddedBroker(**two_ports()))
+    old = started(resources, Link(settings(broker.port_v311, fleet_name),
+                                  resources.enter_context(Outbox(tmp_path / "a.db"))))
+    new = started(resources, Link(settings(broker.port, fleet_name, "dev2"),
+                                  resources.enter_context(Outbox(tmp_path / "b.db"))))
+    assert old.connected.wait(15) and new.connected.wait(15)
+    assert (old.stats.protocol, new.stats.protocol) == ("3.1.1", "5")
 
 
 def test_backoff_is_jittered_exponential_and_capped(tmp_path: Path) -> None:
     """Delays are uniform in [0, min(max, min·2^attempt)]: spread out, growing, bounded."""
-    link = Link(LinkSettings(BrokerSettings(), "f", "d", backoff_min_s=1.0, backoff_max_s=60.0),
-                Outbox(tmp_path / "o.db"), rng=random.Random(4))
+    with Outbox(tmp_path / "o.db") as outbox:
+        link = Link(LinkSettings(BrokerSettings(), "f", "d", backoff_min_s=1.0,
+                                 backoff_max_s=60.0), outbox, rng=random.Random(4))
     for attempt, cap in ((1, 2.0), (3, 8.0), (10, 60.0)):
         delays = [link._backoff(attempt) for _ in range(400)]
         assert min(delays) >= 0 and max(delays) <= cap
@@ -179,42 +156,43 @@ def test_backoff_is_jittered_exponential_and_capped(tmp_path: Path) -> None:
 
 def test_unacked_windows_are_capped_then_sent_again(mqtt_broker: tuple[str, int],
                                                     fleet_name: str, tmp_path: Path,
-                                                    watcher_factory: Any) -> None:
+                                                    watcher_factory: Any,
+                                                    resources: contextlib.ExitStack) -> None:
     """With nobody acking, the link sends oldest first in batches up to max_unacked, then after
     ack_timeout sends the same windows again; an ack lets it go on."""
     port = mqtt_broker[1]
+    ack_timeout = 1.0
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
-    outbox = Outbox(tmp_path / "o.db")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(100)])
-    link = Link(settings(port, fleet_name, batch_windows=10, max_unacked_windows=30,
-                         ack_timeout_s=1.0), outbox).start()
-    try:
-        wait_for(lambda: link.stats.retransmits >= 1 and len(watcher.messages) >= 4, 15,
-                 "a retransmission")
-        batches = [json.loads(p) for _t, p, _r in watcher.messages]
-        seqs = [[w["seq"] for w in b["windows"]] for b in batches]
-        assert seqs[:4] == [list(range(1, 11)), list(range(11, 21)), list(range(21, 31)),
-                            list(range(1, 11))]
-        assert all(b["floor"] == 1 for b in batches)
-        watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=30)),
-                               qos=1)
-        wait_for(lambda: outbox.floor() == 31, 10, "the ack to delete 1-30")
-        wait_for(lambda: any(json.loads(p)["windows"][0]["seq"] == 31
-                             for _t, p, _r in watcher.messages), 10, "windows after 30")
-    finally:
-        link.stop()
+    link = started(resources, Link(settings(port, fleet_name, batch_windows=10,
+                                            max_unacked_windows=30, ack_timeout_s=ack_timeout),
+                                   outbox))
+    # the retransmission comes ack_timeout after the first send: wait well beyond it
+    wait_until(lambda: link.stats.retransmits >= 1 and len(watcher.messages) >= 4,
+               10 + 5 * ack_timeout, "a retransmission")
+    batches = [json.loads(p) for _t, p, _r in watcher.messages]
+    seqs = [[w["seq"] for w in b["windows"]] for b in batches]
+    assert seqs[:4] == [list(range(1, 11)), list(range(11, 21)), list(range(21, 31)),
+                        list(range(1, 11))]
+    assert all(b["floor"] == 1 for b in batches)
+    watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=30)), qos=1)
+    wait_until(lambda: outbox.floor() == 31, 10, "the ack to delete 1-30")
+    wait_until(lambda: any(json.loads(p)["windows"][0]["seq"] == 31
+                           for _t, p, _r in watcher.messages), 10, "windows after 30")
 
 
 def test_the_link_works_with_descriptors_past_1023(mqtt_broker: tuple[str, int],
                                                     fleet_name: str, tmp_path: Path,
-                                                    watcher_factory: Any) -> None:
+                                                    watcher_factory: Any,
+                                                    resources: contextlib.ExitStack) -> None:
     """An app or gateway embedding the agent can hold over a thousand files and sockets, and
     select() cannot watch a descriptor numbered 1024 or more (paho's own loop fails on it as
     "closed before CONNACK"). With every descriptor below 1100 taken, the link's socket gets a
     higher number and must still connect, send its windows and take the fleet's ack."""
     port = mqtt_broker[1]
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
-    outbox = Outbox(tmp_path / "o.db")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(20)])
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
@@ -227,10 +205,10 @@ def test_the_link_works_with_descriptors_past_1023(mqtt_broker: tuple[str, int],
             fillers.append(os.open(os.devnull, os.O_RDONLY))
         link = Link(settings(port, fleet_name, batch_windows=10), outbox).start()
         assert link.connected.wait(10), "the link did not connect"
-        wait_for(lambda: len(watcher.messages) >= 2, 10, "both batches")
+        wait_until(lambda: len(watcher.messages) >= 2, 10, "both batches")
         watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=20)),
                                qos=1)
-        wait_for(lambda: outbox.floor() == 21, 10, "the ack to delete 1-20")
+        wait_until(lambda: outbox.floor() == 21, 10, "the ack to delete 1-20")
         assert link.stats.connect_failures == 0
     finally:
         if link is not None:
@@ -245,7 +223,7 @@ SIZE = 1 << 16
 
 def test_publishes_from_other_threads_do_not_corrupt_the_stream(
         mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path,
-        watcher_factory: Any) -> None:
+        watcher_factory: Any, resources: contextlib.ExitStack) -> None:
     """The updater and the agent publish on the link from their own threads while the link
     thread sends telemetry, through a small socket send buffer so that writes are partial.
     Every message arrives whole and in one piece, and the link never reconnects. (Without the
@@ -255,64 +233,65 @@ def test_publishes_from_other_threads_do_not_corrupt_the_stream(
     port = mqtt_broker[1]
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "reported"))
     telemetry = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
-    outbox = Outbox(tmp_path / "o.db")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(400)])
-    link = Link(settings(port, fleet_name, batch_windows=50, max_unacked_windows=400,
-                         rate_windows_per_s=10_000.0), outbox).start()
-    try:
-        assert link.connected.wait(10)
-        # a small send buffer makes partial writes (where interleaving would happen) the rule
-        sock = link._client.socket() if link._client is not None else None
-        assert sock is not None
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        threads_n, each = 4, 25
+    link = started(resources, Link(settings(port, fleet_name, batch_windows=50,
+                                            max_unacked_windows=400, rate_windows_per_s=10_000.0),
+                                   outbox))
+    assert link.connected.wait(10)
+    # a small send buffer makes partial writes (where interleaving would happen) the rule
+    sock = link._client.socket() if link._client is not None else None
+    assert sock is not None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    threads_n, each = 4, 25
+    done = threading.Event()  # publishers give up retrying once the test is over
 
-        def publisher(n: int) -> None:
-            for i in range(each):
-                body = bytes([65 + n]) * SIZE + f"{n}:{i}".encode()
-                while not link.publish("reported", body, sub=()):
-                    time.sleep(0.01)
+    def publisher(n: int) -> None:
+        for i in range(each):
+            body = bytes([65 + n]) * SIZE + f"{n}:{i}".encode()
+            while not link.publish("reported", body, sub=()) and not done.wait(0.01):
+                pass
 
-        threads = [threading.Thread(target=publisher, args=(n,)) for n in range(threads_n)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        wait_for(lambda: sum(t.endswith("/reported") for t, _p, _r in watcher.messages)
-                 >= threads_n * each, 30, "every reported message")
-        reported = [p for t, p, _r in watcher.messages if t.endswith("/reported")]
-        for payload in reported:
-            head, tail = payload[:SIZE], payload[SIZE:].decode()
-            n = int(tail.split(":")[0])
-            assert head == bytes([65 + n]) * SIZE
-        assert len({p[SIZE:] for p in reported}) == threads_n * each
-        assert telemetry.messages
-        assert link.stats.disconnects == 0
-    finally:
-        link.stop()
+    def arrived() -> int:
+        return sum(t.endswith("/reported") for t, _p, _r in watcher.messages)
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    resources.callback(lambda: [thread.join(10) for thread in threads])
+    resources.callback(done.set)
+    # 6.4 MB through a 4 KB buffer: as long as messages keep arriving, the machine is only slow
+    wait_until(lambda: arrived() >= threads_n * each, 20,
+               f"{threads_n * each} reported messages to arrive", progress=arrived)
+    reported = [p for t, p, _r in watcher.messages if t.endswith("/reported")]
+    for payload in reported:
+        head, tail = payload[:SIZE], payload[SIZE:].decode()
+        n = int(tail.split(":")[0])
+        assert head == bytes([65 + n]) * SIZE
+    assert len({p[SIZE:] for p in reported}) == threads_n * each
+    wait_until(lambda: bool(telemetry.messages), 10, "telemetry batches alongside")
+    assert link.stats.disconnects == 0
 
 
 def test_an_ack_from_an_earlier_life_renumbers_the_outbox(mqtt_broker: tuple[str, int],
                                                          fleet_name: str, tmp_path: Path,
-                                                         watcher_factory: Any) -> None:
+                                                         watcher_factory: Any,
+                                                         resources: contextlib.ExitStack) -> None:
     """A device whose outbox was wiped learns from the fleet's ack that seqs up to 500 are taken
     and sends its windows as 501… instead of having them ignored as duplicates."""
     port = mqtt_broker[1]
+    wait_s = 10.0
     watcher = watcher_factory(port, device_topic(fleet_name, "dev1", "telemetry"))
-    outbox = Outbox(tmp_path / "o.db")
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(3)])
-    link = Link(settings(port, fleet_name, ack_timeout_s=30), outbox).start()
-    try:
-        wait_for(lambda: bool(watcher.messages), 10, "the first batch")
-        watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=500)),
-                               qos=1)
-        wait_for(lambda: outbox.floor() == 501, 10, "the renumbering")
-        wait_for(lambda: len(watcher.messages) >= 2, 10, "the renumbered batch")
-        assert [w["seq"] for w in json.loads(watcher.messages[-1][1])["windows"]] == [
-            501, 502, 503]
-        assert link.stats.rebased == 3
-    finally:
-        link.stop()
+    # an ack timeout far beyond the waits below: no retransmission may pass for the last batch
+    link = started(resources, Link(settings(port, fleet_name, ack_timeout_s=6 * wait_s), outbox))
+    wait_until(lambda: bool(watcher.messages), wait_s, "the first batch")
+    watcher.client.publish(device_topic(fleet_name, "dev1", "ack"), encode(Ack(seq=500)), qos=1)
+    wait_until(lambda: outbox.floor() == 501, wait_s, "the renumbering")
+    wait_until(lambda: len(watcher.messages) >= 2, wait_s, "the renumbered batch")
+    assert [w["seq"] for w in json.loads(watcher.messages[-1][1])["windows"]] == [501, 502, 503]
+    assert link.stats.rebased == 3
 
 
 def _certificates(directory: Path) -> dict[str, Path]:
@@ -385,7 +364,8 @@ def tls_mosquitto() -> Iterator[tuple[MosquittoProcess, int, dict[str, Path]]]:
 
 
 def test_tls_with_password_and_client_certificate(tls_mosquitto: Any, tmp_path: Path,
-                                                  fleet_name: str) -> None:
+                                                  fleet_name: str,
+                                                  resources: contextlib.ExitStack) -> None:
     """mqtts:// with CA, client certificate and password connects; a wrong password does not."""
     _proc, port, certs = tls_mosquitto
 
@@ -394,28 +374,25 @@ def test_tls_with_password_and_client_certificate(tls_mosquitto: Any, tmp_path: 
                                        ca_file=certs["ca"], cert_file=certs["client_cert"],
                                        key_file=certs["client_key"])
 
-    good = Link(LinkSettings(broker("s3cret"), fleet_name, "dev1"), Outbox(tmp_path / "a.db"))
-    bad = Link(LinkSettings(broker("wrong"), fleet_name, "dev2", backoff_min_s=0.1,
-                            backoff_max_s=0.2), Outbox(tmp_path / "b.db"))
-    good.start()
-    bad.start()
-    try:
-        assert good.connected.wait(15)
-        wait_for(lambda: bad.stats.connect_failures >= 2, 15, "refused connections")
-        assert not bad.connected.is_set()
-    finally:
-        good.stop()
-        bad.stop()
+    good = started(resources, Link(LinkSettings(broker("s3cret"), fleet_name, "dev1"),
+                                   resources.enter_context(Outbox(tmp_path / "a.db"))))
+    bad = started(resources, Link(LinkSettings(broker("wrong"), fleet_name, "dev2",
+                                               backoff_min_s=0.1, backoff_max_s=0.2),
+                                  resources.enter_context(Outbox(tmp_path / "b.db"))))
+    assert good.connected.wait(15)
+    wait_until(lambda: bad.stats.connect_failures >= 2, 15, "refused connections")
+    assert not bad.connected.is_set()
     assert good.settings.broker.tls
     with pytest.raises(ConfigError, match="both --cert-file and --key-file"):
         BrokerSettings.from_url(f"mqtts://127.0.0.1:{port}", cert_file=certs["client_cert"])
 
 
 def test_a_full_outbox_drops_oldest_first_and_the_fleet_sees_the_count(
-        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path) -> None:
+        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path,
+        resources: contextlib.ExitStack) -> None:
     """A device offline long enough to overflow its outbox delivers its newest windows; the
     fleet stores the drop count and acks past the dropped sequence numbers."""
-    outbox = Outbox(tmp_path / "o.db", max_bytes=16_384)
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db", max_bytes=16_384))
     for i in range(300):
         outbox.append(window_fields(i))
     held = outbox.pending(limit=1000)
@@ -423,13 +400,17 @@ def test_a_full_outbox_drops_oldest_first_and_the_fleet_sees_the_count(
     assert stats.dropped_total == 300 - len(held) > 0
     assert [r.seq for r in held] == list(range(301 - len(held), 301))
     db = f"sqlite:///{tmp_path}/fleet.db"
-    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{mqtt_broker[1]}").start()
-    link = Link(settings(mqtt_broker[1], fleet_name), outbox).start()
-    try:
-        wait_for(lambda: outbox.floor() == outbox.next_seq(), 30, "the outbox to empty")
-    finally:
-        link.stop()
-        fleet.stop()
+    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{mqtt_broker[1]}")
+    resources.callback(fleet.kill)  # a no-op once stop() below ran
+    fleet.start()
+    # a batch the fleet missed is sent again after the ack timeout (default 30 s): keep it short,
+    # and wait for as long as the outbox keeps draining
+    link = started(resources, Link(settings(mqtt_broker[1], fleet_name, ack_timeout_s=2.0),
+                                   outbox))
+    wait_until(lambda: outbox.floor() == outbox.next_seq(), 20, "the outbox to empty",
+               progress=outbox.floor)
+    link.stop()
+    fleet.stop()
     counts = store_counts(db)
     assert counts["total"] == len(held)
     assert counts["devices"]["dev1"] == (len(held), 301 - len(held), 300)
@@ -437,48 +418,67 @@ def test_a_full_outbox_drops_oldest_first_and_the_fleet_sees_the_count(
     assert counts["acked"]["dev1"] == 300
 
 
+def _rejected(fleet: FleetProcess) -> dict[str, float]:
+    """The fleet's rejection counters by reason, read from its /metrics (the URL it logged)."""
+    found = (re.search(r"dashboard and API: (http://[^\s/]+)", line) for line in fleet.lines)
+    url = next((m.group(1) for m in found if m), None)
+    if url is None:  # logged just after "ready"
+        return {}
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^edgeserve_fleet_ingest_rejected_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
+
+
 def test_bad_payloads_on_the_telemetry_topic_are_counted_and_ingestion_goes_on(
-        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path) -> None:
+        mqtt_broker: tuple[str, int], fleet_name: str, tmp_path: Path,
+        resources: contextlib.ExitStack) -> None:
     """Malformed, oversized, wrong-schema and spoofed messages are counted by reason while the
     real device's windows keep being stored."""
     port = mqtt_broker[1]
     db = f"sqlite:///{tmp_path}/fleet.db"
-    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}").start()
-    outbox = Outbox(tmp_path / "o.db")
+    fleet = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}")
+    resources.callback(fleet.kill)  # a no-op once stop() below ran
+    fleet.start()
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(200)])
     attacker = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     attacker.connect("127.0.0.1", port)
     attacker.loop_start()
+    resources.callback(attacker.loop_stop)
+    resources.callback(attacker.disconnect)
     topic = device_topic(fleet_name, "dev1", "telemetry")
     bad = [b"\xff\xfe garbage", b'{"v": 1, "device_id": "dev1", "windows": [{"seq"',
            b"{" + b" " * (1 << 20) + b"}", b'{"v": 1, "device_id": "dev1", "windows": []}',
            b'{"v": 9, "device_id": "dev1", "windows": [{"seq": 1, "start": 1, "end": 2}]}',
            json.dumps({"v": 1, "device_id": "other", "windows": [
                {"seq": 1, "start": 1, "end": 2}]}).encode()]
-    link = Link(settings(port, fleet_name, batch_windows=20, rate_windows_per_s=200),
-                outbox).start()
+    link = started(resources, Link(settings(port, fleet_name, batch_windows=20,
+                                            rate_windows_per_s=200, ack_timeout_s=2.0), outbox))
     stop = threading.Event()
 
     def attack() -> None:
         while not stop.is_set():
             for payload in bad:
                 attacker.publish(topic, payload, qos=1)
-            time.sleep(0.1)
+            stop.wait(0.1)
 
     thread = threading.Thread(target=attack)
     thread.start()
-    try:
-        wait_for(lambda: outbox.floor() == outbox.next_seq(), 60, "the device's windows stored")
-    finally:
-        stop.set()
-        thread.join()
-        link.stop()
-        attacker.disconnect()
-        attacker.loop_stop()
-        time.sleep(0.5)
-        stats = fleet.stop()
+    resources.callback(thread.join)
+    resources.callback(stop.set)
+    wait_until(lambda: outbox.floor() == outbox.next_seq(), 20, "the device's windows stored",
+               progress=outbox.floor)
+    # the fleet counts what it has processed, not what was sent: wait until its counters show
+    # every kind of bad payload (rather than sleeping and hoping the last round was read)
+    least = {"malformed": 2, "oversize": 1, "schema": 2, "device-mismatch": 1}
+    wait_until(lambda: all(_rejected(fleet).get(k, 0) >= n for k, n in least.items()), 20,
+               f"the fleet to count at least {least} rejections", progress=lambda: _rejected(fleet))
+    stop.set()
+    thread.join()
+    link.stop()
+    stats = fleet.stop()
     assert store_counts(db)["total"] == 200
     rejected = stats["rejected"]
-    assert rejected["malformed"] >= 2 and rejected["oversize"] >= 1
-    assert rejected["schema"] >= 2 and rejected["device-mismatch"] >= 1
+    assert all(rejected[k] >= n for k, n in least.items()), rejected
     assert stats["windows_stored"] == 200

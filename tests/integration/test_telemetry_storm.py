@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.telemetry_support import FleetProcess, Swarm, fill_outboxes, store_counts, wait_for
+from tests.integration.telemetry_support import FleetProcess, Swarm, fill_outboxes, store_counts
 from tests.services import MosquittoProcess
+from tests.support import wait_for_count
 
 DEVICES = 300
 WINDOWS = 200
 PROCESSES = 3
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# a 60,000-window storm waits up to 240 s for the swarm; the default timeout is 300 s
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +44,11 @@ def _assert_exact(db: str) -> None:
 def _storm(tmp_path: Path, outboxes: Path, db: str, port: int, fleet: str) -> None:
     work = tmp_path / "outboxes"
     shutil.copytree(outboxes, work)
-    fleet_proc = FleetProcess(fleet, db, f"mqtt://127.0.0.1:{port}").start()
-    swarm = Swarm(work, port, fleet, _groups()).start()
-    try:
+    fleet_proc = FleetProcess(fleet, db, f"mqtt://127.0.0.1:{port}")
+    swarm = Swarm(work, port, fleet, _groups())
+    try:  # started inside: the finally stops whatever did start
+        fleet_proc.start()
+        swarm.start()
         results = swarm.wait(timeout=240)
     finally:
         swarm.terminate()
@@ -81,15 +85,21 @@ def test_storm_survives_broker_restart_fleet_kill_and_agent_kill(
           else request.getfixturevalue("postgres_url"))
     port = private_mosquitto.port
     total = DEVICES * WINDOWS
-    fleet_proc = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}").start()
-    swarm = Swarm(work, port, fleet_name, _groups()).start()
-    try:
-        wait_for(lambda: store_counts(db)["total"] >= total * 0.15, 120, "15% stored")
+
+    def stored() -> int:  # waits follow it: they fail when it stops moving, not at a fixed time
+        return int(store_counts(db)["total"])
+
+    fleet_proc = FleetProcess(fleet_name, db, f"mqtt://127.0.0.1:{port}")
+    swarm = Swarm(work, port, fleet_name, _groups())
+    try:  # started inside: the finally stops whatever did start
+        fleet_proc.start()
+        swarm.start()
+        wait_for_count(stored, total * 0.15, 60, "15% stored")
         private_mosquitto.restart()
-        wait_for(lambda: store_counts(db)["total"] >= total * 0.35, 120, "35% stored")
+        wait_for_count(stored, total * 0.35, 60, "35% stored")
         fleet_proc.kill()
         fleet_proc.start()
-        wait_for(lambda: store_counts(db)["total"] >= total * 0.55, 120, "55% stored")
+        wait_for_count(stored, total * 0.55, 60, "55% stored")
         swarm.kill(0)
         swarm.restart(0)
         results = swarm.wait(timeout=240)

@@ -12,7 +12,8 @@
    named gate and rolled back;
 6. prints a summary and keeps the dashboard up until Ctrl-C (``--no-wait`` for CI).
 
-It ties every part together, so it imports them lazily.
+It ties every part together; it imports the heavy ones (the converter's torch and TensorFlow,
+the fleet's SQLAlchemy) only when a step needs them, so ``edgeserve demo --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import numpy as np
 from rich.live import Live
 from rich.table import Table
 
-from .console import console, format_bytes, table
-from .errors import EdgeserveError
+from edgeserve.console import console, format_bytes, table
+from edgeserve.errors import EdgeserveError
 
 __all__ = ["demo"]
 
@@ -93,6 +94,7 @@ class Demo:
         self.outcome = Outcome()
         self.service: Any = None  # the fleet service, a child process
         self.store: Any = None
+        self.artifacts: Any = None
         self.fleet: Any = None
         self._offline_from: dict[str, int] = {}
 
@@ -102,8 +104,9 @@ class Demo:
         self.outcome.timings[name] = time.monotonic() - started
 
     def build_packages(self) -> tuple[dict[str, Path], Path, Any]:
-        from .demo_models import erroring_variant, ink, train_digits
-        from .signing import write_keypair
+        from edgeserve.signing import write_keypair
+
+        from .models import erroring_variant, ink, train_digits
 
         started = time.monotonic()
         keys = self.work / "keys"
@@ -124,7 +127,7 @@ class Demo:
         builds = {"1.0.0": (v1, 1, everything), "2.0.0": (v2, 2, everything),
                   "3.0.0": (v3, 3, calm)}
         packages = {}
-        from .converters import convert
+        from edgeserve.converters import convert
 
         for version, (model, release, keep) in builds.items():
             console.print(f"[bold]converting {MODEL} {version}[/] for "
@@ -146,16 +149,18 @@ class Demo:
         return packages, keys / "release.pub.pem", v1
 
     def start_fleet(self, packages: dict[str, Path], public_key: Path) -> None:
-        from .fleet.artifacts import ArtifactStore
-        from .fleet.store import Store
-        from .signing import TrustStore
+        from edgeserve.fleet.artifacts import ArtifactStore
+        from edgeserve.fleet.store import Store
+        from edgeserve.signing import TrustStore
+
         from .sim import FleetChild
 
         started = time.monotonic()
         self.service = FleetChild("demo", self.work, public_key, broker_port=_free_port(18830),
                                   http_port=_free_port(self.http_port), tick_s=0.5).start()
         self.store = Store.open(self.service.db_url, migrate=False)
-        artifacts = ArtifactStore(self.service.artifacts_dir, TrustStore.from_paths([public_key]))
+        self.artifacts = artifacts = ArtifactStore(self.service.artifacts_dir,
+                                                   TrustStore.from_paths([public_key]))
         for path in packages.values():
             artifacts.publish(path)
         self.outcome.dashboard = f"{self.service.http_url}/"
@@ -180,11 +185,14 @@ class Demo:
         self._timed("devices", started)
 
     def rollout(self, version: str, label: str, **spec: Any) -> dict[str, Any]:
-        from .fleet.rollouts.repo import Rollouts
+        from edgeserve.fleet.rollouts.admission import create_rollout
+        from edgeserve.fleet.rollouts.repo import Rollouts
 
         started = time.monotonic()
         repo = Rollouts(self.store)
-        record = repo.create({"model": MODEL, "version": version, **spec})
+        # the path 'fleet rollout create' takes: checked against the devices first
+        record, _ = create_rollout(self.store, self.artifacts, {"model": MODEL,
+                                                                "version": version, **spec})
         with Live(self._status(record.id, label), console=console, refresh_per_second=4,
                   transient=True) as live:
             while True:
@@ -214,7 +222,7 @@ class Demo:
         return all(d.active_version(MODEL) != version for d in online)
 
     def _status(self, rollout_id: str, label: str) -> Table:
-        from .fleet.rollouts.repo import Rollouts
+        from edgeserve.fleet.rollouts.repo import Rollouts
 
         record = Rollouts(self.store).get(rollout_id)
         versions = self.fleet.versions(MODEL)
@@ -240,7 +248,7 @@ class Demo:
     def bring_back(self, away: list[Any]) -> None:
         import sqlalchemy as sa
 
-        from .fleet.tables import windows
+        from edgeserve.fleet.tables import windows
 
         since = self._offline_from
         recorded = {d.device_id: d.run.outbox.newest_seq - since[d.device_id] for d in away}
@@ -294,12 +302,15 @@ class Demo:
         return self.outcome
 
     def stop(self) -> None:
-        if self.fleet is not None:
-            self.fleet.stop()
-        if self.service is not None:
-            self.service.stop()
-        if self.store is not None:
-            self.store.close()
+        # Every step runs even if one before it fails: a fleet service left running keeps its
+        # ports and its broker. The stack runs the callbacks last-in, first-out.
+        with contextlib.ExitStack() as stack:
+            if self.store is not None:
+                stack.callback(self.store.close)
+            if self.service is not None:
+                stack.callback(self.service.stop)
+            if self.fleet is not None:
+                stack.callback(self.fleet.stop)
 
 
 def _report_table(report: dict[str, Any]) -> Table:

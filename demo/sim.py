@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import EdgeserveError, ModelNotFoundError
-from .profiles import HardwareProfile, load_profile
+from edgeserve._process import die_with_parent, popen
+from edgeserve.errors import EdgeserveError, ModelNotFoundError
+from edgeserve.profiles import HardwareProfile, load_profile
 
 if TYPE_CHECKING:
-    from .device_agent.run import AgentRun
+    from edgeserve.device_agent.run import AgentRun
 
 __all__ = ["FleetChild", "ProcessFleet", "SimDevice", "SimFleet", "Traffic", "shared_host_profile"]
 
@@ -80,10 +81,10 @@ class SimDevice:
                  broker_url: str, fleet: str, *, window_s: float = 2.0,
                  labels: Mapping[str, str] | None = None, traffic: Traffic | None = None,
                  seed: int = 0) -> None:
-        from .device_agent.agent import Agent
-        from .device_agent.run import AgentRun
-        from .device_agent.telemetry.link import LinkSettings
-        from .mqtt import BrokerSettings
+        from edgeserve.device_agent.agent import Agent
+        from edgeserve.device_agent.run import AgentRun
+        from edgeserve.device_agent.telemetry.link import LinkSettings
+        from edgeserve.mqtt import BrokerSettings
 
         self.device_id = device_id
         self.profile = profile
@@ -233,6 +234,9 @@ class ProcessFleet:
     ordinary :class:`SimFleet` and answers :meth:`versions` over a pipe. ``nice`` lowers the
     workers' CPU priority, so that the fleet service, which in production has a machine of its
     own, is not starved by a thousand device threads on the same two cores.
+
+    Workers die with the process that built the fleet (see :mod:`edgeserve._process`); start it
+    from a thread that lives as long as the workers should.
     """
 
     def __init__(self, count: int, processes: int, profiles: list[str], root: Path,
@@ -248,22 +252,24 @@ class ProcessFleet:
             parent, child = context.Pipe()
             process = context.Process(
                 target=_fleet_worker, name=f"sim-fleet-{n}", daemon=True,
-                args=(child, mine, profiles, root, list(trusted_keys), broker_url, fleet,
-                      traffic, window_s, prefix, nice))
+                args=(os.getpid(), child, mine, profiles, root, list(trusted_keys), broker_url,
+                      fleet, traffic, window_s, prefix, nice))
             self._workers.append((process, parent))
 
     def start(self, timeout: float = 300.0) -> ProcessFleet:
-        for process, _ in self._workers:
-            process.start()
-        for process, pipe in self._workers:
-            if not pipe.poll(timeout):
-                self.stop()
-                raise EdgeserveError(f"{process.name} did not start its devices within "
-                                     f"{timeout:g} s")
-            reply = pipe.recv()
-            if reply != "started":
-                self.stop()
-                raise EdgeserveError(f"{process.name} failed to start its devices: {reply}")
+        try:
+            for process, _ in self._workers:
+                process.start()
+            for process, pipe in self._workers:
+                if not pipe.poll(timeout):
+                    raise EdgeserveError(f"{process.name} did not start its devices within "
+                                         f"{timeout:g} s")
+                reply = pipe.recv()
+                if reply != "started":
+                    raise EdgeserveError(f"{process.name} failed to start its devices: {reply}")
+        except BaseException:  # Ctrl-C too: no worker outlives a failed start
+            self.stop()
+            raise
         return self
 
     def versions(self, model: str) -> Counter[str | None]:
@@ -273,22 +279,27 @@ class ProcessFleet:
             total.update(pipe.recv())
         return total
 
-    def stop(self) -> None:
-        for process, pipe in self._workers:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask every worker to stop its devices; kill those still running after ``timeout``."""
+        started = [(process, pipe) for process, pipe in self._workers
+                   if process.pid is not None]  # start() may have failed part-way
+        for process, pipe in started:
             if process.is_alive():
                 with contextlib.suppress(OSError):  # it is going already
                     pipe.send(("stop", None))
-        for process, _ in self._workers:
-            process.join(60)
+        deadline = time.monotonic() + timeout
+        for process, _ in started:
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()
 
 
-def _fleet_worker(pipe: Any, ids: list[int], profiles: list[str], root: Path,
+def _fleet_worker(parent_pid: int, pipe: Any, ids: list[int], profiles: list[str], root: Path,
                   keys: list[Path], broker_url: str, fleet: str, traffic: Traffic | None,
                   window_s: float, prefix: str, nice: int) -> None:
     """One :class:`ProcessFleet` worker: build and start its devices, answer, stop."""
+    die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if nice:
         os.nice(nice)
@@ -319,6 +330,9 @@ class FleetChild:
     its work (queries, JSON, sketch merges) from competing with the simulated devices for this
     interpreter, which would otherwise show up as latency in the very gates being tested. The
     caller reads and writes the same SQLite store and artifact directory.
+
+    The child dies with its parent, even a SIGKILLed one, and takes its embedded broker with it
+    (see :mod:`edgeserve._process`); call :meth:`start` from a long-lived thread.
     """
 
     fleet: str
@@ -328,6 +342,8 @@ class FleetChild:
     http_port: int
     broker: str | None = None
     tick_s: float = 0.5
+    public_url: str | None = None
+    """the artifact base URL desired state names (default: the fleet's own HTTP address)"""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -355,21 +371,28 @@ class FleetChild:
                 str(self.tick_s), "--log-level", "warning"]
         args += ["--broker", self.broker] if self.broker else \
             ["--broker-port", str(self.broker_port)]
+        args += ["--public-url", self.public_url] if self.public_url else []
         with (logs / "fleet.log").open("ab") as log_file:
-            self.process = subprocess.Popen(args, stdout=log_file, stderr=log_file)
+            self.process = popen(args, stdout=log_file, stderr=log_file)
+        try:
+            self._wait_ready(self.process, timeout, logs / "fleet.log")
+        except BaseException:  # Ctrl-C too: a child that never became ready is not left behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EdgeserveError(f"the fleet service exited with {self.process.returncode};"
-                                     f" see {logs / 'fleet.log'}")
+            if process.poll() is not None:
+                raise EdgeserveError(f"the fleet service exited with {process.returncode}; "
+                                     f"see {log}")
             try:
                 with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1):
-                    return self
+                    return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
-        self.stop()
-        raise EdgeserveError(f"the fleet service did not start within {timeout:g} s; see "
-                             f"{logs / 'fleet.log'}")
+        raise EdgeserveError(f"the fleet service did not start within {timeout:g} s; see {log}")
 
     def metric(self, name: str) -> float:
         """One unlabelled value from the fleet's Prometheus ``/metrics``."""
@@ -378,12 +401,15 @@ class FleetChild:
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (the service stops its broker and flushes); SIGKILL after ``timeout``."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+                process.kill()
+                process.wait()
