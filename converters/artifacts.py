@@ -178,7 +178,7 @@ def _finish_tflite(ctx: BuildContext, built: BuiltArtifact, result: Any, variant
                    out_dir: Path) -> None:
     source = result.files.get(variant)
     if source is None:
-        built.fail(f"onnx2tf wrote no {variant} file; its log ends: {result.log_tail[-600:]}")
+        built.fail(f"onnx2tf wrote no {variant} file: {result.log_tail[-600:]}")
         return
     built.path = out_dir / f"{built.plan.id}.tflite"
     built.path.write_bytes(Path(source).read_bytes())

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.manifest import TensorSpec
+from edgeserve.manifest import ImagePreprocessing, TensorSpec
 
 from .data import Dataset
 from .plan import PlannedArtifact
@@ -33,15 +33,19 @@ class BuildContext:
     reference_eval: list[np.ndarray]
     samples: Dataset
     reference_samples: list[np.ndarray]
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    input_shapes: dict[str, list[int | None]] = field(default_factory=dict)
     reference_latency_ms: float | None = None
     reference_bytes: int = 0
     static_path: Path | None = None
+    classifier_names: tuple[str, ...] = ()
+    """outputs holding class scores (classification only)"""
+    preprocessing: dict[str, ImagePreprocessing] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """what the reference step decided for the user (batch axis, task, names)"""
 
     @property
     def classifier_indices(self) -> list[int]:
-        names = self.signature.classifier_outputs(self.task)
-        return [i for i, t in enumerate(self.signature.outputs) if t.name in names]
+        return [i for i, t in enumerate(self.signature.outputs) if t.name in self.classifier_names]
 
 
 @dataclass
@@ -59,6 +63,8 @@ class BuiltArtifact:
     validation: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    fallback_for: dict[str, dict[str, str]] = field(default_factory=dict)
+    """profile → {its failed artifact's key → why}: this artifact ships in their place"""
 
     @property
     def status(self) -> str:

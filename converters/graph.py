@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "BATCH",
     "canonicalize_slices",
     "constants_to_initializers",
     "drop_noop_slices",
@@ -40,13 +41,19 @@ __all__ = [
     "op_types",
     "prepare_static",
     "prune_unused_initializers",
+    "readable_names",
     "rename_nodes",
+    "rename_outputs",
     "run_onnx",
     "simplify",
     "tensor_shapes",
 ]
 
 _SCOPE_SAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+BATCH = "batch"
+# output names exporters make up from the op that happens to come last (tf2onnx's Identity:0,
+# TensorFlow's StatefulPartitionedCall:1): they say nothing about what the output is
+_GENERIC_OUTPUT = re.compile(r"^(Identity|StatefulPartitionedCall|PartitionedCall)(_\d+)?$")
 
 
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -85,10 +92,12 @@ def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return found
 
 
-def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | None]],
                      batch: int | None = None) -> onnx.ModelProto:
     """Set input dims: ``shapes`` wins; otherwise a dynamic first axis becomes ``batch``.
 
+    A ``None`` in ``shapes`` (only the first axis may be one) leaves that axis dynamic, named
+    ``batch`` — or sets it to ``batch`` when that is given (the static routes pass 1).
     Intermediate shapes are cleared and re-inferred, so no stale dims remain.
     """
     import onnx
@@ -108,7 +117,12 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
                                   f"model's input has rank {len(dims)}")
             for dim, size in zip(dims, wanted, strict=True):
                 dim.Clear()
-                dim.dim_value = int(size)
+                if size is not None:
+                    dim.dim_value = int(size)
+                elif batch is not None:
+                    dim.dim_value = batch
+                else:
+                    dim.dim_param = BATCH
         elif batch is not None and dims and not dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_value = batch
@@ -364,7 +378,7 @@ def drop_noop_slices(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | None]],
                    feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed.
 
@@ -394,3 +408,88 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[Any]]:
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
                                   for d in t.shape.dim]
     return shapes
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate = f"{name}_{i}"
+        i += 1
+    return candidate
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    names |= {v.name for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    for node in iter_nodes(model.graph):
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto,
+                                                                           dict[str, str]]:
+    """Give the graph outputs ``names`` by position (an empty name keeps the old one); every use
+    of the tensor is renamed with it, and a name already taken gets a ``_1`` suffix.
+
+    Returns the model and ``{old: new}`` for the outputs that changed."""
+    model = _copy(model)
+    taken = _tensor_names(model)
+    renamed: dict[str, str] = {}
+    for value, wanted in zip(model.graph.output, names, strict=False):
+        if not wanted or wanted == value.name:
+            continue
+        new = _unique(wanted, taken)
+        taken.add(new)
+        renamed[value.name] = new
+    if not renamed:
+        return model, {}
+    for value in [*model.graph.output, *model.graph.value_info]:
+        value.name = renamed.get(value.name, value.name)
+    for node in iter_nodes(model.graph):
+        for seq in (node.input, node.output):
+            for k, name in enumerate(seq):
+                if name in renamed:
+                    seq[k] = renamed[name]
+    return model, renamed
+
+
+def _readable_output(name: str, index: int) -> str:
+    base = re.sub(r":\d+$", "", name)
+    return f"output_{index}" if not base or _GENERIC_OUTPUT.match(base) else base
+
+
+def _batch_symbols(model: onnx.ModelProto) -> set[str]:
+    """The symbols exporters gave the first axis of the inputs (``s77``, ``unk__0``, ``N``) and,
+    when the inputs have one, of the outputs (the same batch, named apart by tf2onnx)."""
+    def first(values: Sequence[onnx.ValueInfoProto]) -> set[str]:
+        dims = [v.type.tensor_type.shape.dim for v in values if v.type.tensor_type.shape.dim]
+        return {d[0].dim_param for d in dims if d[0].dim_param}
+
+    inputs = first(_graph_inputs(model))
+    return inputs | first(list(model.graph.output)) if inputs else set()
+
+
+def readable_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Exporter symbols replaced by names people can read; returns the model and notes.
+
+    The first-axis symbol of inputs and outputs becomes ``batch`` everywhere it appears; output
+    names with a TensorFlow port suffix lose it (``probs:0`` → ``probs``), and names that only
+    say which op came last (``Identity:0``, ``StatefulPartitionedCall:1``) become
+    ``output_<i>``. Input names are kept: data files are keyed by them.
+    """
+    model = _copy(model)
+    symbols = _batch_symbols(model) - {BATCH}
+    if symbols:
+        values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+        for value in values:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param in symbols:
+                    dim.dim_param = BATCH
+    wanted = [_readable_output(v.name, i) for i, v in enumerate(model.graph.output)]
+    model, renamed = rename_outputs(model, wanted)
+    notes = [f"outputs renamed: {', '.join(f'{a} → {b}' for a, b in renamed.items())}"] \
+        if renamed else []
+    if symbols:
+        notes.append(f"batch axis {', '.join(sorted(symbols))} named {BATCH}")
+    return model, notes

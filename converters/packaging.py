@@ -6,7 +6,8 @@ Package members::
     reference/stats.json    ReferenceStats of inputs and fp32 outputs over the calibration data
     samples/inputs.npz      the first 8 evaluation samples, one array per model input
     samples/expected.npz    the fp32 reference's outputs for them, one array per model output
-    report.json             the conversion report (also written next to the package)
+    report.json             the conversion report (also written next to the package as
+                            NAME-VERSION.report.json, with NAME-VERSION.report.md)
 """
 
 from __future__ import annotations
@@ -30,17 +31,29 @@ from edgeserve.profiles import HardwareProfile
 from edgeserve.telemetry import ReferenceStats
 
 from .context import BuildContext, BuiltArtifact
+from .fallback import Blocked, Fallbacks, profile_verdicts, shipped
 from .options import ConversionResult, ConvertOptions
 from .preflight import PreflightIssue
 from .progress import Progress
 from .reference import reference_outputs
 from .report import REPORT_SCHEMA, render_markdown
-from .validate import worst_status
 
-__all__ = ["assemble_report", "member_path", "write_outputs"]
+__all__ = ["assemble_report", "log_path", "member_path", "report_paths", "write_outputs"]
 
 _EXTENSIONS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
 _TASKS = ("classification", "regression", "embedding", "detection", "other")
+
+
+def report_paths(options: ConvertOptions, out: Path) -> tuple[Path, Path]:
+    """``OUT/NAME-VERSION.report.json`` and ``.report.md``: one pair per version, so converting
+    2.0.0 into the folder that holds 1.0.0 keeps 1.0.0's report."""
+    stem = f"{options.name}-{options.version}"
+    return out / f"{stem}.report.json", out / f"{stem}.report.md"
+
+
+def log_path(options: ConvertOptions, out: Path) -> Path:
+    """``OUT/NAME-VERSION.convert.log``: what third-party libraries printed while converting."""
+    return out / f"{options.name}-{options.version}.convert.log"
 
 
 def member_path(artifact: BuiltArtifact) -> str:
@@ -58,34 +71,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return None if not math.isfinite(value) else float(f"{value:.7g}")
     return value
-
-
-def _profile_verdicts(profiles: Sequence[HardwareProfile], built: Sequence[BuiltArtifact],
-                      issues: Sequence[PreflightIssue]) -> dict[str, dict[str, Any]]:
-    verdicts: dict[str, dict[str, Any]] = {}
-    for profile in profiles:
-        mine = [b for b in built if profile.name in b.plan.profiles]
-        reasons = [i.message for i in issues if i.profile == profile.name]
-        failed = bool(reasons)
-        statuses = []
-        for artifact in mine:
-            status = artifact.validation.get("profiles", {}).get(profile.name, artifact.status)
-            if artifact.size_bytes > profile.budgets.max_model_bytes:
-                status = "failed"
-                reasons.append(f"{artifact.plan.id} is {artifact.size_bytes:,} bytes, over "
-                               f"max_model_bytes {profile.budgets.max_model_bytes:,}")
-            if profile.name in artifact.plan.required_by:
-                statuses.append(status)
-                if status == "failed":
-                    failed = True
-                    reasons.append(f"required artifact {artifact.plan.id} failed"
-                                   + (f": {artifact.error}" if artifact.error else ""))
-        status = "failed" if failed else worst_status(statuses)
-        verdicts[profile.name] = {"status": status, "artifacts": [b.plan.id for b in mine],
-                                  "required": [b.plan.id for b in mine
-                                               if profile.name in b.plan.required_by],
-                                  "reasons": reasons}
-    return verdicts
 
 
 def _artifact_entry(artifact: BuiltArtifact, reference_bytes: int) -> dict[str, Any]:
@@ -111,10 +96,10 @@ def _data_text(data: Any) -> str | None:
 
 def assemble_report(options: ConvertOptions, ctx: BuildContext, profiles: Sequence[HardwareProfile],
                     built: Sequence[BuiltArtifact], issues: Sequence[PreflightIssue],
-                    elapsed_s: float) -> dict[str, Any]:
-    verdicts = _profile_verdicts(profiles, built, issues)
+                    blocked: Blocked, fallbacks: Fallbacks, elapsed_s: float) -> dict[str, Any]:
+    verdicts = profile_verdicts(profiles, built, blocked, fallbacks)
     imported = ctx.imported
-    notes = [*imported.notes, *(ctx.calibration.notes if ctx.calibration else []),
+    notes = [*imported.notes, *ctx.notes, *(ctx.calibration.notes if ctx.calibration else []),
              *ctx.evaluation.notes]
     report = {
         "schema": REPORT_SCHEMA, "created": datetime.now(UTC).isoformat(),
@@ -136,7 +121,7 @@ def assemble_report(options: ConvertOptions, ctx: BuildContext, profiles: Sequen
                                             ctx.calibration.source.startswith("random")),
                  "notes": notes},
         "preflight": [{"profile": i.profile, "target": i.target, "kind": i.kind,
-                       "message": i.message} for i in issues],
+                       "message": i.message, "fatal": i in blocked.fatal} for i in issues],
         "profiles": verdicts,
         "artifacts": [_artifact_entry(b, ctx.reference_bytes) for b in built],
     }
@@ -156,7 +141,7 @@ def _stats(ctx: BuildContext) -> ReferenceStats:
     outputs = reference_outputs(ctx, data)
     named = dict(zip(ctx.signature.output_names, outputs, strict=True))
     return ReferenceStats.from_arrays(data.inputs, named, ctx.signature.layouts(),
-                                      ctx.signature.classifier_outputs(ctx.task))
+                                      ctx.classifier_names)
 
 
 def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any],
@@ -168,13 +153,14 @@ def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any]
         profiles=list(a.plan.profiles), runtime=a.runtime, inputs=a.inputs, outputs=a.outputs,
         validation=entries[a.plan.id]["validation"]) for a in kept]
     task = ctx.task if ctx.task in _TASKS else "other"
+    assert options.release is not None  # resolved by the checks before any work
     return parse_manifest(Manifest(
         name=options.name, version=options.version, release=options.release,
         description=options.description, task=task,  # type: ignore[arg-type]
         source=SourceInfo(framework=ctx.imported.framework, sha256=ctx.imported.sha256,
                           filename=ctx.imported.filename),
         inputs=ctx.signature.inputs, outputs=ctx.signature.outputs,
-        preprocessing=dict(options.preprocessing),
+        preprocessing=dict(ctx.preprocessing),
         labels=list(options.labels) if options.labels else None, artifacts=artifacts,
         reference="reference/stats.json", samples="samples/inputs.npz", report="report.json",
         metadata={"expected_outputs": "samples/expected.npz", "converter": __version__},
@@ -185,7 +171,7 @@ def write_outputs(options: ConvertOptions, ctx: BuildContext, report: dict[str, 
                   built: Sequence[BuiltArtifact], out: Path, key: Ed25519PrivateKey,
                   progress: Progress) -> ConversionResult:
     out.mkdir(parents=True, exist_ok=True)
-    kept = [b for b in built if b.status != "failed" and b.path is not None and b.path.exists()]
+    kept = [b for b in built if shipped(b)]
     package, manifest = None, None
     if kept:
         with progress.step("sign and write the package"):
@@ -204,7 +190,9 @@ def write_outputs(options: ConvertOptions, ctx: BuildContext, report: dict[str, 
                                         "sha256": hashlib.sha256(package.read_bytes()).hexdigest()}}
     else:
         report = {**report, "ok": False, "package": None}
-    report_json, report_md = out / "report.json", out / "report.md"
+    if options.capture_output:
+        report["log"] = str(log_path(options, out))
+    report_json, report_md = report_paths(options, out)
     atomic_write(report_json, json.dumps(report, indent=2).encode())
     atomic_write(report_md, render_markdown(report).encode())
     return ConversionResult(report, package, report_json, report_md, manifest)

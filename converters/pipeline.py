@@ -3,18 +3,28 @@
 :func:`convert` (and :class:`Converter`, which holds the options) is the Python API behind
 ``edgeserve convert``. Steps, in order, each with a progress bar:
 
+0. every argument checked (:mod:`.checks`: name, version, release, profiles, key, data paths)
+   before any work starts;
 1. import the source to ONNX, fix ``input_shapes``, simplify (checked with ONNX Runtime) → the
    fp32 *reference*; read its signature;
 2. load calibration and evaluation data (refusing int8 static builds without calibration data
    unless ``allow_random_calibration``), run the reference on them;
-3. pre-flight checks per profile (ops, bytes, arena, rank, static shapes) — raise, or with
-   ``keep_going`` mark the profile failed and go on;
-4. build each distinct artifact once, run it, judge it against each profile's budget;
-5. write ``report.json`` / ``report.md`` and the signed ``NAME-VERSION.edgepkg``.
+3. pre-flight checks per profile and target (ops and op domains, bytes, arena, rank, static
+   shapes): a target that cannot be built is skipped when the profile declares a fallback for
+   it; a profile left with nothing raises, or with ``keep_going`` is marked failed;
+4. build each distinct artifact once, run it, judge it against each profile's budget; then the
+   declared fallbacks of required artifacts that failed (:mod:`.fallback`);
+5. write ``NAME-VERSION.report.json`` / ``.report.md`` and the signed ``NAME-VERSION.edgepkg``.
+
+Third-party console output (TensorFlow, LiteRT, exporters) goes to ``convert.log`` in the work
+folder and, once the outputs are written, to ``NAME-VERSION.convert.log`` next to them
+(:mod:`.quiet`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +35,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeserve.errors import ConfigError, ConversionError
+from edgeserve.errors import ConfigError
 from edgeserve.profiles import HardwareProfile
 
 from .artifacts import (
@@ -34,12 +44,15 @@ from .artifacts import (
     build_tflite_artifacts,
     new_artifact,
 )
-from .context import BuiltArtifact
+from .checks import check_options
+from .context import BuildContext, BuiltArtifact
+from .fallback import Blocked, resolve_fallbacks
 from .options import ConversionResult, ConvertOptions
-from .packaging import assemble_report, write_outputs
+from .packaging import assemble_report, log_path, write_outputs
 from .plan import PlannedArtifact, plan_artifacts
-from .preflight import PreflightIssue, preflight
-from .progress import Progress
+from .preflight import PreflightIssue, fatal_issues, preflight, refusal
+from .progress import Progress, Step
+from .quiet import captured_output
 from .reference import make_context
 
 __all__ = ["ConversionResult", "Converter", "convert"]
@@ -52,15 +65,29 @@ class Converter(ConvertOptions):
 
     def run(self, source: Any, out: Path | str,
             sign_key: Ed25519PrivateKey | Path | str) -> ConversionResult:
-        """Convert ``source`` into ``out/NAME-VERSION.edgepkg`` + ``out/report.{json,md}``."""
-        key = _private_key(sign_key)
-        profiles = self.load_profiles()
+        """Convert ``source`` into ``out/NAME-VERSION.edgepkg`` + ``out/NAME-VERSION.report.*``.
+
+        Every argument is checked first (:func:`~.checks.check_options`): a bad one raises
+        :class:`~edgeserve.errors.ConfigError` before any work starts."""
         out = Path(out)
+        checked = check_options(self, sign_key, out)
+        resolved = dataclasses.replace(self, release=checked.release)
         with ExitStack() as stack:
-            work = self.work_dir or Path(stack.enter_context(
+            work = Path(self.work_dir or stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="edgeserve-convert-")))
-            progress = stack.enter_context(Progress(enabled=self.show_progress))
-            return self._run(source, out, key, profiles, Path(work), progress)
+            # the log stays in the work folder until the outputs are written: a conversion
+            # refused in pre-flight leaves nothing in --out
+            log = work / "convert.log" if self.capture_output else None
+            with ExitStack() as quiet:
+                console = quiet.enter_context(captured_output(log)) if log else None
+                progress = quiet.enter_context(Progress(enabled=self.show_progress,
+                                                        console=console))
+                result = resolved._run(source, out, checked.key, checked.profiles, work,
+                                       progress)
+            if log is None:
+                return result
+            kept = shutil.copyfile(log, log_path(resolved, out))
+            return dataclasses.replace(result, log=kept)
 
     def _run(self, source: Any, out: Path, key: Ed25519PrivateKey,
              profiles: list[HardwareProfile], work: Path, progress: Progress) -> ConversionResult:
@@ -68,66 +95,79 @@ class Converter(ConvertOptions):
         plans = plan_artifacts(profiles)
         with progress.step("import and reference"):
             ctx = make_context(self, source, work, plans)
-        with progress.step("pre-flight checks"):
+        with progress.step("pre-flight checks") as step:
             issues = preflight(_load(ctx.reference_path), ctx.reference_bytes, profiles,
                                fixed_inputs=list(self.input_shapes))
-        blocked = self._blocked_profiles(issues)
-        built = self._build_all(ctx, plans, blocked, work, progress)
-        report = assemble_report(self, ctx, profiles, built, issues,
+            blocked = self._blocked(issues, profiles, step)
+        built = self._build(ctx, plans, blocked, work, progress)
+        extra, tried = resolve_fallbacks(
+            profiles, built, blocked,
+            lambda more: self._build(ctx, more, blocked, work, progress, "fallback "))
+        built = [*built, *extra]
+        report = assemble_report(self, ctx, profiles, built, issues, blocked, tried,
                                  time.monotonic() - started)
         return write_outputs(self, ctx, report, built, out, key, progress)
 
-    def _blocked_profiles(self, issues: list[PreflightIssue]) -> dict[str, list[str]]:
-        if issues and not self.keep_going:
-            first = issues[0].error()
-            others = [i.message for i in issues[1:]]
+    def _blocked(self, issues: list[PreflightIssue], profiles: Sequence[HardwareProfile],
+                 step: Step) -> Blocked:
+        fatal = fatal_issues(issues, profiles)
+        if fatal and not self.keep_going:
+            first = fatal[0].error()
+            first.message = refusal(fatal[0], profiles)
+            others = [i.message for i in fatal[1:]]
             if others:
                 first.message += f" (and {len(others)} more: {'; '.join(others)})"
+            step.fail(f"{len(fatal)} problem(s)")
             raise first
-        blocked: dict[str, list[str]] = {}
-        for issue in issues:
-            blocked.setdefault(issue.profile, []).append(issue.message)
-        return blocked
+        if issues:
+            skipped = sorted({f"{i.profile}: {i.target}" for i in issues})
+            step.warn(f"not built: {', '.join(skipped)}")
+        return Blocked(issues, fatal)
 
-    def _build_all(self, ctx: Any, plans: list[PlannedArtifact], blocked: dict[str, list[str]],
-                   work: Path, progress: Progress) -> list[BuiltArtifact]:
+    def _build(self, ctx: BuildContext, plans: Sequence[PlannedArtifact], blocked: Blocked,
+               work: Path, progress: Progress, label: str = "") -> list[BuiltArtifact]:
         out_dir = work / "artifacts"
         out_dir.mkdir(parents=True, exist_ok=True)
         todo, skipped = [], []
         for plan in plans:
-            if all(p in blocked for p in plan.profiles):
-                reasons = "; ".join(m for p in plan.profiles for m in blocked[p])
-                skipped.append(new_artifact(plan).fail(f"not built: pre-flight failed: {reasons}"))
+            if blocked.stops_plan(plan):
+                reasons = "; ".join(dict.fromkeys(
+                    m for p in plan.profiles for m in blocked.target(p, plan.key.target_key)))
+                skipped.append(new_artifact(plan).fail(f"not built: pre-flight: {reasons}"))
+                progress.note(f"{label}{plan.id} not built (pre-flight)")
             else:
                 todo.append(plan)
         built: list[BuiltArtifact] = []
-        for plan in [p for p in todo if p.key.format == "onnx"]:
-            with progress.step(f"build + validate {plan.id}"):
-                built.append(build_onnx_artifact(ctx, plan, out_dir))
-        tflite = [p for p in todo if p.key.format == "tflite"]
-        if tflite:
-            with progress.step(f"onnx2tf + validate {', '.join(p.id for p in tflite)}"):
-                built.extend(build_tflite_artifacts(ctx, tflite, out_dir))
-        coreml = [p for p in todo if p.key.format == "coreml"]
-        if coreml:
-            with progress.step(f"Core ML + checks {', '.join(p.id for p in coreml)}"):
-                built.extend(build_coreml_artifacts(ctx, coreml, out_dir))
+        groups = [(f"build + validate {p.id}", [p], "onnx") for p in todo if p.key.format == "onnx"]
+        for fmt, title in (("tflite", "onnx2tf + validate"), ("coreml", "Core ML + checks")):
+            mine = [p for p in todo if p.key.format == fmt]
+            if mine:
+                groups.append((f"{title} {', '.join(p.id for p in mine)}", mine, fmt))
+        builders = {"onnx": lambda ps: [build_onnx_artifact(ctx, ps[0], out_dir)],
+                    "tflite": lambda ps: build_tflite_artifacts(ctx, ps, out_dir),
+                    "coreml": lambda ps: build_coreml_artifacts(ctx, ps, out_dir)}
+        for title, group, fmt in groups:
+            with progress.step(label + title) as step:
+                made = builders[fmt](group)
+                _mark(step, made)
+            built.extend(made)
         order = {p.id: i for i, p in enumerate(plans)}
         return sorted([*built, *skipped], key=lambda b: order[b.plan.id])
+
+
+def _mark(step: Step, made: Sequence[BuiltArtifact]) -> None:
+    """✗ when every artifact of the step failed, ⚠ when some did."""
+    failed = [b.plan.id for b in made if b.status == "failed"]
+    if failed and len(failed) == len(made):
+        step.fail("failed")
+    elif failed:
+        step.warn(f"failed: {', '.join(failed)}")
 
 
 def _load(path: Path) -> Any:
     import onnx
 
     return onnx.load(str(path))
-
-
-def _private_key(key: Ed25519PrivateKey | Path | str) -> Ed25519PrivateKey:
-    if isinstance(key, Ed25519PrivateKey):
-        return key
-    from edgeserve.signing import load_private_key
-
-    return load_private_key(Path(key))
 
 
 def convert(source: Any, *, out: Path | str, sign_key: Ed25519PrivateKey | Path | str,
@@ -137,13 +177,12 @@ def convert(source: Any, *, out: Path | str, sign_key: Ed25519PrivateKey | Path 
 
     ``source`` is a ``torch.nn.Module`` (with ``example_inputs=``), a scikit-learn estimator, or
     a path (.onnx, .pt/.pth TorchScript, .pt2, .keras, SavedModel folder, .pkl/.joblib).
-    Raises :class:`~edgeserve.errors.ConversionError` subclasses for pre-flight failures and
-    when no artifact could be built; otherwise returns the result (check ``result.ok``).
+    Raises :class:`~edgeserve.errors.ConfigError` for bad arguments (before any work) and
+    :class:`~edgeserve.errors.ConversionError` subclasses for pre-flight failures; otherwise
+    returns the result (check ``result.ok`` and ``result.unserved``).
     """
     unknown = set(options) - set(Converter.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown conversion option(s) {sorted(unknown)}")
     converter = Converter(profiles=profiles, name=name, version=version, **options)
-    if not converter.name:
-        raise ConversionError("a package name is needed")
     return converter.run(source, out, sign_key)

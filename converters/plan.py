@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from edgeserve.profiles import ArtifactTarget, HardwareProfile, ValidationBudget
 
-__all__ = ["BuildKey", "PlannedArtifact", "plan_artifacts"]
+__all__ = ["BuildKey", "PlannedArtifact", "build_key", "plan_artifacts", "plan_extra"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,16 @@ class BuildKey:
     deployment_target: str | None = None
 
     @property
-    def base_id(self) -> str:
-        """``ArtifactTarget.key`` (``onnx-int8-static``), plus ``-uint8-io`` for uint8 I/O."""
+    def target_key(self) -> str:
+        """``ArtifactTarget.key`` (``onnx-int8-static``): what profiles and fallbacks name."""
         target = ArtifactTarget.model_validate({"format": self.format, "precision": self.precision,
                                                 "quantization": self.quantization})
-        return target.key + ("-uint8-io" if self.io_dtype == "uint8" else "")
+        return target.key
+
+    @property
+    def base_id(self) -> str:
+        """:attr:`target_key`, plus ``-uint8-io`` for uint8 I/O."""
+        return self.target_key + ("-uint8-io" if self.io_dtype == "uint8" else "")
 
 
 @dataclass
@@ -46,7 +51,8 @@ class PlannedArtifact:
         return bool(self.required_by)
 
 
-def _key(target: ArtifactTarget, profile: HardwareProfile) -> BuildKey:
+def build_key(target: ArtifactTarget, profile: HardwareProfile) -> BuildKey:
+    """What makes ``target`` a distinct build for ``profile`` (see the module docstring)."""
     deployment = None
     if target.format == "coreml":
         coreml = profile.runtimes.coreml
@@ -60,7 +66,7 @@ def plan_artifacts(profiles: Sequence[HardwareProfile]) -> list[PlannedArtifact]
     planned: dict[BuildKey, PlannedArtifact] = {}
     for profile in profiles:
         for target in profile.artifacts:
-            key = _key(target, profile)
+            key = build_key(target, profile)
             item = planned.setdefault(key, PlannedArtifact(key))
             if profile.name not in item.profiles:
                 item.profiles.append(profile.name)
@@ -73,3 +79,13 @@ def plan_artifacts(profiles: Sequence[HardwareProfile]) -> list[PlannedArtifact]
         clash = bases.count(key.base_id) > 1 and key.deployment_target
         item.id = f"{key.base_id}-{key.deployment_target.lower()}" if clash else key.base_id  # type: ignore[union-attr]
     return list(planned.values())
+
+
+def plan_extra(key: BuildKey, existing: Sequence[PlannedArtifact]) -> PlannedArtifact:
+    """A plan for an artifact built after the others (a fallback), with an id none of
+    ``existing`` has."""
+    taken = {p.id for p in existing}
+    item = PlannedArtifact(key, key.base_id)
+    if item.id in taken and key.deployment_target:
+        item.id = f"{key.base_id}-{key.deployment_target.lower()}"
+    return item

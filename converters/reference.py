@@ -1,22 +1,31 @@
-"""Step 1–2 of a conversion: the canonical fp32 ONNX reference, its data and its outputs."""
+"""Step 1–2 of a conversion: the canonical fp32 ONNX reference, its data and its outputs.
+
+Besides importing and simplifying, this is where the reference gets what people read: exporter
+symbols renamed (``batch`` for the batch axis, ``output_0`` for ``Identity:0``), a dynamic batch
+kept only when ONNX Runtime runs the graph at batch 2 (else fixed at 1, said in the report), the
+task detected from the reference's actual outputs and the labels, and image preprocessing
+completed from the input's shape.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeserve.errors import ConfigError, ConversionError
+from edgeserve.errors import ConversionError
+from edgeserve.manifest import ImagePreprocessing
 
 from .context import BuildContext
 from .data import Dataset, load_dataset, random_dataset
-from .graph import fix_input_shapes, fold, freeze_inputs
+from .graph import fix_input_shapes, fold, freeze_inputs, readable_names, run_onnx
 from .options import ConvertOptions
 from .plan import PlannedArtifact
+from .preprocess import resolve_preprocessing
 from .runners import OrtRunner, measure_latency, run_dataset
-from .signature import ModelSignature, detect_task, read_signature
+from .signature import ModelSignature, class_score_outputs, detect_task, read_signature
 from .sources import import_model
 
 __all__ = ["SAMPLE_COUNT", "make_context", "needs_calibration", "reference_outputs"]
@@ -29,9 +38,8 @@ def needs_calibration(plans: Sequence[PlannedArtifact]) -> list[str]:
     return [p.id for p in plans if p.key.quantization in ("static", "full-integer")]
 
 
-def _data(options: ConvertOptions, signature: ModelSignature,
-          plans: Sequence[PlannedArtifact]) -> tuple[Dataset | None, Dataset]:
-    prep = dict(options.preprocessing)
+def _data(options: ConvertOptions, signature: ModelSignature, plans: Sequence[PlannedArtifact],
+          prep: Mapping[str, ImagePreprocessing]) -> tuple[Dataset | None, Dataset]:
     calibration = None if options.calibration is None else \
         load_dataset(options.calibration, signature.inputs, prep)
     evaluation = None if options.evaluation is None else \
@@ -57,8 +65,78 @@ def _data(options: ConvertOptions, signature: ModelSignature,
     return calibration, evaluation
 
 
-def _shapes(options: ConvertOptions) -> dict[str, list[int]]:
-    return {k: [int(d) for d in v] for k, v in options.input_shapes.items()}
+def _shapes(options: ConvertOptions) -> dict[str, list[int | None]]:
+    return {k: [None if d is None else int(d) for d in v] for k, v in options.input_shapes.items()}
+
+
+def _dynamic_batch(model: Any) -> bool:
+    """Whether some input's first axis is dynamic (what a batch-2 check can exercise)."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            return True
+    return False
+
+
+def _batch_two(model: Any, evaluation: Dataset) -> str | None:
+    """Run ``model`` on two samples stacked on the batch axis; why it cannot, or None."""
+    feeds = {k: np.concatenate([v[:1], v[:1]]) if len(v) < 2 else v[:2]
+             for k, v in evaluation.inputs.items()}
+    try:
+        outputs = run_onnx(model, feeds)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    # outputs whose first axis is a fixed size other than 1 have no batch axis to check
+    fixed = [d[0].dim_value if d and d[0].HasField("dim_value") else None
+             for d in (o.type.tensor_type.shape.dim for o in model.graph.output)]
+    wrong = [o.shape for o, size in zip(outputs, fixed, strict=True)
+             if o.ndim and size in (None, 1) and o.shape[0] != 2]
+    return f"output shapes {wrong} at batch 2" if wrong else None
+
+
+def _keep_batch(model: Any, evaluation: Dataset, notes: list[str]) -> Any:
+    """Keep a dynamic batch axis only when ONNX Runtime runs the graph at batch 2; else fix it
+    at 1 and say so (an exporter can bake the example's batch into a Reshape)."""
+    if not _dynamic_batch(model):
+        return model
+    problem = _batch_two(model, evaluation)
+    if problem is None:
+        return model
+    notes.append(f"the graph does not run at batch 2 ({problem}): batch fixed at 1, so each "
+                 "request carries one sample")
+    return fix_input_shapes(model, {}, batch=1)
+
+
+def _shape_notes(options: ConvertOptions, framework: str) -> list[str]:
+    fixed = {k: v for k, v in options.input_shapes.items() if v and v[0] is not None}
+    if framework != "torchscript" or not fixed:
+        return []
+    hint = " ".join(f"{k}={'x'.join(['N', *map(str, v[1:])])}" for k, v in fixed.items())
+    return [f"--input-shape fixed the batch of {sorted(fixed)}; --input-shape {hint} keeps it "
+            "dynamic (batch-2 requests are refused otherwise)"]
+
+
+def _classifier(signature: ModelSignature, task: str, outputs: Sequence[np.ndarray],
+                labels: list[str] | None) -> tuple[str, ...]:
+    if task != "classification":
+        return ()
+    return (labels and class_score_outputs(signature, outputs, len(labels))) or \
+        class_score_outputs(signature, outputs)
+
+
+def _task_notes(task: str, labels: list[str] | None, evaluation: Dataset,
+                classifier: tuple[str, ...], signature: ModelSignature,
+                outputs: Sequence[np.ndarray]) -> list[str]:
+    """Why accuracy is missing when the user gave labels (instead of a silent "-")."""
+    shapes = {t.name: list(o.shape[1:]) for t, o in zip(signature.outputs, outputs, strict=True)}
+    if labels and task != "classification":
+        return [f"{len(labels)} labels given, but no float output has {len(labels)} scores per "
+                f"sample (outputs per sample: {shapes}): task {task}, no accuracy; pass --task "
+                "classification if an output holds class scores"]
+    if evaluation.labels is not None and not classifier:
+        return [f"evaluation labels given, but task {task} has no class-score output "
+                f"(outputs per sample: {shapes}): no accuracy"]
+    return []
 
 
 def make_context(options: ConvertOptions, source: Any, work: Path,
@@ -71,13 +149,16 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
                             input_names=options.input_names, output_names=options.output_names,
                             input_shapes=options.input_shapes)
     shapes = _shapes(options)
-    model = imported.model
+    model, notes = readable_names(imported.model)
     if options.constant_inputs:
         model = freeze_inputs(model, options.constant_inputs)
     model = fix_input_shapes(model, shapes) if shapes else onnx.shape_inference.infer_shapes(model)
     signature = read_signature(model, options.layouts)
-    calibration, evaluation = _data(options, signature, plans)
+    preprocessing = resolve_preprocessing(options.preprocessing, signature.inputs)
+    calibration, evaluation = _data(options, signature, plans, preprocessing)
     model = fold(model, evaluation.take(slice(0, 1)).inputs)  # batch 1 fits every model
+    model = _keep_batch(model, evaluation, notes)
+    notes += _shape_notes(options, imported.framework)
     reference_path = work / "reference.onnx"
     onnx.save(model, str(reference_path))
     signature = read_signature(model, options.layouts)
@@ -90,16 +171,18 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
         raise ConversionError(f"the fp32 reference does not run on the evaluation data: "
                               f"{type(exc).__name__}: {str(exc)[:400]}") from None
     labels = list(options.labels) if options.labels else None
-    task = options.task or detect_task(model, signature, labels)
-    if labels and len(labels) < 2:
-        raise ConfigError("labels: give at least two class names")
+    task = options.task or detect_task(model, signature, labels, reference_eval,
+                                       evaluation.labels)
+    classifier = _classifier(signature, task, reference_eval, labels)
+    notes += _task_notes(task, labels, evaluation, classifier, signature, reference_eval)
     samples = evaluation.take(slice(0, SAMPLE_COUNT))
     return BuildContext(
         work=work, imported=imported, reference_path=reference_path, signature=signature,
         task=task, calibration=calibration, evaluation=evaluation, reference_eval=reference_eval,
         samples=samples, reference_samples=[o[:len(samples)] for o in reference_eval],
         input_shapes=shapes, reference_latency_ms=measure_latency(runner, evaluation.sample(0)),
-        reference_bytes=reference_path.stat().st_size)
+        reference_bytes=reference_path.stat().st_size, classifier_names=classifier,
+        preprocessing=preprocessing, notes=notes)
 
 
 def reference_outputs(ctx: BuildContext, data: Dataset) -> list[np.ndarray]:

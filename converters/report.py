@@ -6,7 +6,8 @@ and the rich table printed at the end of ``edgeserve convert``.
 ``required_by`` and ``validation`` = {``status``, ``max_abs_error``, ``cosine_similarity``,
 ``top1_agreement`` (classifiers), ``accuracy`` (with labels), ``latency_ms_p50``,
 ``latency_ratio``, ``sample_max_abs_error``, ``reasons`` …}, plus one entry per profile with its
-status and the reasons when it failed.
+status (:data:`PROFILE_STATUSES`), the artifacts that ship for it (``ships``), the fallbacks used
+and the reasons.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from rich.table import Table
 
 from edgeserve.console import format_bytes
 
-__all__ = ["REPORT_SCHEMA", "render_markdown", "render_table"]
+__all__ = ["PROFILE_STATUSES", "REPORT_SCHEMA", "render_markdown", "render_table"]
 
 REPORT_SCHEMA = "edgeserve.convert-report/1"
 _STYLE = {"passed": "green", "warned": "yellow", "failed": "red", "not-executed": "cyan"}
+PROFILE_STATUSES = ("passed", "warned", "not-executed", "fallback", "failed")
+"""A profile's status: its required artifacts' worst, ``fallback`` when a declared fallback ships
+in place of one, ``failed`` when a required artifact failed with no fallback that passed."""
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -37,6 +41,10 @@ def _status_text(validation: Mapping[str, Any]) -> str:
     return "not executed (needs macOS)" if status == "not-executed" else status
 
 
+def _not_built(artifact: Mapping[str, Any]) -> bool:
+    return str(artifact.get("error") or "").startswith("not built")
+
+
 def _row(artifact: Mapping[str, Any]) -> list[str]:
     v = artifact.get("validation", {})
     size = artifact.get("size_bytes")
@@ -47,7 +55,7 @@ def _row(artifact: Mapping[str, Any]) -> list[str]:
         else f"{v['latency_ms_p50']:.3f} ({_ratio(v.get('latency_ratio'))})",
         _num(v.get("max_abs_error"), ".3g"), _num(v.get("cosine_similarity"), ".5f"),
         _num(v.get("top1_agreement"), ".4f"), _num(v.get("accuracy"), ".4f"),
-        _status_text(v),
+        "not built" if _not_built(artifact) else _status_text(v),
     ]
 
 
@@ -64,7 +72,8 @@ def render_table(report: Mapping[str, Any]) -> Table:
         table.add_column(column, overflow="fold")
     for artifact in report["artifacts"]:
         cells = _row(artifact)
-        style = _STYLE.get(str(artifact.get("validation", {}).get("status")), "red")
+        style = "yellow" if _not_built(artifact) else \
+            _STYLE.get(str(artifact.get("validation", {}).get("status")), "red")
         cells[-1] = f"[{style}]{cells[-1]}[/]"
         table.add_row(*cells)
     return table
@@ -77,8 +86,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"Source: {model['source']['framework']} `{model['source'].get('filename') or '-'}` "
              f"(sha256 `{model['source']['sha256'][:16]}…`), task: {model['task']}.", "",
              f"Calibration: {report['data']['calibration']}. Evaluation: "
-             f"{report['data']['evaluation']}.", "",
-             "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+             f"{report['data']['evaluation']}.", ""]
+    notes = report["data"].get("notes") or []
+    if notes:
+        lines += [*(f"- {n}" for n in notes), ""]
+    lines += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_row(a)) + " |" for a in report["artifacts"]]
     lines += ["", "## Profiles", ""]
     for name, profile in report["profiles"].items():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeserve import _process
 from edgeserve.errors import ConfigError, ConversionError
+
+from .graph import rename_outputs
+from .quiet import plain_text
 
 if TYPE_CHECKING:
     import onnx
@@ -60,7 +63,7 @@ class ImportedModel:
 def import_model(source: Any, work: Path, *, example_inputs: Any = None,
                  input_names: Sequence[str] | None = None,
                  output_names: Sequence[str] | None = None,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> ImportedModel:
+                 input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> ImportedModel:
     """Load ``source`` (an object or a path) and export it to ONNX under ``work``."""
     input_shapes = dict(input_shapes or {})
     if _is_torch_module(source):
@@ -177,7 +180,7 @@ def _from_torch(module: Any, work: Path, example_inputs: Any, input_names: Seque
 
 def _from_torchscript(path: Path, work: Path, example_inputs: Any, input_names: Sequence[str] | None,
                       output_names: Sequence[str] | None,
-                      input_shapes: Mapping[str, Sequence[int]]) -> ImportedModel:
+                      input_shapes: Mapping[str, Sequence[int | None]]) -> ImportedModel:
     import torch
 
     try:
@@ -190,8 +193,12 @@ def _from_torchscript(path: Path, work: Path, example_inputs: Any, input_names: 
     if example_inputs is None:
         if not input_shapes:
             raise ConfigError(f"{path}: a TorchScript file has no input shapes; pass "
-                              "--input-shape NAME=1x3x224x224 for each input, in order")
-        example_inputs = tuple(torch.zeros(*shape) for shape in input_shapes.values())
+                              "--input-shape NAME=Nx3x224x224 for each input, in order (N: a "
+                              "dynamic batch; a number fixes it)")
+        # a dynamic batch is traced at 1; the export keeps axis 0 dynamic either way, and the
+        # reference is checked at batch 2 (reference.py)
+        example_inputs = tuple(torch.zeros(*[1 if d is None else d for d in shape])
+                               for shape in input_shapes.values())
         input_names = input_names or list(input_shapes)
     return _from_torch(module, work, example_inputs, input_names, output_names, "torchscript",
                        path.name, _file_digest(path))
@@ -215,7 +222,13 @@ def _from_pt2(path: Path, work: Path) -> ImportedModel:
         raise ConversionError(f"{path}: .pt2 → ONNX export failed: {type(exc).__name__}: "
                               f"{exc}") from None
     args = program.example_inputs[0] if program.example_inputs else None
-    return ImportedModel(onnx.load(str(out)), "pytorch-exported-program", _file_digest(path),
+    model = onnx.load(str(out))
+    # the dynamo exporter names outputs after the op that made them (linear, add_3): name them
+    # as the TorchScript route does
+    count = len(model.graph.output)
+    model, _ = rename_outputs(model, ["output"] if count == 1 else
+                              [f"output_{i}" for i in range(count)])
+    return ImportedModel(model, "pytorch-exported-program", _file_digest(path),
                          path.name, program.module(), tuple(args) if args else None)
 
 
@@ -266,6 +279,9 @@ def _from_sklearn(estimator: Any, filename: str | None, sha256: str) -> Imported
     except Exception as exc:
         raise ConversionError(f"scikit-learn → ONNX (skl2onnx) failed for "
                               f"{type(estimator).__name__}: {exc}") from None
+    # classifiers output label + probabilities; skl2onnx calls anything else "variable"
+    model, _ = rename_outputs(model, ["output_0" if o.name == "variable" else o.name
+                                      for o in model.graph.output])
     return ImportedModel(model, "scikit-learn", sha256, filename)
 
 
@@ -273,19 +289,21 @@ def _from_tensorflow(path: Path, work: Path, framework: str) -> ImportedModel:
     import onnx
 
     out = work / "tf-export.onnx"
-    result = subprocess.run(
+    result = _process.run(  # dies with us: an export left running can take half an hour
         [sys.executable, "-m", "edgeserve.converters._tf_export", str(path), str(out)],
         capture_output=True, text=True, check=False, timeout=1800,
         env=_quiet_tf_env())
     if result.returncode != 0 or not out.exists():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        tail = plain_text(result.stderr or result.stdout).strip().splitlines()[-3:]
         raise ConversionError(f"{path}: {framework} → ONNX (tf2onnx) failed: {' | '.join(tail)}")
     model = onnx.load(str(out))
-    info = json.loads((work / "tf-export.json").read_text()) if (work / "tf-export.json").exists() \
-        else {}
-    notes = [f"layout from TensorFlow: {info['layout']}"] if info.get("layout") else []
+    names = out.with_suffix(".json")
+    info = json.loads(names.read_text()) if names.exists() else {}
+    # the names the SavedModel signature / Keras model gives its outputs, not tf2onnx's
+    # Identity:0 (the child writes them in the graph's output order)
+    model, _ = rename_outputs(model, [str(n) for n in info.get("outputs", [])])
     digest = _file_digest(path) if path.is_file() else _digest((path / "saved_model.pb").read_bytes())
-    return ImportedModel(model, framework, digest, path.name, notes=notes)
+    return ImportedModel(model, framework, digest, path.name)
 
 
 def _quiet_tf_env() -> dict[str, str]:

@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeserve import _process
 from edgeserve.errors import ConversionError
 from edgeserve.manifest import QuantParams, TensorSpec
 
 from .data import Dataset
+from .quiet import plain_text
 
 __all__ = ["TfliteOutput", "build_tflite", "channels_last", "variant_of"]
 
@@ -57,6 +59,7 @@ class TfliteOutput:
     outputs: dict[str, list[TensorSpec]] = field(default_factory=dict)
     model_output_layouts: dict[str, str] = field(default_factory=dict)
     log_tail: str = ""
+    """what onnx2tf said went wrong (plain text, see :func:`_log_summary`)"""
 
 
 def variant_of(precision: str, quantization: str) -> str:
@@ -193,6 +196,14 @@ def _read_signature(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[
     result.outputs[variant] = specs_out
 
 
+def _log_summary(log: str) -> str:
+    """What onnx2tf said went wrong: its ``ERROR:`` lines when there are any (a traceback's tail
+    only names the import that failed), else the last lines; colour codes removed."""
+    lines = [line.rstrip() for line in plain_text(log).strip().splitlines() if line.strip()]
+    errors = list(dict.fromkeys(line.strip() for line in lines if "ERROR" in line))
+    return " | ".join(errors[-3:]) if errors else "\n".join(lines[-8:])
+
+
 def build_tflite(static: Path, work: Path, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], variants: set[str], io_dtype: str = "int8",
                  calibration: Dataset | None = None, timeout: float = 3600) -> TfliteOutput:
@@ -207,11 +218,12 @@ def build_tflite(static: Path, work: Path, inputs: Sequence[TensorSpec],
     cmd = _command(src, out, inputs, renames, variants, io_dtype, calibration, work)
     _offline_sample_file(work, inputs, calibration)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
-                              cwd=work, env=env)
+        # dies with us: onnx2tf left running by a killed converter takes minutes of CPU
+        proc = _process.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
+                            cwd=work, env=env)
     except subprocess.TimeoutExpired:
         raise ConversionError(f"onnx2tf did not finish within {timeout:.0f} s") from None
-    result = TfliteOutput(log_tail="\n".join((proc.stderr + proc.stdout).strip().splitlines()[-8:]))
+    result = TfliteOutput(log_tail=_log_summary(proc.stderr + proc.stdout))
     for variant in variants:
         path = out / f"{src.stem}_{_SUFFIX[variant]}.tflite"
         if path.exists():

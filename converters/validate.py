@@ -36,6 +36,14 @@ def _cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
+def _top1(scores: np.ndarray) -> np.ndarray:
+    """The best class per sample → ``[n]``: scores have one axis of classes, the others 1
+    (``[n, K]``, ``[n, 1, K]``, ``[n, K, 1, 1]``)."""
+    scores = np.asarray(scores)
+    best: np.ndarray = scores.reshape(len(scores), -1).argmax(-1)
+    return best
+
+
 def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
                     classifier: Sequence[int] = (), labels: np.ndarray | None = None) -> dict[str, Any]:
     """Error metrics of ``candidate`` outputs against ``reference`` (same order, samples first)."""
@@ -61,14 +69,12 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     if exact:
         metrics["exact_match"] = float(min(exact))
     if classifier:
-        agree = [float(np.mean(reference[i].argmax(-1) == candidate[i].argmax(-1)))
-                 for i in classifier]
+        agree = [float(np.mean(_top1(reference[i]) == _top1(candidate[i]))) for i in classifier]
         metrics["top1_agreement"] = float(min(agree))
         if labels is not None:
-            first = candidate[classifier[0]]
-            metrics["accuracy"] = float(np.mean(first.argmax(-1) == labels))
-            metrics["reference_accuracy"] = float(np.mean(reference[classifier[0]].argmax(-1)
-                                                          == labels))
+            flat = np.asarray(labels).reshape(-1)
+            metrics["accuracy"] = float(np.mean(_top1(candidate[classifier[0]]) == flat))
+            metrics["reference_accuracy"] = float(np.mean(_top1(reference[classifier[0]]) == flat))
     return metrics
 
 

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._validation import validate
 from .errors import ProfileError, UnknownProfileError
@@ -36,6 +44,7 @@ __all__ = [
     "load_profile",
     "parse_profile",
     "profile_dirs",
+    "target_from_key",
 ]
 
 PROFILE_SCHEMA = "edgeserve.profile/1"
@@ -116,19 +125,63 @@ _FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
 
 
 class ArtifactTarget(_Strict):
-    """One artifact the converter builds for this device class."""
+    """One artifact the converter builds for this device class.
+
+    ``fallback`` lists artifact keys (``onnx-fp16``, ``onnx-fp32`` …) to ship in place of this
+    artifact when it is required and cannot be built or misses its budget: the first that passes
+    the profile's budget ships, and the report and the manifest say why.
+    """
 
     format: ArtifactFormat
     precision: Precision
     quantization: Quantization = "none"
     required: bool = Field(default=True, description="a failure of this artifact fails the build")
     io_dtype: Literal["float32", "int8", "uint8"] = "float32"
+    fallback: list[str] = Field(default_factory=list, max_length=8,
+                                description="artifact keys shipped in its place when it fails")
 
     @property
     def key(self) -> str:
         suffix = "" if self.quantization in ("none", "static") and self.precision != "int8" \
             else f"-{self.quantization}"
         return f"{self.format}-{self.precision}{suffix}"
+
+    @field_validator("fallback")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            target_from_key(key)
+        return keys
+
+    def fallback_targets(self) -> list[ArtifactTarget]:
+        """The ``fallback`` keys as targets, in order (never required themselves)."""
+        return [target_from_key(key) for key in self.fallback]
+
+
+_KEY = re.compile(r"^(onnx|tflite|coreml)-(fp32|fp16|int8|int6|int4|mixed)(?:-([a-z0-9-]+))?$")
+
+
+def target_from_key(key: str) -> ArtifactTarget:
+    """The target an artifact key names (``onnx-int8-static``, ``tflite-fp16`` …; the inverse of
+    :attr:`ArtifactTarget.key`); ``ValueError`` naming the expected form otherwise."""
+    match = _KEY.match(key)
+    expected = ("expected FORMAT-PRECISION[-QUANTIZATION] as in the converter's artifact ids, "
+                "e.g. onnx-fp32, onnx-fp16, onnx-int8-static, tflite-fp32, coreml-fp16")
+    if match is None:
+        raise ValueError(f"artifact key {key!r}: {expected}")
+    fmt, precision, quantization = match.group(1), match.group(2), match.group(3) or "none"
+    if quantization == "none" and precision not in ("fp32", "fp16", "mixed"):
+        raise ValueError(f"artifact key {key!r}: {precision} needs its quantization, e.g. "
+                         f"{fmt}-{precision}-{'static' if precision == 'int8' else 'palettize-6'}")
+    try:
+        target = ArtifactTarget.model_validate({"format": fmt, "precision": precision,
+                                                "quantization": quantization, "required": False})
+    except ValidationError:
+        raise ValueError(f"artifact key {key!r}: unknown quantization {quantization!r}; "
+                         f"{expected}") from None
+    if target.key != key:
+        raise ValueError(f"artifact key {key!r}: write it as {target.key!r}")
+    return target
 
 
 class ValidationBudget(_Strict):
@@ -189,6 +242,14 @@ class HardwareProfile(_Strict):
                     f"artifacts[{i}] is {target.format}, but no runtime for it is declared "
                     f"(declare one of {list(_FORMAT_RUNTIMES[target.format])} under [runtimes])"
                 )
+            for fallback in target.fallback_targets():
+                # a device picks a fallback only in a format one of its runtimes runs
+                if not available & set(_FORMAT_RUNTIMES[fallback.format]):
+                    raise ValueError(
+                        f"artifacts[{i}].fallback names {fallback.key}, but no runtime for "
+                        f"{fallback.format} is declared (declare one of "
+                        f"{list(_FORMAT_RUNTIMES[fallback.format])} under [runtimes])"
+                    )
         return self
 
     @field_validator("validation")

@@ -80,7 +80,7 @@ def test_cli_converts_an_onnx_file_and_prints_json(digits_onnx: Path, digits_npz
     assert report["model"]["source"]["framework"] == "onnx"
     assert report["artifacts"][0]["validation"]["accuracy"] > 0.95
     assert (tmp_path / "out" / "digits-1.2.0.edgepkg").exists()
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["ok"]
+    assert json.loads((tmp_path / "out" / "digits-1.2.0.report.json").read_text())["ok"]
     with open_package(tmp_path / "out" / "digits-1.2.0.edgepkg", trust=keypair.trust) as pkg:
         assert pkg.manifest.release == 3 and pkg.manifest.source.filename == "digits.onnx"
 
@@ -88,15 +88,15 @@ def test_cli_converts_an_onnx_file_and_prints_json(digits_onnx: Path, digits_npz
 def test_cli_exits_non_zero_when_a_required_artifact_fails(
         digits_onnx: Path, digits_npz: tuple[Path, Path], tmp_path: Path, keypair: KeyPair,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """An artifact that misses its budget fails its profile: table printed, exit code 5."""
+    """An artifact that misses its budget leaves its profile nothing: table printed, exit 16."""
     profile = write_profile(tmp_path / "profiles", STRICT_FP16)
     calibration, evaluation = digits_npz
     code, out, err = _run(capsys, str(digits_onnx), "--calibration", str(calibration), "--eval",
                           str(evaluation), *_common(keypair, tmp_path / "out", profile))
-    assert code == 5
+    assert code == 16
     assert "strict-fp16" in err and "report.md" in err and "Traceback" not in err
     assert "onnx-fp16" in out and "failed" in out
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "digits-1.2.0.report.json").read_text())
     assert report["ok"] is False and report["package"] is None
     assert any("cosine" in r for r in report["artifacts"][0]["validation"]["reasons"])
 

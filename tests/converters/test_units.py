@@ -15,7 +15,9 @@ from edgeserve.profiles import load_profile
 MODULES = ["edgeserve.converters", "edgeserve.converters.data", "edgeserve.converters.graph",
            "edgeserve.converters.plan", "edgeserve.converters.runners",
            "edgeserve.converters.validate", "edgeserve.converters.preflight",
-           "edgeserve.converters.onnx_torch", "edgeserve.converters.report"]
+           "edgeserve.converters.onnx_torch", "edgeserve.converters.report",
+           "edgeserve.converters.checks", "edgeserve.converters.fallback",
+           "edgeserve.converters.preprocess", "edgeserve.converters.quiet"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -97,3 +99,20 @@ def test_verdict_is_the_worst_over_profiles() -> None:
                                            "strict": ValidationBudget(min_cosine=0.999)})
     assert status == "failed" and per == {"loose": "passed", "strict": "failed"}
     assert reasons == ["strict: cosine 0.99500 < 0.999"]
+
+
+def test_profile_fallback_keys_are_checked() -> None:
+    """A fallback must be an artifact key in the converter's form, in a format the profile has a
+    runtime for; the shipped Pi 5 falls back to ONNX fp32."""
+    from edgeserve.errors import ProfileError
+    from edgeserve.profiles import parse_profile
+
+    assert [t.key for t in load_profile("raspberry-pi-5").artifacts[0].fallback_targets()] == \
+        ["onnx-fp32"]
+    text = (Path(__file__).parents[2] / "hw-profiles" / "x86-industrial-pc.toml").read_text()
+    for bad, message in (('["onnx-fp64"]', "expected FORMAT-PRECISION"),
+                         ('["onnx-int8"]', "e.g. onnx-int8-static"),
+                         ('["tflite-fp32"]', "no runtime for tflite")):
+        with pytest.raises(ProfileError, match=message):
+            parse_profile(text.replace('fallback = ["onnx-fp32"]', f"fallback = {bad}"),
+                          "x86-industrial-pc.toml")
