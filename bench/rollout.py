@@ -127,7 +127,8 @@ def main() -> int:
                                    [key.public_path], service.broker_url, fleet,
                                    Traffic("digits", {"input": x_test}, y_test,
                                            rate_per_s=args.rate),
-                                   window_s=args.window, prefix="bench", nice=10).start()
+                                   window_s=args.window, prefix="bench", nice=10,
+                                   fleet_keys=[service.fleet_public_key]).start()
         stack.callback(devices.stop)
         spec = {"soak_seconds": args.soak, "min_requests": 100, "silent_after_s": 30,
                 "gates": ["error_rate<=0.02", "p95_ms<=3*control"]}

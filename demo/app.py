@@ -177,7 +177,8 @@ class Demo:
         with console.status(f"starting {self.count} device agents"):
             self.fleet = SimFleet.build(self.count, DEVICE_PROFILES, self.work / "devices",
                                         [public_key], self.service.broker_url, "demo",
-                                        traffic=traffic, window_s=2.0, prefix="edge").start()
+                                        traffic=traffic, window_s=2.0, prefix="edge",
+                                        fleet_keys=[self.service.fleet_public_key]).start()
         profiles = sorted({d.profile for d in self.fleet.devices})
         console.print(f"{self.count} devices running ({', '.join(profiles)}); each serves "
                       f"{self.rate:g} held-out digits per second and reports whether answers "

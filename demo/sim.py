@@ -80,11 +80,12 @@ class SimDevice:
     def __init__(self, device_id: str, profile: str, root: Path, trusted_keys: Iterable[Path],
                  broker_url: str, fleet: str, *, window_s: float = 2.0,
                  labels: Mapping[str, str] | None = None, traffic: Traffic | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, fleet_keys: Iterable[Path] = ()) -> None:
         from edgeserve.device_agent.agent import Agent
         from edgeserve.device_agent.run import AgentRun
         from edgeserve.device_agent.telemetry.link import LinkSettings
         from edgeserve.mqtt import BrokerSettings
+        from edgeserve.signing import TrustStore
 
         self.device_id = device_id
         self.profile = profile
@@ -94,7 +95,8 @@ class SimDevice:
         link = LinkSettings(BrokerSettings.from_url(broker_url), fleet, device_id,
                             backoff_min_s=0.2, backoff_max_s=2.0, ack_timeout_s=5.0)
         self.run: AgentRun = AgentRun.build(self.agent, window_s=window_s, link=link,
-                                            labels=dict(labels or {}))
+                                            labels=dict(labels or {}),
+                                            fleet_keys=TrustStore.from_paths(fleet_keys))
         self.counts = _Counts()
         self.online = True
         self._random = random.Random(seed)
@@ -182,13 +184,14 @@ class SimFleet:
     def build(cls, count: int, profiles: list[str], root: Path, trusted_keys: Iterable[Path],
               broker_url: str, fleet: str, traffic: Traffic | None = None,
               window_s: float = 2.0, prefix: str = "dev",
-              ids: Iterable[int] | None = None) -> SimFleet:
-        """``count`` devices ``{prefix}-000`` … (or only the numbers in ``ids``)."""
-        keys = list(trusted_keys)
+              ids: Iterable[int] | None = None, fleet_keys: Iterable[Path] = ()) -> SimFleet:
+        """``count`` devices ``{prefix}-000`` … (or only the numbers in ``ids``), obeying
+        desired state signed with ``fleet_keys`` (:attr:`FleetChild.fleet_public_key`)."""
+        keys, pinned = list(trusted_keys), list(fleet_keys)
         devices = [
             SimDevice(f"{prefix}-{i:03d}", profiles[i % len(profiles)], root, keys, broker_url,
                       fleet, window_s=window_s, labels={"site": f"site-{i % 3}"},
-                      traffic=traffic, seed=i)
+                      traffic=traffic, seed=i, fleet_keys=pinned)
             for i in (range(count) if ids is None else ids)]
         return cls(devices)
 
@@ -242,7 +245,7 @@ class ProcessFleet:
     def __init__(self, count: int, processes: int, profiles: list[str], root: Path,
                  trusted_keys: Iterable[Path], broker_url: str, fleet: str,
                  traffic: Traffic | None = None, window_s: float = 2.0,
-                 prefix: str = "dev", nice: int = 0) -> None:
+                 prefix: str = "dev", nice: int = 0, fleet_keys: Iterable[Path] = ()) -> None:
         self.count = count
         context = multiprocessing.get_context("spawn")
         self._workers: list[tuple[Any, Any]] = []
@@ -253,7 +256,7 @@ class ProcessFleet:
             process = context.Process(
                 target=_fleet_worker, name=f"sim-fleet-{n}", daemon=True,
                 args=(os.getpid(), child, mine, profiles, root, list(trusted_keys), broker_url,
-                      fleet, traffic, window_s, prefix, nice))
+                      fleet, traffic, window_s, prefix, nice, list(fleet_keys)))
             self._workers.append((process, parent))
 
     def start(self, timeout: float = 300.0) -> ProcessFleet:
@@ -297,7 +300,7 @@ class ProcessFleet:
 
 def _fleet_worker(parent_pid: int, pipe: Any, ids: list[int], profiles: list[str], root: Path,
                   keys: list[Path], broker_url: str, fleet: str, traffic: Traffic | None,
-                  window_s: float, prefix: str, nice: int) -> None:
+                  window_s: float, prefix: str, nice: int, fleet_keys: list[Path]) -> None:
     """One :class:`ProcessFleet` worker: build and start its devices, answer, stop."""
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -305,7 +308,7 @@ def _fleet_worker(parent_pid: int, pipe: Any, ids: list[int], profiles: list[str
         os.nice(nice)
     try:
         devices = SimFleet.build(len(ids), profiles, root, keys, broker_url, fleet, traffic,
-                                 window_s, prefix, ids).start(short_switch=False)
+                                 window_s, prefix, ids, fleet_keys).start(short_switch=False)
     except Exception as exc:
         pipe.send(f"{type(exc).__name__}: {exc}")
         return
@@ -344,11 +347,19 @@ class FleetChild:
     tick_s: float = 0.5
     public_url: str | None = None
     """the artifact base URL desired state names (default: the fleet's own HTTP address)"""
+    fleet_key: Path | None = None
+    """the fleet's desired-state signing key (default WORK/fleet.key, made when missing)"""
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def db_url(self) -> str:
         return f"sqlite:///{self.work / 'fleet.db'}"
+
+    @property
+    def fleet_public_key(self) -> Path:
+        """What the simulated devices pin (``fleet serve`` makes it on its first start)."""
+        key = self.fleet_key or self.work / "fleet.key"
+        return key.with_name(key.stem + ".pub.pem")
 
     @property
     def artifacts_dir(self) -> Path:
@@ -372,6 +383,7 @@ class FleetChild:
         args += ["--broker", self.broker] if self.broker else \
             ["--broker-port", str(self.broker_port)]
         args += ["--public-url", self.public_url] if self.public_url else []
+        args += ["--fleet-key", str(self.fleet_key or self.work / "fleet.key")]
         with (logs / "fleet.log").open("ab") as log_file:
             self.process = popen(args, stdout=log_file, stderr=log_file)
         try:

@@ -1,12 +1,14 @@
 """The agent's settings: cache directory, hardware profile, trusted keys.
 
 Resolution order for each (first wins): command-line option, environment variable
-(``EDGESERVE_CACHE``, ``EDGESERVE_PROFILE``, ``EDGESERVE_TRUSTED_KEYS`` — paths separated by
-``os.pathsep``), the cache's own ``agent.toml``, the default (the user data directory's
-``edgeserve/cache``, profile ``generic-cpu``, no keys). ``agent.toml`` example::
+(``EDGESERVE_CACHE``, ``EDGESERVE_PROFILE``, ``EDGESERVE_TRUSTED_KEYS`` and
+``EDGESERVE_FLEET_KEYS`` — paths separated by ``os.pathsep``), the cache's own
+``agent.toml``, the default (the user data directory's ``edgeserve/cache``, profile
+``generic-cpu``, no keys). ``agent.toml`` example::
 
     profile = "raspberry-pi-5"
-    trusted_keys = ["/etc/edgeserve/release.pub.pem"]
+    trusted_keys = ["/etc/edgeserve/release.pub.pem"]     # sign packages
+    fleet_keys = ["/etc/edgeserve/factory.pub.pem"]       # sign desired state
     cache_bytes = 2_000_000_000
 """
 
@@ -40,6 +42,8 @@ class AgentConfig:
     profile: str = "generic-cpu"
     trusted_keys: list[Path] = field(default_factory=list)
     cache_bytes: int | None = None
+    fleet_keys: list[Path] = field(default_factory=list)
+    """public keys of the fleet(s) whose signed desired state this device obeys"""
 
 
 def _file_settings(cache_dir: Path) -> dict[str, object]:
@@ -50,28 +54,36 @@ def _file_settings(cache_dir: Path) -> dict[str, object]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read agent settings: {exc}") from None
-    unknown = set(data) - {"profile", "trusted_keys", "cache_bytes"}
+    unknown = set(data) - {"profile", "trusted_keys", "cache_bytes", "fleet_keys"}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {sorted(unknown)}; allowed: profile, "
-                          "trusted_keys, cache_bytes")
+                          "trusted_keys, fleet_keys, cache_bytes")
     return data
 
 
+def _keys(given: list[Path] | tuple[Path, ...], env: str, settings: dict[str, object],
+          key: str, where: Path) -> list[Path]:
+    keys = list(given)
+    keys += [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    configured = settings.get(key, [])
+    if not isinstance(configured, list):
+        raise ConfigError(f"{where}: {key} must be a list of paths")
+    return keys + [Path(str(p)) for p in configured]
+
+
 def load_config(cache_dir: Path | None = None, profile: str | None = None,
-                trusted_keys: list[Path] | tuple[Path, ...] = ()) -> AgentConfig:
+                trusted_keys: list[Path] | tuple[Path, ...] = (),
+                fleet_keys: list[Path] | tuple[Path, ...] = ()) -> AgentConfig:
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     settings = _file_settings(cache)
-    keys = list(trusted_keys)
-    env_keys = os.environ.get("EDGESERVE_TRUSTED_KEYS", "")
-    keys += [Path(p) for p in env_keys.split(os.pathsep) if p]
-    configured = settings.get("trusted_keys", [])
-    if not isinstance(configured, list):
-        raise ConfigError(f"{cache / 'agent.toml'}: trusted_keys must be a list of paths")
-    keys += [Path(str(p)) for p in configured]
+    where = cache / "agent.toml"
+    keys = _keys(trusted_keys, "EDGESERVE_TRUSTED_KEYS", settings, "trusted_keys", where)
+    fleet = _keys(fleet_keys, "EDGESERVE_FLEET_KEYS", settings, "fleet_keys", where)
     chosen = profile or os.environ.get("EDGESERVE_PROFILE") or \
         str(settings.get("profile", "generic-cpu"))
     budget = settings.get("cache_bytes")
-    return AgentConfig(cache, chosen, keys, int(budget) if isinstance(budget, int) else None)
+    return AgentConfig(cache, chosen, keys, int(budget) if isinstance(budget, int) else None,
+                       fleet)
 
 
 def open_agent(config: AgentConfig, **kwargs: object) -> Agent:

@@ -27,9 +27,10 @@ import click
 
 from edgeserve.auth import Authenticator
 from edgeserve.console import console, err_console
-from edgeserve.contract import Desired, FileChunk, Reported, decode, encode
-from edgeserve.errors import ConfigError, ContractError
+from edgeserve.contract import FileChunk, Reported, decode, encode, open_desired
+from edgeserve.errors import ConfigError, ContractError, EdgeserveError
 from edgeserve.mqtt import BrokerSettings
+from edgeserve.signing import TrustStore
 
 from .agent import Agent
 from .cli import agent, agent_options
@@ -71,11 +72,15 @@ class AgentRun:
     _outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict, repr=False)
     # reports come from the updater's thread and the link's (on connect)
     _outcomes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    fleet_keys: TrustStore = field(default_factory=TrustStore)
+    """the fleet keys desired state must be signed with (pinned at enrolment)"""
+    desired_refused: int = 0
 
     @classmethod
     def build(cls, agent: Agent, *, window_s: float = 60.0, outbox_path: Path | None = None,
               outbox_max_bytes: int = DEFAULT_MAX_BYTES, link: LinkSettings | None = None,
-              labels: dict[str, str] | None = None) -> AgentRun:
+              labels: dict[str, str] | None = None,
+              fleet_keys: TrustStore | None = None) -> AgentRun:
         """Attach monitoring (and the link) to ``agent``; nothing runs until :meth:`start`."""
         cache = agent.cache.root
         outbox = Outbox(outbox_path or cache / "telemetry" / "outbox.db", outbox_max_bytes)
@@ -85,7 +90,8 @@ class AgentRun:
         monitor.add_source("shadow", agent.shadows.drain)
         if agent.feedback_log is not None:
             monitor.add_source("feedback", agent.feedback_log.drain)
-        run = cls(agent, outbox, monitor, labels=dict(labels or {}))
+        run = cls(agent, outbox, monitor, labels=dict(labels or {}),
+                  fleet_keys=fleet_keys or TrustStore())
         if link is not None:
             run.link = Link(link, outbox, status_info=run.status_info)
             run.updater = run._attach_updates(run.link, link.device_id)
@@ -111,6 +117,26 @@ class AgentRun:
         self._outcomes = {name: (m.state, m.target) for name, m in updater.models.items()}
         self._wire(link, updater)
         return updater
+
+    def _on_desired(self, payload: bytes, updater: Updater, device_id: str) -> None:
+        """Act only on desired state the fleet signed for this device (edgeserve.contract
+        .desired); anything else is refused, counted and logged (throttled)."""
+        if not len(self.fleet_keys):
+            self._refuse("this agent pins no fleet key, so it cannot tell the fleet's desired "
+                         "state from anyone else's: pass --fleet-key FLEET.pub.pem (printed by "
+                         "'edgeserve fleet serve')")
+            return
+        try:
+            desired = open_desired(payload, self.fleet_keys, device_id)
+        except EdgeserveError as exc:
+            self._refuse(str(exc))
+            return
+        updater.submit(desired)
+
+    def _refuse(self, why: str) -> None:
+        self.desired_refused += 1
+        if self.desired_refused <= 10 or self.desired_refused % 100 == 0:
+            log.warning("refused a desired-state message (#%d): %s", self.desired_refused, why)
 
     def _report(self, reported: Reported) -> None:
         self._log_outcomes(reported)
@@ -143,10 +169,7 @@ class AgentRun:
         def on_desired(payload: bytes) -> None:
             if not payload:  # a cleared retained message
                 return
-            try:
-                updater.submit(decode(Desired, payload, "desired"))
-            except ContractError as exc:
-                log.warning("ignored a bad desired-state message: %s", exc)
+            self._on_desired(payload, updater, link.settings.device_id)
 
         def on_chunk(payload: bytes) -> None:
             try:
@@ -282,13 +305,18 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
               help="HTTP API auth, as for 'agent serve'.")
 @click.option("--duration", type=float, default=None,
               help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
+@click.option("--fleet-key", "fleet_keys", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fleet's public key (FLEET.pub.pem, printed by 'fleet serve'): desired "
+                   "state is obeyed only when it signed it; repeatable [env "
+                   "EDGESERVE_FLEET_KEYS].")
 @agent_options
 def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
         password: str | None, ca_file: Path | None, cert_file: Path | None,
         key_file: Path | None, tls_insecure: bool, mqtt_version: str, workers: int,
-        auth: str | None, duration: float | None, cache_dir: Path | None, profile: str | None,
-        trusted_keys: tuple[Path, ...]) -> None:
+        auth: str | None, duration: float | None, fleet_keys: tuple[Path, ...],
+        cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
     """Serve installed models and send their telemetry (windows, drift, health) to the fleet."""
     from .server import parse_auth_option
 
@@ -303,11 +331,15 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
             protocol=mqtt_version)
         link = LinkSettings(settings, fleet_name, device)
     authenticator = parse_auth_option(auth)
-    config = load_config(cache_dir, profile, trusted_keys)
+    config = load_config(cache_dir, profile, trusted_keys, fleet_keys)
     if not config.trusted_keys:
         err_console.print("[yellow]warning:[/] no trusted keys (--trusted-key, "
                           "EDGESERVE_TRUSTED_KEYS or agent.toml): this agent cannot verify or "
                           "install anything the fleet sends it", soft_wrap=True)
+    if link is not None and not config.fleet_keys:
+        err_console.print("[yellow]warning:[/] no fleet key (--fleet-key, EDGESERVE_FLEET_KEYS "
+                          "or agent.toml): this agent will refuse every desired state, since it "
+                          "cannot tell the fleet's from anyone else's", soft_wrap=True)
     lock = claim_cache(config.cache_dir)
     try:
         _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
@@ -324,7 +356,8 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
                              outbox_max_bytes=outbox_max_bytes, link=link,
-                             labels=_labels(labels))
+                             labels=_labels(labels),
+                             fleet_keys=TrustStore.from_paths(config.fleet_keys))
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

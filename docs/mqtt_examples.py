@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +28,7 @@ from edgeserve.contract import (
     TelemetryBatch,
     VersionRef,
     Window,
+    sign_desired,
 )
 from edgeserve.device_agent.observe import InferenceEvent
 from edgeserve.device_agent.telemetry.monitor import Monitor
@@ -65,9 +67,17 @@ def telemetry() -> TelemetryBatch:
                           windows=[model_window.model_copy(update={"dropped": 0}), health])
 
 
+def _example_fleet_key() -> Ed25519PrivateKey:
+    """A fixed key, so the example signature is the same every time it is generated."""
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
 def examples() -> dict[str, Message]:
     ref = VersionRef(release=7, url="http://fleet.local:8080/artifacts/detector/2.1.0/",
                      manifest_sha256="9f" * 32)
+    desired = Desired(revision=12, ts=TS, rollout="detector-2.1.0-canary", device_id="cam-7",
+                      expires=TS + 30 * 86400, models={
+                          "detector": DesiredModel(active="2.1.0", versions={"2.1.0": ref})})
     return {
         "Status (birth)": Status(device_id="cam-7", state="online", ts=TS,
                                  agent_version="0.1.0", profile="raspberry-pi-5",
@@ -76,8 +86,8 @@ def examples() -> dict[str, Message]:
                                      reason="connection lost"),
         "TelemetryBatch": telemetry(),
         "Ack": Ack(seq=1042),
-        "Desired": Desired(revision=12, ts=TS, rollout="detector-2.1.0-canary", models={
-            "detector": DesiredModel(active="2.1.0", versions={"2.1.0": ref})}),
+        "Desired": desired,
+        "SignedDesired": sign_desired(desired, _example_fleet_key()),
         "Reported": Reported(device_id="cam-7", revision=12, ts=TS + 5, models={
             "detector": ModelReport(active="2.1.0", previous="2.0.3",
                                     installed=["2.0.3", "2.1.0"], state="committed",

@@ -38,6 +38,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "sign_bytes",
     "sign_manifest",
     "write_keypair",
 ]
@@ -131,19 +132,19 @@ def load_public_key(source: Path | bytes) -> Ed25519PublicKey:
     return key
 
 
+def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> SignatureEntry:
+    """One ed25519 signature over ``data``, tagged with the signer's key id."""
+    return SignatureEntry(keyid=key_id(key.public_key()),
+                          sig=base64.b64encode(key.sign(data)).decode())
+
+
 def sign_manifest(
     manifest_bytes: bytes, keys: Ed25519PrivateKey | Iterable[Ed25519PrivateKey]
 ) -> SignatureDocument:
     key_list = [keys] if isinstance(keys, Ed25519PrivateKey) else list(keys)
-    entries = [
-        SignatureEntry(
-            keyid=key_id(k.public_key()),
-            sig=base64.b64encode(k.sign(manifest_bytes)).decode(),
-        )
-        for k in key_list
-    ]
     return SignatureDocument(
-        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(), signatures=entries
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        signatures=[sign_bytes(manifest_bytes, k) for k in key_list],
     )
 
 
@@ -188,25 +189,28 @@ class TrustStore:
         if not self._keys:
             raise UntrustedKeyError("no trusted public keys are configured; pass --trusted-key "
                                     "PUB.pem or add keys to the agent's trusted_keys")
-        known = [e for e in doc.signatures if e.keyid in self._keys]
+        return self.verify_entries(manifest_bytes, doc.signatures, "package")
+
+    def verify_entries(self, data: bytes, entries: Iterable[SignatureEntry], what: str) -> str:
+        """Check that a pinned key signed ``data`` (among ``entries``); return its key id."""
+        entries = list(entries)
+        known = [e for e in entries if e.keyid in self._keys]
         if not known:
-            signers = ", ".join(e.keyid[:16] for e in doc.signatures)
-            trusted = ", ".join(k[:16] for k in self.key_ids)
+            signers = ", ".join(e.keyid[:16] for e in entries) or "no key"
+            trusted = ", ".join(k[:16] for k in self.key_ids) or "none"
             raise UntrustedKeyError(
-                f"package is signed by key(s) {signers}, none of which is trusted "
-                f"(trusted: {trusted})"
-            )
+                f"{what} is signed by {signers}, none of which is trusted (trusted: {trusted})")
         for entry in known:
             try:
                 raw = base64.b64decode(entry.sig, validate=True)
-                self._keys[entry.keyid].verify(raw, manifest_bytes)
+                self._keys[entry.keyid].verify(raw, data)
             except (binascii.Error, ValueError):
-                raise SignatureError(f"signature by key {entry.keyid[:16]} is not valid "
+                raise SignatureError(f"{what}: signature by key {entry.keyid[:16]} is not valid "
                                      "base64") from None
             except InvalidSignature:
                 raise SignatureError(
-                    f"signature by trusted key {entry.keyid[:16]} does not verify: the signature "
-                    "bytes were altered or made with a different key"
+                    f"{what}: signature by trusted key {entry.keyid[:16]} does not verify: the "
+                    "signed bytes or the signature were altered, or another key made it"
                 ) from None
             return entry.keyid
         raise SignatureError("no usable signature")  # pragma: no cover - loop always returns

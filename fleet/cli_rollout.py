@@ -105,6 +105,11 @@ def rollout() -> None:
 @click.option("--stage-timeout", default="1h", show_default=True,
               help="A stage not complete this long after it began (pauses not counted) is "
                    "rolled back, naming what it waited for.")
+@click.option("--watch-inferences", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Live requests each device watches after activating the version before it "
+                   "commits (0: the package's samples alone decide).")
+@click.option("--watch-time", default="2m", show_default=True,
+              help="A device with fewer live requests than that decides after this long.")
 @click.option("--only-fitting", is_flag=True,
               help="Narrow the scope to the devices that can run the package (by default a "
                    "rollout is refused when a device in scope has no artifact it can run).")
@@ -120,7 +125,8 @@ def rollout() -> None:
 def rollout_create(model: str, version: str, strategy: str, stages: str,
                    gates: tuple[str, ...], no_gates: bool, soak: str, soak_inferences: int,
                    min_requests: int, min_devices: int, max_failed_devices: int,
-                   silent_after: str, stage_timeout: str, only_fitting: bool, manual: bool,
+                   silent_after: str, stage_timeout: str, watch_inferences: int,
+                   watch_time: str, only_fitting: bool, manual: bool,
                    shadow_sample: float, profiles: tuple[str, ...], labels: tuple[str, ...],
                    device_ids: tuple[str, ...], db: str | None, artifacts_dir: Path | None,
                    as_json: bool) -> None:
@@ -141,6 +147,7 @@ def rollout_create(model: str, version: str, strategy: str, stages: str,
         "min_requests": min_requests, "min_devices": min_devices,
         "max_failed_devices": max_failed_devices, "silent_after_s": parse_duration(silent_after),
         "stage_timeout_s": parse_duration(stage_timeout),
+        "health": {"min_inferences": watch_inferences, "max_watch_s": parse_duration(watch_time)},
         "auto_promote": not manual, "shadow_sample_rate": shadow_sample,
         "selector": {"profiles": list(profiles), "labels": parse_labels(labels),
                      "devices": list(device_ids)},

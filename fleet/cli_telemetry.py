@@ -105,6 +105,12 @@ def _ago(ts: float, now: float) -> str:
               help="HTTP auth: basic:USER:PASS, token:SECRET, jwt-hs256:SECRET[,aud=A] or "
                    "jwt-rs256:KEY.pem [default: none on loopback, a generated admin password "
                    "otherwise; env EDGESERVE_FLEET_AUTH].")
+@click.option("--fleet-key", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="EDGESERVE_FLEET_KEY", default=None,
+              help="The fleet's private key that signs desired state (made, with KEY's "
+                   ".pub.pem beside it, when missing; devices pin the .pub.pem with 'agent run "
+                   "--fleet-key') [default: the user data dir's edgeserve/fleet/keys/FLEET.key; "
+                   "env EDGESERVE_FLEET_KEY].")
 @click.option("--rollout-tick", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Seconds between rollout controller steps.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
@@ -120,13 +126,13 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
                   client_id: str | None, shared: str, broker_host: str, broker_port: int,
                   http_host: str, http_port: int, public_url: str | None,
                   artifacts_dir: Path | None, trusted_keys: tuple[Path, ...], auth: str | None,
-                  rollout_tick: float, connect_timeout: float, duration: float | None,
+                  fleet_key: Path | None, rollout_tick: float, connect_timeout: float, duration: float | None,
                   log_level: str, as_json: bool) -> None:
     """Run the fleet: telemetry ingestion, artifact endpoint, API and dashboard, rollouts."""
     from edgeserve.auth import parse_auth_option
     from edgeserve.contract import check_id
 
-    from .server import FleetConfig, FleetServer
+    from .server import FleetConfig, FleetServer, fleet_public_key_path
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,7 +152,7 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
         http_port=None if http_port < 0 else http_port, public_url=public_url,
         artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
         worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
-        connect_timeout=connect_timeout, rollout_tick_s=rollout_tick)
+        connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key)
     server = FleetServer(config).start()
     assert server.service is not None and server.store is not None
     log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s", fleet_name,
@@ -156,6 +162,10 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
     if server.http_url:
         err_console.print(f"dashboard and API: {server.http_url}/  (devices fetch artifacts "
                           f"from {server.public_url}/v1/packages)")
+    if server.fleet_key_path is not None:
+        err_console.print(f"desired state is signed with {server.fleet_key_path}; devices pin "
+                          f"{fleet_public_key_path(server.fleet_key_path)} "
+                          "(agent run --fleet-key)", soft_wrap=True)
     if server.generated_password:
         err_console.print(f"HTTP login: admin / {server.generated_password} (generated: the "
                           "HTTP side listens beyond localhost; pass --auth to choose)")

@@ -35,6 +35,8 @@ class DesiredStates:
         self.store = store
         self.artifacts = artifacts
         self.public_url = public_url
+        self._floors: dict[str, int] = {}
+        """per device: a revision it applied from elsewhere, to continue above"""
 
     def get(self, device_id: str, conn: Connection | None = None) -> Desired | None:
         query = sa.select(desired_state.c.doc).where(desired_state.c.device_id == device_id)
@@ -80,7 +82,8 @@ class DesiredStates:
                     traffic=arms,
                     shadow=ShadowSpec(version=shadow, sample_rate=shadow_rate) if shadow else None,
                     health=keep_health)
-            revision = (current.revision if current else 0) + 1
+            revision = max(current.revision if current else 0,
+                           self._floors.get(device_id, 0)) + 1
             desired = Desired(revision=revision, ts=now, models=models,
                               rollout=rollout or (current.rollout if current else None))
             doc = desired.model_dump_json(exclude_none=True)
@@ -105,6 +108,37 @@ class DesiredStates:
             rows = conn.execute(sa.select(desired_state.c.device_id, desired_state.c.doc)).all()
         return [(r.device_id, decode(Desired, r.doc.encode(), f"desired {r.device_id}"))
                 for r in rows]
+
+    def revisions(self, device_ids: list[str]) -> dict[str, int]:
+        """The newest revision the fleet wrote for each device (absent: none yet)."""
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(desired_state.c.device_id, desired_state.c.revision)
+                                .where(desired_state.c.device_id.in_(device_ids))).all()
+        return {r.device_id: int(r.revision) for r in rows}
+
+    def skip_to(self, device_id: str, revision: int) -> None:
+        """Continue above ``revision``, which the device applied from elsewhere: the device's
+        current document is written again as ``revision + 1`` (same content) and published; with
+        no document yet, the next one written starts there (nothing is sent meanwhile: an empty
+        document would remove the device's models)."""
+        self._floors[device_id] = max(self._floors.get(device_id, 0), revision)
+        with self.store.write() as conn:
+            current = self.get(device_id, conn)
+            if current is None:
+                return
+            desired = current.model_copy(update={"revision": revision + 1, "ts": time.time()})
+            conn.execute(sa.update(desired_state)
+                         .where(desired_state.c.device_id == device_id)
+                         .values(revision=revision + 1, updated=time.time(), published=None,
+                                 doc=desired.model_dump_json(exclude_none=True)))
+
+    def republish_before(self, ts: float) -> int:
+        """Mark documents published before ``ts`` for publishing again (re-signing them)."""
+        with self.store.write() as conn:
+            result = conn.execute(sa.update(desired_state)
+                                  .where(desired_state.c.published < ts)
+                                  .values(published=None))
+        return int(result.rowcount or 0)
 
     def mark_published(self, device_id: str, revision: int) -> None:
         with self.store.write() as conn:

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgeserve.auth import Authenticator, BasicAuth
-from edgeserve.signing import TrustStore
+from edgeserve.signing import TrustStore, load_private_key, write_keypair
 
 from .artifacts import ArtifactStore
 from .broker import EmbeddedBroker
@@ -41,7 +43,7 @@ from .store import Store
 from .web.app import create_app
 from .web.server import ServerHandle, start_server
 
-__all__ = ["FleetConfig", "FleetServer"]
+__all__ = ["FleetConfig", "FleetServer", "default_fleet_key", "fleet_public_key_path"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,18 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def default_fleet_key(fleet: str) -> Path:
+    """Where ``fleet serve`` keeps a fleet's desired-state signing key by default."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("edgeserve", appauthor=False)) / "fleet" / "keys" / f"{fleet}.key"
+
+
+def fleet_public_key_path(private: Path) -> Path:
+    """``fleet.key`` -> ``fleet.pub.pem``: what devices pin."""
+    return private.with_name(private.stem + ".pub.pem")
 
 
 @dataclass
@@ -77,6 +91,9 @@ class FleetConfig:
     connect_timeout: float = 60.0
     rollout_tick_s: float = 1.0
     experiment_tick_s: float = 1.0
+    fleet_key: Path | None = None
+    """the fleet's private signing key for desired state (created when missing; default: the
+    user data directory's edgeserve/fleet/keys/FLEET.key)"""
 
 
 class FleetServer:
@@ -92,6 +109,7 @@ class FleetServer:
         self.broker_url: str | None = None
         self.broker_settings: BrokerSettings | None = None
         self.generated_password: str | None = None
+        self.fleet_key_path: Path | None = None
         self._stop = threading.Event()
 
     @property
@@ -124,8 +142,9 @@ class FleetServer:
             self.artifacts = self._artifacts()
             if c.http_port is not None:
                 self._start_http()
+            fleet_key = self._fleet_key()
             self.controller = RolloutController(
-                self.store, self.artifacts, settings, c.fleet, self.public_url,
+                self.store, self.artifacts, settings, c.fleet, self.public_url, fleet_key,
                 client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s)
             self.controller.start()
             self.experiments = ExperimentController(
@@ -135,6 +154,17 @@ class FleetServer:
             self.stop()
             raise
         return self
+
+    def _fleet_key(self) -> Ed25519PrivateKey:
+        """The key that signs desired state; made (with its .pub.pem) on the first start."""
+        path = self.config.fleet_key or default_fleet_key(self.config.fleet)
+        public = fleet_public_key_path(path)
+        if not path.exists():
+            write_keypair(path, public)
+            log.info("made the fleet's desired-state signing key %s; devices pin %s "
+                     "(agent run --fleet-key)", path, public)
+        self.fleet_key_path = path
+        return load_private_key(path)
 
     def _artifacts(self) -> ArtifactStore:
         trust = TrustStore.from_paths(self.config.trusted_keys) if self.config.trusted_keys \

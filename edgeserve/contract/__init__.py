@@ -6,7 +6,9 @@ that dashboard builders read.
 
 from __future__ import annotations
 
+from .desired import open_desired, sign_desired
 from .messages import (
+    DESIRED_CONTEXT,
     MAX_PAYLOAD_BYTES,
     Ack,
     Desired,
@@ -23,6 +25,7 @@ from .messages import (
     Reported,
     ShadowReport,
     ShadowSpec,
+    SignedDesired,
     Status,
     TelemetryBatch,
     VersionRef,
@@ -47,6 +50,7 @@ from .topics import (
 
 __all__ = [
     "CONTRACT_VERSION",
+    "DESIRED_CONTEXT",
     "MAX_PAYLOAD_BYTES",
     "SHARED_GROUP",
     "TOPIC_ROOT",
@@ -66,6 +70,7 @@ __all__ = [
     "Reported",
     "ShadowReport",
     "ShadowSpec",
+    "SignedDesired",
     "Status",
     "TelemetryBatch",
     "TopicKind",
@@ -77,7 +82,9 @@ __all__ = [
     "encode",
     "fleet_filter",
     "fleet_status_topic",
+    "open_desired",
     "parse_topic",
     "shared_filter",
+    "sign_desired",
     "topic_matches",
 ]

@@ -30,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._validation import validate_json
 from ..errors import ContractError
+from ..signing import SignatureEntry
 from ..telemetry.histogram import HistogramData
 from ..telemetry.sketch import DriftScore, SketchData
 
 __all__ = [
+    "DESIRED_CONTEXT",
     "MAX_PAYLOAD_BYTES",
     "Ack",
     "Desired",
@@ -50,6 +52,7 @@ __all__ = [
     "Reported",
     "ShadowReport",
     "ShadowSpec",
+    "SignedDesired",
     "Status",
     "TelemetryBatch",
     "VersionRef",
@@ -59,6 +62,9 @@ __all__ = [
 ]
 
 MAX_PAYLOAD_BYTES = 1 << 20
+DESIRED_CONTEXT = b"edgeserve.desired/1\n"
+"""Prefixed to a desired document before signing: a fleet signature can never pass for another
+kind of signed thing."""
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _VERSION = r"^[0-9A-Za-z.+-]{1,64}$"
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -135,7 +141,7 @@ class HealthPolicy(Message):
     max_latency_ms: float | None = Field(default=None, gt=0)
     sample_tolerance: float = Field(default=1e-2, ge=0)
     max_watch_s: float = Field(
-        default=600.0, gt=0, le=30 * 86400,
+        default=120.0, gt=0, le=30 * 86400,
         description="a device that sees fewer than min_inferences live requests in this time "
                     "decides on those it saw (the sample check has passed already), so that an "
                     "idle device does not hold a rollout stage forever")
@@ -163,12 +169,25 @@ class DesiredModel(Message):
 
 
 class Desired(Message):
-    """Retained on ``devices/{id}/desired``; the agent applies only a higher ``revision``."""
+    """What a device should run. It travels signed by the fleet (:class:`SignedDesired`,
+    retained on ``devices/{id}/desired``); the agent applies only a higher ``revision``, meant
+    for it (``device_id``) and not ``expires``-d."""
 
     revision: int = Field(ge=0, le=2**53)
     ts: Seconds = Field(default_factory=time.time)
     models: dict[Id, DesiredModel] = Field(default_factory=dict, max_length=64)
     rollout: str | None = Field(default=None, max_length=128)
+    device_id: Id | None = Field(default=None, description="the device it is for (signed)")
+    expires: Seconds | None = Field(default=None, description="not to be applied after (signed)")
+
+
+class SignedDesired(Message):
+    """The payload on ``devices/{id}/desired``: a :class:`Desired` document, as JSON text, and
+    the fleet's ed25519 signature(s) over ``DESIRED_CONTEXT + payload`` (UTF-8). Signing the
+    exact bytes, not a re-encoding, keeps a newer fleet's additions verifiable by older agents."""
+
+    payload: str = Field(min_length=2, max_length=MAX_PAYLOAD_BYTES)
+    signatures: list[SignatureEntry] = Field(min_length=1, max_length=4)
 
 
 # -- reported -------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeserve.contract import (
+    Desired,
     FileRequest,
     Reported,
     decode,
@@ -30,6 +32,7 @@ from edgeserve.contract import (
     encode,
     fleet_filter,
     parse_topic,
+    sign_desired,
 )
 from edgeserve.errors import EdgeserveError
 
@@ -62,6 +65,8 @@ __all__ = ["RolloutController", "device_views", "in_scope"]
 
 log = logging.getLogger(__name__)
 _EVENT_EVERY_S = 2.0
+DESIRED_VALIDITY_S = 30 * 86400.0
+"""How long a signed desired state stays valid; it is signed again after half of that."""
 WARMUP_S = 1.0
 """Canary traffic in the first second after activation (model load, cache warm-up) is not judged."""
 _FAILED_STATES = ("rolled-back", "unhealthy", "failed")
@@ -104,9 +109,12 @@ def device_views(store: Store, spec: RolloutSpec, now: float) -> list[DeviceView
 
 class RolloutController:
     def __init__(self, store: Store, artifacts: ArtifactStore, broker: BrokerSettings,
-                 fleet: str, public_url: str, client_id: str | None = None,
-                 tick_s: float = 1.0) -> None:
+                 fleet: str, public_url: str, fleet_key: Ed25519PrivateKey,
+                 client_id: str | None = None, tick_s: float = 1.0,
+                 desired_validity_s: float = DESIRED_VALIDITY_S) -> None:
         self.store = store
+        self.fleet_key = fleet_key
+        self.desired_validity_s = desired_validity_s
         self.artifacts = artifacts
         self.broker = broker
         self.fleet = fleet
@@ -120,6 +128,7 @@ class RolloutController:
         self._last_event: dict[str, tuple[float, str]] = {}
         self._loop = LeaderLoop(store, "edgeserve-rollouts", fleet, self.tick, tick_s)
         self.bad_reports = 0
+        self.revisions_ahead = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -208,6 +217,7 @@ class RolloutController:
                              "error_version": error.version if error else None,
                              "revision": report.revision, "updated": received,
                              "active_since": m.active_since})
+        self._check_revisions({d: r.revision for d, (r, _) in reports.items()})
         keys = [(str(r["device_id"]), str(r["model"])) for r in rows]
         with self.store.write() as conn:
             # a report lists every model the device manages: rows for others are gone
@@ -220,6 +230,19 @@ class RolloutController:
                     device_models.c.device_id == device_id, device_models.c.model == model))
             if rows:
                 conn.execute(sa.insert(device_models), rows)
+
+    def _check_revisions(self, reported: dict[str, int]) -> None:
+        """A device that applied a revision the fleet never wrote: say so, and continue above
+        it (a fleet restored from an old backup, or - before signing - a forged message)."""
+        ours = self.desired.revisions(list(reported))
+        for device_id, revision in reported.items():
+            if revision > ours.get(device_id, 0):
+                log.warning("device %s reports desired revision %d, ahead of the fleet's %d: "
+                            "another publisher, or a fleet store older than the device's "
+                            "state; the fleet's next revision for it will be %d", device_id,
+                            revision, ours.get(device_id, 0), revision + 1)
+                self.desired.skip_to(device_id, revision)
+                self.revisions_ahead += 1
 
     def _handle(self, rollout_id: str, action: str, reason: str, now: float) -> None:
         try:
@@ -285,7 +308,7 @@ class RolloutController:
     def _apply(self, spec: RolloutSpec, state: RolloutState, command: SetDesired) -> None:
         self.desired.set_model(command.device_id, command.model, command.active,
                                shadow=command.shadow, shadow_rate=spec.shadow_sample_rate,
-                               rollout=spec.id)
+                               health=spec.health, rollout=spec.id)
 
     def _record_events(self, record: RolloutRecord, state: RolloutState, event: Event,
                        now: float) -> None:
@@ -315,14 +338,23 @@ class RolloutController:
 
     # -- desired state ----------------------------------------------------------------------------
 
+    def _signed(self, device_id: str, desired: Desired) -> bytes:
+        """The retained payload: bound to the device, valid for ``desired_validity_s``."""
+        bound = desired.model_copy(update={"device_id": device_id,
+                                           "expires": time.time() + self.desired_validity_s})
+        return encode(sign_desired(bound, self.fleet_key))
+
     def publish_pending(self) -> int:
-        """Publish every unpublished desired revision (retained, QoS 1)."""
+        """Publish every unpublished desired revision (signed, retained, QoS 1), and sign again
+        those published more than half their validity ago, so a device that reconnects after
+        weeks still finds a valid one."""
         if self._client is None:
             return 0
+        self.desired.republish_before(time.time() - self.desired_validity_s / 2)
         published = 0
         for device_id, desired in self.desired.unpublished():
             info = self._client.publish(device_topic(self.fleet, device_id, "desired"),
-                                        encode(desired), qos=1, retain=True)
+                                        self._signed(device_id, desired), qos=1, retain=True)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self.desired.mark_published(device_id, desired.revision)
                 published += 1
@@ -334,4 +366,4 @@ class RolloutController:
             return
         for device_id, desired in self.desired.all():
             self._client.publish(device_topic(self.fleet, device_id, "desired"),
-                                 encode(desired), qos=1, retain=True)
+                                 self._signed(device_id, desired), qos=1, retain=True)

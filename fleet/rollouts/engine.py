@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgeserve.contract import HealthPolicy
 from edgeserve.errors import ConfigError
 
 from .gates import CohortMetrics, GateResult, parse_gate
@@ -87,6 +88,8 @@ class RolloutSpec(BaseModel):
                     "counted) is rolled back, naming what it still waited for")
     shadow_sample_rate: float = Field(default=1.0, gt=0, le=1)
     selector: Selector = Field(default_factory=Selector)
+    health: HealthPolicy = Field(default_factory=HealthPolicy,
+                                 description="how each device decides to commit the version")
 
     @field_validator("stages")
     @classmethod

@@ -20,6 +20,7 @@ import requests
 
 from edgeserve._process import popen
 from edgeserve.contract import Status, decode, fleet_filter
+from edgeserve.testing import make_keypair
 from tests.services import free_port
 from tests.support import wait_until
 
@@ -107,13 +108,14 @@ def _second(tmp_path: Path, broker: tuple[str, int], fleet: str, port: int, cach
 def test_second_agent_on_a_taken_port_fails_before_registering(
         tmp_path: Path, first_agent: int, mqtt_broker: tuple[str, int], fleet_name: str) -> None:
     """The second agent on the first one's port exits 2 naming the port and --port, warns once
-    that it has no trusted key, and the fleet never hears of it."""
+    each that it has no trusted key and no fleet key, and the fleet never hears of it."""
     result = _second(tmp_path, mqtt_broker, fleet_name, first_agent, "cache-2")
     assert result.returncode == 2, result.stderr
     assert f"127.0.0.1:{first_agent}" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "no trusted keys" in warnings[0]
+    assert len(warnings) == 2 and "no trusted keys" in warnings[0]
+    assert "no fleet key" in warnings[1]
     assert set(_retained_statuses(*mqtt_broker, fleet_name)) == {"first"}
 
 
@@ -134,8 +136,10 @@ def test_second_agent_with_its_own_port_and_cache_runs(
         agent_assets: dict[str, Path]) -> None:
     """With its own --port and --cache, as docs/agent.md says, the second agent serves and
     registers beside the first, and stops cleanly after --duration."""
+    fleet_key = make_keypair(tmp_path / "fleet-keys", "fleet")
     result = _second(tmp_path, mqtt_broker, fleet_name, free_port(), "cache-2", "--duration",
-                     "3", "--trusted-key", str(agent_assets["public_key"]))
+                     "3", "--trusted-key", str(agent_assets["public_key"]), "--fleet-key",
+                     str(fleet_key.public_path))
     assert result.returncode == 0, result.stderr
     assert "agent running: http://127.0.0.1:" in result.stdout
     assert "warning:" not in result.stderr

@@ -18,14 +18,13 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeserve.contract import (
-    Desired,
     Reported,
     Status,
     Window,
-    decode,
     device_topic,
     encode,
     fleet_filter,
+    open_desired,
     parse_topic,
 )
 from edgeserve.fleet.artifacts import ArtifactStore
@@ -36,8 +35,9 @@ from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import device_models
 from edgeserve.fleet.telemetry import store_windows, window_row
+from edgeserve.signing import TrustStore
 from edgeserve.telemetry import LatencyHistogram
-from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from edgeserve.testing import KeyPair, make_keypair, make_manifest, write_test_package
 from tests.support import wait_until
 
 N_DEVICES = 20
@@ -46,8 +46,9 @@ N_DEVICES = 20
 class SimDevices:
     """Applies every desired state at once and reports it back, over MQTT."""
 
-    def __init__(self, host: str, port: int, fleet: str) -> None:
+    def __init__(self, host: str, port: int, fleet: str, fleet_keys: TrustStore) -> None:
         self.fleet = fleet
+        self.fleet_keys = fleet_keys
         self.active: dict[str, str] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{fleet}-sim",
                                   protocol=mqtt.MQTTv5)
@@ -61,7 +62,8 @@ class SimDevices:
 
     def _on_desired(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
         device = parse_topic(msg.topic).device_id
-        desired = decode(Desired, msg.payload)
+        # what the agent does: only the fleet's signature, for this device, counts
+        desired = open_desired(msg.payload, self.fleet_keys, device)
         model = desired.models.get("toy")
         if model is None:
             return
@@ -95,10 +97,12 @@ def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
             apply_status(store, conn, Status(device_id=f"d{i:02d}", state="online",
                                              profile="generic-cpu", models={"toy": "1.0.0"}), now)
     host, port = mqtt_broker
-    sim = SimDevices(host, port, fleet_name)
+    fleet_key = make_keypair(tmp_path / "keys", "fleet")
+    sim = SimDevices(host, port, fleet_name, fleet_key.trust)
     resources.callback(sim.close)
     controller = RolloutController(store, artifacts, BrokerSettings(host=host, port=port),
-                                   fleet_name, "http://127.0.0.1:1", tick_s=0.2)
+                                   fleet_name, "http://127.0.0.1:1", fleet_key.private,
+                                   tick_s=0.2)
     resources.callback(controller.stop)
     controller.start()
     return store, controller, sim

@@ -18,4 +18,5 @@ def test_every_mqtt_doc_example_decodes_with_its_model() -> None:
     for name, body in examples:
         contract.decode(getattr(contract, name), body.encode(), where=f"docs/mqtt.md {name}")
     assert {name for name, _ in examples} >= {"Status", "TelemetryBatch", "Ack", "Desired",
-                                               "Reported", "FileRequest", "FileChunk"}
+                                               "SignedDesired", "Reported", "FileRequest",
+                                               "FileChunk", "FleetStatus"}

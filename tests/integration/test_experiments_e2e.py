@@ -183,7 +183,7 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
         server = FleetServer(FleetConfig(
             fleet=fleet_name, db=db, broker=f"mqtt://{host}:{port}", http_port=0,
             artifacts_dir=tmp / "artifacts", trusted_keys=[packages.key.public_path],
-            rollout_tick_s=0.25, experiment_tick_s=0.25))
+            rollout_tick_s=0.25, experiment_tick_s=0.25, fleet_key=tmp / "fleet.key"))
         stack.callback(server.stop)
         server.start()
         assert server.artifacts is not None and server.store is not None
@@ -191,7 +191,7 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
             server.artifacts.publish(path)
         devices = SimFleet.build(DEVICES, [PROFILE], tmp / "devices", [packages.key.public_path],
                                  f"mqtt://{host}:{port}", fleet_name, window_s=0.5,
-                                 prefix=fleet_name)
+                                 prefix=fleet_name, fleet_keys=[tmp / "fleet.pub.pem"])
         stack.callback(devices.stop)
         devices.start()
         traffic = RewardTraffic(devices.devices, packages.x_test)

@@ -198,7 +198,8 @@ def _system(tmp_path: Path, built: Built, mqtt_broker: tuple[str, int], fleet_na
         traffic = Traffic(MODEL, {"x": built.x}, rate_per_s=10, feedback=False)
         devices = SimFleet.build(len(profiles), profiles, tmp_path / "devices",
                                  [built.key.public_path], f"mqtt://{host}:{port}", fleet_name,
-                                 traffic=traffic, window_s=0.5, prefix=fleet_name).start()
+                                 traffic=traffic, window_s=0.5, prefix=fleet_name,
+                                 fleet_keys=[service.fleet_public_key]).start()
         made = System(store, devices, proxy, artifacts)
         # every device registered with its profile: what rollout admission checks
         assert devices.wait_for(lambda: {d.device_id for d in list_devices(made.store)

@@ -120,7 +120,8 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
         traffic = Traffic(MODEL, {"input": packages.x_test}, packages.y_test, rate_per_s=12)
         devices = SimFleet.build(DEVICES, [PROFILE], tmp_path / "devices",
                                  [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
-                                 traffic=traffic, window_s=0.5, prefix=fleet_name)
+                                 traffic=traffic, window_s=0.5, prefix=fleet_name,
+                                 fleet_keys=[service.fleet_public_key])
         stack.callback(devices.stop)
         devices.start()
         yield store, devices
