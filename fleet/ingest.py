@@ -8,7 +8,9 @@ logged (throttled, so a flood of garbage cannot flood the log) and dropped.
 Rejection reasons: ``topic`` (not a v1 device topic of this fleet, or a kind the fleet does not
 ingest), ``oversize`` (over :data:`~edgeserve.contract.MAX_PAYLOAD_BYTES`), ``malformed`` (not a
 JSON object), ``schema`` (JSON that breaks the contract), ``device-mismatch`` (the payload names
-another device than its topic: a device may publish only under its own id), ``error`` (handling
+another device than its topic: a device may publish only under its own id), ``seq-jump`` (a
+sequence number or floor far beyond what the device could have produced since its last ack),
+``error`` (handling
 it raised something unexpected - a bug, logged with its traceback - and it was dropped so that
 ingestion goes on; see :mod:`.service`).
 """
@@ -24,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from edgeserve.contract import (
     MAX_PAYLOAD_BYTES,
     Status,
@@ -35,13 +39,19 @@ from edgeserve.errors import ContractError
 
 from .registry import apply_status, ensure_devices
 from .store import Store
+from .tables import devices
 from .telemetry import advance_acks, store_windows, window_row
 
-__all__ = ["REJECT_REASONS", "IngestStats", "Ingestor", "Parsed"]
+__all__ = ["MAX_SEQ_JUMP", "MAX_WINDOW_RATE", "REJECT_REASONS", "IngestStats", "Ingestor", "Parsed"]
 
 log = logging.getLogger(__name__)
 
-REJECT_REASONS = ("topic", "oversize", "malformed", "schema", "device-mismatch", "error")
+REJECT_REASONS = ("topic", "oversize", "malformed", "schema", "device-mismatch", "seq-jump",
+                  "error")
+MAX_SEQ_JUMP = 1_000_000
+"""How far past a device's acked sequence number a batch may reach at once (Ingestor._plausible),
+plus MAX_WINDOW_RATE per second since the device was last seen."""
+MAX_WINDOW_RATE = 100.0
 _LOG_FIRST = 20
 _LOG_EVERY = 1000
 
@@ -120,7 +130,7 @@ class Ingestor:
         sent telemetry. Raises :class:`~edgeserve.errors.StoreError` if the store fails (then
         nothing is acked and the messages must be processed again)."""
         now = self.clock()
-        batches = [p for p in items if p.batch is not None]
+        batches = self._plausible([p for p in items if p.batch is not None])
         statuses = [p.status for p in items if p.status is not None]
         rows: list[dict[str, Any]] = []
         floors: dict[str, int] = {}
@@ -151,6 +161,40 @@ class Ingestor:
             self.stats.duplicates += received - stored
             self.stats.acks += len(acks)
         return acks
+
+    def _plausible(self, batches: list[Parsed]) -> list[Parsed]:
+        """Batches whose sequence numbers a device could have produced since its last ack.
+
+        A device numbers its windows one by one, a few per second at the very most, so a batch
+        far beyond the device's acked sequence (``seq`` or ``floor`` near 2^53, say) is a
+        forgery or a bug. Storing and acking it would move the device's floor past every number
+        it will ever use, so its real windows would be refused from then on. The allowance is
+        :data:`MAX_SEQ_JUMP` plus :data:`MAX_WINDOW_RATE` per second since the device was last
+        seen (a device away for a year, its full outbox dropping the oldest windows, comes back
+        far ahead, legitimately); for a device the fleet never saw that is the time since 1970.
+        """
+        if not batches:
+            return []
+        ids = sorted({p.device_id for p in batches})
+        with self.store.read() as conn:
+            known = {r.device_id: (int(r.acked_seq), float(r.last_seen or 0.0)) for r in
+                     conn.execute(sa.select(devices.c.device_id, devices.c.acked_seq,
+                                            devices.c.last_seen)
+                                  .where(devices.c.device_id.in_(ids)))}
+        now = self.clock()
+        kept = []
+        for item in batches:
+            assert item.batch is not None
+            top = max([w.seq for w in item.batch.windows] + [item.batch.floor or 0])
+            acked, seen = known.get(item.device_id, (0, 0.0))
+            limit = acked + MAX_SEQ_JUMP + int(max(0.0, now - seen) * MAX_WINDOW_RATE)
+            if top > limit:
+                self._reject("seq-jump", f"device {item.device_id}",
+                             f"sequence number {top} is more than {limit - acked} past the "
+                             f"{acked} acked: not stored, not acked")
+                continue
+            kept.append(item)
+        return kept
 
     def reject(self, reason: str, topic: str, detail: str) -> None:
         """Count and log (throttled) one dropped message."""

@@ -75,3 +75,38 @@ def test_an_empty_retained_status_is_not_an_error(ingestor: Ingestor) -> None:
     """Clearing a retained status (empty payload) is ignored without counting a rejection."""
     assert ingestor.parse(f"edgeserve/v1/{FLEET}/devices/d1/status", b"") is None
     assert ingestor.stats.snapshot()["rejected_total"] == 0
+
+
+def _batch(device: str, seqs: list[int], floor: int | None = None) -> bytes:
+    return encode(TelemetryBatch(device_id=device, floor=floor, windows=[
+        Window(seq=s, start=1.0, end=2.0, model="m", version="1", requests=1) for s in seqs]))
+
+
+def _commit(ingestor: Ingestor, payload: bytes, device: str = "d1") -> dict[str, int]:
+    parsed = ingestor.parse(f"edgeserve/v1/{FLEET}/devices/{device}/telemetry", payload)
+    assert parsed is not None
+    return ingestor.commit([parsed])
+
+
+def test_a_sequence_number_no_device_could_produce_is_refused_not_acked(
+        ingestor: Ingestor) -> None:
+    """A batch at seq = floor = 2^53 for a device acked at 3 is neither stored nor acked, so the
+    device's own next windows still land; a brand-new id cannot be claimed at 2^53 either."""
+    assert _commit(ingestor, _batch("d1", [1, 2, 3])) == {"d1": 3}
+    assert _commit(ingestor, _batch("d1", [2**53], floor=2**53)) == {}
+    assert _commit(ingestor, _batch("d1", [4])) == {"d1": 4}
+    assert _commit(ingestor, _batch("d9", [2**53], floor=2**53), device="d9") == {}
+    stats = ingestor.stats.snapshot()
+    assert stats["rejected"]["seq-jump"] == 2 and stats["windows_stored"] == 4
+
+
+def test_a_device_away_for_long_may_come_back_far_ahead(tmp_path: Path) -> None:
+    """A year offline with a full outbox dropping its oldest windows moves a device's floor by
+    millions: that is allowed, in proportion to the time it was away."""
+    clock = [1_800_000_000.0]
+    with Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet=FLEET) as store:
+        ingestor = Ingestor(store, FLEET, clock=lambda: clock[0])
+        assert _commit(ingestor, _batch("d1", [1])) == {"d1": 1}
+        clock[0] += 365 * 86400
+        far = 5_000_001
+        assert _commit(ingestor, _batch("d1", [far], floor=far)) == {"d1": far}
