@@ -39,7 +39,7 @@ from edgeserve.errors import EdgeserveError
 from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect
 from ..desired import DesiredStates
-from ..files import answer_file_request
+from ..files import FileGate, answer_file_request, refusal
 from ..leader import LeaderLoop
 from ..registry import list_devices
 from ..store import Store
@@ -119,6 +119,7 @@ class RolloutController:
         self.broker = broker
         self.fleet = fleet
         self.desired = DesiredStates(store, artifacts, public_url)
+        self.files = FileGate(self.desired.get)
         self.rollouts = Rollouts(store)
         self.client_id = client_id or f"edgeserve-rollouts-{fleet}"
         self.tick_s = tick_s
@@ -184,7 +185,10 @@ class RolloutController:
             self.bad_reports += 1
             log.warning("dropping bad file request: %s", exc)
             return
-        answer = answer_file_request(self.artifacts, request)
+        answer_at_all, why = self.files.admit(topic.device_id, request)
+        if not answer_at_all:
+            return  # over its rate: dropped unanswered (no amplification)
+        answer = refusal(request, why) if why else answer_file_request(self.artifacts, request)
         client.publish(device_topic(self.fleet, topic.device_id, "files", "data"), encode(answer),
                        qos=1)
 
