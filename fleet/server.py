@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -41,6 +42,7 @@ from .rollouts.controller import RolloutController
 from .service import FleetService, SharedMode
 from .store import Store
 from .web.app import create_app
+from .web.origin import LOOPBACK_HOSTS
 from .web.server import ServerHandle, start_server
 
 __all__ = ["FleetConfig", "FleetServer", "default_fleet_key", "fleet_public_key_path"]
@@ -183,8 +185,17 @@ class FleetServer:
         app = create_app(store, self.artifacts, authenticator=auth,
                          stats=service.ingestor.stats.snapshot,
                          experiments=lambda: reports(store), broker=self.broker_settings,
-                         fleet=c.fleet)
+                         fleet=c.fleet,
+                         allowed_hosts=self._allowed_hosts())
         self.http = start_server(app, c.http_host, c.http_port or 0)
+
+    def _allowed_hosts(self) -> set[str] | None:
+        """Bound to loopback: answer only to loopback names and the public URL's host (a name
+        that rebinds to 127.0.0.1 is refused); otherwise any Host."""
+        if not _loopback(self.config.http_host):
+            return None
+        public = urlsplit(self.config.public_url or "").hostname
+        return {*LOOPBACK_HOSTS, *([public] if public else [])}
 
     def run(self, duration_s: float | None = None) -> None:
         """Block until :meth:`request_stop` or ``duration_s``."""

@@ -8,6 +8,7 @@ API calls must also be JSON (:class:`~.admin.JsonWritesOnly`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ from .admin import JsonWritesOnly, admin_routes
 from .api import ExperimentsProvider, api_routes
 from .artifacts import artifact_routes
 from .metrics import StatsProvider, render_metrics
+from .origin import SameOrigin
 
 __all__ = ["Authenticator", "create_app", "static_dir"]
 
@@ -65,9 +67,11 @@ def create_app(store: Store, artifacts: ArtifactStore, *,
                authenticator: Authenticator | None = None, protect_artifacts: bool = False,
                stats: StatsProvider | None = None,
                experiments: ExperimentsProvider | None = None,
-               broker: BrokerSettings | None = None, fleet: str | None = None) -> Starlette:
+               broker: BrokerSettings | None = None, fleet: str | None = None,
+               allowed_hosts: Iterable[str] | None = None) -> Starlette:
     """The fleet's HTTP app. ``broker`` and ``fleet`` let the API remove devices (their
-    retained MQTT messages are cleared through that broker)."""
+    retained MQTT messages are cleared through that broker); ``allowed_hosts`` are the names it
+    answers to (see :mod:`.origin`)."""
     static = static_dir()
 
     async def index(request: Request) -> Response:
@@ -91,8 +95,11 @@ def create_app(store: Store, artifacts: ArtifactStore, *,
         *admin_routes(store, artifacts, broker, fleet),
         *artifact_routes(artifacts),
     ]
-    middleware = [Middleware(_AuthMiddleware, authenticator=authenticator,
-                             protect_artifacts=protect_artifacts)] if authenticator else []
+    # first: a cross-site or rebound request is refused before anything else reads it
+    middleware = [Middleware(SameOrigin, allowed_hosts=allowed_hosts)]
+    if authenticator:
+        middleware.append(Middleware(_AuthMiddleware, authenticator=authenticator,
+                                     protect_artifacts=protect_artifacts))
     # after authentication: an anonymous caller learns nothing about content types
     middleware.append(Middleware(JsonWritesOnly))
     return Starlette(routes=routes, middleware=middleware)
