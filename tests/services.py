@@ -146,9 +146,9 @@ def start_mosquitto(extra_config: str = "", persistence: bool = True) -> Mosquit
     return proc
 
 
-def clear_retained(host: str, port: int, topic_filter: str, timeout: float = 10.0) -> list[str]:
-    """Delete every retained message under ``topic_filter`` (publish an empty retained payload
-    on each topic holding one); returns those topics.
+def retained_messages(host: str, port: int, topic_filter: str,
+                      timeout: float = 10.0) -> dict[str, bytes]:
+    """Every retained message under ``topic_filter`` on the broker, by topic.
 
     The broker sends a new subscriber the retained messages before anything published after the
     subscription, so a sentinel published (not retained) once subscribed arrives after the last
@@ -157,15 +157,15 @@ def clear_retained(host: str, port: int, topic_filter: str, timeout: float = 10.
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    sentinel = topic_filter.removesuffix("#").rstrip("/") + f"/cleanup-{uuid.uuid4().hex[:8]}"
-    retained: list[str] = []
+    sentinel = topic_filter.removesuffix("#").rstrip("/") + f"/probe-{uuid.uuid4().hex[:8]}"
+    found: dict[str, bytes] = {}
     subscribed, done = threading.Event(), threading.Event()
 
     def on_message(_c: Any, _u: Any, message: Any) -> None:
         if message.topic == sentinel:
             done.set()
         elif message.retain and message.payload:
-            retained.append(message.topic)
+            found[message.topic] = bytes(message.payload)
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = on_message
@@ -173,10 +173,29 @@ def clear_retained(host: str, port: int, topic_filter: str, timeout: float = 10.
     client.connect(host, port)
     client.loop_start()
     try:
-        client.subscribe(topic_filter, qos=1)
+        client.subscribe([(topic_filter, 1), (sentinel, 1)])
         assert subscribed.wait(timeout), f"the broker did not grant a subscription to {topic_filter}"
         client.publish(sentinel, b"", qos=1)
         assert done.wait(timeout), f"the retained messages under {topic_filter} did not arrive"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
+def clear_retained(host: str, port: int, topic_filter: str, timeout: float = 10.0) -> list[str]:
+    """Delete every retained message under ``topic_filter`` (publish an empty retained payload
+    on each topic holding one); returns those topics."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    retained = sorted(retained_messages(host, port, topic_filter, timeout))
+    if not retained:
+        return []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(host, port)
+    client.loop_start()
+    try:
         sent = [client.publish(topic, b"", qos=1, retain=True) for topic in retained]
         for info in sent:
             info.wait_for_publish(timeout)

@@ -9,11 +9,8 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -21,7 +18,7 @@ import requests
 from edgeserve._process import popen
 from edgeserve.contract import Status, decode, fleet_filter
 from edgeserve.testing import make_keypair
-from tests.services import free_port
+from tests.services import free_port, retained_messages
 from tests.support import wait_until
 
 EDGESERVE = str(Path(sys.executable).parent / "edgeserve")
@@ -29,38 +26,10 @@ ENV = {**os.environ, "EDGESERVE_TRUSTED_KEYS": ""}
 
 
 def _retained_statuses(host: str, port: int, fleet: str) -> dict[str, Status]:
-    """The retained status of every device of ``fleet`` on the broker, by device id.
-
-    The broker sends retained messages before anything published after the subscription, so
-    the sentinel published once subscribed marks the end of them (no waiting for silence)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    sentinel = f"{fleet_filter(fleet, 'status').split('/devices/')[0]}/probe-{uuid.uuid4().hex}"
-    found: dict[str, Status] = {}
-    subscribed, done = threading.Event(), threading.Event()
-
-    def on_message(_c: Any, _u: Any, message: Any) -> None:
-        if message.topic == sentinel:
-            done.set()
-        elif message.retain and message.payload:
-            status = decode(Status, message.payload, message.topic)
-            found[status.device_id] = status
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = on_message
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect(host, port)
-    client.loop_start()
-    try:
-        client.subscribe([(fleet_filter(fleet, "status"), 1), (sentinel, 1)])
-        assert subscribed.wait(10), "the broker did not grant the status subscription"
-        client.publish(sentinel, b"x", qos=1)
-        assert done.wait(10), "the sentinel did not come back"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return found
+    """The retained status of every device of ``fleet`` on the broker, by device id."""
+    found = retained_messages(host, port, fleet_filter(fleet, "status"))
+    statuses = (decode(Status, payload, topic) for topic, payload in found.items())
+    return {status.device_id: status for status in statuses}
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from edgeserve.fleet.web.app import create_app
 from edgeserve.fleet.web.server import ServerHandle, start_server
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from tests.services import retained_messages
 
 AUTH = ("admin", "s3cret")
 JSON = {"Content-Type": "application/json"}
@@ -228,35 +227,9 @@ def test_api_lists_and_unpublishes_with_auth_and_json(
 
 
 def _retained(host: str, port: int, fleet: str) -> set[str]:
-    """Topics holding a retained message under ``fleet`` (a sentinel ends the retained burst)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
+    """Topics holding a retained message under ``fleet``'s devices."""
     root = fleet_filter(fleet, "+").split("/devices/")[0]
-    sentinel = f"{root}/probe-{uuid.uuid4().hex}"
-    found: set[str] = set()
-    subscribed, done = threading.Event(), threading.Event()
-
-    def on_message(_c: Any, _u: Any, message: Any) -> None:
-        if message.topic == sentinel:
-            done.set()
-        elif message.retain and message.payload:
-            found.add(message.topic)
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = on_message
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect(host, port)
-    client.loop_start()
-    try:
-        client.subscribe([(f"{root}/devices/#", 1), (sentinel, 1)])
-        assert subscribed.wait(10)
-        client.publish(sentinel, b"x", qos=1)
-        assert done.wait(10), "the sentinel did not come back"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return found
+    return set(retained_messages(host, port, f"{root}/devices/#"))
 
 
 def _leave_device(store: Store, broker: tuple[str, int], fleet: str, artifacts: ArtifactStore,
