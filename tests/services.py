@@ -157,7 +157,13 @@ def retained_messages(host: str, port: int, topic_filter: str,
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    sentinel = topic_filter.removesuffix("#").rstrip("/") + f"/probe-{uuid.uuid4().hex[:8]}"
+    # a topic of its own beside the filter's (no wildcard: it is published)
+    fixed = []
+    for part in topic_filter.split("/"):
+        if part in ("+", "#"):
+            break
+        fixed.append(part)
+    sentinel = "/".join([*fixed, f"probe-{uuid.uuid4().hex[:8]}"])
     found: dict[str, bytes] = {}
     subscribed, done = threading.Event(), threading.Event()
 
