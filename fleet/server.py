@@ -134,9 +134,9 @@ class FleetServer:
             if broker is None:
                 self.embedded = EmbeddedBroker(c.embedded_host, c.embedded_port).start()
                 broker = self.embedded.url
-            self.broker_url = broker
             settings = self.broker_settings = BrokerSettings.from_url(broker,
                                                                       **c.broker_options)
+            self.broker_url = settings.url  # without credentials: it is logged and printed
             self.service = FleetService(Ingestor(self.store, c.fleet), settings,
                                         c.client_id or f"edgeserve-fleet-{c.fleet}-{c.worker}",
                                         shared=c.shared)

@@ -119,3 +119,21 @@ def test_a_bug_on_one_message_drops_only_that_message(
     finally:
         service.stop()
         publisher.close()
+
+
+def test_the_broker_password_is_not_logged(tmp_path: Path, mqtt_broker: tuple[str, int],
+                                           fleet_name: str) -> None:
+    """fleet serve with credentials in --broker logs and prints the broker without them."""
+    import subprocess
+    import sys
+
+    host, port = mqtt_broker
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("edgeserve")), "fleet", "serve", "--fleet",
+         fleet_name, "--broker", f"mqtt://fleet-user:s3cr3t-pw@{host}:{port}", "--db",
+         f"sqlite:///{tmp_path}/fleet.db", "--artifacts", str(tmp_path / "artifacts"),
+         "--fleet-key", str(tmp_path / "fleet.key"), "--http-port", "-1", "--duration", "1"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"mqtt://{host}:{port}" in result.stderr
+    assert "s3cr3t-pw" not in result.stdout + result.stderr
