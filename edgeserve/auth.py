@@ -1,10 +1,13 @@
 """Optional authentication for edgeserve's servers (agent HTTP/gRPC, fleet API and dashboard).
 
-Schemes: a static bearer token, JWT bearer tokens (HS256 with a shared secret or RS256 with a
-public key; ``exp`` is required, ``aud`` checked when configured, an optional required ``scope``)
-and HTTP basic auth. Missing or invalid credentials raise :class:`~edgeserve.errors.AuthError`
-(401); valid credentials that lack the required scope raise ``ForbiddenError`` (403). Comparisons
-of secrets are constant-time.
+Schemes: a static bearer token, JWT bearer tokens (HS256 with a shared secret of at least 32
+bytes, as RFC 7518 asks, or RS256 with a public key; ``exp`` is required and at most a year
+ahead, ``aud`` checked when configured, an optional required ``scope``) and HTTP basic auth
+(passwords stored as salted scrypt hashes, ``edgeserve keys hash-password``; clear text and the
+older unsalted ``sha256:`` still read). Missing or invalid credentials raise
+:class:`~edgeserve.errors.AuthError` (401); valid credentials that lack the required scope raise
+``ForbiddenError`` (403). Comparisons of secrets are constant-time. A secret in an ``--auth``
+option may be ``@FILE`` (read from that file), so that it does not show in ``ps``.
 """
 
 from __future__ import annotations
@@ -13,13 +16,23 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AuthError, ConfigError, ForbiddenError
 
-__all__ = ["Authenticator", "BasicAuth", "BearerTokenAuth", "JwtAuth", "parse_auth_option"]
+__all__ = ["Authenticator", "BasicAuth", "BearerTokenAuth", "JwtAuth", "hash_password",
+           "parse_auth_option"]
+
+MIN_HS256_SECRET = 32
+"""Bytes an HS256 secret needs at least (RFC 7518 section 3.2: the hash's size)."""
+MAX_TOKEN_LIFETIME_S = 366 * 86400
+"""A JWT whose ``exp`` lies further ahead than this is refused (an exp of 10^20 is a bug or a
+forgery, not a token)."""
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
 class Authenticator:
@@ -77,6 +90,10 @@ class JwtAuth(Authenticator):
         if self.algorithm not in ("HS256", "RS256"):
             raise ConfigError(f"JWT algorithm {self.algorithm!r} is not supported; use HS256 "
                               "or RS256")
+        secret = self.key.encode() if isinstance(self.key, str) else self.key
+        if self.algorithm == "HS256" and len(secret) < MIN_HS256_SECRET:
+            raise ConfigError(f"the HS256 secret has {len(secret)} bytes; it needs at least "
+                              f"{MIN_HS256_SECRET} (e.g. 'openssl rand -hex 32')")
 
     def check(self, authorization: str | None) -> str:
         import jwt
@@ -95,6 +112,9 @@ class JwtAuth(Authenticator):
             raise AuthError(f"JWT lacks the required claim {exc.claim!r}") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid JWT: {exc}") from None
+        if float(claims.get("exp", 0)) > time.time() + MAX_TOKEN_LIFETIME_S:
+            raise AuthError(f"JWT expires more than {MAX_TOKEN_LIFETIME_S // 86400} days ahead; "
+                            "issue tokens that expire sooner")
         if self.required_scope is not None:
             scopes = str(claims.get("scope", "")).split()
             if self.required_scope not in scopes:
@@ -121,22 +141,50 @@ class BasicAuth(Authenticator):
         return user
 
 
+def hash_password(password: str) -> str:
+    """``scrypt:SALT:HASH`` (hex) of ``password``: what to store in ``basic:USER:…``."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    return f"scrypt:{salt.hex()}:{digest.hex()}"
+
+
 def _password_ok(password: str, stored: str) -> bool:
+    if stored.startswith("scrypt:"):
+        try:
+            _, salt, expected = stored.split(":")
+            digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt),
+                                    **_SCRYPT)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return hmac.compare_digest(digest.hex(), expected)
     if stored.startswith("sha256:"):
-        digest = hashlib.sha256(password.encode()).hexdigest()
-        return hmac.compare_digest(digest, stored[7:])
+        digest_hex = hashlib.sha256(password.encode()).hexdigest()
+        return hmac.compare_digest(digest_hex, stored[7:])
     return hmac.compare_digest(password.encode(), stored.encode())
+
+
+def _secret(value: str) -> str:
+    """``@FILE`` -> the file's content (stripped); anything else as given."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {value[1:]}: {exc.strerror or exc}") \
+            from None
 
 
 def parse_auth_option(text: str | None) -> Authenticator | None:
     """Build an authenticator from a CLI option.
 
     ``token:SECRET`` · ``jwt-hs256:SECRET[,aud=AUD][,scope=S]`` ·
-    ``jwt-rs256:PUBLIC.pem[,aud=AUD][,scope=S]`` · ``basic:USER:PASSWORD[;USER:PASSWORD…]``.
+    ``jwt-rs256:PUBLIC.pem[,aud=AUD][,scope=S]`` · ``basic:USER:PASSWORD[;USER:PASSWORD…]``;
+    after the first colon, ``@FILE`` reads the rest from a file.
     """
     if not text:
         return None
     kind, _, rest = text.partition(":")
+    rest = _secret(rest)
     if kind == "token" and rest:
         return BearerTokenAuth([rest])
     if kind in ("jwt-hs256", "jwt-rs256") and rest:

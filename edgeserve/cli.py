@@ -138,6 +138,17 @@ def keys_generate(out_dir: Path, name: str, force: bool, as_json: bool) -> None:
         f"key id:      {d['key_id']}"))
 
 
+@keys.command("hash-password")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              envvar="EDGESERVE_PASSWORD",
+              help="The password to hash [prompted, or env EDGESERVE_PASSWORD].")
+def keys_hash_password(password: str) -> None:
+    """Print a salted scrypt hash of a password, to store in '--auth basic:USER:HASH'."""
+    from .auth import hash_password
+
+    click.echo(hash_password(password))
+
+
 # -- package ---------------------------------------------------------------------------------------
 
 @cli.group(cls=SuggestingGroup)
