@@ -6,7 +6,13 @@ import click
 
 from edgeserve.cli import SuggestingGroup
 
-from .cli_admin import device_group, events_command, packages_command, unpublish_command
+from .cli_admin import (
+    broker_config_command,
+    device_group,
+    events_command,
+    packages_command,
+    unpublish_command,
+)
 from .cli_experiment import experiment
 from .cli_rollout import publish_command, rollout
 from .cli_telemetry import devices_command, serve_command, telemetry_command
@@ -26,6 +32,7 @@ fleet.add_command(publish_command)
 fleet.add_command(packages_command)
 fleet.add_command(unpublish_command)
 fleet.add_command(device_group)
+fleet.add_command(broker_config_command)
 fleet.add_command(events_command)
 fleet.add_command(rollout)
 fleet.add_command(experiment)

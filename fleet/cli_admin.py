@@ -1,4 +1,5 @@
-"""``edgeserve fleet packages | unpublish | device remove | events``: housekeeping.
+"""``edgeserve fleet packages | unpublish | device add | device remove | broker-config | events``:
+housekeeping and enrolment.
 
 They read and change the fleet store (``--db``), the artifact store (``--artifacts``) and, for
 ``device remove``, the broker's retained messages; a running ``fleet serve`` sees the result at
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,7 +29,11 @@ from .cli_options import (
 )
 from .store import Store
 
-__all__ = ["device_group", "events_command", "packages_command", "unpublish_command"]
+if TYPE_CHECKING:
+    from .enrolment import BrokerFiles
+
+__all__ = ["broker_config_command", "device_group", "events_command", "packages_command",
+           "unpublish_command"]
 
 
 def _when(ts: float | None) -> str:
@@ -169,6 +174,88 @@ def device_remove(device_id: str, fleet_name: str | None, force: bool, db: str |
         f"removed device [bold]{d['device_id']}[/]: cleared {len(d['cleared_topics'])} retained "
         f"topic(s), deleted " + ", ".join(f"{n} {t}" for t, n in d["deleted_rows"].items()
                                           if n) + " row(s)"))
+
+
+def _default_broker_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("edgeserve", appauthor=False)) / "fleet" / "broker"
+
+
+_broker_dir_option = click.option(
+    "--broker-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="The broker configuration 'fleet broker-config' wrote [default: the user data dir's "
+         "edgeserve/fleet/broker].")
+
+
+@device_group.command("add")
+@click.argument("device_id", help="The new device's id (its broker user name).")
+@click.option("--profile", default=None, help="Its hardware profile, for the command printed.")
+@click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", default="default",
+              show_default=True, help="The fleet, for the command printed.")
+@click.option("--broker-url", default=None, metavar="URL",
+              help="How the device reaches the broker, for the command printed "
+                   "[default: mqtts://HOST:PORT of the configuration].")
+@_broker_dir_option
+@json_option
+def device_add(device_id: str, profile: str | None, fleet_name: str, broker_url: str | None,
+               broker_dir: Path | None, as_json: bool) -> None:
+    """Enrol a device: broker credentials of its own (user = device id, a new password, shown
+    once), which the generated ACL restricts to that device's topics. Reload the broker after
+    (kill -HUP) for it to read the new password."""
+    from .enrolment import BrokerFiles, add_device
+
+    directory = broker_dir or _default_broker_dir()
+    password = add_device(directory, device_id)
+    files = BrokerFiles(directory.resolve())
+    url = broker_url or _broker_url(files)
+    command = (f"EDGESERVE_MQTT_PASSWORD=… edgeserve agent run --broker {url} --username "
+               f"{device_id} --ca-file {files.ca} --fleet {fleet_name} --device-id {device_id}"
+               + (f" --profile {profile}" if profile else "")
+               + " --trusted-key RELEASE.pub.pem --fleet-key FLEET.pub.pem")
+    data = {"device_id": device_id, "username": device_id, "password": password,
+            "ca_file": str(files.ca), "agent_command": command}
+    emit(data, as_json, lambda d: console.print(
+        f"enrolled [bold]{d['device_id']}[/]: broker user {d['username']}, password "
+        f"[bold]{d['password']}[/] (shown once; reload the broker: kill -HUP)\non the device: "
+        f"{d['agent_command']}", soft_wrap=True, highlight=False))
+
+
+def _broker_url(files: BrokerFiles) -> str:
+    host, port = "BROKER-HOST", "8883"
+    for line in files.config.read_text().splitlines():
+        if line.startswith("listener "):
+            port = line.split()[1]
+    return f"mqtts://{host}:{port}"
+
+
+@click.command("broker-config")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Where to write it [default: the user data dir's "
+                                 "edgeserve/fleet/broker].")
+@click.option("--host", "hosts", multiple=True, required=True,
+              help="A name or address devices use to reach the broker (in its TLS "
+                   "certificate); repeatable.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True,
+              help="The broker's TLS port.")
+@click.option("--bind", default="0.0.0.0", show_default=True,
+              help="The address the broker listens on.")
+@json_option
+def broker_config_command(out_dir: Path | None, hosts: tuple[str, ...], port: int, bind: str,
+                          as_json: bool) -> None:
+    """Write a hardened Mosquitto configuration: a TLS listener (certificates from a fleet CA
+    made here), no anonymous clients, a password file and an ACL that gives each device exactly
+    its own topics. Then enrol devices with 'fleet device add'."""
+    from .enrolment import FLEET_USER, broker_config
+
+    files = broker_config(out_dir or _default_broker_dir(), list(hosts), port, bind)
+    data = {"config": str(files.config), "ca_file": str(files.ca), "fleet_user": FLEET_USER,
+            "fleet_password_file": str(files.fleet_password)}
+    emit(data, as_json, lambda d: console.print(
+        f"wrote {d['config']}: start the broker with 'mosquitto -c {d['config']}' (its user must "
+        f"read the directory); run the fleet with --broker mqtts://{FLEET_USER}@HOST:{port} "
+        f"--ca-file {d['ca_file']} and EDGESERVE_MQTT_PASSWORD from {d['fleet_password_file']}",
+        soft_wrap=True, highlight=False))
 
 
 # -- events ----------------------------------------------------------------------------------------
