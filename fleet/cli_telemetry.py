@@ -162,6 +162,11 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
     if server.http_url:
         err_console.print(f"dashboard and API: {server.http_url}/  (devices fetch artifacts "
                           f"from {server.public_url}/v1/packages)")
+    if server.broker_settings is not None and server.broker_settings.username is None:
+        err_console.print("note: the broker let the fleet in without credentials, so anyone who "
+                          "reaches it may publish as any device; for a fleet beyond this "
+                          "machine, run it hardened ('edgeserve fleet broker-config', "
+                          "docs/security.md)", soft_wrap=True, highlight=False)
     if server.fleet_key_path is not None:
         err_console.print(f"desired state is signed with {server.fleet_key_path}; devices pin "
                           f"{fleet_public_key_path(server.fleet_key_path)} "
