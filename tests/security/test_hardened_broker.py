@@ -1,8 +1,9 @@
 """The hardened set-up, as docs/security.md describes it, against a real Mosquitto started from the
 configuration 'edgeserve fleet broker-config' writes (TLS, no anonymous clients, a password per
 device, an ACL on the authenticated user): one device's credentials cannot publish as another,
-cannot write desired state, acks or the fleet's announcement, and the good devices' telemetry
-is stored exactly once meanwhile."""
+cannot write desired state, acks or the fleet's announcement; what it may publish, it can make
+poisonous, which the fleet contains; and the good device's telemetry is stored exactly once
+meanwhile."""
 
 from __future__ import annotations
 
@@ -158,9 +159,16 @@ def test_one_devices_credentials_cannot_act_as_another_or_as_the_fleet(
         wait_until(lambda: own.mid in seen["pubacks"], 20, "cam-1's own publish")  # type: ignore[operator]
         assert seen["pubacks"][own.mid] == "Success"  # type: ignore[index]
 
+        # what cam-1 may publish, it can still make poisonous: contained by the fleet
+        for kind in ("status", "telemetry", "reported"):
+            rogue.publish(device_topic(fleet_name, "cam-1", kind), b"[" * 50_000, qos=1)
+        wait_until(lambda: service.ingestor.stats.snapshot()["rejected_total"] >= 2, 30,
+                   "the fleet to drop cam-1's poison")
         wait_until(lambda: store_counts(store.url)["devices"].get("cam-2", (0, 0, 0))[0] == 30,
                    60, "cam-2's windows")
         counts = store_counts(store.url)
         assert counts["devices"]["cam-2"] == (30, 1, 30)  # none of the forged 1000-1004
         assert counts["devices"]["cam-1"][0] == 1
-        assert service.ingestor.stats.snapshot()["rejected_total"] == 0  # the broker stopped it
+        # the forgeries never reached the fleet: only cam-1's own poison was there to drop
+        assert service.ingestor.stats.snapshot()["rejected"]["malformed"] == 2
+        assert service.healthy and service.worker_restarts == 0
