@@ -11,6 +11,7 @@ names the tensor and the expectation.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "DTYPE_NAMES",
     "InferRequest",
     "RequestedOutput",
+    "checked_shape",
     "datatype_of",
     "decode_bytes_tensor",
     "decode_request",
@@ -83,17 +85,25 @@ def _fail(message: str) -> InvalidInputError:
     return InvalidInputError(message)
 
 
-def _shape(raw: object, name: str) -> list[int]:
-    if not isinstance(raw, list) or len(raw) > _MAX_DIMS or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+def checked_shape(raw: object, name: str) -> tuple[list[int], int]:
+    """A tensor shape from a request and its element count, for HTTP and gRPC alike.
+
+    The count is Python integer arithmetic (``math.prod``), which cannot overflow: with numpy's
+    int64 a shape like ``[2^32, 2^32]`` wrapped to 0 elements and passed a size check."""
+    values = list(raw) if not isinstance(raw, list) and hasattr(raw, "__iter__") else raw
+    if not isinstance(values, list) or len(values) > _MAX_DIMS or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in values):
         raise _fail(f"input {name!r}: 'shape' must be a list of at most {_MAX_DIMS} "
                     f"non-negative integers, got {str(raw)[:80]}")
-    count = 1
-    for d in raw:
-        count *= d
+    count = math.prod(values)
     if count > _MAX_ELEMENTS:
-        raise _fail(f"input {name!r}: shape {raw} has more than {_MAX_ELEMENTS} elements")
-    return raw
+        raise _fail(f"input {name!r}: shape {values} has {count} elements, more than "
+                    f"{_MAX_ELEMENTS}")
+    return values, count
+
+
+def _shape(raw: object, name: str) -> list[int]:
+    return checked_shape(raw, name)[0]
 
 
 def _params(raw: object, where: str) -> dict[str, Any]:
@@ -134,7 +144,7 @@ def _from_json_data(data: object, datatype: str, shape: list[int], name: str) ->
     dtype = DATATYPES[datatype]
     if not isinstance(data, list):
         raise _fail(f"input {name!r}: 'data' must be a (flat or nested) list")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if datatype == "BYTES":
         flat = np.array(data, dtype=object).ravel()
         if flat.size != count or not all(isinstance(v, str) for v in flat):
@@ -150,6 +160,9 @@ def _from_json_data(data: object, datatype: str, shape: list[int], name: str) ->
     if array.size and not _kind_ok(array.dtype.kind, dtype.kind):
         raise _fail(f"input {name!r}: 'data' holds {_kind_name(array.dtype.kind)} values, "
                     f"which are not valid {datatype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise _fail(f"input {name!r}: 'data' holds NaN or infinity, which no model input "
+                    "takes; send finite numbers")
     try:
         return array.astype(dtype).reshape(shape)
     except (ValueError, OverflowError) as exc:
@@ -157,7 +170,8 @@ def _from_json_data(data: object, datatype: str, shape: list[int], name: str) ->
 
 
 def _kind_ok(found: str, wanted: str) -> bool:
-    allowed = {"f": "biuf", "i": "iu", "u": "iu", "b": "b"}
+    # booleans are not numbers here: true in an FP32 tensor is a client's bug, not 1.0
+    allowed = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
     return found in allowed.get(wanted, "")
 
 
@@ -186,6 +200,8 @@ def _load_header(body: bytes, header_length: int | None) -> tuple[dict[str, Any]
         header = json.loads(body[:end])
     except (ValueError, UnicodeDecodeError) as exc:
         raise _fail(f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail("request body is nested too deeply to be an inference request") from None
     if not isinstance(header, dict):
         raise _fail("request body must be a JSON object with an 'inputs' list")
     return header, memoryview(body)[end:]

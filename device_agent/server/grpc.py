@@ -34,7 +34,13 @@ from edgeserve.errors import (
 from .._grpc_gen import open_inference_grpc_pb2 as pb
 from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
 from .._grpc_gen import triton_extensions_pb2 as ext
-from .codec import DATATYPES, datatype_of, decode_bytes_tensor, encode_bytes_tensor
+from .codec import (
+    DATATYPES,
+    checked_shape,
+    datatype_of,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+)
 from .dataplane import DataPlane
 from .metrics import MetricsRegistry
 
@@ -66,21 +72,12 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _shape(raw: Any, name: str) -> list[int]:
-    shape = [int(d) for d in raw]
-    if any(d < 0 for d in shape) or len(shape) > 16:
-        raise InvalidInputError(f"input {name!r}: shape {shape} must have at most 16 "
-                                "non-negative dimensions")
-    return shape
-
-
 def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     if datatype not in DATATYPES:
         raise InvalidInputError(f"input {name!r}: datatype {datatype!r} is not one of "
                                 f"{sorted(DATATYPES)}")
-    shape = _shape(tensor.shape, name)
-    count = int(np.prod(shape)) if shape else 1
+    shape, count = checked_shape([int(d) for d in tensor.shape], name)
     if raw is not None:
         if datatype == "BYTES":
             return decode_bytes_tensor(raw, count, name).reshape(shape)
