@@ -361,6 +361,40 @@ def events(model: str | None, limit: int, cache_dir: Path | None, profile: str |
     emit(rows, as_json, render)
 
 
+def tls_options(fn: Any) -> Any:
+    """--tls-cert/--tls-key/--tls-client-ca and --insecure, for the agent's servers."""
+    options = [
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Serve HTTPS (and gRPC over TLS) with this certificate "
+                                        "(PEM)."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="The private key of --tls-cert (PEM)."),
+        click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False,
+                                                        path_type=Path),
+                     default=None, help="Require client certificates signed by this CA "
+                                        "(mutual TLS)."),
+        click.option("--insecure", is_flag=True,
+                     help="Listen beyond loopback without --auth (every model answers anyone "
+                          "who reaches the address)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def tls_settings(cert: Path | None, key: Path | None, client_ca: Path | None) -> Any:
+    """The TLS settings the options give (None without a certificate)."""
+    from .server import TlsSettings
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    return TlsSettings(cert, key, client_ca)
+
+
 @agent.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0: any).")
@@ -376,15 +410,26 @@ def events(model: str | None, limit: int, cache_dir: Path | None, profile: str |
 @click.option("--auth", default=None, envvar="EDGESERVE_AUTH",
               help="token:SECRET | jwt-hs256:SECRET[,aud=A][,scope=S] | "
                    "jwt-rs256:KEY.pem[,aud=A] | basic:USER:PASS[;USER:PASS]")
+@tls_options
 @agent_options
 @json_option
 def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
-          threads: int | None, max_body: int, auth: str | None, cache_dir: Path | None,
-          profile: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+          threads: int | None, max_body: int, auth: str | None, tls_cert: Path | None,
+          tls_key: Path | None, tls_client_ca: Path | None, insecure: bool,
+          cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
+          as_json: bool) -> None:
     """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
-    from .server import MetricsRegistry, parse_auth_option, start_grpc_server, start_http_server
+    from .server import (
+        MetricsRegistry,
+        check_exposure,
+        parse_auth_option,
+        start_grpc_server,
+        start_http_server,
+    )
 
     authenticator = parse_auth_option(auth)
+    tls = tls_settings(tls_cert, tls_key, tls_client_ca)
+    check_exposure(host, authenticator, tls, insecure)
     config = load_config(cache_dir, profile, trusted_keys)
     with _agent(config.cache_dir, config.profile, tuple(config.trusted_keys),
                 concurrency=workers) as a:
@@ -397,7 +442,8 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
         if grpc_port is not None:
             grpc_handle = start_grpc_server(a, host, grpc_port, auth=authenticator,
                                             workers=workers, queue=queue,
-                                            max_message_bytes=max_body, metrics=metrics)
+                                            max_message_bytes=max_body, metrics=metrics,
+                                            tls=tls)
 
         def listening(handle: Any) -> None:
             data = {"http": handle.url, "grpc": grpc_handle.address if grpc_handle else None,
@@ -413,7 +459,7 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
         try:
             start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,
                               max_body_bytes=max_body, metrics=metrics, block=True,
-                              on_listen=listening)
+                              on_listen=listening, tls=tls)
         finally:
             if grpc_handle is not None:
                 grpc_handle.stop()

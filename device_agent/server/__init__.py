@@ -11,7 +11,14 @@ from edgeserve.auth import Authenticator, BasicAuth, BearerTokenAuth, JwtAuth, p
 
 from .dataplane import DataPlane, LoadGate
 from .metrics import MetricsRegistry
-from .runner import GrpcServerHandle, HttpServerHandle, start_grpc_server, start_http_server
+from .runner import (
+    GrpcServerHandle,
+    HttpServerHandle,
+    TlsSettings,
+    check_exposure,
+    start_grpc_server,
+    start_http_server,
+)
 
 __all__ = [
     "Authenticator",
@@ -23,6 +30,8 @@ __all__ = [
     "JwtAuth",
     "LoadGate",
     "MetricsRegistry",
+    "TlsSettings",
+    "check_exposure",
     "parse_auth_option",
     "start_grpc_server",
     "start_http_server",

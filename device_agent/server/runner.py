@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import ipaddress
+import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgeserve.auth import Authenticator
@@ -21,8 +24,10 @@ from .dataplane import DataPlane, LoadGate
 from .http import DEFAULT_MAX_BODY, HttpApp
 from .metrics import MetricsRegistry
 
-__all__ = ["GrpcServerHandle", "HttpServerHandle", "check_port_free", "start_grpc_server",
-           "start_http_server"]
+__all__ = ["GrpcServerHandle", "HttpServerHandle", "TlsSettings", "check_exposure",
+           "check_port_free", "start_grpc_server", "start_http_server"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +53,48 @@ class HttpServerHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS for the agent's servers: its certificate and key (PEM), and optionally the CA whose
+    client certificates it requires (mutual TLS)."""
+
+    certfile: Path
+    keyfile: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("certfile", "keyfile", "client_ca"):
+            path = getattr(self, what)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"TLS {what} {path} does not exist or is not a file; expected "
+                                  "a PEM file")
+
+
+def check_exposure(host: str, auth: Authenticator | None, tls: TlsSettings | None,
+                   insecure: bool) -> None:
+    """Refuse to serve beyond loopback without authentication (unless ``insecure``): every
+    model would answer anyone who reaches the address. Without TLS, credentials travel in clear,
+    which is said too."""
+    if _loopback(host) or insecure:
+        return
+    if auth is None:
+        raise ConfigError(f"listening on {host} without --auth serves every model to anyone who "
+                          "reaches this address: pass --auth (with --tls-cert/--tls-key, so the "
+                          "credentials do not travel in clear), or --insecure to do it anyway")
+    if tls is None:
+        log.warning("listening on %s with --auth but without TLS: credentials travel in clear "
+                    "(pass --tls-cert and --tls-key)", host)
+
+
+def _loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -122,9 +169,9 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                       max_body_bytes: int = DEFAULT_MAX_BODY,
                       metrics: MetricsRegistry | None = None, block: bool = False,
                       log_level: str = "warning",
-                      on_listen: Callable[[HttpServerHandle], None] | None = None
-                      ) -> HttpServerHandle:
-    """Serve OIP v2 over HTTP (port 0 picks a free port).
+                      on_listen: Callable[[HttpServerHandle], None] | None = None,
+                      tls: TlsSettings | None = None) -> HttpServerHandle:
+    """Serve OIP v2 over HTTP, or HTTPS with ``tls`` (port 0 picks a free port).
 
     Runs in a background thread and returns once listening; with ``block`` it runs in the
     calling thread (handling SIGINT/SIGTERM) and returns after shutdown. ``on_listen`` is called
@@ -143,11 +190,12 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
         app, loop="uvloop" if fast else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         lifespan="on", log_level=log_level, access_log=False, server_header=False,
-        date_header=False, timeout_keep_alive=30, backlog=2048)
+        date_header=False, timeout_keep_alive=30, backlog=2048, **_uvicorn_tls(tls))
     server = uvicorn.Server(config)
     display = f"[{host}]" if ":" in host else host
-    handle = HttpServerHandle(f"http://{display}:{bound}", bound, gate, metrics, server, None,
-                              failures)
+    scheme = "https" if tls is not None else "http"
+    handle = HttpServerHandle(f"{scheme}://{display}:{bound}", bound, gate, metrics, server,
+                              None, failures)
     if block:
         if on_listen is not None:
             on_listen(handle)
@@ -173,11 +221,32 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     return handle
 
 
+def _uvicorn_tls(tls: TlsSettings | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    import ssl
+
+    return {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile),
+            "ssl_ca_certs": str(tls.client_ca) if tls.client_ca else None,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE}
+
+
+def _grpc_credentials(tls: TlsSettings) -> Any:
+    import grpc
+
+    return grpc.ssl_server_credentials(
+        [(Path(tls.keyfile).read_bytes(), Path(tls.certfile).read_bytes())],
+        root_certificates=Path(tls.client_ca).read_bytes() if tls.client_ca else None,
+        require_client_auth=tls.client_ca is not None)
+
+
 def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                       auth: Authenticator | None = None, workers: int = 2, queue: int = 64,
                       max_message_bytes: int = DEFAULT_MAX_BODY,
-                      metrics: MetricsRegistry | None = None) -> GrpcServerHandle:
-    """Serve the OIP gRPC service (port 0 picks a free port); returns once listening."""
+                      metrics: MetricsRegistry | None = None,
+                      tls: TlsSettings | None = None) -> GrpcServerHandle:
+    """Serve the OIP gRPC service, over TLS with ``tls`` (port 0 picks a free port); returns
+    once listening."""
     import grpc
 
     from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
@@ -203,7 +272,9 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
             server.stop(None)
             raise
     try:
-        bound = server.add_insecure_port(f"{display}:{port}")
+        address = f"{display}:{port}"
+        bound = server.add_secure_port(address, _grpc_credentials(tls)) if tls is not None \
+            else server.add_insecure_port(address)
     except RuntimeError:  # newer grpcio versions raise where older ones returned 0
         bound = 0
     if bound == 0:

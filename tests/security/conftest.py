@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.device_agent.conftest import agent_assets
 from tests.fleet.conftest import web_store
 
-__all__ = ["web_store"]
+__all__ = ["agent_assets", "web_store"]
