@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgeserve.auth import Authenticator, BasicAuth
 from edgeserve.signing import TrustStore, load_private_key, write_keypair
 
+from .artifact_tokens import ArtifactTokens
 from .artifacts import ArtifactStore
 from .broker import EmbeddedBroker
 from .cli_options import default_artifacts_dir
@@ -142,9 +143,9 @@ class FleetServer:
                                         shared=c.shared)
             self.service.start(connect_timeout=c.connect_timeout)
             self.artifacts = self._artifacts()
-            if c.http_port is not None:
-                self._start_http()
             fleet_key = self._fleet_key()
+            if c.http_port is not None:
+                self._start_http(ArtifactTokens.from_key(fleet_key))
             self.controller = RolloutController(
                 self.store, self.artifacts, settings, c.fleet, self.public_url, fleet_key,
                 client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s)
@@ -173,7 +174,7 @@ class FleetServer:
             else TrustStore()
         return ArtifactStore(self.config.artifacts_dir or default_artifacts_dir(), trust)
 
-    def _start_http(self) -> None:
+    def _start_http(self, tokens: ArtifactTokens) -> None:
         c = self.config
         auth = c.auth
         if auth is None and not _loopback(c.http_host):
@@ -186,7 +187,10 @@ class FleetServer:
                          stats=service.ingestor.stats.snapshot,
                          experiments=lambda: reports(store), broker=self.broker_settings,
                          fleet=c.fleet,
-                         allowed_hosts=self._allowed_hosts())
+                         allowed_hosts=self._allowed_hosts(),
+                         # with auth on, devices fetch artifacts with the download token of
+                         # their signed desired state, and nobody else without credentials
+                         protect_artifacts=auth is not None, artifact_tokens=tokens)
         self.http = start_server(app, c.http_host, c.http_port or 0)
 
     def _allowed_hosts(self) -> set[str] | None:

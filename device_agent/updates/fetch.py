@@ -67,6 +67,8 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
     in ``work_dir`` so a later attempt resumes them.
     """
     headers = user_agent(device_id)
+    if ref.token:  # the fleet protects its artifact endpoint: this version's download token
+        headers["Authorization"] = f"Bearer {ref.token}"
     work = Path(work_dir) / model / version
     work.mkdir(parents=True, exist_ok=True)
     where = f"{model} {version}"

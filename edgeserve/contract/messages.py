@@ -120,6 +120,9 @@ class VersionRef(Message):
     url: str | None = Field(default=None, max_length=2048,
                             description="base URL serving manifest.json, signature, files/...")
     manifest_sha256: str = Field(pattern=_SHA256)
+    token: str | None = Field(default=None, max_length=512,
+                              description="sent as 'Authorization: Bearer' to the artifact "
+                                          "endpoint when the fleet protects it")
 
     @model_validator(mode="after")
     def _url_for_http(self) -> VersionRef:

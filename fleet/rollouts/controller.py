@@ -36,6 +36,7 @@ from edgeserve.contract import (
 )
 from edgeserve.errors import EdgeserveError
 
+from ..artifact_tokens import ArtifactTokens
 from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect
 from ..desired import DesiredStates
@@ -114,6 +115,7 @@ class RolloutController:
                  desired_validity_s: float = DESIRED_VALIDITY_S) -> None:
         self.store = store
         self.fleet_key = fleet_key
+        self.tokens = ArtifactTokens.from_key(fleet_key)
         self.desired_validity_s = desired_validity_s
         self.artifacts = artifacts
         self.broker = broker
@@ -343,8 +345,13 @@ class RolloutController:
     # -- desired state ----------------------------------------------------------------------------
 
     def _signed(self, device_id: str, desired: Desired) -> bytes:
-        """The retained payload: bound to the device, valid for ``desired_validity_s``."""
-        bound = desired.model_copy(update={"device_id": device_id,
+        """The retained payload: bound to the device, valid for ``desired_validity_s``, each
+        HTTP version carrying the device's download token for it."""
+        models = {name: model.model_copy(update={"versions": {
+            version: ref.model_copy(update={"token": self.tokens.mint(device_id, name, version)})
+            if ref.transport == "http" else ref for version, ref in model.versions.items()}})
+            for name, model in desired.models.items()}
+        bound = desired.model_copy(update={"device_id": device_id, "models": models,
                                            "expires": time.time() + self.desired_validity_s})
         return encode(sign_desired(bound, self.fleet_key))
 

@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from edgeserve.errors import AuthError
 from edgeserve.mqtt import BrokerSettings
 
+from ..artifact_tokens import ArtifactTokens
 from ..artifacts import ArtifactStore
 from ..store import Store
 from .admin import JsonWritesOnly, admin_routes
@@ -46,14 +47,18 @@ def static_dir() -> Path:
 
 
 class _AuthMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app: object, authenticator: Authenticator, protect_artifacts: bool) -> None:
+    def __init__(self, app: object, authenticator: Authenticator, protect_artifacts: bool,
+                 tokens: ArtifactTokens | None = None) -> None:
         super().__init__(app)  # type: ignore[arg-type]
         self.authenticator = authenticator
         self.protect_artifacts = protect_artifacts
+        self.tokens = tokens
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         path = request.url.path
         if path == "/healthz" or (path.startswith("/v1/packages") and not self.protect_artifacts):
+            return await call_next(request)
+        if self._device_token_opens(path, request.headers.get("authorization")):
             return await call_next(request)
         try:
             self.authenticator.check(request.headers.get("authorization"))
@@ -63,12 +68,23 @@ class _AuthMiddleware(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+    def _device_token_opens(self, path: str, authorization: str | None) -> bool:
+        """A device's download token (from its signed desired state) opens the files of the
+        one version it names: ``/v1/packages/NAME/VERSION/...``."""
+        parts = path.split("/")
+        if self.tokens is None or len(parts) < 6 or parts[1:3] != ["v1", "packages"] \
+                or not authorization or not authorization.startswith("Bearer "):
+            return False
+        return self.tokens.check(authorization[7:].strip(), parts[3], parts[4]) is not None
+
+
 def create_app(store: Store, artifacts: ArtifactStore, *,
                authenticator: Authenticator | None = None, protect_artifacts: bool = False,
                stats: StatsProvider | None = None,
                experiments: ExperimentsProvider | None = None,
                broker: BrokerSettings | None = None, fleet: str | None = None,
-               allowed_hosts: Iterable[str] | None = None) -> Starlette:
+               allowed_hosts: Iterable[str] | None = None,
+               artifact_tokens: ArtifactTokens | None = None) -> Starlette:
     """The fleet's HTTP app. ``broker`` and ``fleet`` let the API remove devices (their
     retained MQTT messages are cleared through that broker); ``allowed_hosts`` are the names it
     answers to (see :mod:`.origin`)."""
@@ -99,7 +115,8 @@ def create_app(store: Store, artifacts: ArtifactStore, *,
     middleware = [Middleware(SameOrigin, allowed_hosts=allowed_hosts)]
     if authenticator:
         middleware.append(Middleware(_AuthMiddleware, authenticator=authenticator,
-                                     protect_artifacts=protect_artifacts))
+                                     protect_artifacts=protect_artifacts,
+                                     tokens=artifact_tokens))
     # after authentication: an anonymous caller learns nothing about content types
     middleware.append(Middleware(JsonWritesOnly))
     return Starlette(routes=routes, middleware=middleware)
