@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -25,7 +26,7 @@ from pathlib import Path
 from .errors import AuthError, ConfigError, ForbiddenError
 
 __all__ = ["Authenticator", "BasicAuth", "BearerTokenAuth", "JwtAuth", "hash_password",
-           "parse_auth_option"]
+           "is_loopback", "parse_auth_option"]
 
 MIN_HS256_SECRET = 32
 """Bytes an HS256 secret needs at least (RFC 7518 section 3.2: the hash's size)."""
@@ -205,3 +206,14 @@ def parse_auth_option(text: str | None) -> Authenticator | None:
             return BasicAuth(users)
     raise ConfigError(f"cannot parse --auth {text.split(':')[0]!r}…; use token:SECRET, "
                       "jwt-hs256:SECRET[,aud=A], jwt-rs256:KEY.pem[,aud=A] or basic:USER:PASS")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable only from this machine (what decides if
+    it may run without authentication)."""
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -18,7 +18,6 @@ open to the network by accident.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import threading
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeserve.auth import Authenticator, BasicAuth
+from edgeserve.auth import Authenticator, BasicAuth, is_loopback
 from edgeserve.signing import TrustStore, load_private_key, write_keypair
 
 from .artifact_tokens import ArtifactTokens
@@ -50,14 +49,6 @@ __all__ = ["FleetConfig", "FleetServer", "default_fleet_key", "fleet_public_key_
 
 log = logging.getLogger(__name__)
 
-
-def _loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_fleet_key(fleet: str) -> Path:
@@ -177,7 +168,7 @@ class FleetServer:
     def _start_http(self, tokens: ArtifactTokens) -> None:
         c = self.config
         auth = c.auth
-        if auth is None and not _loopback(c.http_host):
+        if auth is None and not is_loopback(c.http_host):
             self.generated_password = secrets.token_urlsafe(12)
             auth = BasicAuth({"admin": self.generated_password})
         assert self.store is not None and self.artifacts is not None and self.service is not None
@@ -196,7 +187,7 @@ class FleetServer:
     def _allowed_hosts(self) -> set[str] | None:
         """Bound to loopback: answer only to loopback names and the public URL's host (a name
         that rebinds to 127.0.0.1 is refused); otherwise any Host."""
-        if not _loopback(self.config.http_host):
+        if not is_loopback(self.config.http_host):
             return None
         public = urlsplit(self.config.public_url or "").hostname
         return {*LOOPBACK_HOSTS, *([public] if public else [])}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
-import ipaddress
 import logging
 import socket
 import threading
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeserve.auth import Authenticator
+from edgeserve.auth import Authenticator, is_loopback
 from edgeserve.errors import ConfigError
 
 from ..agent import Agent
@@ -77,7 +76,7 @@ def check_exposure(host: str, auth: Authenticator | None, tls: TlsSettings | Non
     """Refuse to serve beyond loopback without authentication (unless ``insecure``): every
     model would answer anyone who reaches the address. Without TLS, credentials travel in clear,
     which is said too."""
-    if _loopback(host) or insecure:
+    if is_loopback(host) or insecure:
         return
     if auth is None:
         raise ConfigError(f"listening on {host} without --auth serves every model to anyone who "
@@ -87,14 +86,6 @@ def check_exposure(host: str, auth: Authenticator | None, tls: TlsSettings | Non
         log.warning("listening on %s with --auth but without TLS: credentials travel in clear "
                     "(pass --tls-cert and --tls-key)", host)
 
-
-def _loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
