@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edgeserve import __version__
-from edgeserve.errors import InvalidInputError, ModelNotFoundError, OverloadedError
+from edgeserve.errors import EdgeserveError, InvalidInputError, ModelNotFoundError, OverloadedError
+from edgeserve.samples import batch_axis
 
 from ..agent import Agent, PredictResult
 from .codec import tensor_metadata
@@ -31,6 +32,13 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 """What ``/v2`` and gRPC ServerMetadata advertise; each is served over both transports:
 binary tensors, the repository index (``POST /v2/repository/index``, gRPC RepositoryIndex) and
 per-version statistics (``GET /v2/models[/M[/versions/V]]/stats``, gRPC ModelStatistics)."""
+
+
+MAX_BATCH = 1024
+"""Samples a request may stack on a dynamic batch axis (what a body limit allows for)."""
+_JSON_BYTES = 32
+"""Characters one value may take in a JSON tensor (``-1.2345678901234567e-123,`` is 26)."""
+_OVERHEAD = 4096
 
 
 class LoadGate:
@@ -72,6 +80,7 @@ class DataPlane:
     def __init__(self, agent: Agent, name: str = "edgeserve") -> None:
         self.agent = agent
         self.name = name
+        self._limits: dict[tuple[str, str], tuple[object, int]] = {}
 
     def live(self) -> bool:
         return True
@@ -83,6 +92,42 @@ class DataPlane:
         ``request_key`` (request parameter ``request_key``) keeps a user on one A/B arm."""
         return self.agent.predict(model, inputs, version, request_id, strict_dtypes=True,
                                   request_key=request_key)
+
+    def body_limit(self, model: str, version: str | None, ceiling: int) -> int:
+        """The largest request body ``model`` can need, at most ``ceiling`` bytes.
+
+        A ``[1, 64]`` FP32 model needs a few kilobytes of JSON, not the server's 64 MiB: a body
+        beyond what the model's inputs could hold (every dimension fixed, a dynamic batch axis at
+        most :data:`MAX_BATCH`, each value at most ``_JSON_BYTES`` characters) is refused with
+        413 before it is read, so a huge JSON list never becomes millions of Python floats.
+        A model with another dynamic dimension gets the ceiling."""
+        try:
+            loaded = self.agent.model(model, version)  # in memory once loaded: cheap
+        except EdgeserveError:
+            return ceiling  # the request fails on the model, not on its size
+        key = (model, loaded.record.version)
+        known = self._limits.get(key)
+        if known is None or known[0] is not loaded.manifest:
+            known = (loaded.manifest, self._inputs_bytes(loaded.manifest.inputs))
+            self._limits[key] = known
+        return min(ceiling, known[1]) if known[1] else ceiling
+
+    @staticmethod
+    def _inputs_bytes(inputs: Any) -> int:
+        """What a request for these inputs can need at most; 0 when some dimension is free."""
+        total = _OVERHEAD
+        for spec in inputs:
+            axis = batch_axis(spec)
+            count = 1
+            for i, dim in enumerate(spec.shape):
+                if isinstance(dim, int) and dim > 0:
+                    count *= dim
+                elif i == axis:
+                    count *= MAX_BATCH
+                else:
+                    return 0
+            total += count * _JSON_BYTES + _OVERHEAD
+        return total
 
     def feedback(self, model: str, body: Any) -> dict[str, Any]:
         """Attach ``{"id", "reward"?, "label"?}`` to a past prediction of ``model``."""

@@ -197,11 +197,18 @@ class HttpApp:
             return _json(200, self.plane.model_statistics(self.metrics, model, version))
         if rest == ["infer"]:
             _allow(method, "POST")
-            body = await self._read_body(headers, receive)
-            return await self._infer(model, version, body, headers)
+            # admitted before the body is read: a busy server turns requests away before they
+            # cost it memory, and each body is bounded by what this model's inputs can hold
+            self.gate.admit()
+            try:
+                limit = self.plane.body_limit(model, version, self.max_body)
+                body = await self._read_body(headers, receive, limit)
+                return await self._infer(model, version, body, headers)
+            finally:
+                self.gate.release()
         if rest == ["feedback"] and version is None:
             _allow(method, "POST")
-            body = await self._read_body(headers, receive)
+            body = await self._read_body(headers, receive, _FEEDBACK_BYTES)
             try:
                 parsed = json.loads(body or b"null")
             except ValueError as exc:
@@ -209,11 +216,13 @@ class HttpApp:
             return _json(200, self.plane.feedback(model, parsed))
         raise ModelNotFoundError(f"no such endpoint under model {model!r}: /{'/'.join(rest)}")
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
+    async def _read_body(self, headers: dict[str, str], receive: Receive,
+                         limit: int | None = None) -> bytes:
+        limit = self.max_body if limit is None else limit
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HttpError(f"request body of {declared} bytes exceeds the limit of "
-                            f"{self.max_body} bytes", 413)
+                            f"{limit} bytes{_why_limit(limit, self.max_body)}", 413)
         chunks = []
         size = 0
         while True:
@@ -222,26 +231,24 @@ class HttpApp:
                 raise InvalidInputError("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                raise HttpError(f"request body exceeds the limit of {self.max_body} bytes", 413)
+            if size > limit:
+                raise HttpError(f"request body exceeds the limit of {limit} bytes"
+                                f"{_why_limit(limit, self.max_body)}", 413)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
     async def _infer(self, model: str, version: str | None, body: bytes,
                      headers: dict[str, str]) -> Response:
+        """Run an admitted request on a worker (the caller holds the gate's admission)."""
         header_length = headers.get("inference-header-content-length")
         if header_length is not None and not header_length.strip().isdigit():
             raise InvalidInputError("Inference-Header-Content-Length must be an integer")
         encoding = headers.get("content-encoding", "identity").lower()
         accept = headers.get("accept-encoding", "")
-        self.gate.admit()
-        try:
-            return await self.gate.run(lambda: self._infer_sync(
-                model, version, body, int(header_length) if header_length else None, encoding,
-                accept))
-        finally:
-            self.gate.release()
+        return await self.gate.run(lambda: self._infer_sync(
+            model, version, body, int(header_length) if header_length else None, encoding,
+            accept))
 
     def _infer_sync(self, model: str, version: str | None, body: bytes,
                     header_length: int | None, encoding: str, accept: str) -> Response:
@@ -260,6 +267,14 @@ class HttpApp:
             payload = gzip.compress(payload, 1)
             out.append((b"content-encoding", b"gzip"))
         return Response(200, payload, out)
+
+
+_FEEDBACK_BYTES = 64 * 1024
+"""A feedback body is an id, a reward and a label."""
+
+
+def _why_limit(limit: int, ceiling: int) -> str:
+    return "" if limit >= ceiling else " (what this model's inputs can hold)"
 
 
 def _allow(method: str, allowed: str) -> None:

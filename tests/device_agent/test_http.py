@@ -252,3 +252,30 @@ def test_inputs_no_model_takes_are_refused_with_400(
         answer = _post(url, body)
         assert answer.status_code == 400 and why in answer.json()["error"], answer.text
     assert "Traceback" not in caplog.text
+
+
+def test_a_body_beyond_what_the_model_can_take_is_refused_before_it_is_read(
+        tmp_path: Path, agent_assets: dict[str, Path]) -> None:
+    """A [batch, 4] model takes at most 1,024 samples: a 5 MB JSON body (well under the 64 MiB
+    server limit) is a 413 naming the model's limit, declared or chunked, while the largest
+    request the model can take is served. Once, a 60 MB float list took RSS to nearly 1 GB."""
+    with Agent(tmp_path / "cache", trusted_keys=[agent_assets["public_key"]]) as agent:
+        agent.install(agent_assets["pkg_v1"])
+        with start_http_server(agent, workers=2, queue=8) as handle:
+            url = f"{handle.url}/v2/models/toy/infer"
+            huge = json.dumps(_body(np.zeros((300_000, 4), np.float32))).encode()
+            assert len(huge) > 4_000_000
+            declared = _post(url, huge)
+            assert declared.status_code == 413
+            assert "what this model's inputs can hold" in declared.json()["error"]
+
+            def chunks() -> Iterator[bytes]:
+                for i in range(0, len(huge), 65536):
+                    yield huge[i:i + 65536]
+
+            streamed = requests.post(url, data=chunks(), timeout=30)
+            assert streamed.status_code == 413
+            largest = _post(url, _body(np.random.default_rng(1).normal(size=(1024, 4))
+                                       .astype(np.float32)))
+            assert largest.status_code == 200, largest.text
+            assert np.asarray(largest.json()["outputs"][0]["data"]).size == 1024 * 3
