@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import numpy as np
@@ -382,6 +382,55 @@ def tls_options(fn: Any) -> Any:
     return fn
 
 
+class ByteSize(click.ParamType[int]):
+    """A size in bytes: ``67108864``, ``64M``, ``64MiB``, ``512K``, ``1G`` (binary units)."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in "KMG" else ""
+        number = text[:-1] if unit else text
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size; expected bytes or a number with K, M or G "
+                      "(e.g. 64M)", param, ctx)
+        if size < 1 << 20:
+            self.fail(f"{value!r} is less than 1 MiB", param, ctx)
+        return size
+
+
+def limit_options(fn: Any) -> Any:
+    """--memory-budget, --max-connections and --header-timeout, for the agent's servers."""
+    options = [
+        click.option("--memory-budget", type=ByteSize(), default="64M", show_default=True,
+                     help="Memory requests may hold at once (bodies and their decoding); past "
+                          "it requests wait briefly, then get 503."),
+        click.option("--max-connections", type=click.IntRange(16), default=None,
+                     help="Open HTTP connections at most [default: the descriptor limit less "
+                          "128, at most 4096; a quarter of it per client]."),
+        click.option("--header-timeout", type=click.FloatRange(0.5), default=10.0,
+                     show_default=True,
+                     help="Seconds a client has to send its request headers (and a body may "
+                          "pause) before the connection is closed with 408."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def server_limits(memory_budget: int, max_connections: int | None,
+                  header_timeout: float) -> Any:
+    from .server import ServerLimits
+
+    return ServerLimits(memory_budget=memory_budget, max_connections=max_connections,
+                        header_timeout_s=header_timeout, read_timeout_s=header_timeout)
+
+
 def tls_settings(cert: Path | None, key: Path | None, client_ca: Path | None) -> Any:
     """The TLS settings the options give (None without a certificate)."""
     from .server import TlsSettings
@@ -411,15 +460,18 @@ def tls_settings(cert: Path | None, key: Path | None, client_ca: Path | None) ->
               help="token:SECRET | jwt-hs256:SECRET[,aud=A][,scope=S] | "
                    "jwt-rs256:KEY.pem[,aud=A] | basic:USER:PASS[;USER:PASS]")
 @tls_options
+@limit_options
 @agent_options
 @json_option
 def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
           threads: int | None, max_body: int, auth: str | None, tls_cert: Path | None,
           tls_key: Path | None, tls_client_ca: Path | None, insecure: bool,
+          memory_budget: int, max_connections: int | None, header_timeout: float,
           cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
           as_json: bool) -> None:
     """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
     from .server import (
+        MemoryBudget,
         MetricsRegistry,
         check_exposure,
         parse_auth_option,
@@ -430,6 +482,8 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
     authenticator = parse_auth_option(auth)
     tls = tls_settings(tls_cert, tls_key, tls_client_ca)
     check_exposure(host, authenticator, tls, insecure)
+    limits = server_limits(memory_budget, max_connections, header_timeout)
+    budget = MemoryBudget.of(limits)  # one budget for both transports
     config = load_config(cache_dir, profile, trusted_keys)
     with _agent(config.cache_dir, config.profile, tuple(config.trusted_keys),
                 concurrency=workers) as a:
@@ -443,7 +497,7 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
             grpc_handle = start_grpc_server(a, host, grpc_port, auth=authenticator,
                                             workers=workers, queue=queue,
                                             max_message_bytes=max_body, metrics=metrics,
-                                            tls=tls)
+                                            tls=tls, limits=limits, budget=budget)
 
         def listening(handle: Any) -> None:
             data = {"http": handle.url, "grpc": grpc_handle.address if grpc_handle else None,
@@ -459,7 +513,7 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
         try:
             start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,
                               max_body_bytes=max_body, metrics=metrics, block=True,
-                              on_listen=listening, tls=tls)
+                              on_listen=listening, tls=tls, limits=limits, budget=budget)
         finally:
             if grpc_handle is not None:
                 grpc_handle.stop()

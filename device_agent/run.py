@@ -33,7 +33,14 @@ from edgeserve.mqtt import BrokerSettings
 from edgeserve.signing import TrustStore
 
 from .agent import Agent
-from .cli import agent, agent_options, tls_options, tls_settings
+from .cli import (
+    agent,
+    agent_options,
+    limit_options,
+    server_limits,
+    tls_options,
+    tls_settings,
+)
 from .config import AgentConfig, load_config, open_agent
 from .telemetry.link import Link, LinkSettings
 from .telemetry.monitor import Monitor
@@ -306,6 +313,7 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--duration", type=float, default=None,
               help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
 @tls_options
+@limit_options
 @click.option("--fleet-key", "fleet_keys", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The fleet's public key (FLEET.pub.pem, printed by 'fleet serve'): desired "
@@ -317,7 +325,8 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         password: str | None, ca_file: Path | None, cert_file: Path | None,
         key_file: Path | None, tls_insecure: bool, mqtt_version: str, workers: int,
         auth: str | None, duration: float | None, tls_cert: Path | None, tls_key: Path | None,
-        tls_client_ca: Path | None, insecure: bool, fleet_keys: tuple[Path, ...],
+        tls_client_ca: Path | None, insecure: bool, memory_budget: int,
+        max_connections: int | None, header_timeout: float, fleet_keys: tuple[Path, ...],
         cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
     """Serve installed models and send their telemetry (windows, drift, health) to the fleet."""
     from .server import check_exposure, parse_auth_option
@@ -348,7 +357,8 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
     lock = claim_cache(config.cache_dir)
     try:
         _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
-             workers, duration, fleet_name, tls)
+             workers, duration, fleet_name, tls,
+             server_limits(memory_budget, max_connections, header_timeout))
     finally:
         os.close(lock)
 
@@ -356,7 +366,7 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
 def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: float,
          outbox_max_bytes: int, labels: tuple[str, ...], host: str, port: int,
          authenticator: Authenticator | None, workers: int, duration: float | None,
-         fleet_name: str, tls: Any = None) -> None:
+         fleet_name: str, tls: Any = None, limits: Any = None) -> None:
     agent = open_agent(config, concurrency=workers, feedback=True)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
@@ -367,7 +377,7 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         running.start(host, None if port < 0 else port, auth=authenticator, workers=workers,
-                      tls=tls)
+                      tls=tls, limits=limits)
         where = running.http.url if running.http is not None else "no HTTP API"
         target = (f"telemetry to {link.broker.url} as {device} in fleet {fleet_name}"
                   if link is not None else "no broker: telemetry waits in the outbox")

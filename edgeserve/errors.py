@@ -30,6 +30,7 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     │   └── UnservedProfileError         a profile gets no artifact at all (nor a fallback)
     ├── ModelNotFoundError               unknown model or version
     ├── InvalidInputError                tensors with wrong names, shapes, dtypes or encodings
+    │   └── TooLargeError                a request larger than the server will ever hold (413)
     ├── InferenceError                   the model's runtime failed on a well-formed request
     ├── RuntimeUnavailableError          the runtime cannot run here (e.g. Core ML off macOS)
     ├── CacheError                       the local model cache is damaged or full
@@ -68,6 +69,7 @@ __all__ = [
     "SchemaError",
     "SignatureError",
     "StoreError",
+    "TooLargeError",
     "TamperedFileError",
     "TamperedManifestError",
     "TransferError",
@@ -200,6 +202,12 @@ class ModelNotFoundError(EdgeserveError):
 class InvalidInputError(EdgeserveError):
     exit_code = 7
     http_status = 400
+
+
+class TooLargeError(InvalidInputError):
+    """Too large to be taken at all (a busy server says :class:`OverloadedError` instead)."""
+
+    http_status = 413
 
 
 class InferenceError(EdgeserveError):

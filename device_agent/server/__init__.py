@@ -10,6 +10,7 @@ from __future__ import annotations
 from edgeserve.auth import Authenticator, BasicAuth, BearerTokenAuth, JwtAuth, parse_auth_option
 
 from .dataplane import DataPlane, LoadGate
+from .limits import MemoryBudget, ServerLimits
 from .metrics import MetricsRegistry
 from .runner import (
     GrpcServerHandle,
@@ -29,7 +30,9 @@ __all__ = [
     "HttpServerHandle",
     "JwtAuth",
     "LoadGate",
+    "MemoryBudget",
     "MetricsRegistry",
+    "ServerLimits",
     "TlsSettings",
     "check_exposure",
     "parse_auth_option",

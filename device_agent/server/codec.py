@@ -180,10 +180,11 @@ def _kind_name(kind: str) -> str:
             "U": "string", "O": "mixed"}.get(kind, "non-numeric")
 
 
-def _from_binary(chunk: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+def _from_binary(chunk: memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """A view of the body's bytes (no copy): the body lives as long as the request."""
+    count = math.prod(shape)
     if datatype == "BYTES":
-        return decode_bytes_tensor(chunk, count, name).reshape(shape)
+        return decode_bytes_tensor(bytes(chunk), count, name).reshape(shape)
     dtype = DATATYPES[datatype]
     if len(chunk) != count * dtype.itemsize:
         raise _fail(f"input {name!r}: binary data is {len(chunk)} bytes, shape {shape} of "
@@ -191,13 +192,14 @@ def _from_binary(chunk: bytes, datatype: str, shape: list[int], name: str) -> np
     return np.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
-def _load_header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+def _load_header(body: bytes | bytearray, header_length: int | None
+                 ) -> tuple[dict[str, Any], memoryview]:
     if header_length is not None and not 0 < header_length <= len(body):
         raise _fail(f"Inference-Header-Content-Length is {header_length}, but the body has "
                     f"{len(body)} bytes")
     end = len(body) if header_length is None else header_length
     try:
-        header = json.loads(body[:end])
+        header = json.loads(body if end == len(body) else bytes(memoryview(body)[:end]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise _fail(f"request body is not valid JSON ({exc})") from None
     except RecursionError:
@@ -229,7 +231,7 @@ def _decode_input(item: object, index: int, binary: memoryview,
     if offset + size > len(binary):
         raise _fail(f"input {name!r}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} bytes left)")
-    chunk = bytes(binary[offset:offset + size])
+    chunk = binary[offset:offset + size]
     return name, _from_binary(chunk, str(datatype), shape, name), offset + size
 
 
@@ -247,7 +249,7 @@ def _decode_outputs(raw: object) -> list[RequestedOutput] | None:
     return requested
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+def decode_request(body: bytes | bytearray, header_length: int | None = None) -> InferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors)."""
     header, binary = _load_header(body, header_length)
     raw_inputs = header.get("inputs")

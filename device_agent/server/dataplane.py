@@ -53,13 +53,23 @@ class LoadGate:
         self.rejected = 0
         self._lock = threading.Lock()
 
+    def check(self) -> None:
+        """Refuse now if a request could not be admitted (before its body is read)."""
+        with self._lock:
+            if self.admitted >= self.capacity:
+                self.rejected += 1
+                raise self._busy()
+
+    def _busy(self) -> OverloadedError:
+        return OverloadedError(
+            f"server busy: {self.admitted} requests in progress or queued (limit "
+            f"{self.capacity}); retry after {self.retry_after_s:g} s", self.retry_after_s)
+
     def admit(self) -> None:
         with self._lock:
             if self.admitted >= self.capacity:
                 self.rejected += 1
-                raise OverloadedError(
-                    f"server busy: {self.admitted} requests in progress or queued (limit "
-                    f"{self.capacity}); retry after {self.retry_after_s:g} s", self.retry_after_s)
+                raise self._busy()
             self.admitted += 1
 
     def release(self) -> None:

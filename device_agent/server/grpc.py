@@ -29,6 +29,7 @@ from edgeserve.errors import (
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
+    TooLargeError,
 )
 
 from .._grpc_gen import open_inference_grpc_pb2 as pb
@@ -42,6 +43,7 @@ from .codec import (
     encode_bytes_tensor,
 )
 from .dataplane import DataPlane
+from .limits import TRIM_AT, MemoryBudget, release_memory
 from .metrics import MetricsRegistry
 
 __all__ = ["SERVICE", "InferenceServicer", "extension_handler", "status_for"]
@@ -63,6 +65,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, ModelNotFoundError):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, TooLargeError):  # gRPC's own code for a message past the limit
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, OverloadedError):
@@ -89,23 +93,32 @@ def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
     field = _CONTENTS.get(datatype)
     if field is None:
         raise InvalidInputError(f"input {name!r}: {datatype} must be sent in raw_input_contents")
-    values = list(getattr(tensor.contents, field))
+    values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInputError(f"input {name!r}: shape {shape} needs {count} values, contents "
                                 f"has {len(values)}")
     if datatype == "BYTES":
-        return np.array(values, dtype=object).reshape(shape)
-    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
+        return np.array(list(values), dtype=object).reshape(shape)
+    # streamed: a list of the values first would cost ~32 bytes per number
+    return np.fromiter(values, dtype=DATATYPES[datatype], count=count).reshape(shape)
+
+
+def _client_of(context: grpc.ServicerContext) -> str:
+    """The peer's address without its port (``ipv4:10.0.0.5:53211`` → ``10.0.0.5``)."""
+    peer = context.peer() or ""
+    host = peer.split(":", 1)[-1].rsplit(":", 1)[0]
+    return host.strip("[]")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Implements every RPC of the OIP service over a :class:`DataPlane`."""
 
     def __init__(self, plane: DataPlane, metrics: MetricsRegistry,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, budget: MemoryBudget | None = None) -> None:
         self.plane = plane
         self.metrics = metrics
         self.auth = auth
+        self.budget = budget or MemoryBudget()
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T], public: bool = False) -> T:
         try:
@@ -151,9 +164,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return self._call(context, build)
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call(context, lambda: self._infer(request))
+        hold = self.budget.hold(_client_of(context))
+        try:
+            return self._call(context, lambda: self._infer(request, hold))
+        finally:
+            if hold.release() >= TRIM_AT:
+                release_memory()
 
-    def _infer(self, request: Any) -> Any:
+    def _infer(self, request: Any, hold: Any) -> Any:
+        # the message arrived whole (its bytes and the parsed message): count it, then reserve
+        # what decoding takes (a copy of the raw contents, or the arrays of typed contents)
+        size = request.ByteSize()
+        hold.force(2 * size)
+        hold.take_blocking(size)
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
@@ -170,6 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if unknown:
             raise InvalidInputError(f"requested output(s) {unknown} do not exist; the model has "
                                     f"{list(result.outputs)}")
+        hold.force(sum(int(result.outputs[n].nbytes) * 2 for n in wanted))
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=result.version, id=request.id)
         for name in wanted:

@@ -1,16 +1,23 @@
 """The HTTP server: a lean ASGI app speaking the Open Inference Protocol v2, run by uvicorn.
 
-No web framework: routing is a few string splits, bodies are read with a hard size limit, and
-inference (decode → predict → encode) runs on the :class:`~.dataplane.LoadGate` worker pool, so
-the event loop only moves bytes. Every failure becomes ``{"error": "…"}`` with the status from
-:mod:`edgeserve.errors`; nothing ever answers with a traceback.
+No web framework: routing is a few string splits, and inference (decode → predict → encode) runs
+on the :class:`~.dataplane.LoadGate` worker pool, so the event loop only moves bytes. Every
+failure becomes ``{"error": "…"}`` with the status from :mod:`edgeserve.errors`; nothing ever
+answers with a traceback.
+
+A body is read only after the request may be served: the worker queue has room, the body fits
+what the model's inputs can hold, and the :class:`~.limits.MemoryBudget` has room for the body
+and for what decoding it will take (a JSON tensor's text copy and Python numbers). Bodies must
+keep arriving (:class:`~.limits.ServerLimits`), and the worker is taken only once the body is in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,11 +30,21 @@ from edgeserve.errors import (
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
+    TooLargeError,
 )
 
 from ..agent import Agent
 from .codec import decode_request, encode_response
 from .dataplane import DataPlane, LoadGate
+from .limits import (
+    JSON_EXPANSION,
+    TRIM_AT,
+    Hold,
+    MemoryBudget,
+    ServerLimits,
+    json_decode_cost,
+    release_memory,
+)
 from .metrics import MetricsRegistry
 from .openapi import openapi_document
 
@@ -44,7 +61,7 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 class HttpError(EdgeserveError):
-    """An HTTP-level refusal with its own status (405, 413, 415)."""
+    """An HTTP-level refusal with its own status (405, 408, 415)."""
 
     def __init__(self, message: str, status: int, headers: list[tuple[bytes, bytes]] | None = None
                  ) -> None:
@@ -69,6 +86,10 @@ def _error(exc: BaseException, auth: Authenticator | None) -> Response:
         response = _json(exc.http_status, {"error": str(exc)})
         if isinstance(exc, HttpError):
             response.headers += exc.headers
+        if exc.http_status == 408:  # a client too slow to finish its body loses the connection
+            response.headers.append((b"connection", b"close"))
+        # (other refusals keep the connection: uvicorn reads and drops the unread body, so the
+        # client, still sending it, gets the answer instead of a reset)
         if isinstance(exc, OverloadedError):
             response.headers.append((b"retry-after", str(max(1, round(exc.retry_after_s))).encode()))
         if type(exc) is AuthError and auth is not None:
@@ -79,16 +100,20 @@ def _error(exc: BaseException, auth: Authenticator | None) -> Response:
 
 
 class HttpApp:
-    """ASGI application. ``max_body_bytes`` bounds request bodies (413 past it)."""
+    """ASGI application. ``max_body_bytes`` bounds request bodies (413 past it); ``limits`` and
+    ``budget`` (shared with a gRPC server) bound their memory and time."""
 
     def __init__(self, agent: Agent, gate: LoadGate, metrics: MetricsRegistry,
-                 auth: Authenticator | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+                 auth: Authenticator | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+                 limits: ServerLimits | None = None, budget: MemoryBudget | None = None
                  ) -> None:
         self.plane = DataPlane(agent)
         self.gate = gate
         self.metrics = metrics
         self.auth = auth
         self.max_body = max_body_bytes
+        self.limits = limits or ServerLimits()
+        self.budget = budget or MemoryBudget.of(self.limits)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -97,7 +122,13 @@ class HttpApp:
         if scope["type"] != "http":
             return
         try:
-            response = await self._handle(scope, receive)
+            client = scope.get("client") or ("", 0)
+            hold = self.budget.hold(str(client[0]))
+            try:
+                response = await self._handle(scope, receive, hold)
+            finally:
+                if hold.release() >= TRIM_AT:  # hand a big request's heap back, off the loop
+                    asyncio.get_running_loop().run_in_executor(None, release_memory)
         except Exception as exc:
             response = _error(exc, self.auth)
         self.metrics.count_request("http", response.status)
@@ -115,7 +146,7 @@ class HttpApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _handle(self, scope: Scope, receive: Receive) -> Response:
+    async def _handle(self, scope: Scope, receive: Receive, hold: Hold) -> Response:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -126,13 +157,13 @@ class HttpApp:
             _allow(method, "GET")
             return _json(200, self.plane.model_statistics(self.metrics))
         if parts[:1] == ["v2"] and len(parts) >= 3 and parts[1] == "models":
-            return await self._model_route(parts[2:], method, headers, receive)
+            return await self._model_route(parts[2:], method, headers, receive, hold)
         if parts[:2] == ["v2", "repository"]:
-            return await self._repository_route(parts[2:], method, headers, receive)
+            return await self._repository_route(parts[2:], method, headers, receive, hold)
         return self._simple_route(path, method)
 
     async def _repository_route(self, parts: list[str], method: str, headers: dict[str, str],
-                                receive: Receive) -> Response:
+                                receive: Receive, hold: Hold) -> Response:
         """``POST /v2/repository/index`` (body ``{"ready": bool}`` optional, empty allowed)."""
         if parts != ["index"]:
             raise ModelNotFoundError(
@@ -140,7 +171,7 @@ class HttpApp:
                 "extension here is POST /v2/repository/index (models are installed with "
                 "'edgeserve agent install', not loaded over the API)")
         _allow(method, "POST")
-        body = await self._read_body(headers, receive)
+        body = await self._read_body(headers, receive, hold, _SMALL_BYTES)
         try:
             options = json.loads(body) if body.strip() else {}
         except ValueError as exc:
@@ -179,7 +210,7 @@ class HttpApp:
                         [(b"content-type", b"text/plain; version=0.0.4")])
 
     async def _model_route(self, parts: list[str], method: str, headers: dict[str, str],
-                           receive: Receive) -> Response:
+                           receive: Receive, hold: Hold) -> Response:
         model, rest = parts[0], parts[1:]
         version = None
         if rest[:1] == ["versions"]:
@@ -197,18 +228,10 @@ class HttpApp:
             return _json(200, self.plane.model_statistics(self.metrics, model, version))
         if rest == ["infer"]:
             _allow(method, "POST")
-            # admitted before the body is read: a busy server turns requests away before they
-            # cost it memory, and each body is bounded by what this model's inputs can hold
-            self.gate.admit()
-            try:
-                limit = self.plane.body_limit(model, version, self.max_body)
-                body = await self._read_body(headers, receive, limit)
-                return await self._infer(model, version, body, headers)
-            finally:
-                self.gate.release()
+            return await self._infer(model, version, headers, receive, hold)
         if rest == ["feedback"] and version is None:
             _allow(method, "POST")
-            body = await self._read_body(headers, receive, _FEEDBACK_BYTES)
+            body = await self._read_body(headers, receive, hold, _SMALL_BYTES)
             try:
                 parsed = json.loads(body or b"null")
             except ValueError as exc:
@@ -216,47 +239,88 @@ class HttpApp:
             return _json(200, self.plane.feedback(model, parsed))
         raise ModelNotFoundError(f"no such endpoint under model {model!r}: /{'/'.join(rest)}")
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive,
-                         limit: int | None = None) -> bytes:
-        limit = self.max_body if limit is None else limit
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HttpError(f"request body of {declared} bytes exceeds the limit of "
-                            f"{limit} bytes{_why_limit(limit, self.max_body)}", 413)
-        chunks = []
-        size = 0
+    async def _read_body(self, headers: dict[str, str], receive: Receive, hold: Hold,
+                         limit: int, expansion: int = 1, floor: int = 1) -> bytearray:
+        """The body, at most ``limit`` bytes, reserved in ``hold`` before it is read.
+
+        With a Content-Length, ``expansion`` times the body (what the request is expected to
+        cost all told) is reserved up front, at most the client's share: a request waits or is
+        refused before a byte is read, and does not reserve in pieces while others hold theirs.
+        ``floor`` times the body is what it costs at least: past the client's share it is 413.
+        A chunked body reserves as it arrives. The body must keep arriving."""
+        declared = _content_length(headers)
+        if declared is not None:
+            if declared > limit:
+                raise TooLargeError(f"request body of {declared} bytes exceeds the limit of "
+                                    f"{limit} bytes{_why_limit(limit, self.max_body)}")
+            hold.check(declared * floor)
+            await hold.take(min(declared * expansion, hold.room()))
+        body = bytearray()
+        allowed_s = self.limits.body_deadline_s(declared or limit)
+        deadline = time.monotonic() + allowed_s
         while True:
-            message = await receive()
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), max(0.0, min(self.limits.read_timeout_s, left)))
+            except TimeoutError:
+                raise HttpError(
+                    f"the request body did not arrive in time: {len(body)} of "
+                    f"{declared if declared is not None else 'unknown'} bytes after "
+                    f"{allowed_s - left:.0f} s (a body may pause at most "
+                    f"{self.limits.read_timeout_s:g} s and must average "
+                    f"{self.limits.min_body_rate} bytes/s)", 408) from None
             if message["type"] == "http.disconnect":
                 raise InvalidInputError("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(f"request body exceeds the limit of {limit} bytes"
-                                f"{_why_limit(limit, self.max_body)}", 413)
-            chunks.append(chunk)
+            if len(body) + len(chunk) > limit:
+                raise TooLargeError(f"request body exceeds the limit of {limit} bytes"
+                                    f"{_why_limit(limit, self.max_body)}")
+            if declared is None:
+                await hold.take(len(chunk) * floor)
+            body += chunk
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return body
 
-    async def _infer(self, model: str, version: str | None, body: bytes,
-                     headers: dict[str, str]) -> Response:
-        """Run an admitted request on a worker (the caller holds the gate's admission)."""
+    async def _infer(self, model: str, version: str | None, headers: dict[str, str],
+                     receive: Receive, hold: Hold) -> Response:
         header_length = headers.get("inference-header-content-length")
         if header_length is not None and not header_length.strip().isdigit():
             raise InvalidInputError("Inference-Header-Content-Length must be an integer")
-        encoding = headers.get("content-encoding", "identity").lower()
+        json_length = int(header_length) if header_length else None
+        encoding = headers.get("content-encoding", "identity").lower() or "identity"
+        if encoding not in ("identity", "gzip", "deflate"):
+            raise HttpError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)",
+                            415)
+        self.gate.check()  # a full queue refuses before a byte of the body is read
+        limit = self.plane.body_limit(model, version, self.max_body)
+        if encoding == "identity":
+            # JSON: the body, its text copy and Python numbers; binary: the body and the
+            # runtime's copy of the tensors
+            body = await self._read_body(headers, receive, hold, limit,
+                                         JSON_EXPANSION if json_length is None else 2,
+                                         2 if json_length is None else 1)
+        else:
+            body = await self._read_body(headers, receive, hold, limit)
+            compressed = len(body)
+            body = await asyncio.to_thread(_inflate, body, encoding, limit, hold)
+            hold.give(compressed)
+        await hold.settle(_decode_cost(body, json_length))
         accept = headers.get("accept-encoding", "")
-        return await self.gate.run(lambda: self._infer_sync(
-            model, version, body, int(header_length) if header_length else None, encoding,
-            accept))
+        self.gate.admit()
+        try:
+            return await self.gate.run(lambda: self._infer_sync(
+                model, version, body, json_length, accept, hold))
+        finally:
+            self.gate.release()
 
-    def _infer_sync(self, model: str, version: str | None, body: bytes,
-                    header_length: int | None, encoding: str, accept: str) -> Response:
-        body = _decompress(body, encoding, self.max_body)
+    def _infer_sync(self, model: str, version: str | None, body: bytearray,
+                    header_length: int | None, accept: str, hold: Hold) -> Response:
         request = decode_request(body, header_length)
         key = request.parameters.get("request_key")
         result = self.plane.infer(model, version, request.inputs, request.id,
                                   str(key) if key is not None else None)
+        hold.force(_encoding_cost(result.outputs))
         if request.id is None and result.request_id is not None:
             request.id = result.request_id  # generated for feedback: the client needs it
         payload, json_length = encode_response(model, result.version, result.outputs, request)
@@ -269,8 +333,27 @@ class HttpApp:
         return Response(200, payload, out)
 
 
-_FEEDBACK_BYTES = 64 * 1024
-"""A feedback body is an id, a reward and a label."""
+_SMALL_BYTES = 64 * 1024
+"""Bodies other than inference requests: feedback (an id, a reward, a label), index options."""
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    declared = headers.get("content-length")
+    return int(declared) if declared is not None and declared.strip().isdigit() else None
+
+
+def _decode_cost(body: bytearray, json_length: int | None) -> int:
+    """What a read request costs all told: the body, and decoding it (JSON text and numbers;
+    a binary request's small JSON header and the runtime's copy of its tensors)."""
+    if json_length is None:
+        return len(body) + json_decode_cost(body)
+    head = bytes(memoryview(body)[:min(json_length, len(body))])
+    return len(body) + json_decode_cost(head) + len(body) - len(head)
+
+
+def _encoding_cost(outputs: Any) -> int:
+    """What encoding a response may take: the arrays' bytes and, as JSON, Python numbers."""
+    return sum(int(a.nbytes) + int(a.size) * 48 for a in outputs.values())
 
 
 def _why_limit(limit: int, ceiling: int) -> str:
@@ -283,16 +366,21 @@ def _allow(method: str, allowed: str) -> None:
                         [(b"allow", allowed.encode())])
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    if encoding in ("identity", ""):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise HttpError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)", 415)
+def _inflate(body: bytearray, encoding: str, limit: int, hold: Hold) -> bytearray:
+    """Decompress ``body`` to at most ``limit`` bytes, reserving in ``hold`` as it grows."""
     decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    out = bytearray()
+    data: bytes | memoryview = memoryview(body)
     try:
-        data = decoder.decompress(body, limit + 1)
+        while data:
+            piece = decoder.decompress(data, 1 << 20)
+            data = decoder.unconsumed_tail
+            if len(out) + len(piece) > limit:
+                raise TooLargeError(f"decompressed body exceeds the limit of {limit} bytes")
+            hold.take_blocking(len(piece))
+            out += piece
+            if decoder.eof:
+                break
     except zlib.error as exc:
         raise InvalidInputError(f"body is not valid {encoding} data ({exc})") from None
-    if len(data) > limit:
-        raise HttpError(f"decompressed body exceeds the limit of {limit} bytes", 413)
-    return data
+    return out

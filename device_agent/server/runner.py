@@ -21,10 +21,11 @@ from edgeserve.errors import ConfigError
 from ..agent import Agent
 from .dataplane import DataPlane, LoadGate
 from .http import DEFAULT_MAX_BODY, HttpApp
+from .limits import ConnectionGuard, MemoryBudget, ServerLimits, guarded_protocol, tune_allocator
 from .metrics import MetricsRegistry
 
 __all__ = ["GrpcServerHandle", "HttpServerHandle", "TlsSettings", "check_exposure",
-           "check_port_free", "start_grpc_server", "start_http_server"]
+           "check_port_free", "grpc_message_cap", "start_grpc_server", "start_http_server"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class HttpServerHandle:
     server: Any
     thread: threading.Thread | None
     preload_failures: list[str] = field(default_factory=list)
+    budget: MemoryBudget | None = None
+    guard: ConnectionGuard | None = None
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
@@ -161,32 +164,48 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                       metrics: MetricsRegistry | None = None, block: bool = False,
                       log_level: str = "warning",
                       on_listen: Callable[[HttpServerHandle], None] | None = None,
-                      tls: TlsSettings | None = None) -> HttpServerHandle:
+                      tls: TlsSettings | None = None, limits: ServerLimits | None = None,
+                      budget: MemoryBudget | None = None) -> HttpServerHandle:
     """Serve OIP v2 over HTTP, or HTTPS with ``tls`` (port 0 picks a free port).
 
     Runs in a background thread and returns once listening; with ``block`` it runs in the
     calling thread (handling SIGINT/SIGTERM) and returns after shutdown. ``on_listen`` is called
-    with the handle once the socket is bound (before serving starts when blocking).
+    with the handle once the socket is bound (before serving starts when blocking). ``limits``
+    bound memory, connections and time (:mod:`.limits`); pass one ``budget`` to this and
+    :func:`start_grpc_server` so both transports share it.
     """
     import uvicorn
 
+    limits = limits or ServerLimits()
+    budget = budget or MemoryBudget.of(limits)
+    tune_allocator()
     metrics = _metrics_for(agent, metrics)
     gate = LoadGate(workers, queue)
-    app = HttpApp(agent, gate, metrics, auth, max_body_bytes)
+    app = HttpApp(agent, gate, metrics, auth, max_body_bytes, limits, budget)
     failures = DataPlane(agent).preload()
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     fast = importlib.util.find_spec("uvloop") is not None
+    guard = None
+    protocol: Any = "h11"
+    if importlib.util.find_spec("httptools") is not None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        guard = ConnectionGuard(limits)
+        protocol = guarded_protocol(HttpToolsProtocol, guard)
+    else:
+        log.warning("httptools is not installed: HTTP connections are not capped and slow "
+                    "request headers are not timed out (pip install httptools)")
     config = uvicorn.Config(
-        app, loop="uvloop" if fast else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        app, loop="uvloop" if fast else "asyncio", http=protocol,
         lifespan="on", log_level=log_level, access_log=False, server_header=False,
-        date_header=False, timeout_keep_alive=30, backlog=2048, **_uvicorn_tls(tls))
+        date_header=False, timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+        backlog=2048, **_uvicorn_tls(tls))
     server = uvicorn.Server(config)
     display = f"[{host}]" if ":" in host else host
     scheme = "https" if tls is not None else "http"
     handle = HttpServerHandle(f"{scheme}://{display}:{bound}", bound, gate, metrics, server,
-                              None, failures)
+                              None, failures, budget, guard)
     if block:
         if on_listen is not None:
             on_listen(handle)
@@ -212,6 +231,13 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     return handle
 
 
+def grpc_message_cap(max_message_bytes: int, budget: MemoryBudget, workers: int) -> int:
+    """The largest gRPC request message: at most ``max_message_bytes``, and small enough that
+    the messages the workers hold at once (each counted twice: the received bytes and the parsed
+    message) stay within a quarter of the budget."""
+    return max(64 << 10, min(max_message_bytes, budget.limit // (8 * max(1, workers))))
+
+
 def _uvicorn_tls(tls: TlsSettings | None) -> dict[str, Any]:
     if tls is None:
         return {}
@@ -235,24 +261,40 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                       auth: Authenticator | None = None, workers: int = 2, queue: int = 64,
                       max_message_bytes: int = DEFAULT_MAX_BODY,
                       metrics: MetricsRegistry | None = None,
-                      tls: TlsSettings | None = None) -> GrpcServerHandle:
+                      tls: TlsSettings | None = None, limits: ServerLimits | None = None,
+                      budget: MemoryBudget | None = None) -> GrpcServerHandle:
     """Serve the OIP gRPC service, over TLS with ``tls`` (port 0 picks a free port); returns
-    once listening."""
+    once listening.
+
+    A gRPC message is in memory whole before the servicer sees it, so the budget cannot be
+    reserved ahead of it: messages are capped at :func:`grpc_message_cap` (by default a quarter
+    of the budget across the workers) and counted once they arrive; what decoding them takes is
+    reserved like HTTP's. Handshakes must finish within the header timeout."""
     import grpc
 
     from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
     from .grpc import InferenceServicer, extension_handler
 
+    limits = limits or ServerLimits()
+    budget = budget or MemoryBudget.of(limits)
+    tune_allocator()
     metrics = _metrics_for(agent, metrics)
     plane = DataPlane(agent)
     plane.preload()
+    workers = max(1, workers)
+    message_cap = grpc_message_cap(max_message_bytes, budget, workers)
     server = grpc.server(
-        ThreadPoolExecutor(max(1, workers), thread_name_prefix="edgeserve-grpc"),
-        maximum_concurrent_rpcs=max(1, workers) + max(0, queue),
-        options=[("grpc.max_receive_message_length", max_message_bytes),
+        ThreadPoolExecutor(workers, thread_name_prefix="edgeserve-grpc"),
+        maximum_concurrent_rpcs=workers + max(0, queue),
+        options=[("grpc.max_receive_message_length", message_cap),
                  ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.max_concurrent_streams", workers + max(0, queue)),
+                 # a fixed 64 KiB window per stream: what waits for a worker stays small
+                 ("grpc.http2.bdp_probe", 0),
+                 ("grpc.server_handshake_timeout_ms", int(limits.header_timeout_s * 1000)),
+                 ("grpc.max_connection_idle_ms", int(max(limits.keep_alive_s, 60) * 1000)),
                  ("grpc.so_reuseport", 0)])
-    servicer = InferenceServicer(plane, metrics, auth)
+    servicer = InferenceServicer(plane, metrics, auth, budget)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((extension_handler(servicer),))
     display = f"[{host}]" if ":" in host else host

@@ -5,9 +5,6 @@ installed versions), with counts that follow the requests actually made."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +14,9 @@ import numpy as np
 import pytest
 import requests
 
-from edgeserve._process import popen
 from edgeserve.device_agent import Agent
-from tests.services import free_port
+from tests.device_agent.serving import serve_cli
 
-EDGESERVE = str(Path(sys.executable).parent / "edgeserve")
 CALL_TIMEOUT_S = 30.0
 X = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
 
@@ -40,34 +35,8 @@ def served(tmp_path_factory: pytest.TempPathFactory,
     with Agent(cache, trusted_keys=[agent_assets["public_key"]]) as agent:
         agent.install(agent_assets["pkg_v1"])
         agent.install(agent_assets["pkg_v2"])
-    http_port, grpc_port = free_port(), free_port()
-    log = cache.parent / "serve.log"
-    with log.open("wb") as sink:
-        process = popen([EDGESERVE, "agent", "serve", "--cache", str(cache), "--port",
-                         str(http_port), "--grpc-port", str(grpc_port)], stdout=sink,
-                        stderr=subprocess.STDOUT, env={**os.environ, "EDGESERVE_TRUSTED_KEYS": ""})
-    try:
-        _wait_ready(process, http_port, log)
-        yield Served(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"agent serve exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(requests.ConnectionError):
-            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("agent serve did not become ready in 60 s")
+    with serve_cli(cache) as server:
+        yield Served(server.http, server.grpc)
 
 
 def _stats_by_version(stats: dict) -> dict[str, dict]:  # type: ignore[type-arg]

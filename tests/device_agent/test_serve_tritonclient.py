@@ -7,27 +7,20 @@ every client gets exactly the numbers the Python API computes from the same cach
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
-from edgeserve._process import popen
 from edgeserve.device_agent import Agent
 from edgeserve.profiles import load_profile
-from tests.services import free_port
+from tests.device_agent.serving import serve_cli
 
 X = np.random.default_rng(9).normal(size=(6, 4)).astype(np.float32)
 TOKEN = "s3cret-token"
 CALL_TIMEOUT_S = 30.0  # every client call has a deadline: a hung server fails the test, not the run
-EDGESERVE = str(Path(sys.executable).parent / "edgeserve")
 
 
 @dataclass
@@ -44,41 +37,6 @@ class Served:
         return dict(self.auth)
 
 
-def _serve(cache: Path, profile: str, auth: str | None) -> tuple[subprocess.Popen[bytes], int,
-                                                                  int]:
-    log = cache.parent / "serve.log"
-    http_port, grpc_port = free_port(), free_port()
-    args = [EDGESERVE, "agent", "serve", "--cache", str(cache), "--profile", profile,
-            "--port", str(http_port), "--grpc-port", str(grpc_port), "--workers", "2"]
-    if auth:
-        args += ["--auth", auth]
-    with log.open("wb") as sink:
-        process = popen(args, stdout=sink, stderr=subprocess.STDOUT,
-                        env={**os.environ, "EDGESERVE_TRUSTED_KEYS": ""})
-    try:
-        _wait_ready(process, http_port, log)
-    except BaseException:  # whatever went wrong, the server does not outlive this
-        process.kill()
-        process.wait()
-        raise
-    return process, http_port, grpc_port
-
-
-def _wait_ready(process: subprocess.Popen[bytes], http_port: int, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"agent serve exited: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{http_port}/v2/health/ready",
-                            timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("agent serve did not become ready in 60 s")
-
-
 @pytest.fixture(scope="module", params=["onnx", "tflite"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            agent_assets: dict[str, Path]) -> Iterator[Served]:
@@ -88,18 +46,10 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     with Agent(cache, load_profile(profile), [agent_assets["public_key"]]) as agent:
         info = agent.install(agent_assets["pkg_v1"])
         expected = agent.predict("toy", {"x": X}).outputs["y"]
-    auth = f"token:{TOKEN}" if tflite else None
-    process, http_port, grpc_port = _serve(cache, profile, auth)
-    try:
-        yield Served(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", expected,
+    auth = ["--auth", f"token:{TOKEN}"] if tflite else []
+    with serve_cli(cache, "--profile", profile, "--workers", "2", *auth) as server:
+        yield Served(server.http, server.grpc, expected,
                      {"authorization": f"Bearer {TOKEN}"} if tflite else {}, info.artifact_id)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.slow
