@@ -39,6 +39,7 @@ from .dataplane import DataPlane, LoadGate
 from .limits import (
     JSON_EXPANSION,
     TRIM_AT,
+    ConnectionGuard,
     Hold,
     MemoryBudget,
     ServerLimits,
@@ -105,8 +106,8 @@ class HttpApp:
 
     def __init__(self, agent: Agent, gate: LoadGate, metrics: MetricsRegistry,
                  auth: Authenticator | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-                 limits: ServerLimits | None = None, budget: MemoryBudget | None = None
-                 ) -> None:
+                 limits: ServerLimits | None = None, budget: MemoryBudget | None = None,
+                 guard: ConnectionGuard | None = None) -> None:
         self.plane = DataPlane(agent)
         self.gate = gate
         self.metrics = metrics
@@ -114,6 +115,7 @@ class HttpApp:
         self.max_body = max_body_bytes
         self.limits = limits or ServerLimits()
         self.budget = budget or MemoryBudget.of(self.limits)
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -204,8 +206,18 @@ class HttpApp:
         return _json(200 if ready else 503, {"ready": ready})
 
     def _metrics(self) -> Response:
-        self.metrics.gauges["edgeserve_requests_admitted"] = self.gate.admitted
-        self.metrics.gauges["edgeserve_requests_rejected_total"] = self.gate.rejected
+        gauges = self.metrics.gauges
+        gauges["edgeserve_requests_admitted"] = self.gate.admitted
+        gauges["edgeserve_requests_rejected_total"] = self.gate.rejected
+        gauges["edgeserve_memory_budget_bytes"] = self.budget.limit
+        gauges["edgeserve_memory_reserved_bytes"] = self.budget.in_use
+        gauges["edgeserve_memory_reserved_peak_bytes"] = self.budget.peak
+        gauges["edgeserve_memory_refused_total"] = self.budget.refused
+        if self.guard is not None:
+            gauges["edgeserve_http_connections_open"] = self.guard.open_connections
+            gauges["edgeserve_http_connections_refused_total"] = self.guard.refused
+            gauges["edgeserve_http_connections_evicted_total"] = self.guard.evicted
+            gauges["edgeserve_http_header_timeouts_total"] = self.guard.timed_out
         return Response(200, self.metrics.render().encode(),
                         [(b"content-type", b"text/plain; version=0.0.4")])
 

@@ -181,11 +181,6 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     tune_allocator()
     metrics = _metrics_for(agent, metrics)
     gate = LoadGate(workers, queue)
-    app = HttpApp(agent, gate, metrics, auth, max_body_bytes, limits, budget)
-    failures = DataPlane(agent).preload()
-    sock = _bind(host, port)
-    bound = sock.getsockname()[1]
-    fast = importlib.util.find_spec("uvloop") is not None
     guard = None
     protocol: Any = "h11"
     if importlib.util.find_spec("httptools") is not None:
@@ -196,6 +191,11 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     else:
         log.warning("httptools is not installed: HTTP connections are not capped and slow "
                     "request headers are not timed out (pip install httptools)")
+    app = HttpApp(agent, gate, metrics, auth, max_body_bytes, limits, budget, guard)
+    failures = DataPlane(agent).preload()
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    fast = importlib.util.find_spec("uvloop") is not None
     config = uvicorn.Config(
         app, loop="uvloop" if fast else "asyncio", http=protocol,
         lifespan="on", log_level=log_level, access_log=False, server_header=False,

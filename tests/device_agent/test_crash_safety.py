@@ -112,20 +112,3 @@ def test_kill_at_random_instants(tmp_path: Path, baseline: Path,
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=60)
         _assert_consistent(cache, agent_assets)
-
-
-def test_leftovers_of_killed_installs_are_cleaned_at_start_and_reported(
-        baseline: Path, agent_assets: dict[str, Path]) -> None:
-    """What installs killed mid-way leave in tmp/ goes when the cache is next opened; found
-    while open, 'check --no-repair' reports it (not ok) and 'check' removes it."""
-    for n in range(3):  # as three killed installs leave them
-        staging = baseline / "tmp" / f"install-{n}"
-        staging.mkdir(parents=True)
-        (staging / "artifact.part").write_bytes(b"\0" * 100_000)
-    with Agent(baseline, trusted_keys=[agent_assets["public_key"]]) as agent:
-        assert agent.cache.leftovers_removed == 3
-        assert not any((baseline / "tmp").iterdir())
-        (baseline / "tmp" / "late").write_bytes(b"\0" * 1000)
-        report = agent.check(repair=False)
-        assert not report.ok and "1 leftover temporary file" in report.problems[0]
-        assert agent.check().ok and not any((baseline / "tmp").iterdir())

@@ -229,8 +229,10 @@ def _grpc_flood(served: ServedProcess, sizes: list[int], raw: bool) -> dict[str,
     """ModelInfer calls at once, one per size (FP32 values), raw or typed contents."""
     import grpc
 
-    from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2 as pb
-    from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
+    # tritonclient's messages: the generated OIP ones cannot share a process with them, and
+    # other tests here import tritonclient.grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(served.grpc, options=[
         ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
@@ -264,8 +266,8 @@ def test_a_grpc_flood_stays_within_the_budget(server: ServedProcess) -> None:
     budget with two workers), raw and typed, and some past it: OK or RESOURCE_EXHAUSTED."""
     near = (BUDGET // 16 - 4096) // 4
     over = (BUDGET // 16) // 4 + 1024
+    sizes = [near] * 36 + [over] * 4
     for raw in (True, False):
-        sizes = [near] * 36 + [over] * 4
         burst = _burst(server, [lambda raw=raw: _grpc_flood(server, sizes, raw)])
         (codes,) = burst.statuses
         assert isinstance(codes, dict)
