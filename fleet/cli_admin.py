@@ -190,6 +190,12 @@ _broker_dir_option = click.option(
 
 @device_group.command("add")
 @click.argument("device_id", help="The new device's id (its broker user name).")
+@click.option("--cert", "by_certificate", is_flag=True,
+              help="Issue a client certificate from the fleet CA (common name = the device id) "
+                   "instead of a password; the device connects to the certificate listener.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --cert: where to write ID.crt and ID.key [default: the broker "
+                   "configuration's devices/ folder].")
 @click.option("--profile", default=None, help="Its hardware profile, for the command printed.")
 @click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", default="default",
               show_default=True, help="The fleet, for the command printed.")
@@ -198,35 +204,54 @@ _broker_dir_option = click.option(
                    "[default: mqtts://HOST:PORT of the configuration].")
 @_broker_dir_option
 @json_option
-def device_add(device_id: str, profile: str | None, fleet_name: str, broker_url: str | None,
-               broker_dir: Path | None, as_json: bool) -> None:
-    """Enrol a device: broker credentials of its own (user = device id, a new password, shown
-    once), which the generated ACL restricts to that device's topics. Reload the broker after
-    (kill -HUP) for it to read the new password."""
-    from .enrolment import BrokerFiles, add_device
+def device_add(device_id: str, by_certificate: bool, out_dir: Path | None, profile: str | None,
+               fleet_name: str, broker_url: str | None, broker_dir: Path | None,
+               as_json: bool) -> None:
+    """Enrol a device: broker credentials of its own, which the generated ACL restricts to that
+    device's topics. A password (user = device id, shown once; reload the broker after with
+    kill -HUP), or with --cert a client certificate and key (no reload needed)."""
+    from .enrolment import BrokerFiles, add_device, add_device_certificate
 
     directory = broker_dir or _default_broker_dir()
-    password = add_device(directory, device_id)
     files = BrokerFiles(directory.resolve())
-    url = broker_url or _broker_url(files)
-    command = (f"EDGESERVE_MQTT_PASSWORD=… edgeserve agent run --broker {url} --username "
-               f"{device_id} --ca-file {files.ca} --fleet {fleet_name} --device-id {device_id}"
-               + (f" --profile {profile}" if profile else "")
-               + " --trusted-key RELEASE.pub.pem --fleet-key FLEET.pub.pem")
-    data = {"device_id": device_id, "username": device_id, "password": password,
-            "ca_file": str(files.ca), "agent_command": command}
-    emit(data, as_json, lambda d: console.print(
-        f"enrolled [bold]{d['device_id']}[/]: broker user {d['username']}, password "
-        f"[bold]{d['password']}[/] (shown once; reload the broker: kill -HUP)\non the device: "
-        f"{d['agent_command']}", soft_wrap=True, highlight=False))
+    if out_dir is not None and not by_certificate:
+        raise click.UsageError("--out is where --cert writes the certificate; give --cert too")
+    data: dict[str, Any] = {"device_id": device_id, "username": device_id,
+                            "ca_file": str(files.ca)}
+    if by_certificate:
+        issued = add_device_certificate(directory, device_id, out_dir)
+        data.update(cert_file=str(issued.cert_file), key_file=str(issued.key_file),
+                    not_after=issued.not_after.isoformat())
+        login = f"--cert-file {issued.cert_file} --key-file {issued.key_file}"
+        prefix = ""
+    else:
+        data["password"] = add_device(directory, device_id)
+        login = f"--username {device_id}"
+        prefix = "EDGESERVE_MQTT_PASSWORD=… "
+    url = broker_url or _broker_url(files, by_certificate)
+    data["agent_command"] = (
+        f"{prefix}edgeserve agent run --broker {url} {login} --ca-file {files.ca} --fleet "
+        f"{fleet_name} --device-id {device_id}" + (f" --profile {profile}" if profile else "")
+        + " --trusted-key RELEASE.pub.pem --fleet-key FLEET.pub.pem")
+    emit(data, as_json, _print_enrolled)
 
 
-def _broker_url(files: BrokerFiles) -> str:
-    host, port = "BROKER-HOST", "8883"
-    for line in files.config.read_text().splitlines():
-        if line.startswith("listener "):
-            port = line.split()[1]
-    return f"mqtts://{host}:{port}"
+def _print_enrolled(d: dict[str, Any]) -> None:
+    if "password" in d:
+        how = (f"broker user {d['username']}, password [bold]{d['password']}[/] (shown once; "
+               "reload the broker: kill -HUP)")
+    else:
+        how = (f"client certificate {d['cert_file']} (until {d['not_after'][:10]}) and its key "
+               f"{d['key_file']}: copy both to the device, keep the key secret")
+    console.print(f"enrolled [bold]{d['device_id']}[/]: {how}\non the device: "
+                  f"{d['agent_command']}", soft_wrap=True, highlight=False)
+
+
+def _broker_url(files: BrokerFiles, by_certificate: bool) -> str:
+    settings = files.settings()
+    hosts = settings.get("hosts") or ["BROKER-HOST"]
+    port = settings.get("cert_port") if by_certificate else settings.get("port")
+    return f"mqtts://{hosts[0]}:{port}"  # type: ignore[index]
 
 
 @click.command("broker-config")
@@ -238,23 +263,33 @@ def _broker_url(files: BrokerFiles) -> str:
                    "certificate); repeatable.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True,
               help="The broker's TLS port.")
+@click.option("--cert-port", type=click.IntRange(0, 65535), default=8884, show_default=True,
+              help="The TLS port for devices with client certificates ('device add --cert'); "
+                   "0: no such listener.")
+@click.option("--fleet-port", type=click.IntRange(1, 65535), default=8885, show_default=True,
+              help="The TLS port for the fleet service's own clients (user edgeserve-fleet).")
 @click.option("--bind", default="0.0.0.0", show_default=True,
               help="The address the broker listens on.")
 @json_option
-def broker_config_command(out_dir: Path | None, hosts: tuple[str, ...], port: int, bind: str,
-                          as_json: bool) -> None:
+def broker_config_command(out_dir: Path | None, hosts: tuple[str, ...], port: int,
+                          cert_port: int, fleet_port: int, bind: str, as_json: bool) -> None:
     """Write a hardened Mosquitto configuration: a TLS listener (certificates from a fleet CA
     made here), no anonymous clients, a password file and an ACL that gives each device exactly
     its own topics. Then enrol devices with 'fleet device add'."""
     from .enrolment import FLEET_USER, broker_config
 
-    files = broker_config(out_dir or _default_broker_dir(), list(hosts), port, bind)
+    files = broker_config(out_dir or _default_broker_dir(), list(hosts), port, bind,
+                          cert_port or None, fleet_port)
     data = {"config": str(files.config), "ca_file": str(files.ca), "fleet_user": FLEET_USER,
-            "fleet_password_file": str(files.fleet_password)}
+            "fleet_password_file": str(files.fleet_password), "port": port,
+            "cert_port": cert_port or None, "fleet_port": fleet_port}
     emit(data, as_json, lambda d: console.print(
         f"wrote {d['config']}: start the broker with 'mosquitto -c {d['config']}' (its user must "
-        f"read the directory); run the fleet with --broker mqtts://{FLEET_USER}@HOST:{port} "
-        f"--ca-file {d['ca_file']} and EDGESERVE_MQTT_PASSWORD from {d['fleet_password_file']}",
+        f"read the directory); run the fleet with --broker mqtts://{FLEET_USER}@HOST:{fleet_port} "
+        f"--ca-file {d['ca_file']} and EDGESERVE_MQTT_PASSWORD from {d['fleet_password_file']}; "
+        "enrol devices with 'edgeserve fleet device add ID' (a password) or 'device add ID "
+        "--cert' (a client certificate" + (f", port {d['cert_port']})" if d["cert_port"]
+                                           else ": needs --cert-port)"),
         soft_wrap=True, highlight=False))
 
 
