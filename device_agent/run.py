@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,14 @@ class AgentRun:
     fleet_keys: TrustStore = field(default_factory=TrustStore)
     """the fleet keys desired state must be signed with (pinned at enrolment)"""
     desired_refused: int = 0
+    artifact_origins: tuple[str, ...] = ()
+    """where HTTP downloads may come from; empty: wherever signed desired state says"""
 
     @classmethod
     def build(cls, agent: Agent, *, window_s: float = 60.0, outbox_path: Path | None = None,
               outbox_max_bytes: int = DEFAULT_MAX_BYTES, link: LinkSettings | None = None,
-              labels: dict[str, str] | None = None,
-              fleet_keys: TrustStore | None = None) -> AgentRun:
+              labels: dict[str, str] | None = None, fleet_keys: TrustStore | None = None,
+              artifact_origins: Sequence[str] = ()) -> AgentRun:
         """Attach monitoring (and the link) to ``agent``; nothing runs until :meth:`start`."""
         cache = agent.cache.root
         outbox = Outbox(outbox_path or cache / "telemetry" / "outbox.db", outbox_max_bytes)
@@ -98,7 +101,8 @@ class AgentRun:
         if agent.feedback_log is not None:
             monitor.add_source("feedback", agent.feedback_log.drain)
         run = cls(agent, outbox, monitor, labels=dict(labels or {}),
-                  fleet_keys=fleet_keys or TrustStore())
+                  fleet_keys=fleet_keys or TrustStore(),
+                  artifact_origins=tuple(artifact_origins))
         if link is not None:
             run.link = Link(link, outbox, status_info=run.status_info)
             run.updater = run._attach_updates(run.link, link.device_id)
@@ -119,7 +123,7 @@ class AgentRun:
             lambda request: self.link is not None and self.link.publish(
                 "files", encode(request), sub=("req",)), receive)
         updater = Updater(self.agent, device_id, self.agent.cache.root / "updates",
-                          self._report, mqtt=transport)
+                          self._report, mqtt=transport, artifact_origins=self.artifact_origins)
         # what the updater had reached before this start is not news for the event log
         self._outcomes = {name: (m.state, m.target) for name, m in updater.models.items()}
         self._wire(link, updater)
@@ -275,6 +279,17 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
+def _origin(value: str) -> str:
+    """An ``--artifact-origin``: an http(s) URL with a host and no more than a '/' path."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or \
+            parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{value!r} is not an origin; expected http(s)://HOST[:PORT]")
+    return value.strip().rstrip("/")
+
+
 @click.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Local HTTP API address.")
 @click.option("--port", default=8000, show_default=True, type=int,
@@ -319,6 +334,11 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
               help="The fleet's public key (FLEET.pub.pem, printed by 'fleet serve'): desired "
                    "state is obeyed only when it signed it; repeatable [env "
                    "EDGESERVE_FLEET_KEYS].")
+@click.option("--artifact-origin", "artifact_origins", multiple=True, metavar="URL",
+              envvar="EDGESERVE_ARTIFACT_ORIGINS", type=_origin,
+              help="Download artifacts only from this scheme://host[:port] (the fleet's "
+                   "--public-url); repeatable [default: wherever the fleet's signed desired "
+                   "state says; env EDGESERVE_ARTIFACT_ORIGINS, space-separated].")
 @agent_options
 def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
@@ -327,7 +347,8 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         auth: str | None, duration: float | None, tls_cert: Path | None, tls_key: Path | None,
         tls_client_ca: Path | None, insecure: bool, memory_budget: int,
         max_connections: int | None, header_timeout: float, fleet_keys: tuple[Path, ...],
-        cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
+        artifact_origins: tuple[str, ...], cache_dir: Path | None, profile: str | None,
+        trusted_keys: tuple[Path, ...]) -> None:
     """Serve installed models and send their telemetry (windows, drift, health) to the fleet."""
     from .server import check_exposure, parse_auth_option
 
@@ -358,7 +379,7 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
     try:
         _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
              workers, duration, fleet_name, tls,
-             server_limits(memory_budget, max_connections, header_timeout))
+             server_limits(memory_budget, max_connections, header_timeout), artifact_origins)
     finally:
         os.close(lock)
 
@@ -366,13 +387,15 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
 def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: float,
          outbox_max_bytes: int, labels: tuple[str, ...], host: str, port: int,
          authenticator: Authenticator | None, workers: int, duration: float | None,
-         fleet_name: str, tls: Any = None, limits: Any = None) -> None:
+         fleet_name: str, tls: Any = None, limits: Any = None,
+         artifact_origins: tuple[str, ...] = ()) -> None:
     agent = open_agent(config, concurrency=workers, feedback=True)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
                              outbox_max_bytes=outbox_max_bytes, link=link,
                              labels=_labels(labels),
-                             fleet_keys=TrustStore.from_paths(config.fleet_keys))
+                             fleet_keys=TrustStore.from_paths(config.fleet_keys),
+                             artifact_origins=artifact_origins)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

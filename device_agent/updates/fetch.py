@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgeserve import __version__
 from edgeserve.contract import FileChunk, FileRequest, VersionRef
@@ -23,7 +24,7 @@ from ..selection import required_files
 from .chunked import ChunkedDownload, fetch_chunked
 from .download import download_file, fetch_bytes
 
-__all__ = ["MqttTransport", "Progress", "fetch_version", "user_agent"]
+__all__ = ["MqttTransport", "Progress", "check_origin", "fetch_version", "url_origin", "user_agent"]
 
 Progress = Callable[[int, int], None]
 
@@ -58,13 +59,37 @@ def user_agent(device_id: str | None) -> dict[str, str]:
     return {"User-Agent": f"edgeserve-agent/{__version__}{device}"}
 
 
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, lower-cased, default ports left out."""
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
+def check_origin(url: str, origins: Sequence[str], where: str) -> None:
+    """Refuse (for good) a download from anywhere but ``origins`` (none given: anywhere)."""
+    if origins and url_origin(url) not in {url_origin(o) for o in origins}:
+        raise TransferError(f"{where}: desired state names {url_origin(url)}, which is not one "
+                            f"of this agent's artifact origins ({', '.join(origins)}); refused",
+                            retryable=False)
+
+
 def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_dir: Path,
                   progress: Progress | None = None, mqtt: MqttTransport | None = None,
-                  device_id: str | None = None) -> tuple[InstalledVersion, int]:
+                  device_id: str | None = None,
+                  origins: Sequence[str] = ()) -> tuple[InstalledVersion, int]:
     """Download, verify and stage (not activate) ``model`` ``version``.
 
     Returns the installed version and the bytes that crossed the network. Partial downloads stay
-    in ``work_dir`` so a later attempt resumes them.
+    in ``work_dir`` so a later attempt resumes them. With ``origins``, HTTP downloads come only
+    from those (``scheme://host[:port]``).
     """
     headers = user_agent(device_id)
     if ref.token:  # the fleet protects its artifact endpoint: this version's download token
@@ -84,6 +109,7 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
         moved += n
     else:
         assert ref.url is not None
+        check_origin(ref.url, origins, where)
         manifest_bytes = fetch_bytes(ref.url + "manifest.json", headers=headers)
         signature = fetch_bytes(ref.url + "signature", max_bytes=65536, headers=headers)
         moved = len(manifest_bytes) + len(signature)

@@ -36,7 +36,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -100,8 +100,12 @@ class Updater:
     def __init__(self, agent: Agent, device_id: str, state_dir: Path,
                  report: Callable[[Reported], None] | None = None,
                  mqtt: MqttTransport | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 artifact_origins: Sequence[str] = ()) -> None:
         self.agent = agent
+        self.artifact_origins = tuple(artifact_origins)
+        """where HTTP downloads may come from (``scheme://host[:port]``); empty: anywhere the
+        fleet's signed desired state names"""
         self.device_id = device_id
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +353,7 @@ class Updater:
         try:
             _, moved = fetch_version(self.agent, name, version, desired.versions[version],
                                      self.state_dir / "downloads", progress, self.mqtt,
-                                     self.device_id)
+                                     self.device_id, self.artifact_origins)
         except TransferError as exc:
             self._delivery_failed(name, version, delivery, exc)
         except EdgeserveError as exc:

@@ -279,3 +279,26 @@ def test_an_idle_device_decides_its_health_watch_at_the_time_limit(
     time.sleep(0.25)
     updater.check_watches()
     assert updater.current_report().models["toy"].state == "committed"
+
+
+def test_downloads_come_only_from_the_artifact_origins(
+        tmp_path: Path, agent: Agent, fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """With --artifact-origin, desired state naming any other host (here the same server under
+    another name) is refused for good, nothing fetched; the origin itself is served, whatever
+    its spelling (case, trailing slash, default port)."""
+    store, server = fleet
+    port = server.url.rsplit(":", 1)[1].rstrip("/")
+    elsewhere = f"http://localhost:{port}"
+    fenced = Updater(agent, "dev1", tmp_path / "fenced", artifact_origins=[server.url])
+    report = fenced.apply(desired(store, server, 1, "1.0.0", min_inferences=0,
+                                  base_url=elsewhere))
+    toy = report.models["toy"]
+    assert toy.state == "failed" and toy.last_error is not None
+    assert "not one of this agent's artifact origins" in toy.last_error.message
+    assert fenced.pending_retry_s is None and fenced.bytes_downloaded == 0
+    assert "toy" not in agent.cache.models()
+    spelled = server.url.upper().replace("HTTP://", "http://") + "/"
+    allowed = Updater(agent, "dev1", tmp_path / "allowed", artifact_origins=[spelled])
+    report = allowed.apply(desired(store, server, 1, "1.0.0", min_inferences=0))
+    assert report.models["toy"].state == "committed", report.models["toy"]
+    assert agent.active_version("toy") == "1.0.0"
