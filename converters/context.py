@@ -39,6 +39,14 @@ class BuildContext:
     static_path: Path | None = None
     classifier_names: tuple[str, ...] = ()
     """outputs holding class scores (classification only)"""
+    probability_names: tuple[str, ...] = ()
+    """outputs a Sigmoid makes"""
+    source_quantization: str | None = None
+    """how the source was already quantized (e.g. "QDQ (12 DequantizeLinear, …)"), or None"""
+    source_quantization_format: str | None = None
+    """"QDQ" or "QOperator" for an already quantized source"""
+    source_int8_path: Path | None = None
+    """a QDQ source's own graph (the reference is its de-quantized float graph)"""
     preprocessing: dict[str, ImagePreprocessing] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """what the reference step decided for the user (batch axis, task, names)"""
@@ -46,6 +54,11 @@ class BuildContext:
     @property
     def classifier_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.signature.outputs) if t.name in self.classifier_names]
+
+    @property
+    def probability_indices(self) -> list[int]:
+        return [i for i, t in enumerate(self.signature.outputs)
+                if t.name in self.probability_names]
 
 
 @dataclass

@@ -29,7 +29,8 @@ from .validate import judge, worst_status
 
 __all__ = ["Blocked", "Fallbacks", "profile_verdicts", "resolve_fallbacks", "shipped"]
 
-_METRICS = ("cosine_similarity", "max_abs_error", "top1_agreement", "exact_match", "accuracy")
+_METRICS = ("cosine_similarity", "max_abs_error", "top1_agreement", "exact_match", "accuracy",
+            "range_error", "decision_agreement")
 
 
 @dataclass

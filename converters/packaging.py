@@ -108,7 +108,8 @@ def assemble_report(options: ConvertOptions, ctx: BuildContext, profiles: Sequen
         "model": {"name": options.name, "version": options.version, "release": options.release,
                   "task": ctx.task,
                   "source": {"framework": imported.framework, "sha256": imported.sha256,
-                             "filename": imported.filename},
+                             "filename": imported.filename,
+                             "quantization": ctx.source_quantization},
                   "inputs": [t.model_dump(mode="json", exclude_defaults=True)
                              for t in ctx.signature.inputs],
                   "outputs": [t.model_dump(mode="json", exclude_defaults=True)

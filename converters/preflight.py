@@ -8,6 +8,9 @@ Per profile and artifact target (fallback targets included):
   (:func:`domain_problem`): ``ai.onnx.ml`` (scikit-learn's Scaler, TreeEnsembleClassifier …)
   runs in ONNX Runtime at fp32 and fp16 (those ops stay float32), but ONNX Runtime's int8
   quantization, onnx2tf (TFLite) and the Core ML route have no form of them;
+* **Select TF ops**: ONNX ops that onnx2tf can only express as Select TF (Flex) ops, which
+  LiteRT's builtin kernels cannot run (:data:`FLEX_ONLY`, measured) → blocks TFLite targets;
+  anything else that comes out as Flex is caught after the build (``select_tf_ops``);
 * **model bytes**: the expected artifact size (reference bytes × the precision's ratio) over
   ``budgets.max_model_bytes`` → :class:`ProfileLimitError`;
 * **arena**: the largest sum of live tensors of any node (a lower bound of the runtime arena),
@@ -37,13 +40,17 @@ from .graph import dynamic_inputs, iter_nodes, op_types, tensor_shapes
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["SIZE_RATIO", "PreflightIssue", "domain_problem", "estimate_arena_bytes",
+__all__ = ["FLEX_FROM", "FLEX_ONLY", "SIZE_RATIO", "PreflightIssue", "domain_problem", "estimate_arena_bytes",
            "fatal_issues", "foreign_ops", "preflight", "profile_targets", "refusal"]
 
 SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "int8": 0.27, "int6": 0.2, "int4": 0.14, "mixed": 0.5}
 _BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8}
 _STANDARD = ("", "ai.onnx")
 _ROUTES = {"tflite": "onnx2tf (TFLite)", "coreml": "the Core ML route"}
+FLEX_ONLY = {"Det": "FlexMatrixDeterminant"}
+"""ONNX op → the Select TF op onnx2tf makes of it (measured with onnx2tf 1.x; tests/converters
+/test_select_tf_ops.py)"""
+FLEX_FROM = {flex: op for op, flex in FLEX_ONLY.items()}
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,15 @@ def _op_issues(profile: HardwareProfile, targets: Sequence[ArtifactTarget], ops:
                 f"profile {profile.name}: target {fmt} cannot run op(s) {where}; replace "
                 f"them in the model (e.g. export with a different opset or without that "
                 f"layer) or choose a profile whose {fmt} runtime supports them"), keys))
+    flex = sorted(ops & set(FLEX_ONLY))
+    tflite = tuple(t.key for t in targets if t.format == "tflite")
+    if flex and tflite:
+        where = ", ".join(f"{op} (node {ops_by_node.get(op) or '?'}) → {FLEX_ONLY[op]}"
+                          for op in flex)
+        issues.append(PreflightIssue(profile.name, "tflite", "ops", (
+            f"profile {profile.name}: TFLite would need Select TF ops that LiteRT's builtin "
+            f"kernels cannot run: {where}; replace the op in the model, or let the profile "
+            "fall back to ONNX"), tflite))
     for target in targets:
         problem = domain_problem(target, foreign)
         if problem:

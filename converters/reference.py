@@ -20,6 +20,7 @@ from edgeserve.manifest import ImagePreprocessing
 
 from .context import BuildContext
 from .data import Dataset, load_dataset, random_dataset
+from .dequantize import SourceQuantization, dequantize, quantization_of
 from .graph import fix_input_shapes, fold, freeze_inputs, readable_names, run_onnx
 from .options import ConvertOptions
 from .plan import PlannedArtifact
@@ -124,6 +125,54 @@ def _classifier(signature: ModelSignature, task: str, outputs: Sequence[np.ndarr
         class_score_outputs(signature, outputs)
 
 
+def _float_reference(model: Any, notes: list[str]) -> tuple[Any, Any, SourceQuantization | None]:
+    """(the float graph to use as the reference, the source's own QDQ graph or None, how the
+    source is quantized or None) — edgeserve.converters.dequantize."""
+    import onnx
+
+    quantized = quantization_of(model)
+    if quantized is None:
+        return model, None, None
+    if quantized.format == "QOperator":
+        notes.append(f"the source is already quantized: {quantized.summary}; QOperator ops "
+                     "cannot be undone op by op, so the reference is the graph as given and no "
+                     "int8 artifact is made from it again (its ONNX artifact is that int8 graph)")
+        return model, None, quantized
+    floated, removed = dequantize(model)
+    notes.append(f"the source is already quantized: {quantized.summary}; the float reference is "
+                 f"its de-quantized graph ({removed} Q/DQ nodes: int8 weights made float, "
+                 "activation ranges kept as Clip), and the static int8 ONNX artifact is the "
+                 "source's own quantization, not quantized again")
+    return onnx.shape_inference.infer_shapes(floated), model, quantized
+
+
+def _same_inputs(graph: Any, reference: Any) -> Any:
+    """``graph`` with the input shapes the reference ended with (a batch fixed at 1 stays so)."""
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                     for d in v.type.tensor_type.shape.dim] for v in reference.graph.input}
+    if any(None in d[1:] for d in dims.values()):
+        return graph
+    names = {v.name for v in graph.graph.input}
+    return fix_input_shapes(graph, {k: v for k, v in dims.items() if k in names})
+
+
+_PASS_THROUGH = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"}
+
+
+def sigmoid_outputs(model: Any) -> tuple[str, ...]:
+    """Graph outputs a Sigmoid makes (through reshapes and the like): probabilities, judged by
+    the decision at 0.5 as well as by their error (edgeserve.converters.validate)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Sigmoid", "HardSigmoid"):
+            found.append(output.name)
+    return tuple(found)
+
+
 def _task_notes(task: str, labels: list[str] | None, evaluation: Dataset,
                 classifier: tuple[str, ...], signature: ModelSignature,
                 outputs: Sequence[np.ndarray]) -> list[str]:
@@ -153,6 +202,7 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
     if options.constant_inputs:
         model = freeze_inputs(model, options.constant_inputs)
     model = fix_input_shapes(model, shapes) if shapes else onnx.shape_inference.infer_shapes(model)
+    model, source_int8, quantized = _float_reference(model, notes)
     signature = read_signature(model, options.layouts)
     preprocessing = resolve_preprocessing(options.preprocessing, signature.inputs)
     calibration, evaluation = _data(options, signature, plans, preprocessing)
@@ -162,6 +212,10 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
     reference_path = work / "reference.onnx"
     onnx.save(model, str(reference_path))
     signature = read_signature(model, options.layouts)
+    source_int8_path = None
+    if source_int8 is not None:
+        source_int8_path = work / "source-int8.onnx"
+        onnx.save(_same_inputs(source_int8, model), str(source_int8_path))
     try:
         runner = OrtRunner(reference_path)
         reference_eval = run_dataset(runner, evaluation.inputs, signature)
@@ -182,6 +236,10 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
         samples=samples, reference_samples=[o[:len(samples)] for o in reference_eval],
         input_shapes=shapes, reference_latency_ms=measure_latency(runner, evaluation.sample(0)),
         reference_bytes=reference_path.stat().st_size, classifier_names=classifier,
+        probability_names=sigmoid_outputs(model),
+        source_quantization=quantized.summary if quantized else None,
+        source_quantization_format=quantized.format if quantized else None,
+        source_int8_path=source_int8_path,
         preprocessing=preprocessing, notes=notes)
 
 

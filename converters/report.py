@@ -3,8 +3,10 @@ and the rich table printed at the end of ``edgeserve convert``.
 
 ``report.json`` lists each artifact with at least ``id``, ``format``, ``precision``,
 ``quantization``, ``size_bytes``, ``size_ratio`` (to the fp32 reference), ``profiles``,
-``required_by`` and ``validation`` = {``status``, ``max_abs_error``, ``cosine_similarity``,
-``top1_agreement`` (classifiers), ``accuracy`` (with labels), ``latency_ms_p50``,
+``required_by`` and ``validation`` = {``status``, ``max_abs_error``, ``cosine_similarity``
+(vector outputs), ``range_error`` and ``decision_agreement`` (scalar and sigmoid outputs),
+``top1_agreement`` (classifiers), ``accuracy`` (with labels), ``outputs`` (each output's kind
+and figures), ``gated_by`` (the metrics the verdict used), ``latency_ms_p50``,
 ``latency_ratio``, ``sample_max_abs_error``, ``reasons`` …}, plus one entry per profile with its
 status (:data:`PROFILE_STATUSES`), the artifacts that ship for it (``ships``), the fallbacks used
 and the reasons.
@@ -53,14 +55,28 @@ def _row(artifact: Mapping[str, Any]) -> list[str]:
         "-" if not size else f"{format_bytes(size)} ({_ratio(artifact.get('size_ratio'))})",
         "-" if v.get("latency_ms_p50") is None
         else f"{v['latency_ms_p50']:.3f} ({_ratio(v.get('latency_ratio'))})",
-        _num(v.get("max_abs_error"), ".3g"), _num(v.get("cosine_similarity"), ".5f"),
-        _num(v.get("top1_agreement"), ".4f"), _num(v.get("accuracy"), ".4f"),
+        _num(v.get("max_abs_error"), ".3g"), _closeness(v), _agreement(v),
+        _num(v.get("accuracy"), ".4f"),
         "not built" if _not_built(artifact) else _status_text(v),
     ]
 
 
-_COLUMNS = ["artifact", "profiles", "size (× fp32)", "p50 ms (× fp32)", "max err", "cosine",
-            "top-1 agree", "accuracy", "verdict"]
+def _closeness(v: Mapping[str, Any]) -> str:
+    """Cosine for vector outputs; else the error over the output's range ('r …')."""
+    if v.get("cosine_similarity") is not None:
+        return _num(v.get("cosine_similarity"), ".5f")
+    return "-" if v.get("range_error") is None else f"r {v['range_error']:.2g}"
+
+
+def _agreement(v: Mapping[str, Any]) -> str:
+    """Top-1 for classifiers; else decisions at 0.5 of sigmoid outputs ('d …')."""
+    if v.get("top1_agreement") is not None:
+        return _num(v.get("top1_agreement"), ".4f")
+    return "-" if v.get("decision_agreement") is None else f"d {v['decision_agreement']:.4f}"
+
+
+_COLUMNS = ["artifact", "profiles", "size (× fp32)", "p50 ms (× fp32)", "max err",
+            "cosine / range err", "top-1 / decisions", "accuracy", "verdict"]
 
 
 def render_table(report: Mapping[str, Any]) -> Table:

@@ -196,6 +196,23 @@ def _read_signature(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[
     result.outputs[variant] = specs_out
 
 
+def select_tf_ops(path: Path) -> list[str]:
+    """The Select TF (Flex) ops a ``.tflite`` file needs: custom op codes named ``Flex…``, which
+    only a LiteRT built with the Flex delegate runs (not the ``ai-edge-litert`` wheel, not the
+    Android/iOS builtin runtimes)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffer = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(buffer, 0)
+    found = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        custom = code.CustomCode() if code is not None else None
+        if custom and custom.startswith(b"Flex"):
+            found.append(custom.decode())
+    return sorted(set(found))
+
+
 def _log_summary(log: str) -> str:
     """What onnx2tf said went wrong: its ``ERROR:`` lines when there are any (a traceback's tail
     only names the import that failed), else the last lines; colour codes removed."""

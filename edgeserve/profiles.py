@@ -193,6 +193,11 @@ class ValidationBudget(_Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
                                             description="task metric drop, in fractions")
+    max_range_error: float | None = Field(
+        default=None, ge=0, description="outputs of a few values per sample (scores, "
+        "sigmoids): largest abs error over the output's range [default: sqrt(2 (1 - "
+        "min_cosine))]")
+    warn_range_error: float | None = Field(default=None, ge=0)
 
 
 def _default_budgets() -> dict[Precision, ValidationBudget]:
