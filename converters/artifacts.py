@@ -139,8 +139,8 @@ def _static_graph(ctx: BuildContext) -> Path:
 
     if ctx.static_path is None:
         model = onnx.load(str(ctx.reference_path))
-        feeds = ctx.calibration.inputs if ctx.calibration else ctx.evaluation.inputs
-        prepared = prepare_static(model, ctx.input_shapes, feeds)
+        data = ctx.calibration if ctx.calibration else ctx.evaluation
+        prepared = prepare_static(model, ctx.input_shapes, data.sample(0))
         ctx.static_path = ctx.work / "static.onnx"
         onnx.save(prepared, str(ctx.static_path))
     return ctx.static_path

@@ -1,5 +1,12 @@
 """Calibration and evaluation data: one array per model input, first axis = samples.
 
+Each input's array takes either form of the shared rule (:mod:`edgeserve.samples`): samples
+stacked on the model's batch axis (``(n, *shape without the batch axis)``, the batch axis
+anywhere, e.g. ``[layers, batch, hidden]`` state), or one call's full feed per sample (``(n,
+*shape)``, e.g. a fixed-batch model whose state has no batch axis the rule can find). The
+:class:`Dataset` remembers which (``axes``), and every later step takes its samples through
+:meth:`Dataset.sample` (one call's feed) or :meth:`Dataset.stacked` (samples on the first axis).
+
 A :class:`Dataset` is what every later step sees. It comes from
 
 * an ``.npz`` file: one array per model input, keyed by input name, plus an optional ``labels``
@@ -41,6 +48,11 @@ class Dataset:
     labels: np.ndarray | None = None
     source: str = "in-memory arrays"
     notes: list[str] = field(default_factory=list)
+    axes: dict[str, int | None] = field(default_factory=dict)
+    """per input: the model's batch axis its samples are stacked on (absent: 0), or None when
+    each sample is one call's full feed"""
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    """per input: the model input's batch axis by the shared rule (None: it has none)"""
 
     def __post_init__(self) -> None:
         lengths = {name: len(a) for name, a in self.inputs.items()}
@@ -59,15 +71,33 @@ class Dataset:
         """A subset, in the given order."""
         labels = None if self.labels is None else self.labels[indices]
         return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source,
-                       list(self.notes))
+                       list(self.notes), dict(self.axes), dict(self.batch_axes))
+
+    @property
+    def whole_feeds(self) -> bool:
+        """Some input's samples are whole feeds: every call carries one sample."""
+        return any(axis is None for axis in self.axes.values())
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        """Sample ``i`` as a batch of one."""
-        return {k: v[i:i + 1] for k, v in self.inputs.items()}
+        """Sample ``i`` as one call's feeds (a batch of one)."""
+        feeds = {}
+        for name, array in self.inputs.items():
+            axis = self.axes.get(name, 0)
+            feeds[name] = array[i] if axis is None else np.expand_dims(array[i], axis)
+        return feeds
 
-    def batches(self, size: int) -> list[dict[str, np.ndarray]]:
-        return [{k: v[i:i + size] for k, v in self.inputs.items()}
-                for i in range(0, len(self), size)]
+    def stacked(self, name: str) -> np.ndarray:
+        """Input ``name`` with samples on the first axis and no batch axis left: as given for
+        stacked samples; whole feeds lose their batch axis when it holds one sample, else they
+        are returned whole."""
+        array = self.inputs[name]
+        if self.axes.get(name, 0) is not None:
+            return array
+        feed_axis = self.batch_axes.get(name)
+        if feed_axis is not None and array.shape[feed_axis + 1] == 1:
+            squeezed: np.ndarray = np.take(array, 0, axis=feed_axis + 1)
+            return squeezed
+        return array
 
     def split_holdout(self, fraction: float = 0.2) -> tuple[Dataset, Dataset]:
         """(calibration, evaluation): the last ``fraction`` held out, at least one sample each."""
@@ -206,18 +236,12 @@ def _conform(dataset: Dataset, inputs: Sequence[TensorSpec]) -> Dataset:
         plan = plan_samples(inputs, dataset.inputs, where=dataset.source)
     except InvalidInputError as exc:
         raise ConfigError(exc.message) from None
-    for spec in inputs:
-        if plan.forms[spec.name] != "slice" or plan.input_axes[spec.name] != 0:
-            # every later step (calibration, onnx2tf, drift statistics) takes samples stacked
-            # on a leading batch axis
-            raise ConfigError(
-                f"{dataset.source}: input {spec.name!r} ({list(spec.shape)}): the converter "
-                "takes data stacked on a leading batch axis only, an array of shape (n, "
-                f"{', '.join(str(d) for d in spec.shape[1:])}); one call's full input per "
-                "sample, or a batch axis elsewhere, is not supported for conversion")
+    axes = {spec.name: None if plan.forms[spec.name] == "feed" else plan.input_axes[spec.name]
+            for spec in inputs}
     arrays = {}
     for spec in inputs:
         array = dataset.inputs[spec.name]
         dtype = _NP_DTYPES.get(spec.dtype)
         arrays[spec.name] = array.astype(dtype, copy=False) if dtype is not None else array
-    return Dataset(arrays, dataset.labels, dataset.source, list(dataset.notes))
+    return Dataset(arrays, dataset.labels, dataset.source, list(dataset.notes), axes,
+                   {spec.name: plan.input_axes[spec.name] for spec in inputs})

@@ -92,9 +92,14 @@ def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return found
 
 
+def _names_batch(param: str) -> bool:
+    return "batch" in param.lower() or param == "N"
+
+
 def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | None]],
                      batch: int | None = None) -> onnx.ModelProto:
-    """Set input dims: ``shapes`` wins; otherwise a dynamic first axis becomes ``batch``.
+    """Set input dims: ``shapes`` wins; otherwise a dynamic first axis, and any axis named like
+    a batch (``[2, batch, 8]`` recurrent state), becomes ``batch``.
 
     A ``None`` in ``shapes`` (only the first axis may be one) leaves that axis dynamic, named
     ``batch`` — or sets it to ``batch`` when that is given (the static routes pass 1).
@@ -123,9 +128,12 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int |
                     dim.dim_value = batch
                 else:
                     dim.dim_param = BATCH
-        elif batch is not None and dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
+        elif batch is not None:
+            # the batch axis by the samples rule: a dynamic first axis, or one named batch
+            for i, dim in enumerate(dims):
+                if not dim.HasField("dim_value") and (i == 0 or _names_batch(dim.dim_param)):
+                    dim.Clear()
+                    dim.dim_value = batch
     if shapes or batch is not None:
         # stale intermediate shapes would contradict the new input shapes; outputs keep their
         # (possibly symbolic) dims, which shape inference refines
@@ -379,8 +387,9 @@ def drop_noop_slices(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | None]],
-                   feeds: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed.
+                   one: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed;
+    ``one`` is one call's feeds (to check the simplified graph with).
 
     Raises :class:`ConversionError` when an input still has a dynamic dimension, naming it and
     the ``--input-shape`` option that fixes it.
@@ -393,8 +402,7 @@ def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | N
         raise ConversionError(f"input(s) {sorted(still)} have dynamic dimensions {still}; TFLite "
                               f"and Core ML need static shapes: pass --input-shape {hint} "
                               "(N = the size you want)")
-    one = {k: v[:1] for k, v in (feeds or {}).items()}
-    prepared = simplify(constants_to_initializers(fixed), one or None)
+    prepared = simplify(constants_to_initializers(fixed), dict(one) if one else None)
     prepared = canonicalize_slices(rename_nodes(constants_to_initializers(prepared)))
     return drop_noop_slices(prepared)
 

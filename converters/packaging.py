@@ -141,7 +141,8 @@ def _stats(ctx: BuildContext) -> ReferenceStats:
     data = data.take(slice(0, 2000))
     outputs = reference_outputs(ctx, data)
     named = dict(zip(ctx.signature.output_names, outputs, strict=True))
-    return ReferenceStats.from_arrays(data.inputs, named, ctx.signature.layouts(),
+    return ReferenceStats.from_arrays({k: data.stacked(k) for k in data.inputs}, named,
+                                      ctx.signature.layouts(),
                                       ctx.classifier_names)
 
 

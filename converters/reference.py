@@ -98,8 +98,8 @@ def _batch_two(model: Any, evaluation: Dataset) -> str | None:
 def _keep_batch(model: Any, evaluation: Dataset, notes: list[str]) -> Any:
     """Keep a dynamic batch axis only when ONNX Runtime runs the graph at batch 2; else fix it
     at 1 and say so (an exporter can bake the example's batch into a Reshape)."""
-    if not _dynamic_batch(model):
-        return model
+    if not _dynamic_batch(model) or any(a != 0 for a in evaluation.axes.values()):
+        return model  # (data as whole feeds or on another axis: the check stacks on axis 0)
     problem = _batch_two(model, evaluation)
     if problem is None:
         return model
@@ -206,7 +206,7 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
     signature = read_signature(model, options.layouts)
     preprocessing = resolve_preprocessing(options.preprocessing, signature.inputs)
     calibration, evaluation = _data(options, signature, plans, preprocessing)
-    model = fold(model, evaluation.take(slice(0, 1)).inputs)  # batch 1 fits every model
+    model = fold(model, evaluation.sample(0))  # one sample as one call: fits every model
     model = _keep_batch(model, evaluation, notes)
     notes += _shape_notes(options, imported.framework)
     reference_path = work / "reference.onnx"

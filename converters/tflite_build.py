@@ -128,7 +128,11 @@ def _command(src: Path, out: Path, inputs: Sequence[TensorSpec], renames: Mappin
             raise ConversionError("TFLite int8 (integer) needs calibration data")
         cmd += ["-oiqt", "-qt", "per-channel", "-iqd", io_dtype, "-oqd", io_dtype]
         for spec in inputs:
-            array = calibration.inputs[spec.name][:_CALIBRATION_LIMIT].astype(np.float32)
+            array = calibration.stacked(spec.name)[:_CALIBRATION_LIMIT].astype(np.float32)
+            if array.ndim != len(spec.shape):
+                raise ConversionError(
+                    f"TFLite int8 calibration takes samples stacked on a first batch axis; input "
+                    f"{spec.name!r} {list(spec.shape)} has none, so its data are whole feeds")
             if _is_image(spec):
                 array = array.transpose(0, 2, 3, 1)
             npy = work / f"calib-{back[spec.name]}.npy"
@@ -147,7 +151,7 @@ def _offline_sample_file(work: Path, inputs: Sequence[TensorSpec], data: Dataset
     images = [s for s in inputs if _is_image(s) and s.shape[1] == 3]
     sample = np.zeros((20, 128, 128, 3), dtype=np.float32)
     if images and data is not None:
-        array = data.inputs[images[0].name][:20].transpose(0, 2, 3, 1)
+        array = data.stacked(images[0].name)[:20].transpose(0, 2, 3, 1)
         rows = np.linspace(0, array.shape[1] - 1, 128).round().astype(int)
         cols = np.linspace(0, array.shape[2] - 1, 128).round().astype(int)
         resized = array[:, rows][:, :, cols]
