@@ -156,7 +156,10 @@ def _same_inputs(graph: Any, reference: Any) -> Any:
     return fix_input_shapes(graph, {k: v for k, v in dims.items() if k in names})
 
 
-_PASS_THROUGH = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"}
+_PASS_THROUGH = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast",
+                 "ReduceMean", "ReduceMax", "ReduceMin", "Slice", "Gather", "Expand"}
+"""ops whose output stays within the range of their first input (a mean of probabilities is a
+probability)"""
 
 
 def sigmoid_outputs(model: Any) -> tuple[str, ...]:

@@ -14,9 +14,10 @@ vector        float outputs with more than 4 values      ``cosine_similarity`` (
 classifier    class scores of a classification model     ``top1_agreement`` (+ cosine, and
                                                          ``accuracy`` with labels)
 scalar        float outputs of at most 4 values per      ``range_error``: max abs error over
-              sample (a score, a regression, a box)      the reference's range
-probability   a scalar output made by a Sigmoid          ``range_error`` and
-                                                         ``decision_agreement`` at 0.5
+              sample (a score, a regression, a box)      the reference's range (max - min)
+probability   a scalar output made by a Sigmoid          ``range_error`` over [0, 1] (its
+              (through reshapes, means, slices)          range) and ``decision_agreement``
+                                                         at 0.5
 integer       integer outputs (a predicted label)        ``exact_match``
 ============  =========================================  =====================================
 
@@ -77,7 +78,11 @@ def output_kind(ref: np.ndarray, classifier: bool = False, probability: bool = F
     return "probability" if probability else "scalar"
 
 
-def _range_error(ref: np.ndarray, diff: np.ndarray) -> float:
+def _range_error(ref: np.ndarray, diff: np.ndarray, probability: bool = False) -> float:
+    """Max abs error over the output's range: [0, 1] for a probability, else max - min of the
+    reference over the samples (max |ref| when that is 0)."""
+    if probability:
+        return float(diff.max(initial=0.0))
     span = float(np.ptp(ref)) if ref.size else 0.0
     scale = span or float(np.abs(ref).max(initial=0.0)) or 1.0
     return float(diff.max(initial=0.0)) / scale
@@ -122,7 +127,7 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
             figures["cosine_similarity"] = float(cosine.mean())
             cosines.append(cosine)
         if kind in ("scalar", "probability"):
-            figures["range_error"] = _range_error(ref, diff)
+            figures["range_error"] = _range_error(ref, diff, kind == "probability")
             ranges.append(figures["range_error"])
         if kind == "probability":
             figures["decision_agreement"] = float(np.mean((ref > 0.5) == (got > 0.5)))

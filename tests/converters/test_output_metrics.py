@@ -108,3 +108,15 @@ def test_a_sigmoid_model_converts_for_phone_and_sbc(tmp_path: Path, keypair: Key
         assert "cosine_similarity" not in validation
         assert {"range_error", "decision_agreement"} <= set(validation["gated_by"])
         assert validation["outputs"]["p"]["kind"] == "probability"
+
+
+def test_a_sigmoid_that_stays_near_zero_is_measured_on_its_own_range() -> None:
+    """Evaluation audio with no speech keeps a VAD's probability within 0.003: an int8 error of
+    0.002 is 0.2 % of what a probability can be, not 80 % of the range seen (silero-vad's int8
+    was once failed so)."""
+    ref = rng.uniform(0.0, 0.003, (100, 1)).astype(np.float32)
+    got = (ref + rng.uniform(-0.002, 0.002, ref.shape)).clip(0, 1).astype(np.float32)
+    metrics = compare_outputs([ref], [got], probabilities=[0])
+    assert metrics["range_error"] <= 0.002 + 1e-6
+    assert judge(metrics, {"int8": INT8})[0] == "passed"
+    assert judge(compare_outputs([ref], [got]), {"int8": INT8})[0] == "failed"  # as a scalar
