@@ -165,8 +165,8 @@ def test_one_devices_credentials_cannot_act_as_another_or_as_the_fleet(
         broker: Hardened, tmp_path: Path, fleet_name: str) -> None:
     """Anonymous and wrong-password clients are refused; cam-1's credentials publishing under
     cam-2's id (its telemetry, with cam-2's client id too), on cam-2's desired topic, on an ack
-    topic or on the fleet's announcement are refused by the broker; cam-2's own windows are
-    stored exactly once throughout."""
+    topic, on cam-2's file requests or on the fleet's announcement are refused by the broker;
+    cam-2's own windows are stored exactly once throughout."""
     with contextlib.ExitStack() as stack:
         store, service = _fleet(stack, broker, tmp_path, fleet_name)
         good = _device(stack, _settings(broker, "cam-2", broker.passwords["cam-2"]), tmp_path,
@@ -187,6 +187,7 @@ def test_one_devices_credentials_cannot_act_as_another_or_as_the_fleet(
                    device_topic(fleet_name, "cam-2", "desired"),
                    device_topic(fleet_name, "cam-2", "ack"),
                    device_topic(fleet_name, "cam-1", "ack"),
+                   device_topic(fleet_name, "cam-2", "files", "req"),  # its model transfers
                    f"edgeserve/v1/{fleet_name}/fleet/status"]
         mids = [rogue.publish(topic, forged, qos=1).mid for topic in attacks]
         wait_until(lambda: len(seen["pubacks"]) == len(mids), 20,  # type: ignore[arg-type]
