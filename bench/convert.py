@@ -77,7 +77,8 @@ def table(report: dict[str, Any]) -> list[str]:
     ref = report["reference"]
     lines = [f"fp32 reference: {ref['size_bytes']:,} bytes, p50 {ref['latency_ms_p50']:.3f} ms.",
              "", "| artifact | bytes | × fp32 | p50 ms | × fp32 | max abs err | cosine | top-1 agree "
-             "| accuracy | verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| range err | decisions | accuracy | verdict |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in report["artifacts"]:
         v = a["validation"]
         status = "not executed (needs macOS; checks passed)" if v.get("status") == "not-executed" \
@@ -86,7 +87,8 @@ def table(report: dict[str, Any]) -> list[str]:
             f"| {a['id']} | {a['size_bytes']:,} | {_fmt(a['size_ratio'], '.2f')} | "
             f"{_fmt(v.get('latency_ms_p50'), '.3f')} | {_fmt(v.get('latency_ratio'), '.2f')} | "
             f"{_fmt(v.get('max_abs_error'), '.3g')} | {_fmt(v.get('cosine_similarity'), '.5f')} | "
-            f"{_fmt(v.get('top1_agreement'), '.4f')} | {_fmt(v.get('accuracy'), '.4f')} | "
+            f"{_fmt(v.get('top1_agreement'), '.4f')} | {_fmt(v.get('range_error'), '.3g')} | "
+            f"{_fmt(v.get('decision_agreement'), '.4f')} | {_fmt(v.get('accuracy'), '.4f')} | "
             f"{status} |")
     return lines
 
