@@ -32,13 +32,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeserve import certs
 from edgeserve.contract import TOPIC_ROOT, check_id
 from edgeserve.errors import ConfigError
 from edgeserve.package import atomic_write
@@ -161,48 +161,12 @@ def _config(files: BrokerFiles, bind: str, ports: dict[str, int | None]) -> str:
     return "\n".join([*blocks, ""])
 
 
-def _write_key_cert(key_path: Path, cert_path: Path, key: object, cert: object) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    atomic_write(key_path, key.private_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
-
-
 def _certificates(files: BrokerFiles, hosts: list[str]) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeserve fleet CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=3650))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-              .issuer_name(ca_name).public_key(server_key.public_key())
-              .serial_number(x509.random_serial_number())
-              .not_valid_before(now - dt.timedelta(minutes=5))
-              .not_valid_after(now + dt.timedelta(days=825))
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .sign(ca_key, hashes.SHA256()))
-    _write_key_cert(files.root / "ca.key", files.ca, ca_key, ca)
-    _write_key_cert(files.root / "server.key", files.root / "server.crt", server_key, server)
+    """The fleet CA (10 years) and the broker's certificate for ``hosts`` (825 days)."""
+    ca_key, ca = certs.new_ca("edgeserve fleet CA")
+    server_key, server = certs.issue(ca_key, ca, hosts[0], 825, hosts=hosts)
+    certs.write_pem(files.root / "ca.key", files.ca, ca_key, ca)
+    certs.write_pem(files.root / "server.key", files.root / "server.crt", server_key, server)
 
 
 def broker_config(directory: Path, hosts: list[str], port: int = 8883, bind: str = "0.0.0.0",
@@ -264,10 +228,7 @@ def add_device_certificate(directory: Path, device_id: str, out: Path | None = N
     """Issue ``device_id`` a client certificate from the fleet CA (common name = the device id,
     for client authentication only) and a new EC P-256 key, written to ``out`` (default: the
     configuration's ``devices/`` folder) as ``ID.crt`` and ``ID.key`` (0600)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     files = BrokerFiles(Path(directory).resolve())
     _enrollable(files, device_id)
@@ -275,25 +236,13 @@ def add_device_certificate(directory: Path, device_id: str, out: Path | None = N
         raise ConfigError(f"the broker configuration in {files.root} has no listener for client "
                           "certificates; write one with 'edgeserve fleet broker-config "
                           "--cert-port PORT', or enrol the device with a password")
-    ca_key = serialization.load_pem_private_key((files.root / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    ca_key, ca = certs.load_pem(files.root / "ca.key", files.ca)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{files.root / 'ca.key'} is not the EC key broker-config writes")
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    key, cert = certs.issue(ca_key, ca, device_id, days, client=True)
     folder = Path(out).resolve() if out is not None else files.root / "devices"
     folder.mkdir(parents=True, exist_ok=True)
     issued = DeviceCertificate(device_id, folder / f"{device_id}.crt", folder / f"{device_id}.key",
                                cert.not_valid_after_utc)
-    _write_key_cert(issued.key_file, issued.cert_file, key, cert)
+    certs.write_pem(issued.key_file, issued.cert_file, key, cert)
     return issued

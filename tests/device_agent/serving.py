@@ -16,6 +16,7 @@ import requests
 
 from edgeserve._process import popen
 from tests.services import free_port
+from tests.support import stop_process
 
 __all__ = ["EDGESERVE", "ServedProcess", "serve_cli"]
 
@@ -59,12 +60,7 @@ def serve_cli(cache: Path, *args: str, preexec_fn: Callable[[], None] | None = N
         _wait_ready(process, f"http://127.0.0.1:{http_port}{ready_path}", log, headers or {})
         yield ServedProcess(process, http_port, grpc_port, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 10)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path,

@@ -19,7 +19,7 @@ from edgeserve._process import popen
 from edgeserve.contract import Status, decode, fleet_filter
 from edgeserve.testing import make_keypair
 from tests.services import free_port, retained_messages
-from tests.support import wait_until
+from tests.support import stop_process, wait_until
 
 EDGESERVE = str(Path(sys.executable).parent / "edgeserve")
 ENV = {**os.environ, "EDGESERVE_TRUSTED_KEYS": ""}
@@ -55,12 +55,7 @@ def first_agent(tmp_path: Path, agent_assets: dict[str, Path], mqtt_broker: tupl
                    "the first agent registered (retained status)")
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 20)
     assert "warning: no trusted keys" not in log.read_text()
 
 

@@ -31,7 +31,7 @@ import pytest
 
 from edgeserve._process import popen
 from tests.services import free_port, unique_name
-from tests.support import wait_until
+from tests.support import stop_process, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -104,12 +104,7 @@ class Walk:
         return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)
 
 
 SOURCES = {

@@ -8,7 +8,6 @@ meanwhile."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeserve import certs
 from edgeserve.cli import cli
 from edgeserve.contract import TelemetryBatch, Window, device_topic, encode
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
@@ -219,23 +219,10 @@ def test_one_devices_credentials_cannot_act_as_another_or_as_the_fleet(
 
 def _foreign_certificate(folder: Path, device: str) -> tuple[Path, Path]:
     """A client certificate for ``device`` from a CA the broker does not know."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    ca_key, ca = certs.new_ca("not the fleet CA", days=1)
+    key, cert = certs.issue(ca_key, ca, device, 1, client=True)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "foreign.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (folder / "foreign.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    certs.write_pem(folder / "foreign.key", folder / "foreign.crt", key, cert)
     return folder / "foreign.crt", folder / "foreign.key"
 
 
