@@ -6,6 +6,9 @@
 (b) HTTP: ``edgeserve agent serve`` vs MLServer 1.7.1 with a minimal custom runtime calling ONNX
     Runtime, the same ONNX model, the same JSON body, the same number of inference workers and
     ONNX Runtime threads, driven by ``wrk`` at concurrency 1 and 8: throughput, p50, p99.
+(c) Dynamic batching: two ~1 ms CNNs (a compute-bound one with a pooled head, a weight-bound
+    one with a dense head) called by 8 threads at once through ``Agent.predict``, unbatched and
+    batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch.
 
 Usage::
 
@@ -160,6 +163,119 @@ def bench_inprocess(work: Path, key: Any, calls: int, rounds: int) -> list[dict[
 
             row = _compare(bare, lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
             rows.append({"model": label, "runtime": "LiteRT", **row})
+    return rows
+
+
+# -- (c) dynamic batching --------------------------------------------------------------------------
+
+def _cnn_package(out: Path, key: Any, size: int = 64, widths: tuple[int, ...] = (32, 64, 64),
+                 dense: int = 0) -> Path:
+    """An image CNN (3 x size x size -> 3x3 convolutions of ``widths`` channels, the first at
+    stride 1, the others 2 -> 10 scores), dynamic batch. ``dense``: a VGG-style head (flatten ->
+    ``dense`` units -> 10) instead of global average pooling."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeserve.package import PackageWriter
+    from edgeserve.testing import make_manifest
+
+    rng = np.random.default_rng(5)
+    inits, nodes, channels, x = [], [], 3, "image"
+    strides = (1, *[2] * (len(widths) - 1))
+    for i, (width, stride) in enumerate(zip(widths, strides, strict=True)):
+        w = (rng.normal(size=(width, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1],
+                                   strides=[stride, stride]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        channels, x = width, f"r{i}"
+    if dense:
+        side = size // 2 ** (len(widths) - 1)
+        features = channels * side * side
+        inits += [numpy_helper.from_array((rng.normal(size=(dense, features)) /
+                                           np.sqrt(features)).astype(np.float32), "wd"),
+                  numpy_helper.from_array(np.zeros(dense, np.float32), "bd")]
+        nodes += [helper.make_node("Flatten", [x], ["flat0"]),
+                  helper.make_node("Gemm", ["flat0", "wd", "bd"], ["hidden"], transB=1),
+                  helper.make_node("Relu", ["hidden"], ["flat"])]
+        channels = dense
+    else:
+        nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]),
+                  helper.make_node("Flatten", ["pooled"], ["flat"])]
+    inits += [numpy_helper.from_array(rng.normal(size=(10, channels)).astype(np.float32), "wf"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "bf")]
+    nodes += [helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                     ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    manifest = make_manifest(
+        "cnn", inputs=[{"name": "image", "dtype": "float32", "shape": ["batch", 3, size, size]}],
+        outputs=[{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+        labels=[str(i) for i in range(10)])
+    writer = PackageWriter(manifest)
+    writer.add_file("artifacts/model.onnx", model.SerializeToString())
+    writer.write(out, key.private)
+    return out
+
+
+def _closed_loop(agent: Agent, model: str, clients: int, seconds: float,
+                 size: int) -> dict[str, float]:
+    """``clients`` threads calling ``predict`` back to back for ``seconds``."""
+    import threading
+
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.monotonic() + seconds
+    image = np.random.default_rng(1).normal(size=(1, 3, size, size)).astype(np.float32)
+
+    def client(mine: list[float]) -> None:
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            agent.predict(model, {"image": image})
+            mine.append((time.perf_counter() - started) * 1000)
+
+    threads = [threading.Thread(target=client, args=(lat,)) for lat in latencies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = np.concatenate([np.asarray(lat) for lat in latencies])
+    return {"rps": len(every) / seconds, "p50_ms": float(np.percentile(every, 50)),
+            "p99_ms": float(np.percentile(every, 99))}
+
+
+BATCH_MODELS = {
+    # name: (input side, convolution widths, dense head units)
+    "CNN 3x64x64, pooled head (compute-bound)": (64, (32, 64, 64), 0),
+    "CNN 3x24x24, 1024-unit dense head (weight-bound)": (24, (16, 32), 1024),
+}
+
+
+def bench_batching(work: Path, key: Any, seconds: float, clients: int = 8,
+                   max_batch: int = 8, delay_us: int = 2000) -> list[dict[str, Any]]:
+    """Each CNN at concurrency ``clients``: unbatched, then batched (in-process predict)."""
+    from edgeserve.device_agent.batching import BatchPolicy
+
+    rows = []
+    for model, (size, widths, dense) in BATCH_MODELS.items():
+        package = _cnn_package(work / f"cnn-{len(rows)}.edgepkg", key, size, widths, dense)
+        for label, batching in (("unbatched", None),
+                                (f"batched (max {max_batch}, {delay_us} µs)",
+                                 {"cnn": BatchPolicy(max_batch, delay_us)})):
+            with Agent(work / f"cache-cnn-{len(rows)}", "generic-cpu", [key.public_path],
+                       concurrency=clients, batching=batching) as agent:
+                agent.install(package)
+                one = np.zeros((1, 3, size, size), np.float32)
+                single = min(_per_call_us(lambda a=agent, x=one: a.predict("cnn", {"image": x}),
+                                          50) for _ in range(3)) / 1000
+                row = {"model": model, "mode": label, "single_ms": single,
+                       **_closed_loop(agent, "cnn", clients, seconds, size)}
+                runtime = agent.model("cnn").runtime
+                calls = getattr(runtime, "batches", 0)
+                row["mean_batch"] = getattr(runtime, "samples", 0) / calls if calls else 1.0
+                rows.append(row)
     return rows
 
 
@@ -348,6 +464,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="inference workers, both servers")
     parser.add_argument("--repeats", type=int, default=3, help="wrk runs per server and load")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--batch-seconds", type=float, default=8.0,
+                        help="seconds per dynamic-batching run")
     parser.add_argument("--mlserver-inline", action="store_true",
                         help="also run MLServer with parallel_workers=0 (inference in its loop)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "agent.json")
@@ -365,6 +483,19 @@ def main() -> None:
             table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.1f}",
                           f"{r['agent_us']:.1f}", f"{r['overhead_us']:.1f}", f"{r['ratio']:.3f}")
         console.print(table)
+        console.rule("(c) dynamic batching: 8 threads calling predict, ~1 ms CNNs")
+        batching = bench_batching(work, key, args.batch_seconds)
+        results["batching"] = batching
+        table = Table("model", "mode", "one call ms", "req/s", "p50 ms", "p99 ms", "mean batch")
+        for r in batching:
+            table.add_row(r["model"], r["mode"], f"{r['single_ms']:.2f}", f"{r['rps']:.0f}",
+                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_batch']:.1f}")
+        console.print(table)
+        for plain, stacked in zip(batching[::2], batching[1::2], strict=True):
+            console.print(f"{plain['model']}: batched/unbatched throughput "
+                          f"{stacked['rps'] / plain['rps']:.2f}x; batched p99 "
+                          f"{stacked['p99_ms']:.2f} ms vs 2 x unbatched p50 + delay "
+                          f"{2 * plain['p50_ms'] + 2.0:.2f} ms")
         if not args.skip_http:
             console.rule("(b) HTTP: edgeserve vs MLServer (wrk, JSON, batch 1)")
             extra = [0] if args.mlserver_inline else []

@@ -135,14 +135,36 @@ def section(results: list[tuple[str, str, dict[str, Any], float]]) -> str:
                   f"Evaluation: {data['evaluation']}; calibration: {data['calibration']}; "
                   f"conversion took {seconds:.0f} s. Profiles: {_profiles_line(report)}.", ""]
         lines += table(report)
+        lines += searches(report)
         lines.append("")
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+def searches(report: dict[str, Any]) -> list[str]:
+    """One line per int8 artifact that was searched (mixed precision): what the first build got,
+    every attempt, and what shipped."""
+    lines = []
+    for a in report["artifacts"]:
+        v = a["validation"]
+        if not v.get("search"):
+            continue
+        first = v.get("first_attempt") or {}
+        figure = next((f"{k.replace('_similarity', '').replace('_', ' ')} {first[k]:.4f}"
+                       for k in ("cosine_similarity", "top1_agreement", "decision_agreement")
+                       if first.get(k) is not None), "")
+        tries = "; ".join(f"{t['attempt']}: {t['status']} ({t.get('quality', '-')})"
+                          for t in v["search"])
+        kept = v.get("retry") or "the first build"
+        lines += ["", f"{a['id']} search: first build {figure} ({first.get('status', '?')}); "
+                      f"{tries}. Shipped: {kept} ({v.get('status')})."]
+    return lines
+
+
+def write_section(text: str, heading: str = "## Converter") -> None:
+    """Replace the ``heading`` section of docs/benchmarks.md with ``text`` (or append it)."""
     path = ROOT / "docs" / "benchmarks.md"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find("## Converter")
+    start = current.find(heading)
     if start < 0:
         updated = current.rstrip() + "\n\n" + text
     else:

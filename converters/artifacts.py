@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,50 +86,141 @@ def build_onnx_artifact(ctx: BuildContext, plan: PlannedArtifact, out_dir: Path)
     return built
 
 
-def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
-    """Rank layers by quantization noise and rebuild until the budget is met.
+_STATUS_RANK = {"failed": 0, "warned": 1, "passed": 2}
+# Builds a failing static int8 artifact may cost before the best one so far is kept: each is one
+# quantize_static plus one validation run (ppocr-rec: ~15 s on two cores).
+SEARCH_BUILDS = 10
 
-    Attempts, in order: the 3 noisiest layers kept in float, the 10 noisiest, only the compute
-    ops (Conv, MatMul, Gemm) quantized, then percentile instead of min/max calibration (clips
-    outliers such as silero's LSTM state). The first that passes is kept, else the last; the
-    report names the layers and keeps the first attempt's figures.
+
+def quality(validation: Mapping[str, Any]) -> tuple[int, float]:
+    """Order candidates: status first, then the worst of the agreement figures (higher wins)."""
+    figures = [float(validation[k]) for k in ("cosine_similarity", "top1_agreement",
+                                              "decision_agreement", "exact_match")
+               if validation.get(k) is not None]
+    if validation.get("range_error") is not None:
+        figures.append(1.0 - float(validation["range_error"]))
+    return _STATUS_RANK.get(str(validation.get("status")), 0), min(figures, default=0.0)
+
+
+def float_counts(ranked: int, builds: int = SEARCH_BUILDS) -> Generator[int, bool, None]:
+    """Counts of noisiest tensors to keep in float, for a search that reports back: triples (1, 3,
+    9, ...) until a count passes, then bisects between the last failing and the first passing
+    count. Use with ``send(passed)``; ends after ``builds`` counts."""
+    low, high, count = 0, None, 1
+    for _ in range(builds):
+        count = min(count, ranked)
+        passed = yield count
+        if passed:
+            high = count
+        else:
+            low = count
+        if high is None:
+            if count >= ranked:
+                return
+            count *= 3
+        else:
+            if high - low <= 1:
+                return
+            count = (low + high) // 2
+
+
+class _Search:
+    """Static int8 rebuilds of one failing artifact, each validated; remembers the best."""
+
+    def __init__(self, ctx: BuildContext, built: BuiltArtifact) -> None:
+        self.ctx, self.built, self.best = ctx, built, built
+        self.log: list[dict[str, Any]] = []
+
+    def attempt(self, label: str, **options: Any) -> BuiltArtifact | None:
+        built, ctx = self.built, self.ctx
+        assert built.path is not None and ctx.calibration is not None
+        path = built.path.with_name(f"{built.plan.id}.try{len(self.log)}.onnx")
+        try:
+            notes = build_onnx(ctx.reference_path, path, built.precision, built.quantization,
+                               ctx.calibration, **options)
+            candidate = new_artifact(built.plan)
+            candidate.path, candidate.runtime, candidate.notes = path, dict(built.runtime), notes
+            _validate(ctx, candidate, OrtRunner(path))
+        except Exception as exc:
+            self.log.append({"attempt": label, "status": "error", "error": str(exc)[:200]})
+            path.unlink(missing_ok=True)
+            return None
+        candidate.validation["retry"] = label
+        self.log.append({"attempt": label, "status": candidate.status,
+                         "quality": round(quality(candidate.validation)[1], 4)})
+        if quality(candidate.validation) > quality(self.best.validation):
+            self.best = candidate
+        return candidate
+
+
+def _retry_static(ctx: BuildContext, built: BuiltArtifact) -> BuiltArtifact:
+    """Keep the fewest tensors in float that meets the budget (sensitivity-guided mixed
+    precision).
+
+    Cheap whole-graph choices first, each kept only when it does better: percentile instead of
+    min/max calibration (it clips outliers such as an LSTM's state), then only the compute ops
+    (Conv, MatMul, Gemm) quantized, which keeps every weight int8 and leaves element-wise chains
+    (a tanh GELU's cube, a hand-written softmax) in float. Still failing, every quantized tensor
+    is ranked by its own quantization noise (:func:`~.onnx_build.worst_layers`) and
+    :func:`float_counts` searches how many of the noisiest to leave in float (their producers
+    and consumers are excluded from quantization). The passing build with the fewest float
+    tensors is kept, else the best; the validation keeps the first attempt's figures and every
+    attempt's.
     """
     assert built.path is not None and ctx.calibration is not None
     first = {k: built.validation.get(k) for k in ("status", "cosine_similarity", "top1_agreement",
-                                                  "accuracy", "max_abs_error", "reasons")}
-    attempts: list[tuple[str, dict[str, Any]]] = []
-    worst: list[dict[str, Any]] = []
-    try:
-        worst = worst_layers(ctx.reference_path, built.path, ctx.calibration, built.path.parent,
-                             count=10)
-        for count in (3, 10):
-            exclude = list(dict.fromkeys(str(w["node"]) for w in worst[:count]))
-            attempts.append((f"{len(exclude)} noisiest layers in float", {"exclude": exclude}))
-    except Exception as exc:
-        built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: {str(exc)[:200]}")
-    attempts.append(("compute ops only", {"op_types": COMPUTE_OPS}))
-    attempts.append(("percentile calibration", {"calibrate": "percentile"}))
-    result = built
-    for i, (label, options) in enumerate(attempts):
-        retry_path = built.path.with_name(f"{built.plan.id}.retry{i}.onnx")
+                                                  "decision_agreement", "range_error",
+                                                  "max_abs_error", "reasons")}
+    search = _Search(ctx, built)
+    base: dict[str, Any] = {}
+    prefix = ""
+    percentile = search.attempt("percentile calibration", calibrate="percentile")
+    if percentile is not None and search.best is percentile:
+        base["calibrate"], prefix = "percentile", "percentile calibration, "
+    if search.best.status == "failed":
+        compute = search.attempt(f"{prefix}compute ops only", op_types=COMPUTE_OPS, **base)
+        if compute is not None and search.best is compute:
+            base["op_types"], prefix = COMPUTE_OPS, f"{prefix}compute ops only, "
+    ranked: list[dict[str, Any]] = []
+    passing: BuiltArtifact | None = None
+    if search.best.status == "failed":
         try:
-            notes = build_onnx(ctx.reference_path, retry_path, built.precision,
-                               built.quantization, ctx.calibration, **options)
-            retry = new_artifact(built.plan)
-            retry.path, retry.runtime, retry.notes = retry_path, dict(built.runtime), notes
-            _validate(ctx, retry, OrtRunner(retry_path))
+            ranked = worst_layers(ctx.reference_path, built.path, ctx.calibration,
+                                  built.path.parent, count=10_000)
         except Exception as exc:
-            result.notes.append(f"retry ({label}) failed: {str(exc)[:200]}")
-            continue
-        retry.validation.update(worst_layers=worst[:3], first_attempt=first, retry=label)
-        result = retry
-        if retry.status != "failed":
-            break
+            built.notes.append(f"per-layer analysis failed: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}")
+        counts = float_counts(len(ranked), SEARCH_BUILDS - len(search.log))
+        count = next(counts, None) if ranked else None
+        while count is not None:
+            nodes = _around(ranked[:count])
+            candidate = search.attempt(f"{prefix}{count} of {len(ranked)} noisiest tensors in "
+                                       f"float ({len(nodes)} nodes)", exclude=nodes, **base)
+            ok = candidate is not None and candidate.status != "failed"
+            passing = candidate if ok else passing  # later passes keep fewer tensors in float
+            count = _send(counts, ok)
+    result = passing if passing is not None else search.best
+    result.validation.update(worst_layers=ranked[:3], search=search.log)
     if result is not built:
         assert result.path is not None
+        result.validation["first_attempt"] = first
         result.path.replace(built.path)
         result.path = built.path
+    for leftover in built.path.parent.glob(f"{built.plan.id}.try*.onnx"):
+        leftover.unlink(missing_ok=True)
     return result
+
+
+def _around(tensors: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The nodes that would quantize these tensors: producers and consumers."""
+    return list(dict.fromkeys(n for t in tensors for n in [t["node"], *t.get("consumers", [])]))
+
+
+def _send(counts: Generator[int, bool, None], passed: bool) -> int | None:
+    try:
+        return counts.send(passed)
+    except StopIteration:
+        return None
 
 
 def _static_graph(ctx: BuildContext) -> Path:

@@ -7,7 +7,7 @@ keeps float32 inputs and outputs so the agent feeds every ONNX artifact the same
 
 When a static int8 artifact misses its budget, :func:`worst_layers` ranks the tensors by the
 signal-to-quantization-noise ratio between the fp32 and the QDQ graph (onnxruntime's
-``qdq_loss_debug``), and the caller rebuilds with the worst producers left in float.
+``qdq_loss_debug``), and the caller rebuilds with the nodes around the worst ones left in float.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,30 +178,86 @@ def _static(reference: Path, out: Path, calibration: Dataset, exclude: Sequence[
 
 
 def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
-                 count: int = 3, samples: int = 16) -> list[dict[str, float | str]]:
-    """The ``count`` tensors whose quantization adds the most noise (lowest SQNR in dB between
-    the tensor and its quantize-dequantize), with the nodes producing them."""
+                 count: int = 3, samples: int = 16) -> list[dict[str, Any]]:
+    """The ``count`` activations whose quantization adds the most noise, noisiest first.
+
+    Each activation of the fp32 graph (run on ``samples`` samples) is put through the quantizer
+    the QDQ graph gives it (its scale and zero point), so upstream noise cannot blame a
+    downstream tensor. The noise is measured per channel (signal-to-quantization-noise ratio, dB,
+    of each channel against its own RMS, on axis 1 and on the last axis, the worse view): one
+    outlier channel — a transformer's hidden dimension, a CNN channel with a large bias — sets a
+    per-tensor scale that rounds every other channel to zero while the whole tensor's SQNR
+    still looks fine.
+    """
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
+    from onnx import numpy_helper
 
     pre = _preprocessed(reference, work)
-    float_aug, qdq_aug = work / "debug-float.onnx", work / "debug-qdq.onnx"
-    modify_model_output_intermediate_tensors(str(pre), str(float_aug))
-    modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug))
-    subset = data.take(slice(0, samples))
-    names = _input_names(pre)
-    float_acts = collect_activations(str(float_aug), _Reader(subset, names))
-    qdq_acts = collect_activations(str(qdq_aug), _Reader(subset, names))
-    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    producers = {out: node.name for node in onnx.load(str(pre)).graph.node for out in node.output}
-    # qdq_err is the local noise of quantizing that tensor (xmodel_err accumulates everything
-    # upstream, so it would blame the last layers for the first layers' noise)
-    ranked = sorted(((v["qdq_err"], k) for k, v in errors.items()
-                     if "qdq_err" in v and k in producers and np.isfinite(v["qdq_err"])))
-    return [{"tensor": k, "node": producers[k], "sqnr_db": round(float(err), 2)}
-            for err, k in ranked[:count]]
+    qdq = onnx.load(str(quantized)).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in qdq.initializer}
+    graph = onnx.load(str(pre)).graph
+    producers = {out: node.name for node in graph.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    quantizers: dict[str, tuple[float, int, Any]] = {}
+    for node in qdq.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in producers or \
+                len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        scale, zero = constants.get(node.input[1]), constants[node.input[2]]
+        if scale is not None and scale.size == 1 and zero.dtype.kind in "iu":
+            quantizers[node.input[0]] = (float(scale), int(zero), np.iinfo(zero.dtype))
+    noise = _channel_sqnr(pre, quantizers, data.take(slice(0, samples)), work)
+    ranked = sorted((db, tensor) for tensor, db in noise.items() if np.isfinite(db))
+    # a tensor stays float only when neither its producer nor its consumers quantize it
+    return [{"tensor": k, "node": producers[k], "consumers": consumers.get(k, []),
+             "sqnr_db": round(float(err), 2)} for err, k in ranked[:count]]
+
+
+def _channel_sqnr(model_path: Path, quantizers: Mapping[str, tuple[float, int, Any]],
+                  data: Dataset, work: Path) -> dict[str, float]:
+    """Per-channel SQNR (dB) of fake-quantizing each named fp32 activation with its scale and
+    zero point: the mean over channels of the noise power relative to that channel's signal
+    power (over all samples), on axis 1 and on the last axis (NCHW channels, hidden
+    dimensions), the worse view. Accumulated sample by sample (ONNX Runtime's debug helper
+    keeps every activation and flattens them, losing the channel axis)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    typed = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
+    present = {o.name for o in model.graph.output}
+    names = [t for t in quantizers if t in typed]
+    model.graph.output.extend(typed[t] for t in names if t not in present)
+    augmented = work / "debug-float.onnx"
+    onnx.save(model, str(augmented))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+    augmented.unlink(missing_ok=True)
+    sums: dict[tuple[str, int], list[np.ndarray]] = {}  # (tensor, axis) -> [signal, noise]
+    for feeds in _Reader(data, [i.name for i in session.get_inputs()]):
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            x = np.asarray(value, dtype=np.float64)
+            if x.size == 0 or not np.isfinite(x).all():
+                continue
+            scale, zero, limits = quantizers[name]
+            q = np.clip(np.round(x / scale) + zero, limits.min, limits.max)
+            error = (x - (q - zero) * scale) ** 2
+            for axis in ({1 % x.ndim, x.ndim - 1} if x.ndim >= 2 else {-1}):
+                other = tuple(a for a in range(x.ndim) if a != axis) if axis >= 0 else None
+                signal = np.asarray(np.sum(x ** 2, axis=other)).reshape(-1)
+                noise = np.asarray(np.sum(error, axis=other)).reshape(-1)
+                acc = sums.setdefault((name, axis), [np.zeros_like(signal), np.zeros_like(noise)])
+                if acc[0].shape == signal.shape:
+                    acc[0] += signal
+                    acc[1] += noise
+    result: dict[str, float] = {}
+    for (name, _axis), (signal, noise) in sums.items():
+        live = signal > 1e-12 * max(float(signal.max(initial=0.0)), 1e-30)
+        if live.any():
+            db = -10 * float(np.log10(max(float(np.mean(noise[live] / signal[live])), 1e-30)))
+            result[name] = min(result.get(name, np.inf), db)
+    return result

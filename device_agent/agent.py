@@ -9,10 +9,11 @@ any number of threads. Every inference, successful or not, is reported to the re
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from edgeserve.signing import TrustStore
 from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
+from .batching import BatchingRuntime, BatchPolicy, batchable
 from .cache import CacheCheck, ModelCache, VersionRecord
 from .events import EventLog
 from .feedback import FeedbackLog, Prediction
@@ -46,6 +48,8 @@ from .samples import SampleCheck, compare_samples, load_samples
 from .shadow import ShadowRunner
 
 __all__ = ["Agent", "InstalledVersion", "LoadedModel", "PredictResult"]
+
+log = logging.getLogger(__name__)
 
 _STATE_POLL_S = 0.5
 
@@ -132,12 +136,14 @@ class Agent:
                  profile: str | Path | HardwareProfile = "generic-cpu",
                  trusted_keys: TrustStore | Iterable[Path | str] | None = None, *,
                  cache_bytes: int | None = None, concurrency: int = 4, warmup: bool = True,
-                 observers: Iterable[InferenceObserver] = (), feedback: bool = False) -> None:
+                 observers: Iterable[InferenceObserver] = (), feedback: bool = False,
+                 batching: Mapping[str, BatchPolicy] | None = None) -> None:
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         self.trust = _trust(trusted_keys)
         self.cache = ModelCache(cache_dir, cache_bytes or self.profile.budgets.cache_bytes)
         self.concurrency = concurrency
         self.warmup = warmup
+        self.batching = dict(batching or {})
         self._observers: list[InferenceObserver] = list(observers)
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._active: dict[str, str] = {}
@@ -333,8 +339,26 @@ class Agent:
             with contextlib.suppress(InvalidInputError):
                 runtime.run(adapter.to_runtime(adapter.warmup_inputs()))
         self.cache.touch(model, version)
-        extra = {"artifact": artifact.id, "format": artifact.format}
+        extra: dict[str, object] = {"artifact": artifact.id, "format": artifact.format}
+        policy = self.batching.get(model)
+        if policy is not None:
+            why = batchable(runtime)
+            if why is None:
+                runtime = BatchingRuntime(runtime, policy, self._batch_reporter(model, version))
+                extra["batching"] = {"max_batch": policy.max_batch,
+                                     "max_queue_delay_us": policy.max_queue_delay_us}
+            else:
+                log.warning("%s %s (%s): dynamic batching is off for this artifact: %s", model,
+                            version, artifact.id, why)
         return LoadedModel(record, manifest, artifact, runtime, adapter, extra)
+
+    def _batch_reporter(self, model: str, version: str) -> Callable[[int, int], None]:
+        def report(requests: int, samples: int) -> None:
+            for observer in self._observers:
+                on_batch = getattr(observer, "on_batch", None)
+                if on_batch is not None:
+                    on_batch(model, version, requests, samples)
+        return report
 
     def _source(self, record: VersionRecord, manifest: Manifest,
                 artifact: Artifact) -> ArtifactSource:

@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from edgeserve.cli import SuggestingGroup
-from edgeserve.console import console, emit, format_bytes, json_option, table
+from edgeserve.console import console, emit, err_console, format_bytes, json_option, table
 from edgeserve.errors import (
     AuthError,
     ConfigError,
@@ -444,6 +444,29 @@ def tls_settings(cert: Path | None, key: Path | None, client_ca: Path | None) ->
     return TlsSettings(cert, key, client_ca)
 
 
+def batch_option(fn: Any) -> Any:
+    return click.option(
+        "--batch", "batch", multiple=True, metavar="MODEL[:MAX_BATCH[:DELAY_US]]",
+        help="Dynamic batching for MODEL: concurrent requests stacked into one runtime call, "
+             "up to MAX_BATCH samples [8], waiting at most DELAY_US microseconds [500]; only "
+             "for artifacts with a dynamic batch axis; repeatable. Raises --workers to "
+             "MAX_BATCH.")(fn)
+
+
+def batching_of(options: tuple[str, ...], workers: int) -> tuple[dict[str, Any], int]:
+    """(policies by model, workers): batching stacks only requests that run at once, so the
+    worker count is raised to the largest ``max_batch``."""
+    from .batching import parse_batch_option
+
+    policies = dict(parse_batch_option(o) for o in options)
+    wanted = max((p.max_batch for p in policies.values()), default=0)
+    if wanted > workers:
+        err_console.print(f"--batch: --workers raised from {workers} to {wanted} (batching "
+                          "stacks requests that run at once)", soft_wrap=True)
+        workers = wanted
+    return policies, workers
+
+
 @agent.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0: any).")
@@ -459,16 +482,17 @@ def tls_settings(cert: Path | None, key: Path | None, client_ca: Path | None) ->
 @click.option("--auth", default=None, envvar="EDGESERVE_AUTH",
               help="token:SECRET | jwt-hs256:SECRET[,aud=A][,scope=S] | "
                    "jwt-rs256:KEY.pem[,aud=A] | basic:USER:PASS[;USER:PASS]")
+@batch_option
 @tls_options
 @limit_options
 @agent_options
 @json_option
 def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
-          threads: int | None, max_body: int, auth: str | None, tls_cert: Path | None,
-          tls_key: Path | None, tls_client_ca: Path | None, insecure: bool,
-          memory_budget: int, max_connections: int | None, header_timeout: float,
-          cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...],
-          as_json: bool) -> None:
+          threads: int | None, max_body: int, auth: str | None, batch: tuple[str, ...],
+          tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
+          insecure: bool, memory_budget: int, max_connections: int | None,
+          header_timeout: float, cache_dir: Path | None, profile: str | None,
+          trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Serve installed models over HTTP (Open Inference Protocol v2) and optionally gRPC."""
     from .server import (
         MemoryBudget,
@@ -485,8 +509,9 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
     limits = server_limits(memory_budget, max_connections, header_timeout)
     budget = MemoryBudget.of(limits)  # one budget for both transports
     config = load_config(cache_dir, profile, trusted_keys)
+    batching, workers = batching_of(batch, workers)
     with _agent(config.cache_dir, config.profile, tuple(config.trusted_keys),
-                concurrency=workers) as a:
+                concurrency=workers, batching=batching) as a:
         if threads is not None:
             a.profile = _with_threads(a, threads)
         # one registry for both transports: /metrics and the statistics extension agree

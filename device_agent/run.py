@@ -37,6 +37,8 @@ from .agent import Agent
 from .cli import (
     agent,
     agent_options,
+    batch_option,
+    batching_of,
     limit_options,
     server_limits,
     tls_options,
@@ -339,6 +341,7 @@ def _origin(value: str) -> str:
               help="Download artifacts only from this scheme://host[:port] (the fleet's "
                    "--public-url); repeatable [default: wherever the fleet's signed desired "
                    "state says; env EDGESERVE_ARTIFACT_ORIGINS, space-separated].")
+@batch_option
 @agent_options
 def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
@@ -347,8 +350,8 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         auth: str | None, duration: float | None, tls_cert: Path | None, tls_key: Path | None,
         tls_client_ca: Path | None, insecure: bool, memory_budget: int,
         max_connections: int | None, header_timeout: float, fleet_keys: tuple[Path, ...],
-        artifact_origins: tuple[str, ...], cache_dir: Path | None, profile: str | None,
-        trusted_keys: tuple[Path, ...]) -> None:
+        artifact_origins: tuple[str, ...], batch: tuple[str, ...], cache_dir: Path | None,
+        profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
     """Serve installed models and send their telemetry (windows, drift, health) to the fleet."""
     from .server import check_exposure, parse_auth_option
 
@@ -375,11 +378,13 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
         err_console.print("[yellow]warning:[/] no fleet key (--fleet-key, EDGESERVE_FLEET_KEYS "
                           "or agent.toml): this agent will refuse every desired state, since it "
                           "cannot tell the fleet's from anyone else's", soft_wrap=True)
+    batching, workers = batching_of(batch, workers)
     lock = claim_cache(config.cache_dir)
     try:
         _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
              workers, duration, fleet_name, tls,
-             server_limits(memory_budget, max_connections, header_timeout), artifact_origins)
+             server_limits(memory_budget, max_connections, header_timeout), artifact_origins,
+             batching)
     finally:
         os.close(lock)
 
@@ -388,8 +393,8 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
          outbox_max_bytes: int, labels: tuple[str, ...], host: str, port: int,
          authenticator: Authenticator | None, workers: int, duration: float | None,
          fleet_name: str, tls: Any = None, limits: Any = None,
-         artifact_origins: tuple[str, ...] = ()) -> None:
-    agent = open_agent(config, concurrency=workers, feedback=True)
+         artifact_origins: tuple[str, ...] = (), batching: Any = None) -> None:
+    agent = open_agent(config, concurrency=workers, feedback=True, batching=batching)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
                              outbox_max_bytes=outbox_max_bytes, link=link,

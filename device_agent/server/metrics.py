@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ..observe import InferenceEvent
 
-__all__ = ["LATENCY_BUCKETS_S", "MetricsRegistry", "VersionStats"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_S", "MetricsRegistry", "VersionStats"]
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -25,6 +26,20 @@ def _labels(**labels: str) -> str:
     inner = ",".join(f'{k}="{v.replace(chr(92), "/").replace(chr(34), "")}"'
                      for k, v in labels.items())
     return "{" + inner + "}"
+
+
+def _histogram(name: str, key: tuple[str, str], bounds: tuple[float, ...], buckets: list[int],
+               total_sum: str) -> list[str]:
+    """One model version's histogram lines (cumulative buckets, sum, count)."""
+    model, version = key
+    lines, total = [], 0
+    for bound, n in zip((*bounds, float("inf")), buckets, strict=True):
+        total += n
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        lines.append(f"{name}_bucket{_labels(model=model, version=version, le=le)} {total}")
+    lines.append(f"{name}_sum{_labels(model=model, version=version)} {total_sum}")
+    lines.append(f"{name}_count{_labels(model=model, version=version)} {total}")
+    return lines
 
 
 @dataclass
@@ -54,7 +69,20 @@ class MetricsRegistry:
         self._sum: dict[tuple[str, str], float] = defaultdict(float)
         self._requests: dict[tuple[str, str], int] = defaultdict(int)
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        self._batches: dict[tuple[str, str], list[int]] = {}
+        self._batch_sum: dict[tuple[str, str], int] = defaultdict(int)
         self.gauges: dict[str, float] = {}
+
+    def on_batch(self, model: str, version: str, requests: int, samples: int) -> None:
+        """One runtime call of a dynamically batched model: ``requests`` stacked, ``samples``
+        on the batch axis."""
+        key = (model, version)
+        with self._lock:
+            buckets = self._batches.get(key)
+            if buckets is None:
+                buckets = self._batches[key] = [0] * (len(BATCH_BUCKETS) + 1)
+            buckets[bisect.bisect_left(BATCH_BUCKETS, requests)] += 1
+            self._batch_sum[key] += requests
 
     def on_inference(self, event: InferenceEvent) -> None:
         # Requests for unknown models share one label, so clients cannot create series at will.
@@ -106,18 +134,15 @@ class MetricsRegistry:
                              f"{_labels(model=model, version=version, outcome=outcome)} {n}")
             lines += ["# HELP edgeserve_inference_seconds Inference latency in the agent.",
                       "# TYPE edgeserve_inference_seconds histogram"]
-            for (model, version), buckets in sorted(self._buckets.items()):
-                total = 0
-                for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), buckets, strict=True):
-                    total += n
-                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                    lines.append(f"edgeserve_inference_seconds_bucket"
-                                 f"{_labels(model=model, version=version, le=le)} {total}")
-                lines.append(f"edgeserve_inference_seconds_sum"
-                             f"{_labels(model=model, version=version)} "
-                             f"{self._sum[(model, version)]:.6f}")
-                lines.append(f"edgeserve_inference_seconds_count"
-                             f"{_labels(model=model, version=version)} {total}")
+            for key, buckets in sorted(self._buckets.items()):
+                lines += _histogram("edgeserve_inference_seconds", key, LATENCY_BUCKETS_S,
+                                    buckets, f"{self._sum[key]:.6f}")
+            if self._batches:
+                lines += ["# HELP edgeserve_batch_requests Requests stacked into one runtime "
+                          "call (dynamic batching).", "# TYPE edgeserve_batch_requests histogram"]
+            for key, buckets in sorted(self._batches.items()):
+                lines += _histogram("edgeserve_batch_requests", key, BATCH_BUCKETS, buckets,
+                                    str(self._batch_sum[key]))
             lines += ["# HELP edgeserve_requests_total Server requests by protocol and status.",
                       "# TYPE edgeserve_requests_total counter"]
             for (protocol, code), n in sorted(self._requests.items()):

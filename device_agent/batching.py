@@ -1,0 +1,217 @@
+"""Dynamic batching: concurrent requests for one model stacked into one runtime call.
+
+Off by default, per model (``Agent(batching={"model": BatchPolicy(...)})``, ``agent serve
+--batch MODEL[:MAX_BATCH[:DELAY_US]]``). It applies only where the artifact's batch axis is
+dynamic (axis 0 of every runtime input and output): requests whose other dimensions and dtypes
+agree are concatenated on it, up to ``max_batch`` samples, waiting at most
+``max_queue_delay_us`` for company, run once, and the outputs are split back per request.
+
+No thread of its own (no hand-off): the first caller to arrive becomes the *leader*, waits for
+the delay or a full batch, runs the batch on its own thread and hands each follower its slice.
+A caller that finds the batcher idle, when no other thread has called in the last 50 ms, runs at
+once without the delay: a single-threaded caller pays one lock, not the queue delay. When a
+batched call fails, each of its requests is run alone, so one request's error never becomes
+another's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeserve.errors import ConfigError
+
+from .runtimes import Runtime, TensorInfo
+
+__all__ = ["BatchPolicy", "BatchingRuntime", "batchable", "parse_batch_option"]
+
+# A caller counts as alone when no other thread has called for this long.
+_SOLO_S = 0.05
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Stack up to ``max_batch`` samples, waiting at most ``max_queue_delay_us`` for them."""
+
+    max_batch: int = 8
+    max_queue_delay_us: int = 500
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_batch <= 4096:
+            raise ConfigError(f"max_batch must be between 2 and 4096, got {self.max_batch}")
+        if not 0 <= self.max_queue_delay_us <= 1_000_000:
+            raise ConfigError("max_queue_delay_us must be between 0 and 1,000,000 (1 s), got "
+                              f"{self.max_queue_delay_us}")
+
+
+def parse_batch_option(value: str) -> tuple[str, BatchPolicy]:
+    """``MODEL[:MAX_BATCH[:DELAY_US]]`` → (model, policy); a clear error otherwise."""
+    parts = value.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise ConfigError(f"--batch {value!r}: expected MODEL[:MAX_BATCH[:DELAY_US]], e.g. "
+                          "'digits:8:500'")
+    try:
+        numbers = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise ConfigError(f"--batch {value!r}: MAX_BATCH and DELAY_US are whole numbers, e.g. "
+                          "'digits:8:500'") from None
+    defaults = BatchPolicy()
+    return parts[0], BatchPolicy(numbers[0] if numbers else defaults.max_batch,
+                                 numbers[1] if len(numbers) > 1 else defaults.max_queue_delay_us)
+
+
+def batchable(runtime: Runtime) -> str | None:
+    """None when ``runtime`` can be batched on axis 0, else why not."""
+    for what, tensors in (("input", runtime.inputs), ("output", runtime.outputs)):
+        for tensor in tensors:
+            if not tensor.shape or tensor.shape[0] is not None:
+                return (f"{what} {tensor.name!r} has no dynamic batch axis (shape "
+                        f"{list(tensor.shape)})")
+    return None
+
+
+class _Request:
+    __slots__ = ("done", "error", "feeds", "key", "result", "size")
+
+    def __init__(self, feeds: dict[str, np.ndarray]) -> None:
+        self.feeds = feeds
+        first = next(iter(feeds.values()))
+        self.size = int(first.shape[0])
+        self.key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
+        self.done = False
+        self.result: list[np.ndarray] | None = None
+        self.error: BaseException | None = None
+
+
+class BatchingRuntime:
+    """A :class:`Runtime` that stacks concurrent ``run`` calls (see the module docstring).
+
+    ``on_batch(requests, samples)`` is called after every runtime call (telemetry)."""
+
+    def __init__(self, runtime: Runtime, policy: BatchPolicy,
+                 on_batch: Callable[[int, int], None] | None = None) -> None:
+        why = batchable(runtime)
+        if why is not None:
+            raise ConfigError(f"dynamic batching needs a dynamic batch axis: {why}")
+        self.runtime = runtime
+        self.policy = policy
+        self.kind = runtime.kind
+        self.inputs: list[TensorInfo] = runtime.inputs
+        self.outputs: list[TensorInfo] = runtime.outputs
+        self._on_batch = on_batch
+        self._delay = policy.max_queue_delay_us / 1e6
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Request] = []
+        self._leading = False
+        self._callers = 0
+        self._last_caller = 0
+        self._mixed_at = -_SOLO_S  # when a request last came from another thread than before
+        self.batches = 0
+        self.samples = 0
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not feeds or any(np.ndim(a) == 0 for a in feeds.values()):
+            return self.runtime.run(feeds)
+        request = _Request(feeds)
+        if request.size >= self.policy.max_batch:
+            self._execute([request])
+            return self._result(request)
+        with self._cond:
+            self._callers += 1
+            self._queue.append(request)
+            caller = threading.get_ident()
+            if caller != self._last_caller:
+                self._last_caller, self._mixed_at = caller, time.monotonic()
+            try:
+                if self._leading:
+                    self._cond.notify_all()  # the leader may now have a full batch
+                    while not request.done and (self._leading or self._queue[0] is not request):
+                        self._cond.wait()
+                if request.done:
+                    return self._result(request)
+                self._leading = True
+                batch = self._collect(request)
+            finally:
+                self._callers -= 1
+        try:
+            self._execute(batch)
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
+        return self._result(request)
+
+    def _collect(self, leader: _Request) -> list[_Request]:
+        """Under the lock: wait for company, then take the batch. A caller that is alone, and
+        the only thread that called for a while, does not wait (a single-threaded client pays
+        no delay; runtimes that hold the GIL still batch, since their callers alternate)."""
+        now = time.monotonic()
+        deadline = now + self._delay
+        solo = now - self._mixed_at > _SOLO_S
+        while True:
+            batch = self._compatible(leader)
+            alone = solo and self._callers <= 1 and len(self._queue) == 1
+            if alone or sum(r.size for r in batch) >= self.policy.max_batch:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        for request in batch:
+            self._queue.remove(request)
+        return batch
+
+    def _compatible(self, leader: _Request) -> list[_Request]:
+        batch, samples = [leader], leader.size
+        for request in self._queue:
+            if request is not leader and request.key == leader.key and \
+                    samples + request.size <= self.policy.max_batch:
+                batch.append(request)
+                samples += request.size
+        return batch
+
+    def _execute(self, batch: list[_Request]) -> None:
+        """Run ``batch`` as one call; each request gets its slice or its error (never raises)."""
+        if len(batch) == 1:
+            request = batch[0]
+            try:
+                request.result = self.runtime.run(request.feeds)
+            except BaseException as exc:
+                request.error = exc
+        else:
+            try:
+                stacked = {name: np.concatenate([r.feeds[name] for r in batch])
+                           for name in batch[0].feeds}
+                outputs = self.runtime.run(stacked)
+            except Exception:
+                for request in batch:  # one bad request must not fail the others
+                    self._execute([request])
+                return
+            offset = 0
+            for request in batch:
+                request.result = [o[offset:offset + request.size] for o in outputs]
+                offset += request.size
+        samples = sum(r.size for r in batch)
+        with self._cond:
+            self.batches += 1
+            self.samples += samples
+        for request in batch:
+            request.done = True
+        if self._on_batch is not None:
+            with contextlib.suppress(Exception):  # telemetry never fails a request
+                self._on_batch(len(batch), samples)
+
+    @staticmethod
+    def _result(request: _Request) -> list[np.ndarray]:
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def close(self) -> None:
+        self.runtime.close()
