@@ -7,7 +7,8 @@ agree are concatenated on it, up to ``max_batch`` samples, waiting at most
 ``max_queue_delay_us`` for company, run once, and the outputs are split back per request.
 
 No thread of its own (no hand-off): the first caller to arrive becomes the *leader*, waits for
-the delay or a full batch, runs the batch on its own thread and hands each follower its slice.
+the delay or a full batch, runs the batch on its own thread and hands each follower its slice;
+once it has taken its batch the next caller may lead, so batches overlap on several cores.
 A caller that finds the batcher idle, when no other thread has called in the last 50 ms, runs at
 once without the delay: a single-threaded caller pays one lock, not the queue delay. When a
 batched call fails, each of its requests is run alone, so one request's error never becomes
@@ -76,7 +77,7 @@ def batchable(runtime: Runtime) -> str | None:
 
 
 class _Request:
-    __slots__ = ("done", "error", "feeds", "key", "result", "size")
+    __slots__ = ("done", "error", "feeds", "key", "result", "size", "taken")
 
     def __init__(self, feeds: dict[str, np.ndarray]) -> None:
         self.feeds = feeds
@@ -84,6 +85,7 @@ class _Request:
         self.size = int(first.shape[0])
         self.key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
         self.done = False
+        self.taken = False  # in a batch that a leader runs
         self.result: list[np.ndarray] | None = None
         self.error: BaseException | None = None
 
@@ -130,20 +132,26 @@ class BatchingRuntime:
             try:
                 if self._leading:
                     self._cond.notify_all()  # the leader may now have a full batch
-                    while not request.done and (self._leading or self._queue[0] is not request):
+                    while not request.done and (request.taken or self._leading
+                                                or self._queue[0] is not request):
                         self._cond.wait()
                 if request.done:
                     return self._result(request)
                 self._leading = True
-                batch = self._collect(request)
+                try:
+                    batch = self._collect(request)
+                finally:
+                    # the next leader may gather while this batch runs (batches overlap, up to
+                    # the callers' concurrency)
+                    self._leading = False
+                    self._cond.notify_all()
             finally:
                 self._callers -= 1
         try:
             self._execute(batch)
         finally:
             with self._cond:
-                self._leading = False
-                self._cond.notify_all()
+                self._cond.notify_all()  # this batch's followers have their results
         return self._result(request)
 
     def _collect(self, leader: _Request) -> list[_Request]:
@@ -164,6 +172,7 @@ class BatchingRuntime:
             self._cond.wait(left)
         for request in batch:
             self._queue.remove(request)
+            request.taken = True
         return batch
 
     def _compatible(self, leader: _Request) -> list[_Request]:
