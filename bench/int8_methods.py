@@ -51,9 +51,8 @@ METHODS = ["ort-minmax", "edgeserve", "nncf", "nncf-ac"]
 
 def _outputs(path: Path, data: Dataset) -> list[np.ndarray]:
     runner = OrtRunner(path)
-    runs = [runner.run(data.sample(i)) for i in range(len(data))]
-    names = list(runs[0])
-    return [np.concatenate([r[n] for r in runs]) for n in names]
+    runs = [list(runner.run(data.sample(i))) for i in range(len(data))]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
 class Judge:
