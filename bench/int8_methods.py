@@ -139,7 +139,12 @@ def run(name: str, work: Path, key: Path) -> dict[str, dict[str, Any]]:
     work = work / name
     work.mkdir(parents=True)
     source = _prepared(model, work)
-    calibration, evaluation = Dataset(model.calibration), Dataset(model.evaluation)
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    names = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    calibration = Dataset({k: v for k, v in model.calibration.items() if k in names})
+    evaluation = Dataset({k: v for k, v in model.evaluation.items() if k in names})
     judge_ = Judge(model, source, evaluation)
     rows: dict[str, dict[str, Any]] = {}
     for method in METHODS:

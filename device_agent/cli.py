@@ -78,7 +78,22 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*(declare_namespace|Setuptools is replacing).*")
 
 
-@click.group("agent", cls=SuggestingGroup)
+class _AgentGroup(SuggestingGroup):
+    """``agent run`` (serving + the MQTT link) is imported only when asked for: the MQTT client
+    and the telemetry stack stay out of ``agent serve``'s memory."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "run"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "run" and "run" not in self.commands:
+            command = getattr(importlib.import_module(f"{__package__}.run"), "run", None)
+            if isinstance(command, click.Command):
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group("agent", cls=_AgentGroup)
 def agent() -> None:
     """Run models on this device: install, predict, serve."""
     quiet_third_party_warnings()
@@ -616,14 +631,4 @@ def _with_threads(a: Agent, threads: int) -> Any:
     return a.profile.model_copy(update={"runtimes": runtimes.model_copy(update=update)})
 
 
-def _register_contributed_commands() -> None:
-    """Add ``agent run`` (serving + MQTT link, owned by the telemetry part) when present."""
-    if importlib.util.find_spec(f"{__package__}.run") is None:
-        return
-    module = importlib.import_module(f"{__package__}.run")
-    command = getattr(module, "run", None)
-    if isinstance(command, click.Command):
-        agent.add_command(command)
 
-
-_register_contributed_commands()
