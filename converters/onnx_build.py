@@ -5,9 +5,10 @@ activations is the fast int8 on CPUs; ``quantize_dynamic`` is applied to MatMul/
 only, because dynamically quantized convolutions (ConvInteger) ran 5× *slower* than fp32. fp16
 keeps float32 inputs and outputs so the agent feeds every ONNX artifact the same tensors.
 
-When a static int8 artifact misses its budget, :func:`worst_layers` ranks the tensors by the
-signal-to-quantization-noise ratio between the fp32 and the QDQ graph (onnxruntime's
-``qdq_loss_debug``), and the caller rebuilds with the nodes around the worst ones left in float.
+When a static int8 artifact misses its budget, :func:`worst_layers` ranks its quantized tensors
+by per-channel signal-to-quantization-noise ratio (each fp32 activation through the scale and
+zero point the QDQ graph gives it), and the caller rebuilds with the nodes around the worst ones
+left in float.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
     pre = _preprocessed(reference, work)
     qdq = onnx.load(str(quantized)).graph
     constants = {i.name: numpy_helper.to_array(i) for i in qdq.initializer}
-    graph = onnx.load(str(pre)).graph
+    float_model = onnx.load(str(pre))
+    graph = float_model.graph
     producers = {out: node.name for node in graph.node for out in node.output}
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -209,14 +211,14 @@ def worst_layers(reference: Path, quantized: Path, data: Dataset, work: Path,
         scale, zero = constants.get(node.input[1]), constants[node.input[2]]
         if scale is not None and scale.size == 1 and zero.dtype.kind in "iu":
             quantizers[node.input[0]] = (float(scale), int(zero), np.iinfo(zero.dtype))
-    noise = _channel_sqnr(pre, quantizers, data.take(slice(0, samples)), work)
+    noise = _channel_sqnr(float_model, quantizers, data.take(slice(0, samples)), work)
     ranked = sorted((db, tensor) for tensor, db in noise.items() if np.isfinite(db))
     # a tensor stays float only when neither its producer nor its consumers quantize it
     return [{"tensor": k, "node": producers[k], "consumers": consumers.get(k, []),
              "sqnr_db": round(float(err), 2)} for err, k in ranked[:count]]
 
 
-def _channel_sqnr(model_path: Path, quantizers: Mapping[str, tuple[float, int, Any]],
+def _channel_sqnr(model: Any, quantizers: Mapping[str, tuple[float, int, Any]],
                   data: Dataset, work: Path) -> dict[str, float]:
     """Per-channel SQNR (dB) of fake-quantizing each named fp32 activation with its scale and
     zero point: the mean over channels of the noise power relative to that channel's signal
@@ -226,7 +228,7 @@ def _channel_sqnr(model_path: Path, quantizers: Mapping[str, tuple[float, int, A
     import onnx
     import onnxruntime as ort
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    model = onnx.shape_inference.infer_shapes(model)
     typed = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
     present = {o.name for o in model.graph.output}
     names = [t for t in quantizers if t in typed]

@@ -36,7 +36,7 @@ from edgeserve.signing import TrustStore
 from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
-from .batching import BatchingRuntime, BatchPolicy, batchable
+from .batching import BatchingRuntime, BatchPolicy
 from .cache import CacheCheck, ModelCache, VersionRecord
 from .events import EventLog
 from .feedback import FeedbackLog, Prediction
@@ -342,14 +342,13 @@ class Agent:
         extra: dict[str, object] = {"artifact": artifact.id, "format": artifact.format}
         policy = self.batching.get(model)
         if policy is not None:
-            why = batchable(runtime)
-            if why is None:
+            try:
                 runtime = BatchingRuntime(runtime, policy, self._batch_reporter(model, version))
                 extra["batching"] = {"max_batch": policy.max_batch,
                                      "max_queue_delay_us": policy.max_queue_delay_us}
-            else:
+            except ConfigError as exc:
                 log.warning("%s %s (%s): dynamic batching is off for this artifact: %s", model,
-                            version, artifact.id, why)
+                            version, artifact.id, exc)
         return LoadedModel(record, manifest, artifact, runtime, adapter, extra)
 
     def _batch_reporter(self, model: str, version: str) -> Callable[[int, int], None]:
