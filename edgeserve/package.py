@@ -27,9 +27,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import (
     CorruptPackageError,
@@ -43,6 +41,9 @@ from .errors import (
 )
 from .manifest import FileEntry, Manifest, is_safe_member_name, parse_manifest
 from .signing import TrustStore, sign_manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "MANIFEST_MEMBER",

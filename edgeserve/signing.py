@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._validation import validate_json
@@ -29,6 +28,12 @@ from .errors import (
 )
 from .manifest import canonical_json
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
 __all__ = [
     "SIGNATURE_SCHEMA",
     "SignatureDocument",
@@ -38,6 +43,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "load_public_key_bytes",
     "sign_bytes",
     "sign_manifest",
     "write_keypair",
@@ -62,13 +68,31 @@ class SignatureDocument(BaseModel):
         return canonical_json(self.model_dump(mode="json", by_alias=True))
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+# cryptography (about 9 MB of RSS) loads when a key signs or a signature is checked, not when a
+# reader pins its keys: an agent that only serves its cache never loads it (docs/benchmarks.md).
+# An ed25519 SubjectPublicKeyInfo is this fixed DER prefix and the 32 raw key bytes (RFC 8410).
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*"
+                         rb"-----END PUBLIC KEY-----")
+
+
+def _raw_public(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(public_key: Ed25519PublicKey | bytes) -> str:
+    """sha256 of the raw 32-byte public key (given as a key object or those bytes)."""
+    raw = public_key if isinstance(public_key, bytes) else _raw_public(public_key)
     return hashlib.sha256(raw).hexdigest()
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
     """A new ed25519 key pair as (PKCS#8 private PEM, SubjectPublicKeyInfo public PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     private_pem = private.private_bytes(
         serialization.Encoding.PEM,
@@ -105,6 +129,9 @@ def _read_key_bytes(source: Path | bytes, what: str) -> tuple[bytes, str]:
 
 
 def load_private_key(source: Path | bytes) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data, where = _read_key_bytes(source, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -119,7 +146,26 @@ def load_private_key(source: Path | bytes) -> Ed25519PrivateKey:
 
 
 def load_public_key(source: Path | bytes) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(load_public_key_bytes(source))
+
+
+def load_public_key_bytes(source: Path | bytes) -> bytes:
+    """The raw 32 bytes of an ed25519 public key PEM, read without loading cryptography; any
+    other PEM is handed to cryptography, which says what it holds instead."""
     data, where = _read_key_bytes(source, "public key")
+    match = _PEM_PUBLIC.fullmatch(data.strip())
+    if match:
+        try:
+            der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        if len(der) == 44 and der.startswith(_ED25519_SPKI_PREFIX):
+            return der[len(_ED25519_SPKI_PREFIX):]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -129,7 +175,7 @@ def load_public_key(source: Path | bytes) -> Ed25519PublicKey:
         ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{where} holds a {type(key).__name__}, expected an ed25519 key")
-    return key
+    return _raw_public(key)
 
 
 def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> SignatureEntry:
@@ -141,6 +187,8 @@ def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> SignatureEntry:
 def sign_manifest(
     manifest_bytes: bytes, keys: Ed25519PrivateKey | Iterable[Ed25519PrivateKey]
 ) -> SignatureDocument:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key_list = [keys] if isinstance(keys, Ed25519PrivateKey) else list(keys)
     return SignatureDocument(
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
@@ -151,21 +199,32 @@ def sign_manifest(
 class TrustStore:
     """The public keys a reader pins. A package is trusted when one of them signed it."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
-        self._keys = {key_id(k): k for k in keys}
+    def __init__(self, keys: Iterable[Ed25519PublicKey | bytes] = ()) -> None:
+        """``keys``: key objects or raw 32-byte ed25519 public keys."""
+        raws = [k if isinstance(k, bytes) else _raw_public(k) for k in keys]
+        self._keys = {key_id(raw): raw for raw in raws}
+        self._loaded: dict[str, Ed25519PublicKey] = {}
 
     @classmethod
     def from_paths(cls, paths: Iterable[Path]) -> TrustStore:
         """Keys from PEM files; a directory contributes every ``*.pem`` / ``*.pub`` in it."""
-        keys: list[Ed25519PublicKey] = []
+        keys: list[bytes] = []
         for path in paths:
             path = Path(path)
             if path.is_dir():
                 files = sorted([*path.glob("*.pem"), *path.glob("*.pub")])
-                keys.extend(load_public_key(f) for f in files)
+                keys.extend(load_public_key_bytes(f) for f in files)
             else:
-                keys.append(load_public_key(path))
+                keys.append(load_public_key_bytes(path))
         return cls(keys)
+
+    def _key(self, keyid: str) -> Ed25519PublicKey:
+        key = self._loaded.get(keyid)
+        if key is None:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            key = self._loaded[keyid] = Ed25519PublicKey.from_public_bytes(self._keys[keyid])
+        return key
 
     @property
     def key_ids(self) -> list[str]:
@@ -200,10 +259,12 @@ class TrustStore:
             trusted = ", ".join(k[:16] for k in self.key_ids) or "none"
             raise UntrustedKeyError(
                 f"{what} is signed by {signers}, none of which is trusted (trusted: {trusted})")
+        from cryptography.exceptions import InvalidSignature
+
         for entry in known:
             try:
                 raw = base64.b64decode(entry.sig, validate=True)
-                self._keys[entry.keyid].verify(raw, data)
+                self._key(entry.keyid).verify(raw, data)
             except (binascii.Error, ValueError):
                 raise SignatureError(f"{what}: signature by key {entry.keyid[:16]} is not valid "
                                      "base64") from None

@@ -198,7 +198,7 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     fast = importlib.util.find_spec("uvloop") is not None
     config = uvicorn.Config(
         app, loop="uvloop" if fast else "asyncio", http=protocol,
-        lifespan="on", log_level=log_level, access_log=False, server_header=False,
+        lifespan="on", ws="none", log_level=log_level, access_log=False, server_header=False,
         date_header=False, timeout_keep_alive=max(1, round(limits.keep_alive_s)),
         backlog=2048, **_uvicorn_tls(tls))
     server = uvicorn.Server(config)

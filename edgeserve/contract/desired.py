@@ -16,12 +16,14 @@ acts only on a document that
 from __future__ import annotations
 
 import time
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING
 
 from ..errors import ContractError
 from ..signing import TrustStore, sign_bytes
 from .messages import DESIRED_CONTEXT, Desired, SignedDesired, decode, encode
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = ["open_desired", "sign_desired"]
 
