@@ -9,6 +9,9 @@ All are CNNs on scikit-learn's bundled 8x8 digits (no download), trained in seco
   (an out-of-range gather, as a model broken for out-of-distribution inputs would).
 * :func:`scrambled_variant` — a model trained on permuted labels: confident, accurate in its own
   terms, and disagreeing with the real one on most inputs.
+* :func:`retrain_head` / :func:`fine_tune` — the two common updates at the edge: only the
+  classification head retrained (every other weight bit-identical), or every weight fine-tuned
+  (the model deltas benchmark and tests).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Digits", "erroring_variant", "ink", "scrambled_variant", "slow_variant",
-           "train_digits"]
+__all__ = ["Digits", "erroring_variant", "fine_tune", "ink", "retrain_head", "scrambled_variant",
+           "slow_variant", "train_digits"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,44 @@ def scrambled_variant(seed: int = 1) -> Digits:
     """A CNN trained on permuted labels: confident, and disagreeing with the real digits."""
     permutation = np.roll(np.arange(10), 3)
     return train_digits(seed=seed, label_permutation=permutation)
+
+
+def _train(base: Digits, params: Any, epochs: int, lr: float, seed: int) -> Digits:
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    module = copy.deepcopy(base.module).train()
+    parameters = params(module)
+    optimizer = torch.optim.Adam(parameters, lr)
+    xt, yt = torch.from_numpy(base.x_train), torch.from_numpy(base.y_train)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=generator)
+        for i in range(0, len(xt), 64):
+            batch = perm[i:i + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(module(xt[batch]), yt[batch]).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    return Digits(module.eval(), base.x_train, base.y_train, base.x_test, base.y_test)
+
+
+def retrain_head(base: Digits, seed: int = 1, epochs: int = 3) -> Digits:
+    """``base`` with only its last layer (the classification head) re-initialised and retrained;
+    every other weight stays bit-identical."""
+    import torch
+
+    def head(module: Any) -> list[Any]:
+        last = module[-1]
+        torch.manual_seed(seed)
+        last.reset_parameters()
+        return list(last.parameters())
+
+    return _train(base, head, epochs, 3e-3, seed)
+
+
+def fine_tune(base: Digits, seed: int = 1, epochs: int = 1) -> Digits:
+    """``base`` with every weight trained a little further (a full fine-tune)."""
+    return _train(base, lambda module: list(module.parameters()), epochs, 1e-3, seed)

@@ -202,6 +202,57 @@ def package_verify(pkg: Path, trusted_keys: tuple[Path, ...], as_json: bool) -> 
         f"trusted key {d['signed_by'][:16]}, {d['files']} files match the manifest"))
 
 
+def _render_diff(data: dict[str, Any]) -> None:
+    console.print(f"[bold]{data['name']}[/] {data['from']} -> {data['to']}: "
+                  f"{format_bytes(data['sent_bytes'])} to send instead of "
+                  f"{format_bytes(data['full_bytes'])} (deltas up to {data['fraction']:g} of a "
+                  "file)")
+    console.print(table("artifacts", ["id", "format", "full", "delta", "ratio", "sent as",
+                                      "tensors same / changed / new"],
+                        [(a["id"], a["format"], format_bytes(a["full_bytes"]),
+                          format_bytes(a["delta_bytes"]), f"{a['ratio']:.2%}", a["method"],
+                          _tensor_counts(a)) for a in data["artifacts"]]))
+    for artifact in data["artifacts"]:
+        changed = [(f["path"], t["name"], t["status"], format_bytes(t["bytes"]))
+                   for f in artifact["files"] for t in f["tensors"] if t["status"] != "same"]
+        if changed:
+            console.print(table(f"{artifact['id']}: tensors that differ",
+                                ["file", "tensor", "status", "size"], changed))
+
+
+def _tensor_counts(artifact: dict[str, Any]) -> str:
+    tensors = [t for f in artifact["files"] for t in f["tensors"]]
+    if not tensors:
+        return "-"
+    return " / ".join(str(sum(t["status"] == s for t in tensors))
+                      for s in ("same", "changed", "new"))
+
+
+@package.command("diff")
+@click.argument("old", type=click.Path(dir_okay=False, path_type=Path),
+                help="The package a device holds (.edgepkg).")
+@click.argument("new", type=click.Path(dir_okay=False, path_type=Path),
+                help="The package it would be updated to (.edgepkg).")
+@click.option("--fraction", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Send a delta only when it is at most this fraction of the full file.")
+@json_option
+def package_diff(old: Path, new: Path, fraction: float, as_json: bool) -> None:
+    """Show what changed per artifact and tensor, and the delta a device would be sent."""
+    from .package_diff import diff_packages
+
+    with open_package(old) as before, open_package(new) as after:
+        if before.manifest.name != after.manifest.name:
+            raise ConfigError(f"{old} holds model {before.manifest.name!r} and {new} model "
+                              f"{after.manifest.name!r}; diff compares two versions of one model")
+        diffs = diff_packages(before, after, fraction)
+        data = {"name": after.manifest.name, "from": before.manifest.version,
+                "to": after.manifest.version, "fraction": fraction,
+                "full_bytes": sum(d.full_bytes for d in diffs),
+                "sent_bytes": sum(d.sent_bytes for d in diffs),
+                "artifacts": [d.to_dict() for d in diffs]}
+    emit(data if not as_json else data["artifacts"], as_json, _render_diff)
+
+
 @package.command("schema")
 def package_schema() -> None:
     """Print the JSON Schema of the package manifest (docs/manifest.schema.json)."""

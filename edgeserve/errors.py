@@ -22,6 +22,8 @@ the CLI and the HTTP servers use it instead of deciding on their own.
     │   ├── SignatureError               signature missing, malformed or not valid
     │   │   └── UntrustedKeyError        signed, but by a key the reader does not pin
     │   ├── RollbackError                release number older than the installed one
+    │   ├── DeltaError                   a delta is damaged, cut short, for another base, or
+    │   │                                rebuilds other bytes than its target (download in full)
     │   └── VersionConflictError         that version is installed with different content
     ├── KeyFileError                     a key file is missing or not an ed25519 PEM key
     ├── ConversionError                  a model could not be converted or validated
@@ -52,6 +54,7 @@ __all__ = [
     "ContractError",
     "ConversionError",
     "CorruptPackageError",
+    "DeltaError",
     "EdgeserveError",
     "ForbiddenError",
     "InUseError",
@@ -163,6 +166,10 @@ class UntrustedKeyError(SignatureError):
 
 
 class RollbackError(PackageError):
+    pass
+
+
+class DeltaError(PackageError):
     pass
 
 

@@ -93,9 +93,12 @@ def interface_changes(old: Manifest, new: Manifest) -> list[str]:
 class ArtifactStore:
     """A directory of published, verified packages (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path, trust: TrustStore) -> None:
+    def __init__(self, root: Path, trust: TrustStore, delta_fraction: float | None = None) -> None:
         self.root = Path(root)
         self.trust = trust
+        self.delta_fraction = delta_fraction
+        """serve a delta when it is at most this fraction of the full file (None:
+        ``EDGESERVE_DELTA_FRACTION``, else 0.25; 0: never); see :mod:`.deltas`"""
         self.root.mkdir(parents=True, exist_ok=True)
         self._references: dict[tuple[str, str], ReferenceStats | None] = {}
 

@@ -115,6 +115,11 @@ def _ago(ts: float, now: float) -> str:
               help="Seconds between rollout controller steps.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Keep trying an unreachable broker this long at start (seconds).")
+@click.option("--delta-fraction", type=click.FloatRange(0, 1), envvar="EDGESERVE_DELTA_FRACTION",
+              default=0.25, show_default=True,
+              help="Send a device holding an earlier version a delta when it is at most this "
+                   "fraction of the file (0: always the full file; env "
+                   "EDGESERVE_DELTA_FRACTION).")
 @click.option("--duration", type=float, default=None,
               help="Stop after SECONDS [default: until Ctrl+C or SIGTERM].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -126,7 +131,8 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
                   client_id: str | None, shared: str, broker_host: str, broker_port: int,
                   http_host: str, http_port: int, public_url: str | None,
                   artifacts_dir: Path | None, trusted_keys: tuple[Path, ...], auth: str | None,
-                  fleet_key: Path | None, rollout_tick: float, connect_timeout: float, duration: float | None,
+                  fleet_key: Path | None, rollout_tick: float, connect_timeout: float,
+                  delta_fraction: float, duration: float | None,
                   log_level: str, as_json: bool) -> None:
     """Run the fleet: telemetry ingestion, artifact endpoint, API and dashboard, rollouts."""
     from edgeserve.auth import parse_auth_option
@@ -152,7 +158,8 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
         http_port=None if http_port < 0 else http_port, public_url=public_url,
         artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
         worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
-        connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key)
+        connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key,
+        delta_fraction=delta_fraction)
     server = FleetServer(config).start()
     assert server.service is not None and server.store is not None
     log.info("fleet %s ready: store %s, broker %s (MQTT %s), telemetry on %s", fleet_name,

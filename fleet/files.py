@@ -20,23 +20,46 @@ from edgeserve.contract import Desired, FileChunk, FileRequest
 from edgeserve.errors import EdgeserveError
 
 from .artifacts import ArtifactStore
+from .deltas import DeltaCache
+from .transfers import TransferLog
 
 __all__ = ["MAX_CHUNK", "FileGate", "answer_file_request", "refusal"]
 
 MAX_CHUNK = 256 * 1024
 
 
-def answer_file_request(store: ArtifactStore, request: FileRequest) -> FileChunk:
-    """Read the requested range of a published file (never more than ``MAX_CHUNK`` bytes)."""
+def answer_file_request(store: ArtifactStore, request: FileRequest,
+                        deltas: DeltaCache | None = None, transfers: TransferLog | None = None,
+                        device: str | None = None) -> FileChunk:
+    """Read the requested range of a published file (never more than ``MAX_CHUNK`` bytes).
+
+    With ``request.base``, the range is of the file's delta against that base (see
+    :mod:`.deltas`); when the full file is the better deal the answer is a refusal whose error
+    starts with ``full:``, and the device asks again without a base. ``transfers`` counts what
+    is sent."""
+    kind, full_bytes = "full", 0
     try:
         path = store.file_path(request.model, request.version, request.file)
+        full_bytes = path.stat().st_size
+        if request.base is not None:
+            offer = (deltas or DeltaCache(store)).safe_offer(request.model, request.version,
+                                                             request.file, request.base)
+            if offer.path is None:
+                return refusal(request, f"full: {offer.reason}")
+            path, kind = offer.path, "delta"
         total = path.stat().st_size
         with path.open("rb") as fh:
             fh.seek(min(request.offset, total))
             data = fh.read(min(request.length, MAX_CHUNK))
     except (EdgeserveError, OSError) as exc:
         return refusal(request, str(exc))
+    if transfers is not None and request.file not in _NOT_COUNTED:
+        transfers.record(request.model, request.version, request.file, device, kind, len(data),
+                         full_bytes if request.offset == 0 else 0)
     return FileChunk.of(request.transfer, request.file, request.offset, total, data)
+
+
+_NOT_COUNTED = frozenset({"manifest.json", "signature", "package.edgepkg"})
 
 
 def refusal(request: FileRequest, why: str) -> FileChunk:

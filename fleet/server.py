@@ -88,6 +88,9 @@ class FleetConfig:
     fleet_key: Path | None = None
     """the fleet's private signing key for desired state (created when missing; default: the
     user data directory's edgeserve/fleet/keys/FLEET.key)"""
+    delta_fraction: float | None = None
+    """serve a delta to a device holding an earlier version when it is at most this fraction
+    of the file (None: ``EDGESERVE_DELTA_FRACTION``, else 0.25; 0: never)"""
 
 
 class FleetServer:
@@ -163,7 +166,8 @@ class FleetServer:
     def _artifacts(self) -> ArtifactStore:
         trust = TrustStore.from_paths(self.config.trusted_keys) if self.config.trusted_keys \
             else TrustStore()
-        return ArtifactStore(self.config.artifacts_dir or default_artifacts_dir(), trust)
+        return ArtifactStore(self.config.artifacts_dir or default_artifacts_dir(), trust,
+                             self.config.delta_fraction)
 
     def _start_http(self, tokens: ArtifactTokens) -> None:
         c = self.config

@@ -30,8 +30,11 @@ class ChunkedDownload:
     the content is verified by the caller: a hash from desired state, or the signature check)."""
 
     def __init__(self, model: str, version: str, file: str, dest: Path, size: int | None,
-                 sha256: str | None, chunk_bytes: int = 64 * 1024) -> None:
+                 sha256: str | None, chunk_bytes: int = 64 * 1024,
+                 base: str | None = None) -> None:
         self.model, self.version, self.file = model, version, file
+        self.base = base
+        """ask for the file's delta against this sha256 (:mod:`.delta`) instead of the file"""
         self.dest = Path(dest)
         self.part = self.dest.with_name(self.dest.name + ".part")
         self.size, self.sha256 = size, sha256
@@ -55,7 +58,7 @@ class ChunkedDownload:
         left = self.chunk_bytes if self.size is None else max(self.size - self.offset, 1)
         return FileRequest(transfer=self.transfer, model=self.model, version=self.version,
                            file=self.file, offset=self.offset,
-                           length=min(self.chunk_bytes, left))
+                           length=min(self.chunk_bytes, left), base=self.base)
 
     def accept(self, chunk: FileChunk) -> bool:
         """Append a chunk if it is the one expected; True when the file is complete."""

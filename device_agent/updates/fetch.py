@@ -9,6 +9,7 @@ the agent, which re-verifies everything and refuses an older release than the on
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,16 +18,19 @@ from urllib.parse import urlsplit
 from edgeserve import __version__
 from edgeserve.contract import FileChunk, FileRequest, VersionRef
 from edgeserve.errors import TamperedManifestError, TransferError
-from edgeserve.manifest import parse_manifest
+from edgeserve.manifest import Manifest, parse_manifest
+from edgeserve.package import atomic_write
 
 from ..agent import Agent, InstalledVersion
 from ..selection import required_files
 from .chunked import ChunkedDownload, fetch_chunked
+from .delta import REFUSED, DeltaStats, NoDelta, find_base, http_delta, mqtt_delta
 from .download import download_file, fetch_bytes
 
 __all__ = ["MqttTransport", "Progress", "check_origin", "fetch_version", "url_origin", "user_agent"]
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 class MqttTransport:
@@ -37,8 +41,8 @@ class MqttTransport:
         self.send, self.receive, self.timeout = send, receive, timeout
 
     def get(self, model: str, version: str, member: str, dest: Path, size: int | None,
-            sha256: str | None) -> tuple[Path, int]:
-        download = ChunkedDownload(model, version, member, dest, size, sha256)
+            sha256: str | None, base: str | None = None) -> tuple[Path, int]:
+        download = ChunkedDownload(model, version, member, dest, size, sha256, base=base)
         result = fetch_chunked(download, self.send, self.receive, self.timeout)
         return result.path, result.bytes_transferred
 
@@ -81,21 +85,10 @@ def check_origin(url: str, origins: Sequence[str], where: str) -> None:
                             retryable=False)
 
 
-def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_dir: Path,
-                  progress: Progress | None = None, mqtt: MqttTransport | None = None,
-                  device_id: str | None = None,
-                  origins: Sequence[str] = ()) -> tuple[InstalledVersion, int]:
-    """Download, verify and stage (not activate) ``model`` ``version``.
-
-    Returns the installed version and the bytes that crossed the network. Partial downloads stay
-    in ``work_dir`` so a later attempt resumes them. With ``origins``, HTTP downloads come only
-    from those (``scheme://host[:port]``).
-    """
-    headers = user_agent(device_id)
-    if ref.token:  # the fleet protects its artifact endpoint: this version's download token
-        headers["Authorization"] = f"Bearer {ref.token}"
-    work = Path(work_dir) / model / version
-    work.mkdir(parents=True, exist_ok=True)
+def _signed_manifest(model: str, version: str, ref: VersionRef, work: Path,
+                     headers: dict[str, str], mqtt: MqttTransport | None,
+                     origins: Sequence[str]) -> tuple[bytes, bytes, int]:
+    """The manifest and signature bytes (checked by the caller), and the bytes they took."""
     where = f"{model} {version}"
     if ref.transport == "mqtt":
         if mqtt is None:
@@ -105,14 +98,35 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
                                ref.manifest_sha256)
         manifest_bytes = path.read_bytes()
         path, n = mqtt.get(model, version, "signature", work / "signature", None, None)
-        signature = path.read_bytes()
-        moved += n
-    else:
-        assert ref.url is not None
-        check_origin(ref.url, origins, where)
-        manifest_bytes = fetch_bytes(ref.url + "manifest.json", headers=headers)
-        signature = fetch_bytes(ref.url + "signature", max_bytes=65536, headers=headers)
-        moved = len(manifest_bytes) + len(signature)
+        return manifest_bytes, path.read_bytes(), moved + n
+    assert ref.url is not None
+    check_origin(ref.url, origins, where)
+    manifest_bytes = fetch_bytes(ref.url + "manifest.json", headers=headers)
+    signature = fetch_bytes(ref.url + "signature", max_bytes=65536, headers=headers)
+    return manifest_bytes, signature, len(manifest_bytes) + len(signature)
+
+
+def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_dir: Path,
+                  progress: Progress | None = None, mqtt: MqttTransport | None = None,
+                  device_id: str | None = None,
+                  origins: Sequence[str] = (),
+                  stats: DeltaStats | None = None) -> tuple[InstalledVersion, int]:
+    """Download, verify and stage (not activate) ``model`` ``version``.
+
+    Returns the installed version and the bytes that crossed the network. Partial downloads stay
+    in ``work_dir`` so a later attempt resumes them. With ``origins``, HTTP downloads come only
+    from those (``scheme://host[:port]``). An artifact file the cache holds an earlier version
+    of is asked for as a delta (:mod:`.delta`); ``stats`` (when given) says how each file came.
+    """
+    stats = stats if stats is not None else DeltaStats()
+    headers = user_agent(device_id)
+    if ref.token:  # the fleet protects its artifact endpoint: this version's download token
+        headers["Authorization"] = f"Bearer {ref.token}"
+    work = Path(work_dir) / model / version
+    work.mkdir(parents=True, exist_ok=True)
+    where = f"{model} {version}"
+    manifest_bytes, signature, moved = _signed_manifest(model, version, ref, work, headers, mqtt,
+                                                        origins)
     _check_manifest(manifest_bytes, ref, where)
     agent.trust.verify(manifest_bytes, signature)
     manifest = parse_manifest(manifest_bytes, where=f"{where} manifest.json")
@@ -128,19 +142,58 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
             if progress is not None:
                 progress(base + got, total)
 
+        stats.full_bytes += entry.size
         if dest.exists() and dest.stat().st_size == entry.size:
             files[name] = dest  # completed earlier; the agent re-verifies its hash
+        elif _by_delta(agent, model, version, ref, manifest, name, dest, headers, mqtt, stats):
+            files[name] = dest
         elif ref.transport == "mqtt":
             assert mqtt is not None
             files[name], n = mqtt.get(model, version, name, dest, entry.size, entry.sha256)
-            moved += n
+            stats.received += n
         else:
             result = download_file(f"{ref.url}files/{name}", dest, entry.size, entry.sha256,
                                    progress=report, headers=headers)
             files[name] = result.path
-            moved += result.bytes_transferred
+            stats.received += result.bytes_transferred
         done += entry.size
         report(0, entry.size)
     installed = agent.install_parts(manifest_bytes, signature, files, activate=False, move=True)
     shutil.rmtree(work, ignore_errors=True)
-    return installed, moved
+    return installed, moved + stats.received
+
+
+def _by_delta(agent: Agent, model: str, version: str, ref: VersionRef, manifest: Manifest,
+              name: str, dest: Path, headers: dict[str, str], mqtt: MqttTransport | None,
+              stats: DeltaStats) -> bool:
+    """Put ``name`` at ``dest`` without downloading it whole: from the cache when an earlier
+    version has the very same file, else as a delta against that version's file. False: fetch
+    it in full (the fleet offers no delta, or the delta was refused: a counted fallback)."""
+    entry = manifest.files[name]
+    base = find_base(agent, model, manifest, name)
+    if base is None:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if base.sha256 == entry.sha256:
+        atomic_write(dest, base.data)  # the agent re-verifies it like any download
+        stats.reused_files += 1
+        return True
+    try:
+        if ref.transport == "mqtt":
+            assert mqtt is not None
+            stats.received += mqtt_delta(mqtt.get, model, version, name, entry, base, dest)
+        else:
+            assert ref.url is not None
+            stats.received += http_delta(ref.url, name, entry, base, dest, headers)
+    except NoDelta as why:
+        log.info("%s %s %s: full download (%s)", model, version, name, why)
+        return False
+    except REFUSED as exc:
+        stats.fallbacks += 1
+        stats.last_fallback = str(exc)
+        dest.unlink(missing_ok=True)
+        log.warning("%s %s %s: delta against %s refused (%s); downloading it in full", model,
+                    version, name, base.version, exc)
+        return False
+    stats.delta_files += 1
+    return True

@@ -17,6 +17,10 @@ Per model, in order:
 3. traffic weights and the shadow version are applied through the router / shadow runner when the
    agent provides them.
 
+A new version of a model whose earlier version is in the cache is fetched as deltas where the
+fleet offers them (:mod:`.delta`); each report's ``delivery`` says how many bytes crossed the
+network against the full size, and how many deltas were refused and fetched in full.
+
 Delivery on a flaky link is normal, not a failure: a download that is cut, times out or meets a
 busy server is retried within the same revision with jittered exponential back-off, each attempt
 resuming where the last stopped (HTTP Range, or the next chunk), and reported as *retrying* with
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edgeserve.contract import (
+    Delivery,
     Desired,
     DesiredModel,
     ErrorInfo,
@@ -53,6 +58,7 @@ from edgeserve.errors import EdgeserveError, ModelNotFoundError, TransferError
 from edgeserve.package import atomic_write
 
 from ..agent import Agent
+from .delta import DeltaStats
 from .fetch import MqttTransport, fetch_version
 from .health import HealthWatch
 
@@ -125,6 +131,9 @@ class Updater:
         self.bytes_downloaded = 0
         self.delivery_retries = 0
         self.revision, self.models = self._load()
+        self.delta_fallbacks = max((r.delivery.fallbacks_total for r in self.models.values()
+                                    if r.delivery is not None), default=0)
+        """deltas refused on this device (fetched in full instead), reported with each delivery"""
         self._published_active: dict[str, str] | None = None
         self._local_checked = 0.0
         self._resume_watches()
@@ -350,19 +359,26 @@ class Updater:
 
         delivery = self._deliveries.setdefault((name, version), _Delivery())
         delivery.attempts += 1
+        stats = DeltaStats()
         try:
             _, moved = fetch_version(self.agent, name, version, desired.versions[version],
                                      self.state_dir / "downloads", progress, self.mqtt,
-                                     self.device_id, self.artifact_origins)
+                                     self.device_id, self.artifact_origins, stats)
         except TransferError as exc:
+            self.delta_fallbacks += stats.fallbacks
             self._delivery_failed(name, version, delivery, exc)
         except EdgeserveError as exc:
+            self.delta_fallbacks += stats.fallbacks
             self._deliveries.pop((name, version), None)
             self._set(name, state="failed", last_error=_error(exc, version))
             raise
         self._deliveries.pop((name, version), None)
         self.bytes_downloaded += moved
-        self._set(name, state="staged", progress=1.0)
+        self.delta_fallbacks += stats.fallbacks
+        self._set(name, state="staged", progress=1.0, delivery=Delivery(
+            version=version, received=stats.received, full_bytes=stats.full_bytes,
+            delta_files=stats.delta_files, reused_files=stats.reused_files,
+            fallbacks=stats.fallbacks, fallbacks_total=self.delta_fallbacks))
 
     def _delivery_failed(self, name: str, version: str, delivery: _Delivery,
                          exc: TransferError) -> NoReturn:

@@ -201,6 +201,19 @@ class ErrorInfo(Message):
     version: Ver | None = None
 
 
+class Delivery(Message):
+    """How the files of the last version a device fetched crossed the network."""
+
+    version: Ver
+    received: Count = Field(description="bytes of files (and deltas) received")
+    full_bytes: Count = Field(description="what downloading every file in full would have cost")
+    delta_files: Count = Field(default=0, description="files rebuilt from a delta and verified")
+    reused_files: Count = Field(default=0, description="files already in the cache (nothing sent)")
+    fallbacks: Count = Field(default=0, description="deltas refused (damaged, wrong base, hash "
+                                                    "mismatch): fetched in full instead")
+    fallbacks_total: Count = Field(default=0, description="deltas refused on this device, ever")
+
+
 class ModelReport(Message):
     active: Ver | None = None
     previous: Ver | None = None
@@ -220,6 +233,7 @@ class ModelReport(Message):
     active_since: Seconds | None = Field(
         default=None, description="when the active version started answering (the fleet "
                                   "judges a new version only on traffic after this)")
+    delivery: Delivery | None = None
 
 
 class Reported(Message):
@@ -318,6 +332,11 @@ class FileRequest(Message):
     file: str = Field(min_length=1, max_length=512, description="member path or 'manifest.json'")
     offset: int = Field(default=0, ge=0)
     length: int = Field(default=65536, ge=1, le=512 * 1024)
+    base: str | None = Field(
+        default=None, pattern=_SHA256,
+        description="sha256 of the file the device holds: send the delta against it "
+                    "(edgeserve.delta), or refuse with an error starting 'full:' when the full "
+                    "file is to be fetched instead")
 
 
 class FileChunk(Message):

@@ -39,12 +39,14 @@ from edgeserve.errors import EdgeserveError
 from ..artifact_tokens import ArtifactTokens
 from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect
+from ..deltas import DeltaCache
 from ..desired import DesiredStates
 from ..files import FileGate, answer_file_request, refusal
 from ..leader import LeaderLoop
 from ..registry import list_devices
 from ..store import Store
 from ..tables import device_models
+from ..transfers import TransferLog
 from .engine import (
     DeviceView,
     Event,
@@ -122,6 +124,8 @@ class RolloutController:
         self.fleet = fleet
         self.desired = DesiredStates(store, artifacts, public_url)
         self.files = FileGate(self.desired.get)
+        self.deltas = DeltaCache(artifacts)
+        self.transfers = TransferLog(artifacts.root)
         self.rollouts = Rollouts(store)
         self.client_id = client_id or f"edgeserve-rollouts-{fleet}"
         self.tick_s = tick_s
@@ -190,7 +194,8 @@ class RolloutController:
         answer_at_all, why = self.files.admit(topic.device_id, request)
         if not answer_at_all:
             return  # over its rate: dropped unanswered (no amplification)
-        answer = refusal(request, why) if why else answer_file_request(self.artifacts, request)
+        answer = refusal(request, why) if why else answer_file_request(
+            self.artifacts, request, self.deltas, self.transfers, topic.device_id)
         client.publish(device_topic(self.fleet, topic.device_id, "files", "data"), encode(answer),
                        qos=1)
 
