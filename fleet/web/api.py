@@ -3,7 +3,9 @@
 ``GET  /api/v1/overview``                          devices by state and profile, active versions
 ``GET  /api/v1/devices``                           the registry
 ``GET  /api/v1/rollouts``                          rollouts (``?all=1`` includes finished ones)
-``GET  /api/v1/rollouts/{id}``                     one rollout with its event history
+``GET  /api/v1/rollouts/{id}``                     one rollout with its event history (both carry
+                                                   ``transfer``: bytes sent in full and as
+                                                   deltas since it began, and bytes saved)
 ``POST /api/v1/rollouts``                          create (JSON body: a rollout spec)
 ``POST /api/v1/rollouts/{id}/{action}``            promote | pause | resume | rollback
 ``GET  /api/v1/models``                            models with telemetry, and their versions
@@ -36,9 +38,10 @@ from ..events import rollout_history
 from ..registry import list_devices
 from ..rollouts.admission import create_rollout as admit_and_create
 from ..rollouts.metrics import Accumulator, References
-from ..rollouts.repo import Rollouts
+from ..rollouts.repo import RolloutRecord, Rollouts
 from ..store import Store
 from ..tables import device_models, windows
+from ..transfers import TransferLog
 
 __all__ = ["api_routes", "model_series", "overview"]
 
@@ -160,14 +163,25 @@ def api_routes(store: Store, experiments: ExperimentsProvider | None = None,
     def get_devices(request: Request) -> Any:
         return [d.to_dict() for d in list_devices(store)]
 
+    transfers = TransferLog(artifacts.root) if artifacts is not None else None
+
+    def _with_transfer(record: RolloutRecord) -> dict[str, Any]:
+        """A rollout, with the bytes its version's files cost (full and as deltas) since it
+        began, when this API serves the artifact store."""
+        data = record.to_dict()
+        if transfers is not None:
+            data["transfer"] = transfers.summary(record.spec.model, record.spec.version,
+                                                 since=record.created).to_dict()
+        return data
+
     def get_rollouts(request: Request) -> Any:
         show_all = request.query_params.get("all") in ("1", "true", "yes")
-        return [r.to_dict() for r in rollouts.find(active_only=not show_all)]
+        return [_with_transfer(r) for r in rollouts.find(active_only=not show_all)]
 
     def get_rollout(request: Request) -> Any:
         record = rollouts.get(request.path_params["rid"])
         # every milestone, however long the rollout ran, plus the gate values the charts plot
-        return {**record.to_dict(), "events": rollout_history(store, record.id, 500)}
+        return {**_with_transfer(record), "events": rollout_history(store, record.id, 500)}
 
     def create_rollout(request: Request, body: Any) -> Any:
         if not isinstance(body, dict):

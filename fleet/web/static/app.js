@@ -102,6 +102,21 @@ function renderVersions(o) {
     : el("p", { class: "muted" }, "no models deployed yet"));
 }
 
+function fmtBytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return i ? `${n.toFixed(1)} ${units[i]}` : `${n} B`;
+}
+
+function transferLine(t) {
+  if (!t || !(t.full_transfers || t.delta_transfers)) return el("span");
+  return el("div", { class: "muted transfer" },
+    `sent ${fmtBytes(t.bytes_sent)}: ${t.delta_transfers} file(s) as deltas `
+    + `(${fmtBytes(t.delta_bytes_sent)} instead of ${fmtBytes(t.delta_full_bytes)}), `
+    + `${t.full_transfers} in full (${fmtBytes(t.full_bytes_sent)}); saved ${fmtBytes(t.saved)}`);
+}
+
 function renderRollouts(list) {
   const root = document.getElementById("rollouts");
   if (!list.length) { root.replaceChildren(el("p", { class: "muted" }, "no rollouts yet")); return; }
@@ -124,6 +139,7 @@ function renderRollouts(list) {
       el("div", {}, el("strong", {}, r.id), " ", el("span", { class: `badge ${r.phase}` }, r.phase),
         " ", el("span", { class: "muted" }, `${r.strategy} ${r.model} → ${r.version}, stage ${r.stage}/${r.stages.length}, ${r.devices} device(s)`)),
       r.reason ? el("div", { class: "gate-fail" }, r.reason) : el("span"),
+      transferLine(r.transfer),
       stages, gates, el("h3", {}, "gate values over time (canary, dashed = bound)"),
       el("div", { id: chartId, class: "chart rollout-chart", "data-points": "0" }));
     return { block, chartId, r };
