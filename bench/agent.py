@@ -9,6 +9,10 @@
 (c) Dynamic batching: two ~1 ms CNNs (a compute-bound one with a pooled head, a weight-bound
     one with a dense head) called by 8 threads at once through ``Agent.predict``, unbatched and
     batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch.
+(d) Footprint: ``agent serve`` and ``agent run`` (MQTT link up, when a broker is on
+    127.0.0.1:1883) with one small ONNX or TFLite model: RSS after 50 requests and seconds from
+    spawn to ready, beside the runtime's own floor (Python + runtime + that model); and the RSS
+    each import of the serving path adds.
 
 Usage::
 
@@ -103,19 +107,22 @@ def _per_call_us(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _compare(bare: Callable[[], object], agent: Callable[[], object], calls: int,
+def _compare(bares: list[Callable[[], object]], agent: Callable[[], object], calls: int,
              rounds: int) -> dict[str, float]:
     """Alternate bare and agent rounds (so drift hits both); the fastest round of each.
 
     The minimum is the usual estimator for micro-benchmarks on a shared machine: other
     processes only ever add time, so the fastest round is closest to the code's own cost.
+    With several bare forms (ONNX Runtime with and without run options) the fastest counts.
     """
     for _ in range(calls // 10):
-        bare()
+        for bare in bares:
+            bare()
         agent()
-    bare_us, agent_us = [], []
+    bare_us: list[float] = []
+    agent_us: list[float] = []
     for _ in range(rounds):
-        bare_us.append(_per_call_us(bare, calls))
+        bare_us.extend(_per_call_us(bare, calls) for bare in bares)
         agent_us.append(_per_call_us(agent, calls))
     b, a = min(bare_us), min(agent_us)
     return {"bare_us": b, "agent_us": a, "overhead_us": a - b, "ratio": a / b}
@@ -141,10 +148,12 @@ def bench_inprocess(work: Path, key: Any, calls: int, rounds: int) -> list[dict[
             a.install(pkg)
             loaded = a.model(name)
             session = loaded.runtime._session  # type: ignore[attr-defined]
+            options = loaded.runtime._run_options  # type: ignore[attr-defined]
             outs = [o.name for o in session.get_outputs()]
-            row = _compare(lambda s=session, f=feed, o=outs: s.run(o, f),
+            row = _compare([lambda s=session, f=feed, o=outs: s.run(o, f),
+                            lambda s=session, f=feed, o=outs, r=options: s.run(o, f, r)],
                            lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
-            rows.append({"model": label, "runtime": "ONNX Runtime", **row})
+            rows.append({"model": label, "runtime": "ONNX Runtime", "layout_us": 0.0, **row})
         with Agent(work / f"cache-lite-{name}", load_profile(lite), [key.public_path]) as a:
             a.install(pkg)
             loaded = a.model(name)
@@ -161,8 +170,16 @@ def bench_inprocess(work: Path, key: Any, calls: int, rounds: int) -> list[dict[
                 i.invoke()
                 return i.get_tensor(oo)
 
-            row = _compare(bare, lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
-            rows.append({"model": label, "runtime": "LiteRT", **row})
+            row = _compare([bare], lambda a=a, n=name, f=feed: a.predict(n, f), calls, rounds)
+            # The agent takes the manifest's layout (NCHW) and the TFLite artifact wants NHWC:
+            # that transpose is work a bare caller would do too, so it is shown on its own.
+            adapter = loaded.adapter
+            checked = adapter.check(feed)
+            layout = min(_per_call_us(lambda c=checked, d=adapter: d.to_runtime(c), calls)
+                         for _ in range(rounds))
+            direct = min(_per_call_us(lambda c=checked: dict(c), calls) for _ in range(rounds))
+            rows.append({"model": label, "runtime": "LiteRT",
+                         "layout_us": max(0.0, layout - direct), **row})
     return rows
 
 
@@ -277,6 +294,151 @@ def bench_batching(work: Path, key: Any, seconds: float, clients: int = 8,
                 row["mean_batch"] = getattr(runtime, "samples", 0) / calls if calls else 1.0
                 rows.append(row)
     return rows
+
+
+# -- (d) footprint and start-up -------------------------------------------------------------------
+
+_RSS_OF = """
+import sys, time
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+print(rss())
+for step in sys.argv[1:]:
+    exec(step)
+    print(rss())
+"""
+
+# The serving path's imports in the order ``agent serve`` meets them (each row: what it adds).
+IMPORT_STEPS = [
+    ("numpy", "import numpy"),
+    ("onnxruntime", "import onnxruntime"),
+    ("one ONNX session", "import onnxruntime as o; s = o.InferenceSession(sys.argv[0] "
+                         "if False else MODEL, providers=['CPUExecutionProvider'])"),
+    ("click", "import click"),
+    ("rich", "import rich.console, rich.table"),
+    ("pydantic (first model class)", "import pydantic\nclass _M(pydantic.BaseModel):\n x: int"),
+    ("edgeserve core (manifest, profiles, package)", "import edgeserve.package, edgeserve.profiles"),
+    ("edgeserve.device_agent.agent", "import edgeserve.device_agent.agent"),
+    ("edgeserve.device_agent.cli", "import edgeserve.device_agent.cli"),
+    ("asyncio, http, email", "import asyncio, http.client, email.utils"),
+    ("uvicorn, uvloop, httptools", "import uvicorn, uvloop, httptools"),
+    ("edgeserve.device_agent.server", "import edgeserve.device_agent.server.runner"),
+]
+
+
+def import_breakdown(model: Path) -> list[dict[str, Any]]:
+    """RSS after each import of the serving path, in one process (``-X importtime`` gives the
+    time of each; RSS is what a device pays for it)."""
+    steps = [code.replace("MODEL", repr(str(model))) for _, code in IMPORT_STEPS]
+    out = subprocess.run([sys.executable, "-c", _RSS_OF, *steps], check=True,
+                         capture_output=True, text=True, cwd=REPO).stdout.split()
+    values = [float(v) for v in out]
+    rows = [{"import": "python", "rss_mb": values[0], "adds_mb": values[0]}]
+    for (label, _), before, after in zip(IMPORT_STEPS, values[:-1], values[1:], strict=True):
+        rows.append({"import": label, "rss_mb": after, "adds_mb": after - before})
+    return rows
+
+
+def _floor(kind: str, model: Path) -> float:
+    """RSS of Python + the runtime + one loaded model and one call: what no agent can beat."""
+    if kind == "onnx":
+        code = ("import numpy as np, onnxruntime as o; s = o.InferenceSession(MODEL, "
+                "providers=['CPUExecutionProvider']); i = s.get_inputs()[0]; "
+                "s.run(None, {i.name: np.zeros([1, 4], np.float32)})")
+    else:
+        code = ("import numpy as np; from ai_edge_litert.interpreter import Interpreter; "
+                "it = Interpreter(model_path=MODEL); it.allocate_tensors(); "
+                "d = it.get_input_details()[0]; it.set_tensor(d['index'], "
+                "np.zeros(d['shape'], d['dtype'])); it.invoke()")
+    out = subprocess.run([sys.executable, "-c", _RSS_OF, code.replace("MODEL", repr(str(model)))],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return float(out[-1])
+
+
+def _rss_mb(pid: int) -> float:
+    with Path(f"/proc/{pid}/status").open() as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def _broker_up(host: str = "127.0.0.1", port: int = 1883) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _serve_once(command: str, cache: Path, profile: Path, key: Path, work: Path
+                ) -> tuple[float, float]:
+    """(RSS in MB after 50 requests, seconds from spawn to the model's ready answer)."""
+    import urllib.request
+
+    port = _free_port()
+    args = [str(Path(sys.executable).parent / "edgeserve"), "agent", command, "--cache",
+            str(cache), "--profile", str(profile), "--trusted-key", str(key), "--port", str(port)]
+    if command == "run":
+        args += ["--broker", "mqtt://127.0.0.1:1883", "--device-id", f"bench-{os.getpid()}",
+                 "--fleet", f"bench-footprint-{os.getpid()}"]
+    log = work / f"footprint-{command}.log"
+    start = time.perf_counter()
+    with log.open("wb") as sink:
+        process = popen(args, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/toy/ready"
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agent {command} did not get ready:\n{log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.005)
+        ready = time.perf_counter() - start
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                       "data": [0.1, 0.2, 0.3, 0.4]}]}).encode()
+        infer = f"http://127.0.0.1:{port}/v2/models/toy/infer"
+        for _ in range(50):
+            request = urllib.request.Request(infer, body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+        time.sleep(0.3)
+        return _rss_mb(process.pid), ready
+    finally:
+        _stop(process)
+
+
+def bench_footprint(work: Path, key: Any, runs: int = 3) -> dict[str, Any]:
+    pkg = work / "toy.edgepkg"
+    if not pkg.exists():
+        build_mlp_package(pkg, key)
+    rows = []
+    floors = {}
+    for kind in ("onnx", "tflite"):
+        profile = write_profile(work / "profiles", f"footprint-{kind}",
+                                f'[[artifacts]]\nformat = "{kind}"\nprecision = "fp32"\n')
+        cache = work / f"cache-footprint-{kind}"
+        with Agent(cache, load_profile(profile), [key.public_path]) as agent:
+            agent.install(pkg)
+            loaded = agent.model("toy")
+            model = work / f"footprint.{kind}"
+            model.write_bytes(agent.cache.read_verified(
+                loaded.record.files[loaded.artifact.path], "bench"))
+        floors[kind] = _floor(kind, model)
+        for command in ("serve", "run"):
+            if command == "run" and not _broker_up():
+                console.print("no MQTT broker on 127.0.0.1:1883: 'agent run' not measured")
+                continue
+            samples = [_serve_once(command, cache, profile, key.public_path, work)
+                       for _ in range(runs)]
+            rss = sorted(s[0] for s in samples)[len(samples) // 2]
+            ready = sorted(s[1] for s in samples)[len(samples) // 2]
+            rows.append({"command": f"agent {command}", "artifact": kind, "rss_mb": rss,
+                         "floor_mb": floors[kind], "over_floor_mb": rss - floors[kind],
+                         "ready_s": ready})
+    return {"serving": rows, "imports": import_breakdown(work / "footprint.onnx")}
 
 
 # -- (b) HTTP throughput ---------------------------------------------------------------------------
@@ -464,6 +626,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="inference workers, both servers")
     parser.add_argument("--repeats", type=int, default=3, help="wrk runs per server and load")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-footprint", action="store_true")
     parser.add_argument("--batch-seconds", type=float, default=8.0,
                         help="seconds per dynamic-batching run")
     parser.add_argument("--mlserver-inline", action="store_true",
@@ -478,10 +641,11 @@ def main() -> None:
         rows = bench_inprocess(work, key, args.calls, args.rounds)
         results["inprocess"] = rows
         table = Table("model", "runtime", "bare µs/call", "agent µs/call", "overhead µs",
-                      "ratio")
+                      "of which layout µs", "ratio")
         for r in rows:
-            table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.1f}",
-                          f"{r['agent_us']:.1f}", f"{r['overhead_us']:.1f}", f"{r['ratio']:.3f}")
+            table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.2f}",
+                          f"{r['agent_us']:.2f}", f"{r['overhead_us']:.2f}",
+                          f"{r['layout_us']:.2f}", f"{r['ratio']:.3f}")
         console.print(table)
         console.rule("(c) dynamic batching: 8 threads calling predict, ~1 ms CNNs")
         batching = bench_batching(work, key, args.batch_seconds)
@@ -496,6 +660,21 @@ def main() -> None:
                           f"{stacked['rps'] / plain['rps']:.2f}x; batched p99 "
                           f"{stacked['p99_ms']:.2f} ms vs 2 x unbatched p50 + delay "
                           f"{2 * plain['p50_ms'] + 2.0:.2f} ms")
+        if not args.skip_footprint:
+            console.rule("(d) footprint: RSS and start-up, one small model")
+            footprint = bench_footprint(work, key)
+            results["footprint"] = footprint
+            table = Table("command", "artifact", "RSS MB", "runtime floor MB", "over floor MB",
+                          "ready in s")
+            for r in footprint["serving"]:
+                table.add_row(r["command"], r["artifact"], f"{r['rss_mb']:.1f}",
+                              f"{r['floor_mb']:.1f}", f"{r['over_floor_mb']:.1f}",
+                              f"{r['ready_s']:.2f}")
+            console.print(table)
+            table = Table("import (serving path order)", "RSS MB", "adds MB")
+            for r in footprint["imports"]:
+                table.add_row(r["import"], f"{r['rss_mb']:.1f}", f"{r['adds_mb']:.1f}")
+            console.print(table)
         if not args.skip_http:
             console.rule("(b) HTTP: edgeserve vs MLServer (wrk, JSON, batch 1)")
             extra = [0] if args.mlserver_inline else []

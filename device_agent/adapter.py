@@ -109,7 +109,7 @@ class IOAdapter:
         # costs a few dictionary operations, not a loop of conversions.
         self._fast_check = [(p.spec.name, p.dtype, len(p.spec.shape),
                              tuple((i, d) for i, d in enumerate(p.spec.shape)
-                                   if isinstance(d, int))) for p in self.inputs]
+                                   if isinstance(d, int)), p) for p in self.inputs]
         self._inputs_direct = all(p.direct and p.runtime_name == p.spec.name for p in self.inputs)
         self._outputs_direct = all(p.direct for p in self.outputs)
         self._output_names = [p.spec.name for p in self.outputs]
@@ -123,13 +123,17 @@ class IOAdapter:
         if len(inputs) != len(self._fast_check):
             self._name_error(inputs)
         arrays = {}
-        for (name, dtype, rank, fixed), plan in zip(self._fast_check, self.inputs, strict=True):
+        # Written for the interpreter: no zip or generator per request (bench/agent.py part a).
+        for name, dtype, rank, fixed, plan in self._fast_check:
             value = inputs.get(name)
             if value is None:
                 self._name_error(inputs)
             if type(value) is np.ndarray and value.dtype == dtype and value.ndim == rank:
                 shape = value.shape
-                if all(shape[axis] == size for axis, size in fixed):
+                for axis, size in fixed:
+                    if shape[axis] != size:
+                        break
+                else:
                     arrays[name] = value
                     continue
             arrays[name] = _check_tensor(plan, value, strict)
@@ -147,8 +151,9 @@ class IOAdapter:
         raise InvalidInputError(f"{'; '.join(parts)}; the model takes {expected}")
 
     def to_runtime(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The runtime's feeds; may be ``arrays`` itself (runtimes never change their feeds)."""
         if self._inputs_direct:
-            return dict(arrays)
+            return arrays if type(arrays) is dict else dict(arrays)
         feeds = {}
         for plan in self.inputs:
             value = arrays[plan.spec.name]
@@ -164,8 +169,9 @@ class IOAdapter:
         return feeds
 
     def from_runtime(self, results: list[np.ndarray]) -> dict[str, np.ndarray]:
-        if self._outputs_direct and self._output_identity:
-            return dict(zip(self._output_names, results, strict=True))
+        names = self._output_names
+        if self._outputs_direct and self._output_identity and len(results) == len(names):
+            return {names[0]: results[0]} if len(names) == 1 else dict(zip(names, results, strict=False))
         outputs = {}
         for plan, index in zip(self.outputs, self._output_index, strict=True):
             value = results[index]
