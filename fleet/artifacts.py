@@ -201,7 +201,21 @@ class ArtifactStore:
         target.replace(trash / "version")
         shutil.rmtree(trash, ignore_errors=True)
         self._references.pop((name, version), None)
+        self._prune_deltas()
         return published
+
+    def _prune_deltas(self) -> None:
+        """Drop cached deltas (``.deltas``, see :mod:`.deltas`) whose base or target is no
+        longer a published file: none of them can be offered again."""
+        cached = self.root / ".deltas"
+        if not cached.is_dir():
+            return
+        live = {entry.sha256 for model in self.models() for v in self.versions(model)
+                for entry in self.manifest(model, v.version).files.values()}
+        for path in cached.iterdir():
+            base, _, target = path.stem.partition("-")
+            if base not in live or target not in live:
+                path.unlink(missing_ok=True)
 
     def manifest(self, name: str, version: str) -> Manifest:
         path = self._dir(name, version) / MANIFEST_MEMBER

@@ -218,3 +218,14 @@ def test_old_fleet_without_deltas_still_serves(
         server.stop()
     delivery = updater.current_report().models["toy"].delivery
     assert delivery is not None and delivery.fallbacks == 0 and delivery.delta_files == 0
+
+
+def test_unpublishing_drops_its_cached_deltas(fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """Deltas to (or from) a version that is unpublished are removed with it; others stay."""
+    store, _ = fleet
+    to_head, _ = _prepared(store, "1.1.0")
+    DeltaCache(store).offer("toy", "1.2.0", MEMBER, _sha(store, "1.1.0"))  # computed, cached
+    assert len(list((store.root / ".deltas").iterdir())) == 4
+    store.unpublish("toy", "1.2.0")
+    assert sorted(p.name for p in (store.root / ".deltas").iterdir()) == sorted(
+        [to_head.name, to_head.with_suffix(".json").name])
