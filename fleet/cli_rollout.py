@@ -18,7 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgeserve.cli import SuggestingGroup
-from edgeserve.console import console, emit, err_console, json_option, table
+from edgeserve.console import console, emit, err_console, format_bytes, json_option, table
 from edgeserve.console import watch as watch_view
 from edgeserve.errors import ConfigError
 from edgeserve.signing import TrustStore
@@ -36,6 +36,7 @@ from .rollouts.admission import create_rollout
 from .rollouts.controller import device_views
 from .rollouts.repo import RolloutRecord, Rollouts
 from .store import Store, default_url
+from .transfers import TransferLog, TransferSummary
 
 __all__ = ["publish_command", "rollout"]
 
@@ -168,7 +169,21 @@ def rollout_create(model: str, version: str, strategy: str, stages: str,
              "checked"))
 
 
-def _status_view(store: Store, records: list[RolloutRecord]) -> Group:
+def _transfer(transfers: TransferLog, record: RolloutRecord) -> TransferSummary:
+    return transfers.summary(record.spec.model, record.spec.version, since=record.created)
+
+
+def _transfer_line(t: TransferSummary) -> str | None:
+    if not t.full_transfers and not t.delta_transfers:
+        return None
+    return (f"  sent {format_bytes(t.bytes_sent)}: {t.delta_transfers} file(s) as deltas "
+            f"({format_bytes(t.delta_bytes_sent)} instead of {format_bytes(t.delta_full_bytes)}),"
+            f" {t.full_transfers} in full ({format_bytes(t.full_bytes_sent)}); saved "
+            f"{format_bytes(t.saved)}")
+
+
+def _status_view(store: Store, records: list[RolloutRecord],
+                 transfers: TransferLog | None = None) -> Group:
     now = time.time()
     parts: list[Any] = []
     for record in records:
@@ -182,6 +197,9 @@ def _status_view(store: Store, records: list[RolloutRecord]) -> Group:
                   f"[{colour}]{state.phase}[/]")
         if state.reason:
             header += f"\n  reason: {state.reason}"
+        line = _transfer_line(_transfer(transfers, record)) if transfers is not None else None
+        if line:
+            header += f"\n{line}"
         stages = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
         for column in ("stage", "target", "progress", "devices"):
             stages.add_column(column)
@@ -222,16 +240,19 @@ def _num(value: float | None) -> str:
               help="With --json: how many of the newest gate evaluations to include beside "
                    "every milestone event.")
 @db_option
+@artifacts_option
 @json_option
 def rollout_status(rollout_id: str | None, watch: bool, interval: float, gate_ticks: int,
-                   db: str | None, as_json: bool) -> None:
-    """Show one rollout (or every running one): stages with progress bars and gate values.
+                   db: str | None, artifacts_dir: Path | None, as_json: bool) -> None:
+    """Show one rollout (or every running one): stages with progress bars, gate values, and
+    the bytes its version's files cost (in full and as deltas) and saved.
 
     With --json each rollout carries its history: every milestone (created, assigned, stage,
-    awaiting-promotion, paused, resumed, device-failed, completed, rolled-back, ...) and the
-    newest gate values."""
+    awaiting-promotion, paused, resumed, device-failed, completed, rolled-back, ...), the
+    newest gate values, and "transfer"."""
     from .events import rollout_history
 
+    transfers = TransferLog(artifacts_dir or default_artifacts_dir())
     with Store.open(db or default_url(), migrate=False) as store:
         repo = Rollouts(store)
 
@@ -241,16 +262,16 @@ def rollout_status(rollout_id: str | None, watch: bool, interval: float, gate_ti
             return repo.find(active_only=True) or repo.find()[-1:]
 
         if as_json:
-            emit([{**r.to_dict(), "events": rollout_history(store, r.id, gate_ticks)}
-                  for r in load()], True)
+            emit([{**r.to_dict(), "events": rollout_history(store, r.id, gate_ticks),
+                   "transfer": _transfer(transfers, r).to_dict()} for r in load()], True)
             return
         if not watch:
-            console.print(_status_view(store, load()))
+            console.print(_status_view(store, load(), transfers))
             return
 
         def view() -> tuple[Group, bool]:
             records = load()
-            return _status_view(store, records), all(r.state.done for r in records)
+            return _status_view(store, records, transfers), all(r.state.done for r in records)
 
         watch_view(view, interval)
 

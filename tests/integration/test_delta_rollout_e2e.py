@@ -31,6 +31,7 @@ from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.transfers import TransferLog
 from edgeserve.testing import KeyPair, make_keypair
+from tests.core.test_cli import run
 from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -182,6 +183,13 @@ def test_head_retrained_version_is_rolled_out_by_delta(system: System) -> None:
     assert transfer["delta_full_bytes"] == DEVICES * full
     assert transfer["delta_bytes_sent"] < 0.05 * DEVICES * full, transfer
     assert transfer["saved"] > 0.9 * DEVICES * full, transfer
+    status = run("fleet", "rollout", "status", rid, "--db", system.service.db_url,
+                 "--artifacts", str(system.service.artifacts_dir), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)[0]["transfer"] == transfer
+    shown = run("fleet", "rollout", "status", rid, "--db", system.service.db_url,
+                "--artifacts", str(system.service.artifacts_dir))
+    assert f"{DEVICES} file(s) as deltas" in shown.stdout and "saved" in shown.stdout
 
 
 def test_damaged_delta_falls_back_to_the_full_artifact(system: System) -> None:
