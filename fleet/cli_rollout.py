@@ -179,7 +179,9 @@ def _transfer_line(t: TransferSummary) -> str | None:
     return (f"  sent {format_bytes(t.bytes_sent)}: {t.delta_transfers} file(s) as deltas "
             f"({format_bytes(t.delta_bytes_sent)} instead of {format_bytes(t.delta_full_bytes)}),"
             f" {t.full_transfers} in full ({format_bytes(t.full_bytes_sent)}); saved "
-            f"{format_bytes(t.saved)}")
+            f"{format_bytes(t.saved)}"
+            + (f"; {t.fallbacks} delta(s) refused by devices and sent in full"
+               if t.fallbacks else ""))
 
 
 def _status_view(store: Store, records: list[RolloutRecord],

@@ -35,6 +35,9 @@ class TransferSummary:
     """what the files that went as deltas would have cost in full"""
     full_transfers: int = 0
     delta_transfers: int = 0
+    fallbacks: int = 0
+    """(device, file) pairs sent a delta and then the full file: the device refused the delta
+    (its own report counts why)"""
 
     @property
     def bytes_sent(self) -> int:
@@ -89,15 +92,22 @@ class TransferLog:
     def summary(self, model: str, version: str, since: float = 0.0,
                 until: float | None = None) -> TransferSummary:
         total = TransferSummary(model, version)
+        had_delta: set[tuple[object, object]] = set()
+        refetched: set[tuple[object, object]] = set()
         for entry in self.entries(model, version, since):
             if until is not None and float(entry["ts"]) > until:  # type: ignore[arg-type]
                 continue
             sent, full = int(entry["bytes"]), int(entry["full_bytes"])  # type: ignore[call-overload]
+            key = (entry.get("device"), entry.get("file"))
             if entry["kind"] == "delta":
                 total.delta_bytes_sent += sent
                 total.delta_full_bytes += full
                 total.delta_transfers += 1 if full else 0
+                had_delta.add(key)
             else:
                 total.full_bytes_sent += sent
                 total.full_transfers += 1 if full else 0
+                if full and key in had_delta and key[0] is not None:
+                    refetched.add(key)
+        total.fallbacks = len(refetched)
         return total

@@ -138,7 +138,7 @@ def _falls_back(tmp_path: Path, agent: Agent, store: ArtifactStore,
     full = store.manifest("toy", "1.1.0").files[MEMBER].size
     assert delivery.received >= full  # the whole file came after the refused delta
     summary = TransferLog(store.root).summary("toy", "1.1.0")
-    assert summary.full_transfers >= 1
+    assert summary.full_transfers >= 1 and summary.fallbacks == 1
 
 
 def test_corrupted_cached_delta_falls_back_to_full(

@@ -183,6 +183,7 @@ def test_head_retrained_version_is_rolled_out_by_delta(system: System) -> None:
     assert transfer["delta_full_bytes"] == DEVICES * full
     assert transfer["delta_bytes_sent"] < 0.05 * DEVICES * full, transfer
     assert transfer["saved"] > 0.9 * DEVICES * full, transfer
+    assert transfer["fallbacks"] == 0
     status = run("fleet", "rollout", "status", rid, "--db", system.service.db_url,
                  "--artifacts", str(system.service.artifacts_dir), "--json")
     assert status.returncode == 0, status.stderr
@@ -210,3 +211,5 @@ def test_damaged_delta_falls_back_to_the_full_artifact(system: System) -> None:
         assert delivery.received >= delivery.full_bytes, delivery
     kinds = _artifact_kinds(system)
     assert kinds.count("full") == DEVICES and kinds.count("delta") == DEVICES
+    summary = TransferLog(system.service.artifacts_dir).summary(MODEL, "1.1.0")
+    assert summary.fallbacks == DEVICES

@@ -114,7 +114,8 @@ function transferLine(t) {
   return el("div", { class: "muted transfer" },
     `sent ${fmtBytes(t.bytes_sent)}: ${t.delta_transfers} file(s) as deltas `
     + `(${fmtBytes(t.delta_bytes_sent)} instead of ${fmtBytes(t.delta_full_bytes)}), `
-    + `${t.full_transfers} in full (${fmtBytes(t.full_bytes_sent)}); saved ${fmtBytes(t.saved)}`);
+    + `${t.full_transfers} in full (${fmtBytes(t.full_bytes_sent)}); saved ${fmtBytes(t.saved)}`
+    + (t.fallbacks ? `; ${t.fallbacks} delta(s) refused by devices and sent in full` : ""));
 }
 
 function renderRollouts(list) {
