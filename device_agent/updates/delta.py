@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from .download import download_file, fetch_bytes
 __all__ = ["Base", "DeltaStats", "NoDelta", "find_base", "http_delta", "mqtt_delta"]
 
 log = logging.getLogger(__name__)
+_LINK = re.compile(r"deltas/[0-9a-f]{64}-[0-9a-f]{64}")
 
 
 @dataclass
@@ -127,10 +129,15 @@ def http_delta(url: str, member: str, entry: FileEntry, base: Base, dest: Path,
         link, size, sha = str(offer["url"]), int(offer["size"]), str(offer["sha256"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DeltaError(f"malformed delta offer ({exc})") from None
-    if size > entry.size:
-        raise DeltaError(f"delta offer of {size} bytes is larger than the file itself")
+    if size > entry.size or not _LINK.fullmatch(link):
+        raise DeltaError(f"delta offer {link!r} of {size} bytes is not one this agent takes")
     part = dest.with_name(dest.name + ".delta")
-    result = download_file(url + link, part, size, sha, headers=headers)
+    try:
+        result = download_file(url + link, part, size, sha, headers=headers)
+    except TransferError as exc:
+        if exc.retryable:
+            raise  # cut: the next attempt resumes the delta
+        raise DeltaError(f"delta download refused ({exc.message})") from None
     try:
         _finish(base, result.path.read_bytes(), entry, dest)
     finally:

@@ -129,7 +129,7 @@ def test_fine_tuned_version_is_sent_in_full(
 
 
 def _falls_back(tmp_path: Path, agent: Agent, store: ArtifactStore,
-                server: ServerHandle) -> None:
+                server: ServerHandle, delta_sent: bool = True) -> None:
     updater = _update(agent, tmp_path, store, server, "1.1.0")
     delivery = updater.current_report().models["toy"].delivery
     assert delivery is not None
@@ -138,7 +138,7 @@ def _falls_back(tmp_path: Path, agent: Agent, store: ArtifactStore,
     full = store.manifest("toy", "1.1.0").files[MEMBER].size
     assert delivery.received >= full  # the whole file came after the refused delta
     summary = TransferLog(store.root).summary("toy", "1.1.0")
-    assert summary.full_transfers >= 1 and summary.fallbacks == 1
+    assert summary.full_transfers >= 1 and summary.fallbacks == (1 if delta_sent else 0)
 
 
 def test_corrupted_cached_delta_falls_back_to_full(
@@ -229,3 +229,28 @@ def test_unpublishing_drops_its_cached_deltas(fleet: tuple[ArtifactStore, Server
     store.unpublish("toy", "1.2.0")
     assert sorted(p.name for p in (store.root / ".deltas").iterdir()) == sorted(
         [to_head.name, to_head.with_suffix(".json").name])
+
+
+def test_delta_gone_between_offer_and_download_falls_back(
+        tmp_path: Path, agent: Agent, fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """The offer names a delta the fleet no longer has (404): a fallback, not a failed update."""
+    store, server = fleet
+    delta_path, _ = _prepared(store, "1.1.0")
+    delta_path.unlink()  # the record stays: the offer still names the delta
+    _falls_back(tmp_path, agent, store, server, delta_sent=False)
+
+
+def test_unchanged_artifact_is_taken_from_the_cache(
+        tmp_path: Path, agent: Agent, keypair: KeyPair,
+        fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A version whose artifact is byte-identical to the installed one downloads no artifact."""
+    store, server = fleet
+    store.publish(mlp_package(tmp_path / "toy-1.3.0.edgepkg", keypair, W1, "1.3.0", 4))
+    WEIGHTS["1.3.0"] = W1
+    try:
+        updater = _update(agent, tmp_path, store, server, "1.3.0")
+    finally:
+        del WEIGHTS["1.3.0"]
+    delivery = updater.current_report().models["toy"].delivery
+    assert delivery is not None and delivery.reused_files == 1 and delivery.delta_files == 0
+    assert not [e for e in TransferLog(store.root).entries("toy", "1.3.0") if e["file"] == MEMBER]
