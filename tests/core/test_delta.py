@@ -193,3 +193,28 @@ def test_large_base_is_matched_whole() -> None:
     delta = make_delta(old, new)
     assert len(delta) < 60_000, len(delta)
     assert apply_delta(old, delta) == new
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=st.binary(max_size=600), magic=st.booleans(), method=st.sampled_from([1, 2, 3]))
+def test_random_deltas_raise_only_delta_error(body: bytes, magic: bool, method: int) -> None:
+    """Garbage, or garbage behind a well-formed header, is refused with DeltaError only."""
+    old = b"base file " * 20
+    delta = body
+    if magic:
+        delta = _HEADER.pack(b"ESDELTA\x01", method, hashlib.sha256(old).digest(),
+                             b"\0" * 32, len(body)) + body
+    with pytest.raises(DeltaError):
+        apply_delta(old, delta)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=400), fmt=st.sampled_from(["onnx", "tflite"]),
+       prefix=st.sampled_from([b"", b"\x08\x09\x3a", b"\x10\x00\x00\x00TFL3"]))
+def test_layout_readers_raise_only_layout_error(data: bytes, fmt: str, prefix: bytes) -> None:
+    """The wire-format readers meet hostile bytes with LayoutError (or an empty layout)."""
+    try:
+        found = segments(prefix + data, fmt)
+    except LayoutError:
+        return
+    assert all(0 <= s.start <= s.end <= len(prefix + data) for s in found)
