@@ -30,6 +30,7 @@ from bench.convert import profile, write_section  # noqa: E402
 from edgeserve.delta import (  # noqa: E402
     DEFAULT_FRACTION,
     apply_delta,
+    diff_file,
     make_delta,
     make_delta_with,
 )
@@ -81,7 +82,10 @@ def measure(old_path: Path, new_path: Path) -> list[dict[str, Any]]:
                 tensors: int | None = len(make_delta_with(a, b, "tensors", artifact.format))
             except ValueError:  # the layout could not be read: generic only
                 tensors = None
+            report = diff_file(artifact.path, a, b, artifact.format)
+            changed = [t.name for t in report.tensors if t.status != "same"]
             rows.append({"id": artifact.id, "full": len(b), "generic": generic,
+                         "tensors_total": len(report.tensors), "changed": changed,
                          "tensors": tensors, "kept": len(kept), "seconds": seconds,
                          "decision": "delta" if len(kept) <= DEFAULT_FRACTION * len(b)
                          else "full",
@@ -90,12 +94,14 @@ def measure(old_path: Path, new_path: Path) -> list[dict[str, Any]]:
 
 
 def table(title: str, rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"### {title}", "", "| artifact | full bytes | generic zstd | tensor-aware | kept | "
-             f"kept / full | make s | sent (fraction {DEFAULT_FRACTION:g}) | sent at 0.5 |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [f"### {title}", "", "| artifact | tensors changed | full bytes | generic zstd | "
+             "tensor-aware | kept | kept / full | make s | "
+             f"sent (fraction {DEFAULT_FRACTION:g}) | sent at 0.5 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         tensors = "-" if r["tensors"] is None else f"{r['tensors']:,}"
-        lines.append(f"| {r['id']} | {r['full']:,} | {r['generic']:,} | {tensors} | "
+        lines.append(f"| {r['id']} | {len(r['changed'])} of {r['tensors_total']} | "
+                     f"{r['full']:,} | {r['generic']:,} | {tensors} | "
                      f"{r['kept']:,} | {r['kept'] / r['full']:.2%} | {r['seconds']:.2f} | "
                      f"{r['decision']} | {r['at_half']} |")
     return lines
@@ -120,6 +126,9 @@ def main() -> None:
                            ("1.1.0-fine", "Fully fine-tuned (every weight, one epoch)")):
         rows = measure(packages["1.0.0"], packages[version])
         lines += [*table(title, rows), ""]
+        if version.endswith("head"):
+            lines += ["Tensors that differ after the head retrain: " + "; ".join(
+                f"{r['id']}: {', '.join(r['changed']) or 'none'}" for r in rows) + ".", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
