@@ -7,8 +7,9 @@ the bytes themselves:
 
 * **ONNX** (protobuf): ``ModelProto.graph`` (field 7) → ``GraphProto.initializer`` (field 5) →
   ``TensorProto.raw_data`` (field 9) or its packed typed data, named by ``TensorProto.name``
-  (field 8). Initializers stored as external data have no bytes here (their own file is diffed
-  as a whole).
+  (field 8). Initializers stored as external data (``data_location`` 14 = 1) name their file,
+  offset and length in ``external_data`` (field 13, key/value pairs):
+  :func:`onnx_external_segments` reads those ranges of the data file from the model file.
 * **TFLite** (flatbuffer, schema ``TFL3``): ``Model.buffers`` (field 4) → ``Buffer.data``
   (field 0), or ``offset``/``size`` for buffers stored after the flatbuffer (models over 2 GB);
   a buffer is named after the first tensor of the first subgraph that uses it.
@@ -21,7 +22,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["LayoutError", "Segment", "onnx_segments", "segments", "tflite_segments"]
+__all__ = ["LayoutError", "Segment", "check_segments", "onnx_external_segments", "onnx_segments",
+           "segments", "tflite_segments"]
 
 
 class LayoutError(ValueError):
@@ -85,16 +87,18 @@ def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]
 _TYPED_DATA = {4, 5, 7, 10, 11}  # float_data, int32_data, int64_data, double_data, uint64_data
 
 
-def onnx_segments(data: bytes) -> list[Segment]:
-    """The byte ranges of an ONNX model's initializers (raw or packed typed data)."""
+def _initializers(data: bytes) -> list[tuple[int, int]]:
     top = _fields(data, 0, len(data))
     graphs = [(s, e) for number, wire, s, e in top if number == 7 and wire == 2]
     if len(graphs) != 1 or not any(n == 1 and w == 0 for n, w, _, _ in top):
         raise LayoutError("not an ONNX model (no single graph and IR version)")
+    return [(s, e) for n, w, s, e in _fields(data, *graphs[0]) if n == 5 and w == 2]
+
+
+def onnx_segments(data: bytes) -> list[Segment]:
+    """The byte ranges of an ONNX model's initializers (raw or packed typed data)."""
     found = []
-    for number, wire, start, end in _fields(data, *graphs[0]):
-        if number != 5 or wire != 2:
-            continue
+    for start, end in _initializers(data):
         name, body = "", None
         for n, w, s, e in _fields(data, start, end):
             if n == 8 and w == 2:
@@ -103,6 +107,34 @@ def onnx_segments(data: bytes) -> list[Segment]:
                 body = (s, e)
         if body is not None:
             found.append(Segment(name, *body))
+    return found
+
+
+def _entry(data: bytes, start: int, end: int) -> tuple[str, str]:
+    key = value = ""
+    for n, w, s, e in _fields(data, start, end):
+        if w == 2 and n in (1, 2):
+            text = data[s:e].decode("utf-8", "replace")
+            key, value = (text, value) if n == 1 else (key, text)
+    return key, value
+
+
+def onnx_external_segments(model: bytes, location: str) -> list[Segment]:
+    """The byte ranges, in the external data file ``location`` (as the model names it), of the
+    initializers the ONNX ``model`` stores there."""
+    found = []
+    for start, end in _initializers(model):
+        fields = _fields(model, start, end)
+        name = next((model[s:e].decode("utf-8", "replace") for n, w, s, e in fields
+                     if n == 8 and w == 2), "")
+        info = dict(_entry(model, s, e) for n, w, s, e in fields if n == 13 and w == 2)
+        if info.get("location") != location:
+            continue
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+        except (KeyError, ValueError):
+            raise LayoutError(f"initializer {name!r}: external data without a length") from None
+        found.append(Segment(name, offset, offset + length))
     return found
 
 
@@ -185,6 +217,17 @@ def tflite_segments(data: bytes) -> list[Segment]:
     return found
 
 
+def check_segments(found: list[Segment], size: int) -> list[Segment]:
+    """``found`` sorted, checked not to overlap or run past ``size`` (LayoutError)."""
+    found = sorted(found, key=lambda s: s.start)
+    at = 0
+    for segment in found:
+        if segment.start < at or segment.end > size or segment.end < segment.start:
+            raise LayoutError("tensor ranges overlap or run past the end of the file")
+        at = segment.end
+    return found
+
+
 def segments(data: bytes, fmt: str) -> list[Segment]:
     """Tensor byte ranges of ``data`` in format ``fmt`` ("onnx", "tflite"), sorted, checked not
     to overlap or run past the end; LayoutError for any other format or a file not read here."""
@@ -194,10 +237,4 @@ def segments(data: bytes, fmt: str) -> list[Segment]:
         found = tflite_segments(data)
     else:
         raise LayoutError(f"no tensor layout reader for {fmt!r} files")
-    found.sort(key=lambda s: s.start)
-    at = 0
-    for segment in found:
-        if segment.start < at or segment.end > len(data) or segment.end < segment.start:
-            raise LayoutError("tensor ranges overlap or run past the end of the file")
-        at = segment.end
-    return found
+    return check_segments(found, len(data))

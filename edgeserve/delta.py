@@ -32,27 +32,34 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import zstandard
 
-from ._tensors import LayoutError, Segment, segments
+from ._tensors import LayoutError, Segment, check_segments, onnx_external_segments, segments
 from .errors import DeltaError
 
 __all__ = [
     "DEFAULT_FRACTION",
     "DeltaHeader",
     "FileDiff",
+    "Layout",
+    "LayoutError",
     "TensorChange",
     "apply_delta",
     "delta_format",
     "diff_file",
+    "external_layout",
     "make_delta",
+    "model_beside",
     "read_header",
 ]
+
+Layout = tuple[list[Segment], list[Segment]]
+"""Tensor ranges of the old and the new file, when the caller knows them (external data)."""
 
 MAGIC = b"ESDELTA\x01"
 GENERIC, TENSORS = 1, 2
@@ -138,10 +145,35 @@ def _generic(old: bytes, new: bytes) -> bytes:
     return _container(GENERIC, old, new, _compress(old, new))
 
 
-def _ops(old: bytes, new: bytes, fmt: str) -> tuple[list[tuple[int, int, int]], bytes]:
+def _layout(old: bytes, new: bytes, fmt: str, layout: Layout | None) -> Layout:
+    if layout is None:
+        return segments(old, fmt), segments(new, fmt)
+    return check_segments(layout[0], len(old)), check_segments(layout[1], len(new))
+
+
+def external_layout(member: str, model_member: str, old_model: bytes,
+                    new_model: bytes) -> Layout:
+    """Where the tensors of the ONNX external data file ``member`` are, from the two versions
+    of the model file ``model_member`` beside it (LayoutError when they cannot be read)."""
+    folder = model_member.rpartition("/")[0]
+    location = member[len(folder) + 1:] if folder else member
+    return onnx_external_segments(old_model, location), onnx_external_segments(new_model, location)
+
+
+def model_beside(member: str, members: Iterable[str]) -> str | None:
+    """The ONNX model file in the same folder as ``member`` (which may be its external data
+    file), None when there is none or ``member`` is one itself."""
+    if member.endswith(".onnx"):
+        return None
+    folder = member.rpartition("/")[0]
+    return next((m for m in sorted(members)
+                 if m.endswith(".onnx") and m.rpartition("/")[0] == folder), None)
+
+
+def _ops(old: bytes, new: bytes, fmt: str,
+         layout: Layout | None = None) -> tuple[list[tuple[int, int, int]], bytes]:
     """The op list and the bytes it consumes that rebuild ``new`` from ``old``."""
-    before = segments(old, fmt)
-    after = segments(new, fmt)
+    before, after = _layout(old, new, fmt, layout)
     by_hash = {hashlib.sha256(old[s.start:s.end]).digest(): s for s in before}
     by_name = {(s.name, s.size): s for s in before}
     ops: list[tuple[int, int, int]] = []
@@ -190,19 +222,20 @@ def _merge(ops: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return merged
 
 
-def _tensor_delta(old: bytes, new: bytes, fmt: str) -> bytes:
-    ops, stream = _ops(old, new, fmt)
+def _tensor_delta(old: bytes, new: bytes, fmt: str, layout: Layout | None = None) -> bytes:
+    ops, stream = _ops(old, new, fmt, layout)
     table = struct.pack("<I", len(ops)) + b"".join(_OP.pack(*op) for op in ops)
     return _container(TENSORS, old, new, _compress(old, table + stream))
 
 
-def make_delta(old: bytes, new: bytes, fmt: str = "generic") -> bytes:
+def make_delta(old: bytes, new: bytes, fmt: str = "generic", layout: Layout | None = None) -> bytes:
     """A delta that rebuilds ``new`` from ``old`` (the smaller of the generic and, for "onnx" and
-    "tflite", the tensor-aware encoding)."""
+    "tflite" files or when the caller gives the tensors' ``layout``, the tensor-aware
+    encoding)."""
     best = _generic(old, new)
-    if fmt in ("onnx", "tflite"):
+    if fmt in ("onnx", "tflite") or layout is not None:
         try:
-            tensors = _tensor_delta(old, new, fmt)
+            tensors = _tensor_delta(old, new, fmt, layout)
         except LayoutError:
             return best
         if len(tensors) <= len(best):
@@ -210,10 +243,11 @@ def make_delta(old: bytes, new: bytes, fmt: str = "generic") -> bytes:
     return best
 
 
-def make_delta_with(old: bytes, new: bytes, method: str, fmt: str = "generic") -> bytes:
+def make_delta_with(old: bytes, new: bytes, method: str, fmt: str = "generic",
+                    layout: Layout | None = None) -> bytes:
     """A delta by one named method ("generic" or "tensors"), for measuring them apart;
     LayoutError when ``fmt``'s layout cannot be read."""
-    return _generic(old, new) if method == "generic" else _tensor_delta(old, new, fmt)
+    return _generic(old, new) if method == "generic" else _tensor_delta(old, new, fmt, layout)
 
 
 # -- applying -------------------------------------------------------------------------------------
@@ -320,9 +354,10 @@ class FileDiff:
         return data
 
 
-def _tensor_changes(old: bytes, new: bytes, fmt: str) -> Iterator[TensorChange]:
-    before = {s.name: s for s in segments(old, fmt)}
-    after: list[Segment] = segments(new, fmt)
+def _tensor_changes(old: bytes, new: bytes, fmt: str,
+                    layout: Layout | None) -> Iterator[TensorChange]:
+    first, after = _layout(old, new, fmt, layout)
+    before = {s.name: s for s in first}
     hashes = {hashlib.sha256(old[s.start:s.end]).digest() for s in before.values()}
     for s in after:
         digest = hashlib.sha256(new[s.start:s.end]).digest()
@@ -334,17 +369,19 @@ def _tensor_changes(old: bytes, new: bytes, fmt: str) -> Iterator[TensorChange]:
             yield TensorChange(name, "removed", s.size)
 
 
-def diff_file(path: str, old: bytes, new: bytes, fmt: str | None = None) -> FileDiff:
-    """Compare two versions of one file: per tensor where the layout can be read, and the size
-    of the delta :func:`make_delta` would send."""
+def diff_file(path: str, old: bytes, new: bytes, fmt: str | None = None,
+              layout: Layout | None = None) -> FileDiff:
+    """Compare two versions of one file: per tensor where the layout can be read (or is given),
+    and the size of the delta :func:`make_delta` would send."""
     kind = delta_format(path, fmt)
-    delta = make_delta(old, new, kind)
+    delta = make_delta(old, new, kind, layout)
     header = read_header(delta)
+    tensor_aware = kind != "generic" or layout is not None
     result = FileDiff(path, kind, len(new), len(delta), header.method, old == new,
-                      layout="none" if kind == "generic" else "read")
-    if kind != "generic":
+                      layout="read" if tensor_aware else "none")
+    if tensor_aware:
         try:
-            result.tensors = list(_tensor_changes(old, new, kind))
+            result.tensors = list(_tensor_changes(old, new, kind, layout))
         except LayoutError as exc:
             result.layout = str(exc)
     return result

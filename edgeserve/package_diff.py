@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .delta import DEFAULT_FRACTION, FileDiff, diff_file
+from .delta import (
+    DEFAULT_FRACTION,
+    FileDiff,
+    Layout,
+    LayoutError,
+    diff_file,
+    external_layout,
+    model_beside,
+)
 from .package import Package
 
 __all__ = ["ArtifactDiff", "diff_packages"]
@@ -63,9 +71,25 @@ def diff_packages(old: Package, new: Package,
         for name in names:
             old_name = old_files.get(name[len(artifact.path):])
             old_bytes = old.read_bytes(old_name) if old_name is not None else b""
-            diffs.append(diff_file(name, old_bytes, new.read_bytes(name), artifact.format))
+            layout = _external(old, new, old_files, name, names, artifact.path) \
+                if artifact.format == "onnx" else None
+            diffs.append(diff_file(name, old_bytes, new.read_bytes(name), artifact.format,
+                                   layout))
         delta = sum(d.delta_bytes for d in diffs)
         method = "delta" if delta <= fraction * full else "full"
         found.append(ArtifactDiff(artifact.id, artifact.format, full, delta, method, base.id,
                                   diffs))
     return found
+
+
+def _external(old: Package, new: Package, old_files: dict[str, str], name: str,
+              names: list[str], path: str) -> Layout | None:
+    """The tensor layout of ``name`` when it is an ONNX model's external data file."""
+    model = model_beside(name, names)
+    old_model = old_files.get(model[len(path):]) if model is not None else None
+    if model is None or old_model is None:
+        return None
+    try:
+        return external_layout(name, model, old.read_bytes(old_model), new.read_bytes(model))
+    except LayoutError:
+        return None

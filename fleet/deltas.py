@@ -25,7 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeserve.delta import DEFAULT_FRACTION, delta_format, make_delta, read_header
+from edgeserve.delta import (
+    DEFAULT_FRACTION,
+    Layout,
+    LayoutError,
+    delta_format,
+    external_layout,
+    make_delta,
+    model_beside,
+    read_header,
+)
 from edgeserve.errors import ConfigError, EdgeserveError, ModelNotFoundError
 from edgeserve.package import atomic_write
 
@@ -82,13 +91,13 @@ class DeltaCache:
         self._lock = threading.Lock()
         self._computing: dict[str, threading.Lock] = {}
 
-    def _base_file(self, name: str, base_sha256: str) -> Path | None:
-        """A published file of model ``name`` whose content has that sha256."""
+    def _base_file(self, name: str, base_sha256: str) -> tuple[str, str] | None:
+        """(version, member) of a published file of model ``name`` with that sha256."""
         for published in reversed(self.store.versions(name)):
             manifest = self.store.manifest(name, published.version)
             for member, entry in manifest.files.items():
                 if entry.sha256 == base_sha256:
-                    return self.store.file_path(name, published.version, member)
+                    return published.version, member
         return None
 
     def offer(self, name: str, version: str, member: str, base_sha256: str) -> DeltaOffer:
@@ -124,8 +133,8 @@ class DeltaCache:
             raise ModelNotFoundError("no such delta (ask for an offer first)")
         return path
 
-    def _computed(self, name: str, version: str, member: str, base: Path, base_sha256: str,
-                  target_sha256: str) -> dict[str, Any]:
+    def _computed(self, name: str, version: str, member: str, base: tuple[str, str],
+                  base_sha256: str, target_sha256: str) -> dict[str, Any]:
         key = f"{base_sha256}-{target_sha256}"
         meta_path = self.root / f"{key}.json"
         with self._lock:
@@ -139,7 +148,10 @@ class DeltaCache:
             artifact = next((a for a in self.store.manifest(name, version).artifacts
                              if member.startswith(a.path)), None)
             fmt = delta_format(member, artifact.format if artifact else None)
-            delta = make_delta(base.read_bytes(), target.read_bytes(), fmt)
+            delta = make_delta(self.store.file_path(name, *base).read_bytes(),
+                               target.read_bytes(), fmt,
+                               self._external(name, version, member, base) if fmt == "onnx"
+                               else None)
             meta: dict[str, Any] = {
                 "size": len(delta), "sha256": hashlib.sha256(delta).hexdigest(),
                 "full_bytes": target.stat().st_size, "encoding": read_header(delta).method,
@@ -150,6 +162,21 @@ class DeltaCache:
             log.info("delta %s %s %s from %s…: %d of %d bytes (%s)", name, version, member,
                      base_sha256[:12], len(delta), meta["full_bytes"], meta["encoding"])
             return meta
+
+    def _external(self, name: str, version: str, member: str,
+                  base: tuple[str, str]) -> Layout | None:
+        """The tensor layout of an ONNX external data file and its base, from the model files
+        beside them."""
+        model = model_beside(member, self.store.manifest(name, version).files)
+        old_model = model_beside(base[1], self.store.manifest(name, base[0]).files)
+        if model is None or old_model is None:
+            return None
+        try:
+            return external_layout(
+                member, model, self.store.file_path(name, base[0], old_model).read_bytes(),
+                self.store.file_path(name, version, model).read_bytes())
+        except LayoutError:
+            return None
 
     def safe_offer(self, name: str, version: str, member: str, base_sha256: str) -> DeltaOffer:
         """:meth:`offer`, but a delta that cannot be made is served in full (logged)."""

@@ -13,8 +13,8 @@ from edgeserve.package import PackageWriter
 from edgeserve.testing import KeyPair
 from tests.device_agent.models import MlpWeights, _npz, mlp_weights
 
-__all__ = ["big_mlp_weights", "fine_tuned", "head_retrained", "mlp_package", "mlp_weights",
-           "onnx_mlp"]
+__all__ = ["big_mlp_weights", "external_package", "fine_tuned", "head_retrained", "mlp_package",
+           "mlp_weights", "onnx_mlp"]
 
 
 def head_retrained(w: MlpWeights, seed: int = 99) -> MlpWeights:
@@ -82,3 +82,27 @@ def big_mlp_weights(seed: int = 7, hidden: int = 512) -> MlpWeights:
                       rng.normal(size=hidden).astype(np.float32) * 0.1,
                       rng.normal(size=(hidden, 3)).astype(np.float32),
                       rng.normal(size=3).astype(np.float32) * 0.1)
+
+
+def external_package(out: Path, key: KeyPair, w: MlpWeights, version: str, release: int,
+                     work: Path) -> Path:
+    """A package whose ONNX artifact is a folder: model.onnx and its external model.onnx.data."""
+    import onnx
+
+    folder = work / f"external-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load_from_string(onnx_mlp(w)), str(folder / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    manifest = parse_manifest({
+        "schema": "edgeserve.manifest/1", "name": "toy", "version": version, "release": release,
+        "source": {"framework": "onnx", "sha256": "0" * 64},
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", w.w1.shape[0]]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", w.w2.shape[1]]}],
+        "artifacts": [{"id": "onnx-fp32", "format": "onnx", "precision": "fp32",
+                       "path": "artifacts/onnx-fp32"}]})
+    writer = PackageWriter(manifest)
+    for name in ("model.onnx", "model.onnx.data"):
+        writer.add_file(f"artifacts/onnx-fp32/{name}", (folder / name).read_bytes())
+    writer.write(out, key.private)
+    return out

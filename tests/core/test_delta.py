@@ -5,19 +5,22 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeserve._tensors import LayoutError, segments
+from edgeserve._tensors import LayoutError, Segment, segments
 from edgeserve.delta import (
     _HEADER,
     apply_delta,
     diff_file,
+    external_layout,
     make_delta,
     make_delta_with,
+    model_beside,
     read_header,
 )
 from edgeserve.errors import DeltaError
@@ -218,3 +221,46 @@ def test_layout_readers_raise_only_layout_error(data: bytes, fmt: str, prefix: b
     except LayoutError:
         return
     assert all(0 <= s.start <= s.end <= len(prefix + data) for s in found)
+
+
+def _external(tmp_path: Path, w: MlpWeights, name: str) -> tuple[bytes, bytes]:
+    """(model.onnx, model.onnx.data) of the MLP ``w`` saved with every tensor external."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_mlp(w))
+    folder = tmp_path / name
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    return (folder / "model.onnx").read_bytes(), (folder / "model.onnx.data").read_bytes()
+
+
+def test_onnx_external_data_is_cut_at_its_tensors(tmp_path: Path) -> None:
+    """An external data file's tensors are found from the model file beside it; a new head is
+    reported as such and the delta rebuilds the data file."""
+    w = mlp_weights()
+    old_model, old_data = _external(tmp_path, w, "v1")
+    new_model, new_data = _external(tmp_path, _head_retrained(w), "v2")
+    layout = external_layout("a/model.onnx.data", "a/model.onnx", old_model, new_model)
+    found = {s.name: old_data[s.start:s.end] for s in layout[0]}
+    assert found == {"w1": w.w1.tobytes(), "b1": w.b1.tobytes(), "w2": w.w2.tobytes(),
+                     "b2": w.b2.tobytes()}
+    report = diff_file("a/model.onnx.data", old_data, new_data, "onnx", layout)
+    assert {t.name: t.status for t in report.tensors} == {
+        "w1": "same", "b1": "same", "w2": "changed", "b2": "changed"}
+    for method in ("generic", "tensors"):
+        delta = make_delta_with(old_data, new_data, method, "onnx", layout)
+        assert apply_delta(old_data, delta) == new_data
+    assert model_beside("a/model.onnx.data", ["a/model.onnx", "b/x.onnx"]) == "a/model.onnx"
+    assert model_beside("a/model.onnx", ["a/model.onnx"]) is None
+
+
+def test_wrong_external_layout_falls_back_to_generic(tmp_path: Path) -> None:
+    """A layout that does not fit the file (ranges past its end) gives the generic delta."""
+    w = mlp_weights()
+    _, old_data = _external(tmp_path, w, "v1")
+    _, new_data = _external(tmp_path, _head_retrained(w), "v2")
+    bogus = ([Segment("x", 0, len(old_data) + 10)], [])
+    delta = make_delta(old_data, new_data, "onnx", bogus)
+    assert read_header(delta).method == "generic"
+    assert apply_delta(old_data, delta) == new_data

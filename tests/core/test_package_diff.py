@@ -9,7 +9,13 @@ import pytest
 
 from edgeserve.testing import KeyPair, make_keypair
 from tests.core.test_cli import run
-from tests.deltas import big_mlp_weights, fine_tuned, head_retrained, mlp_package
+from tests.deltas import (
+    big_mlp_weights,
+    external_package,
+    fine_tuned,
+    head_retrained,
+    mlp_package,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +76,21 @@ def test_two_different_models_are_refused(packages: dict[str, Path]) -> None:
     result = run("package", "diff", str(packages["other"]), str(packages["head"]))
     assert result.returncode == 2
     assert "two versions of one model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_external_data_tensors_are_listed(tmp_path: Path) -> None:
+    """An ONNX artifact with external data: the data file's tensors are compared one by one."""
+    from edgeserve.package import open_package
+    from edgeserve.package_diff import diff_packages
+
+    key = make_keypair(tmp_path / "keys", "release")
+    w = big_mlp_weights()
+    old = external_package(tmp_path / "v1.edgepkg", key, w, "1.0.0", 1, tmp_path)
+    new = external_package(tmp_path / "v2.edgepkg", key, head_retrained(w), "1.1.0", 2, tmp_path)
+    with open_package(old) as before, open_package(new) as after:
+        (diff,) = diff_packages(before, after)
+    assert diff.method == "delta" and diff.delta_bytes <= 0.05 * diff.full_bytes, diff
+    files = {f.path: f for f in diff.files}
+    data = files["artifacts/onnx-fp32/model.onnx.data"]
+    assert {t.name: t.status for t in data.tensors} == {
+        "w1": "same", "b1": "same", "w2": "changed", "b2": "changed"}

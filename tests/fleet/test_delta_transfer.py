@@ -109,3 +109,27 @@ def test_damaged_delta_over_mqtt_is_refused(tmp_path: Path, store: ArtifactStore
     with pytest.raises(DeltaError):
         mqtt_delta(transport.get, "toy", "1.1.0", MEMBER, entry, _base(store), dest)
     assert not dest.exists()
+
+
+def test_fleet_cuts_external_data_at_its_tensors(tmp_path: Path, keypair: KeyPair) -> None:
+    """The fleet's delta of an ONNX external data file uses the tensor layout the model file
+    beside it names, and rebuilds the file exactly."""
+    from edgeserve.delta import apply_delta, read_header
+    from tests.deltas import external_package
+
+    store = ArtifactStore(tmp_path / "store", keypair.trust)
+    w = big_mlp_weights()
+    # fine-tuned: the XOR of each tensor with its old self is what makes the tensor encoding win
+    for release, (version, weights) in enumerate((("1.0.0", w), ("1.1.0", fine_tuned(w))),
+                                                 start=1):
+        store.publish(external_package(tmp_path / f"{version}.edgepkg", keypair, weights,
+                                       version, release, tmp_path))
+    member = "artifacts/onnx-fp32/model.onnx.data"
+    base = store.manifest("toy", "1.0.0").files[member].sha256
+    deltas = DeltaCache(store, fraction=1.0)
+    offer = deltas.offer("toy", "1.1.0", member, base)
+    assert offer.method == "delta" and offer.path is not None
+    delta = offer.path.read_bytes()
+    assert read_header(delta).method == "tensors"
+    old = store.file_path("toy", "1.0.0", member).read_bytes()
+    assert apply_delta(old, delta) == store.file_path("toy", "1.1.0", member).read_bytes()
