@@ -30,6 +30,7 @@ from edgeserve.errors import (
     DeltaError,
     EdgeserveError,
     PackageError,
+    TamperedFileError,
     TransferError,
 )
 from edgeserve.manifest import FileEntry, Manifest, parse_manifest
@@ -138,6 +139,9 @@ def http_delta(url: str, member: str, entry: FileEntry, base: Base, dest: Path,
         if exc.retryable:
             raise  # cut: the next attempt resumes the delta
         raise DeltaError(f"delta download refused ({exc.message})") from None
+    except TamperedFileError:
+        raise DeltaError(f"delta {link[7:23]}… does not match the sha256 the fleet offered it "
+                         "with; discarded") from None
     try:
         _finish(base, result.path.read_bytes(), entry, dest)
     finally:

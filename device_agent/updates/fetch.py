@@ -116,7 +116,8 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
     Returns the installed version and the bytes that crossed the network. Partial downloads stay
     in ``work_dir`` so a later attempt resumes them. With ``origins``, HTTP downloads come only
     from those (``scheme://host[:port]``). An artifact file the cache holds an earlier version
-    of is asked for as a delta (:mod:`.delta`); ``stats`` (when given) says how each file came.
+    of is asked for as a delta (:mod:`.delta`); ``stats`` (when given) says how each file came,
+    adding to what earlier attempts at the same version put there.
     """
     stats = stats if stats is not None else DeltaStats()
     headers = user_agent(device_id)
@@ -132,6 +133,7 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
     manifest = parse_manifest(manifest_bytes, where=f"{where} manifest.json")
     names = required_files(manifest, agent.profile)
     total = sum(manifest.files[n].size for n in names)
+    stats.full_bytes = total
     done = 0
     files: dict[str, Path] = {}
     for name in names:
@@ -142,7 +144,6 @@ def fetch_version(agent: Agent, model: str, version: str, ref: VersionRef, work_
             if progress is not None:
                 progress(base + got, total)
 
-        stats.full_bytes += entry.size
         if dest.exists() and dest.stat().st_size == entry.size:
             files[name] = dest  # completed earlier; the agent re-verifies its hash
         elif _by_delta(agent, model, version, ref, manifest, name, dest, headers, mqtt, stats):
@@ -170,6 +171,8 @@ def _by_delta(agent: Agent, model: str, version: str, ref: VersionRef, manifest:
     version has the very same file, else as a delta against that version's file. False: fetch
     it in full (the fleet offers no delta, or the delta was refused: a counted fallback)."""
     entry = manifest.files[name]
+    if dest.with_name(dest.name + ".part").exists():
+        return False  # a full download is under way (e.g. after a refused delta): resume it
     base = find_base(agent, model, manifest, name)
     if base is None:
         return False

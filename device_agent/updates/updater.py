@@ -92,6 +92,8 @@ class _Delivery:
 
     attempts: int = 0
     since: float = field(default_factory=time.monotonic)
+    stats: DeltaStats = field(default_factory=DeltaStats)
+    """bytes received, deltas and fallbacks over every attempt"""
 
 
 class _DeliveryPending(Exception):
@@ -359,22 +361,22 @@ class Updater:
 
         delivery = self._deliveries.setdefault((name, version), _Delivery())
         delivery.attempts += 1
-        stats = DeltaStats()
+        stats, fallbacks = delivery.stats, delivery.stats.fallbacks
         try:
             _, moved = fetch_version(self.agent, name, version, desired.versions[version],
                                      self.state_dir / "downloads", progress, self.mqtt,
                                      self.device_id, self.artifact_origins, stats)
         except TransferError as exc:
-            self.delta_fallbacks += stats.fallbacks
+            self.delta_fallbacks += stats.fallbacks - fallbacks
             self._delivery_failed(name, version, delivery, exc)
         except EdgeserveError as exc:
-            self.delta_fallbacks += stats.fallbacks
+            self.delta_fallbacks += stats.fallbacks - fallbacks
             self._deliveries.pop((name, version), None)
             self._set(name, state="failed", last_error=_error(exc, version))
             raise
         self._deliveries.pop((name, version), None)
         self.bytes_downloaded += moved
-        self.delta_fallbacks += stats.fallbacks
+        self.delta_fallbacks += stats.fallbacks - fallbacks
         self._set(name, state="staged", progress=1.0, delivery=Delivery(
             version=version, received=stats.received, full_bytes=stats.full_bytes,
             delta_files=stats.delta_files, reused_files=stats.reused_files,

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from edgeserve.contract import Desired
 from edgeserve.delta import make_delta
 from edgeserve.device_agent.agent import Agent
-from edgeserve.device_agent.updates.updater import Updater
+from edgeserve.device_agent.updates.updater import RetryPolicy, Updater
 from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.deltas import DeltaCache
 from edgeserve.fleet.transfers import TransferLog
@@ -26,6 +26,7 @@ from edgeserve.fleet.web.artifacts import artifact_routes, package_base_url
 from edgeserve.fleet.web.server import ServerHandle, start_server
 from edgeserve.testing import KeyPair
 from tests.deltas import big_mlp_weights, fine_tuned, head_retrained, mlp_package
+from tests.proxy import CuttingProxy
 
 MEMBER = "artifacts/model.onnx"
 W1 = big_mlp_weights()
@@ -52,9 +53,10 @@ def agent(tmp_path: Path, keypair: KeyPair) -> Iterator[Agent]:
         yield a
 
 
-def _desired(store: ArtifactStore, server: ServerHandle, revision: int, active: str) -> Desired:
+def _desired(store: ArtifactStore, server: ServerHandle, revision: int, active: str,
+             base_url: str | None = None) -> Desired:
     versions = {v.version: {"release": v.release, "manifest_sha256": v.manifest_sha256,
-                            "url": package_base_url(server.url, "toy", v.version)}
+                            "url": package_base_url(base_url or server.url, "toy", v.version)}
                 for v in store.versions("toy")}
     return Desired.model_validate({"v": 1, "revision": revision, "models": {"toy": {
         "active": active, "versions": versions, "health": {"min_inferences": 0}}}})
@@ -254,3 +256,56 @@ def test_unchanged_artifact_is_taken_from_the_cache(
     delivery = updater.current_report().models["toy"].delivery
     assert delivery is not None and delivery.reused_files == 1 and delivery.delta_files == 0
     assert not [e for e in TransferLog(store.root).entries("toy", "1.3.0") if e["file"] == MEMBER]
+
+
+def test_cut_delta_download_resumes_with_range(
+        tmp_path: Path, agent: Agent, fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A delta download cut half-way is retried and resumed with Range, not started over."""
+    store, server = fleet
+    updater = Updater(agent, "dev1", tmp_path / "updater", retry=RetryPolicy(0.05, 0.1))
+    updater.apply(_desired(store, server, 1, "1.0.0"))
+    with CuttingProxy((server.host, server.port),
+                      cut_when=lambda seen, i: 0.5 if "/deltas/" in seen.path and i == 0
+                      else None) as proxy:
+        first = updater.apply(_desired(store, server, 2, "1.1.0", proxy.url))
+        assert first.models["toy"].state == "retrying", first.models["toy"]
+        again = updater.apply(_desired(store, server, 2, "1.1.0", proxy.url))
+        requests = proxy.seen("/deltas/")
+    assert again.models["toy"].state == "committed", again.models["toy"]
+    assert [r.cut for r in requests] == [True, False]
+    assert requests[0].range is None and requests[1].range == f"bytes={requests[0].body_bytes}-"
+    delivery = again.models["toy"].delivery
+    assert delivery is not None and delivery.delta_files == 1 and delivery.fallbacks == 0
+    assert delivery.received < 0.05 * delivery.full_bytes
+    assert _installed_sha(agent, "1.1.0") == _sha(store, "1.1.0")
+
+
+def test_after_a_refused_delta_a_cut_full_download_is_resumed(
+        tmp_path: Path, agent: Agent, fleet: tuple[ArtifactStore, ServerHandle]) -> None:
+    """A refused delta, then a cut full download: the next attempt resumes the full file (no
+    second try at the bad delta), and the report counts the fallback once over both attempts."""
+    store, server = fleet
+    delta_path, _ = _prepared(store, "1.1.0")
+    data = bytearray(delta_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    delta_path.write_bytes(bytes(data))
+    updater = Updater(agent, "dev1", tmp_path / "updater", retry=RetryPolicy(0.05, 0.1))
+    updater.apply(_desired(store, server, 1, "1.0.0"))
+    full = f"files/{MEMBER}"
+    with CuttingProxy((server.host, server.port),
+                      cut_when=lambda seen, i: 0.3 if full in seen.path and i == 0
+                      else None) as proxy:
+        first = updater.apply(_desired(store, server, 2, "1.1.0", proxy.url))
+        assert first.models["toy"].state == "retrying", first.models["toy"]
+        again = updater.apply(_desired(store, server, 2, "1.1.0", proxy.url))
+        deltas, files = proxy.seen("/deltas/"), proxy.seen(full)
+    assert again.models["toy"].state == "committed", again.models["toy"]
+    assert len(deltas) == 1 and [r.cut for r in files] == [True, False]
+    assert files[1].range == f"bytes={files[0].body_bytes}-"
+    delivery = again.models["toy"].delivery
+    assert delivery is not None
+    assert delivery.fallbacks == 1 and delivery.fallbacks_total == 1 and delivery.delta_files == 0
+    size = store.manifest("toy", "1.1.0").files[MEMBER].size
+    # the bytes before the cut are not counted (the cut download raises): the rest, and the delta
+    assert 0.6 * size < delivery.received <= 1.2 * size
+    assert _installed_sha(agent, "1.1.0") == _sha(store, "1.1.0")
