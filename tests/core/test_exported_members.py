@@ -10,7 +10,8 @@ import edgeserve
 
 PUBLIC_MODULES = ["edgeserve", "edgeserve.errors", "edgeserve.manifest", "edgeserve.package",
                   "edgeserve.profiles", "edgeserve.signing", "edgeserve.contract",
-                  "edgeserve.telemetry", "edgeserve.console", "edgeserve.testing"]
+                  "edgeserve.telemetry", "edgeserve.console", "edgeserve.testing",
+                  "edgeserve.delta", "edgeserve.package_diff"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
