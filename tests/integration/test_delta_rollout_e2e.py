@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from edgeserve.contract import Delivery
-from edgeserve.demo.sim import FleetChild, SimFleet, Traffic
+from edgeserve.demo.sim import FleetChild, SimDevice, SimFleet, Traffic
 from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.deltas import DeltaCache
 from edgeserve.fleet.rollouts.repo import Rollouts
@@ -97,12 +97,13 @@ class System:
     devices: SimFleet
 
 
-@pytest.fixture
-def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
-           fleet_name: str) -> Iterator[System]:
-    host, port = mqtt_broker
+@contextlib.contextmanager
+def _system(root: Path, packages: Packages, broker: tuple[str, int], fleet_name: str,
+            labels: dict[str, str] | None) -> Iterator[System]:
+    """The fleet service in its own process, devices (labelled ``labels``) in this one."""
+    host, port = broker
     with contextlib.ExitStack() as stack:
-        service = FleetChild(fleet_name, tmp_path, packages.key.public_path, broker_port=0,
+        service = FleetChild(fleet_name, root, packages.key.public_path, broker_port=0,
                              http_port=free_port(), broker=f"mqtt://{host}:{port}",
                              tick_s=0.25).start()
         stack.callback(service.stop)
@@ -112,13 +113,29 @@ def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
         for path in packages.paths.values():
             artifacts.publish(path)
         traffic = Traffic(MODEL, {"input": packages.x_test}, packages.y_test, rate_per_s=5)
-        devices = SimFleet.build(DEVICES, [PROFILE], tmp_path / "devices",
-                                 [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
-                                 traffic=traffic, window_s=0.5, prefix=fleet_name,
-                                 fleet_keys=[service.fleet_public_key])
+        devices = SimFleet([
+            SimDevice(f"{fleet_name}-{i:03d}", PROFILE, root / "devices",
+                      [packages.key.public_path], f"mqtt://{host}:{port}", fleet_name,
+                      window_s=0.5, labels=labels, traffic=traffic, seed=i,
+                      fleet_keys=[service.fleet_public_key]) for i in range(DEVICES)])
         stack.callback(devices.stop)
         devices.start()
         yield System(service, store, artifacts, devices)
+
+
+@pytest.fixture
+def system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
+           fleet_name: str) -> Iterator[System]:
+    with _system(tmp_path, packages, mqtt_broker, fleet_name, None) as built:
+        yield built
+
+
+@pytest.fixture
+def mqtt_system(tmp_path: Path, packages: Packages, mqtt_broker: tuple[str, int],
+                fleet_name: str) -> Iterator[System]:
+    """Devices labelled transport=mqtt: the fleet tells them to fetch in chunks over MQTT."""
+    with _system(tmp_path, packages, mqtt_broker, fleet_name, {"transport": "mqtt"}) as built:
+        yield built
 
 
 def _roll_out(system: System, version: str) -> str:
@@ -213,3 +230,21 @@ def test_damaged_delta_falls_back_to_the_full_artifact(system: System) -> None:
     assert kinds.count("full") == DEVICES and kinds.count("delta") == DEVICES
     summary = TransferLog(system.service.artifacts_dir).summary(MODEL, "1.1.0")
     assert summary.fallbacks == DEVICES
+
+
+def test_head_retrained_version_is_delivered_by_delta_over_mqtt(mqtt_system: System) -> None:
+    """Devices that fetch over MQTT chunks get the same delta through the fleet's file
+    answers, verify, activate and commit v1.1; the fleet counts the delta chunks."""
+    system = mqtt_system
+    _roll_out(system, "1.0.0")
+    rid = _roll_out(system, "1.1.0")
+    _installed_verified(system)
+    for delivery in _deliveries(system):
+        assert delivery.delta_files == 1 and delivery.fallbacks == 0, delivery
+        assert delivery.received < delivery.full_bytes / 2, delivery
+    full = system.artifacts.manifest(MODEL, "1.1.0").files[_artifact(system, "1.1.0")].size
+    with urllib.request.urlopen(f"{system.service.http_url}/api/v1/rollouts/{rid}",
+                                timeout=10) as response:
+        transfer = json.loads(response.read())["transfer"]
+    assert transfer["delta_transfers"] == DEVICES, transfer
+    assert transfer["saved"] > 0.9 * DEVICES * full, transfer
