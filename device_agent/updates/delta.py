@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from edgeserve.delta import apply_delta
 from edgeserve.errors import (
     CacheError,
     ContractError,
@@ -103,6 +102,9 @@ def find_base(agent: Agent, model: str, manifest: Manifest, member: str) -> Base
 
 def _finish(base: Base, delta: bytes, entry: FileEntry, dest: Path) -> None:
     """Apply, check against the signed manifest, then (only then) write ``dest``."""
+    # imported when a delta arrives: `agent run` starts (and most runs end) without needing it
+    from edgeserve.delta import apply_delta
+
     new = apply_delta(base.data, delta, expected_sha256=entry.sha256)
     if len(new) != entry.size or hashlib.sha256(new).hexdigest() != entry.sha256:
         raise DeltaError("rebuilt file does not match the signed manifest")
