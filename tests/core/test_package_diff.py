@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeserve.testing import KeyPair, make_keypair
@@ -94,3 +95,37 @@ def test_external_data_tensors_are_listed(tmp_path: Path) -> None:
     data = files["artifacts/onnx-fp32/model.onnx.data"]
     assert {t.name: t.status for t in data.tensors} == {
         "w1": "same", "b1": "same", "w2": "changed", "b2": "changed"}
+
+
+def _coreml_package(out: Path, key: KeyPair, weights: bytes, version: str, release: int) -> Path:
+    from edgeserve.package import PackageWriter
+    from edgeserve.testing import make_manifest
+
+    root = "artifacts/model.mlpackage"
+    manifest = make_manifest(version=version, release=release, artifacts=[{
+        "id": "coreml-fp16", "format": "coreml", "precision": "fp16", "path": root}])
+    writer = PackageWriter(manifest)
+    writer.add_file(f"{root}/Manifest.json", b'{"fileFormatVersion": "1.0.0"}')
+    writer.add_file(f"{root}/Data/com.apple.CoreML/weights/weight.bin", weights)
+    writer.write(out, key.private)
+    return out
+
+
+def test_coreml_package_files_get_generic_deltas(tmp_path: Path) -> None:
+    """A Core ML package (a folder) is diffed file by file with the generic encoding; an
+    unchanged file costs next to nothing and a retrained tail of the weights stays small."""
+    from edgeserve.package import open_package
+    from edgeserve.package_diff import diff_packages
+
+    key = make_keypair(tmp_path / "keys", "release")
+    body = np.random.default_rng(1).normal(size=200_000).astype(np.float16).tobytes()
+    head = np.random.default_rng(2).normal(size=2_000).astype(np.float16).tobytes()
+    old = _coreml_package(tmp_path / "v1.edgepkg", key, body, "1.0.0", 1)
+    new = _coreml_package(tmp_path / "v2.edgepkg", key, body[:-len(head)] + head, "1.1.0", 2)
+    with open_package(old) as before, open_package(new) as after:
+        (diff,) = diff_packages(before, after)
+    assert diff.method == "delta" and diff.delta_bytes <= 0.05 * diff.full_bytes, diff
+    assert [f.delta_method for f in diff.files] == ["generic", "generic"]
+    assert all(f.layout == "none" and not f.tensors for f in diff.files)
+    same = {f.path.rpartition("/")[2]: f.same for f in diff.files}
+    assert same == {"Manifest.json": True, "weight.bin": False}
