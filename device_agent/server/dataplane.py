@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -39,10 +40,26 @@ MAX_BATCH = 1024
 _JSON_BYTES = 32
 """Characters one value may take in a JSON tensor (``-1.2345678901234567e-123,`` is 26)."""
 _OVERHEAD = 4096
+INLINE_BELOW_S = 1e-3
+RETRY_INLINE_S = 10.0
+"""How long a kind that was slow on the event loop stays on the workers before another try."""
+"""A request whose kind has lately taken less than this runs on the event loop itself."""
+INLINE_MAX_BYTES = 64 << 10
+"""Only requests with bodies up to this size may run on the event loop."""
 
 
 class LoadGate:
-    """``workers`` threads run inferences; at most ``workers + queue`` requests are admitted."""
+    """``workers`` threads run inferences; at most ``workers + queue`` requests are admitted.
+
+    Handing a request to a worker thread and back costs the event loop about as much as a
+    small model's whole inference (a future, a queue, two wake-ups and a GIL hand-over: profiled
+    with py-spy, docs/benchmarks.md). So requests of a kind (one model) that take under
+    :data:`INLINE_BELOW_S` run inline on the loop instead. What a kind costs is learnt from
+    every run: the CPU time of its thread (on a worker the wall time would count the wait for
+    the GIL), and for runs on the loop the wall time too (a runtime with its own thread pool
+    uses little CPU on the caller's thread but holds the loop all the same). A kind that got
+    slow on the loop stays on the workers until it is tried again :data:`RETRY_INLINE_S` later.
+    """
 
     def __init__(self, workers: int = 2, queue: int = 64, retry_after_s: float = 1.0) -> None:
         self.workers = max(1, workers)
@@ -51,7 +68,10 @@ class LoadGate:
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeserve-infer")
         self.admitted = 0
         self.rejected = 0
+        self.inline = 0
         self._lock = threading.Lock()
+        self._cpu: dict[str, float] = {}
+        self._wall: dict[str, tuple[float, float]] = {}
 
     def check(self) -> None:
         """Refuse now if a request could not be admitted (before its body is read)."""
@@ -76,12 +96,51 @@ class LoadGate:
         with self._lock:
             self.admitted -= 1
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on a worker (admission already counted by the caller)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+    async def run(self, fn: Callable[[], T], kind: str | None = None, size: int = 0) -> T:
+        """Run ``fn`` (admission already counted by the caller): on the loop when requests of
+        ``kind`` are cheap and this one is small (``size`` bytes), else on a worker."""
+        if kind is not None and size <= INLINE_MAX_BYTES and self._cheap(kind):
+            self.inline += 1
+            start = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                # On the loop the wall time is the cost (time.thread_time is a system call
+                # that cost 20 % of a small request here, time.perf_counter is not)
+                took = time.perf_counter() - start
+                wall = self._wall.get(kind)
+                self._wall[kind] = (_average(wall[0] if wall else None, took), start)
+                self._cpu[kind] = _average(self._cpu.get(kind), took)
+        loop = asyncio.get_running_loop()
+        if kind is None:
+            return await loop.run_in_executor(self.pool, fn)
+        return await loop.run_in_executor(self.pool, self._timed, fn, kind)
+
+    def _cheap(self, kind: str) -> bool:
+        cpu = self._cpu.get(kind)
+        if cpu is None or cpu >= INLINE_BELOW_S:
+            return False
+        wall = self._wall.get(kind)
+        return (wall is None or wall[0] < INLINE_BELOW_S
+                or time.perf_counter() - wall[1] > RETRY_INLINE_S)
+
+    def _timed(self, fn: Callable[[], T], kind: str) -> T:
+        start = time.thread_time()
+        try:
+            return fn()
+        finally:
+            self._cpu[kind] = _average(self._cpu.get(kind), time.thread_time() - start)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _average(mean: float | None, sample: float) -> float:
+    """A moving average over the last ~10 samples, each counted as at most twice the inline
+    threshold: one stall (a cache poll, a collection) does not move a kind off the loop;
+    a few slow runs in a row do."""
+    sample = min(sample, 2 * INLINE_BELOW_S)
+    return sample if mean is None else mean + 0.1 * (sample - mean)
 
 
 class DataPlane:

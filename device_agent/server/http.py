@@ -209,6 +209,7 @@ class HttpApp:
         gauges = self.metrics.gauges
         gauges["edgeserve_requests_admitted"] = self.gate.admitted
         gauges["edgeserve_requests_rejected_total"] = self.gate.rejected
+        gauges["edgeserve_requests_inline_total"] = self.gate.inline
         gauges["edgeserve_memory_budget_bytes"] = self.budget.limit
         gauges["edgeserve_memory_reserved_bytes"] = self.budget.in_use
         gauges["edgeserve_memory_reserved_peak_bytes"] = self.budget.peak
@@ -273,8 +274,9 @@ class HttpApp:
         while True:
             left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(
-                    receive(), max(0.0, min(self.limits.read_timeout_s, left)))
+                # asyncio.timeout, not wait_for: no task per read (bench/agent.py part b)
+                async with asyncio.timeout(max(0.0, min(self.limits.read_timeout_s, left))):
+                    message = await receive()
             except TimeoutError:
                 raise HttpError(
                     f"the request body did not arrive in time: {len(body)} of "
@@ -322,7 +324,7 @@ class HttpApp:
         self.gate.admit()
         try:
             return await self.gate.run(lambda: self._infer_sync(
-                model, version, body, json_length, accept, hold))
+                model, version, body, json_length, accept, hold), model, len(body))
         finally:
             self.gate.release()
 
