@@ -3,9 +3,11 @@
 (a) In-process: ``Agent.predict`` vs a bare ``onnxruntime.InferenceSession.run`` (on the very
     session the agent loaded) and a bare LiteRT ``Interpreter.invoke``, on a tiny model
     (4 → 16 → 3 MLP, batch 1) and a small CNN (3×8×8 image): overhead as a ratio and in µs/call.
-(b) HTTP: ``edgeserve agent serve`` vs MLServer 1.7.1 with a minimal custom runtime calling ONNX
-    Runtime, the same ONNX model, the same JSON body, the same number of inference workers and
-    ONNX Runtime threads, driven by ``wrk`` at concurrency 1 and 8: throughput, p50, p99.
+(b) HTTP and gRPC: ``edgeserve agent serve`` vs MLServer 1.7.1 with a minimal custom runtime
+    calling ONNX Runtime, the same ONNX model, the same request, the same number of inference
+    workers and ONNX Runtime threads, at concurrency 1 and 8: HTTP (JSON) driven by ``wrk``, gRPC
+    (``ModelInfer``, ``fp32_contents``) by ``h2load`` with one stream per connection; throughput,
+    p50, p99.
 (c) Dynamic batching: two ~1 ms CNNs (a compute-bound one with a pooled head, a weight-bound
     one with a dense head) called by 8 threads at once through ``Agent.predict``, unbatched and
     batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch.
@@ -494,21 +496,24 @@ def _wait_ready_or_stop(url: str, process: subprocess.Popen[bytes], log: Path,
         raise
 
 
-def start_edgeserve(cache: Path, profile: Path, workers: int, work: Path
-                    ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+Started = tuple[subprocess.Popen[bytes], str, str]
+"""A server process, its HTTP infer URL and its gRPC address."""
+
+
+def start_edgeserve(cache: Path, profile: Path, workers: int, work: Path) -> Started:
+    port, grpc_port = _free_port(), _free_port()
     log = work / "edgeserve.log"
     with log.open("wb") as sink:
         process = popen(
             [str(Path(sys.executable).parent / "edgeserve"), "agent", "serve", "--cache",
-             str(cache), "--profile", str(profile), "--port", str(port), "--workers",
-             str(workers), "--threads", "1"], stdout=sink, stderr=subprocess.STDOUT)
+             str(cache), "--profile", str(profile), "--port", str(port), "--grpc-port",
+             str(grpc_port), "--workers", str(workers), "--threads", "1"],
+            stdout=sink, stderr=subprocess.STDOUT)
     _wait_ready_or_stop(f"http://127.0.0.1:{port}/v2/health/ready", process, log, 60)
-    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
+    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer", f"127.0.0.1:{grpc_port}"
 
 
-def start_mlserver(onnx_path: Path, workers: int, work: Path
-                   ) -> tuple[subprocess.Popen[bytes], str]:
+def start_mlserver(onnx_path: Path, workers: int, work: Path) -> Started:
     mlserver = ensure_mlserver()
     root = work / "mlserver"
     model_dir = root / "toy"
@@ -517,16 +522,16 @@ def start_mlserver(onnx_path: Path, workers: int, work: Path
     (model_dir / "model-settings.json").write_text(json.dumps({
         "name": "toy", "implementation": "runtime.OnnxRuntime",
         "parameters": {"uri": str(onnx_path)}}))
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     (root / "settings.json").write_text(json.dumps({
-        "http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port(),
+        "http_port": port, "grpc_port": grpc_port, "metrics_port": _free_port(),
         "parallel_workers": workers, "debug": False, "metrics_endpoint": None}))
     log = work / "mlserver.log"
     with log.open("wb") as sink:
         process = popen([str(mlserver), "start", str(root)], cwd=model_dir, stdout=sink,
                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(model_dir)})
     _wait_ready_or_stop(f"http://127.0.0.1:{port}/v2/models/toy/ready", process, log, 120)
-    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer"
+    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer", f"127.0.0.1:{grpc_port}"
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -567,6 +572,71 @@ def run_wrk(wrk: str, url: str, body: str, connections: int, duration: int,
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def ensure_h2load() -> str:
+    found = shutil.which("h2load")
+    if not found:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        found = shutil.which("h2load")
+    if not found:
+        raise SystemExit("h2load is needed for the gRPC benchmark: apt-get install nghttp2-client")
+    return found
+
+
+def grpc_body(x: np.ndarray, work: Path) -> Path:
+    """One OIP ``ModelInferRequest`` in gRPC's length-prefixed framing, for h2load to POST."""
+    from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="toy", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=list(x.shape),
+        contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()))])
+    message = request.SerializeToString()
+    path = work / "grpc-body.bin"
+    path.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    return path
+
+
+def check_grpc(target: str, x: np.ndarray) -> None:
+    """One real gRPC call, so that h2load's 200s are answers and not gRPC errors."""
+    import grpc
+
+    from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2 as pb
+    from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(
+            model_name="toy", inputs=[pb.ModelInferRequest.InferInputTensor(
+                name="x", datatype="FP32", shape=list(x.shape),
+                contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()))]), timeout=30)
+    if not reply.outputs:
+        raise SystemExit(f"gRPC server {target} answered without outputs: {reply}")
+
+
+def run_h2load(h2load: str, target: str, body: Path, connections: int, duration: int,
+               work: Path) -> dict[str, float]:
+    """gRPC unary calls over ``connections`` HTTP/2 connections, one stream each (like wrk's
+    connections); latency percentiles from h2load's per-request log."""
+    url = f"http://{target}{GRPC_PATH}"
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    subprocess.run([h2load, "-c", str(connections), "-m", "1", "-D", "2", *headers, "-d",
+                    str(body), url], check=True, capture_output=True)
+    log = work / "h2load.log"
+    out = subprocess.run([h2load, "-c", str(connections), "-m", "1", "-D", str(duration),
+                          *headers, "-d", str(body), "--log-file", str(log), url], check=True,
+                         capture_output=True, text=True).stdout
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    latencies = np.array([int(r[2]) for r in rows if r[1] == "200"], dtype=np.float64) / 1000
+    failed = sum(1 for r in rows if r[1] != "200")
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    return {"rps": float(rps.group(1)) if rps else len(latencies) / duration,
+            "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)),
+            "requests": len(rows), "non_2xx": failed}
+
+
 def bench_http(work: Path, key: Any, duration: int, workers: int,
                mlserver_workers: list[int], repeats: int) -> list[dict[str, Any]]:
     wrk = ensure_wrk()
@@ -584,7 +654,9 @@ def bench_http(work: Path, key: Any, duration: int, workers: int,
     x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                    "data": x.ravel().tolist()}]})
-    servers: list[tuple[str, Callable[[], tuple[subprocess.Popen[bytes], str]]]] = [
+    body_file = grpc_body(x, work)
+    h2load = ensure_h2load()
+    servers: list[tuple[str, Callable[[], Started]]] = [
         (f"edgeserve (workers={workers})", lambda: start_edgeserve(cache, profile, workers, work))]
     for n in mlserver_workers:
         servers.append((f"MLServer 1.7.1 (parallel_workers={n})",
@@ -592,29 +664,36 @@ def bench_http(work: Path, key: Any, duration: int, workers: int,
     # All servers run at once (idle ones cost nothing) and the runs alternate between them, so
     # a burst from another process on this shared machine hits every server alike; the
     # median of the repeats is reported.
-    started: list[tuple[str, subprocess.Popen[bytes], str]] = []
+    started: list[tuple[str, subprocess.Popen[bytes], str, str]] = []
     try:
         for label, start in servers:
-            process, url = start()
-            started.append((label, process, url))
-        samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+            process, url, target = start()
+            started.append((label, process, url, target))
+            check_grpc(target, x)
+        samples: dict[tuple[str, str, int], list[dict[str, float]]] = {}
         for _ in range(repeats):
-            for connections in (1, 8):
-                for label, _, url in started:
-                    stats = run_wrk(wrk, url, body, connections, duration, work)
-                    samples.setdefault((label, connections), []).append(stats)
-                    console.print(f"  {label} c={connections}: {stats['rps']:.0f} req/s, "
-                                  f"p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
+            for protocol in ("http", "grpc"):
+                for connections in (1, 8):
+                    for label, _, url, target in started:
+                        stats = (run_wrk(wrk, url, body, connections, duration, work)
+                                 if protocol == "http" else
+                                 run_h2load(h2load, target, body_file, connections, duration,
+                                            work))
+                        samples.setdefault((protocol, label, connections), []).append(stats)
+                        console.print(f"  {protocol} {label} c={connections}: "
+                                      f"{stats['rps']:.0f} req/s, p50 {stats['p50_ms']:.2f} ms, "
+                                      f"p99 {stats['p99_ms']:.2f} ms")
     finally:
-        for _, process, _ in started:
+        for _, process, _, _ in started:
             _stop(process)
     rows = []
-    for (label, connections), runs in samples.items():
+    for (protocol, label, connections), runs in samples.items():
         runs.sort(key=lambda r: r["rps"])
         median = runs[len(runs) // 2]
-        rows.append({"server": label, "concurrency": connections, **median,
+        rows.append({"protocol": protocol, "server": label, "concurrency": connections, **median,
                      "runs": [{k: r[k] for k in ("rps", "p50_ms", "p99_ms")} for r in runs]})
-    rows.sort(key=lambda r: (r["concurrency"], [s[0] for s in servers].index(r["server"])))
+    rows.sort(key=lambda r: (r["protocol"] != "http", r["concurrency"],
+                             [s[0] for s in servers].index(r["server"])))
     return rows
 
 
@@ -676,22 +755,24 @@ def main() -> None:
                 table.add_row(r["import"], f"{r['rss_mb']:.1f}", f"{r['adds_mb']:.1f}")
             console.print(table)
         if not args.skip_http:
-            console.rule("(b) HTTP: edgeserve vs MLServer (wrk, JSON, batch 1)")
+            console.rule("(b) HTTP and gRPC: edgeserve vs MLServer (wrk and h2load, batch 1)")
             extra = [0] if args.mlserver_inline else []
             http = bench_http(work, key, args.duration, args.workers, [args.workers, *extra],
                               args.repeats)
             results["http"] = http
-            table = Table("server", "concurrency", "req/s (median run)", "p50 ms", "p99 ms",
-                          "non-2xx")
+            table = Table("protocol", "server", "concurrency", "req/s (median run)", "p50 ms",
+                          "p99 ms", "failed")
             for r in http:
-                table.add_row(r["server"], str(r["concurrency"]), f"{r['rps']:.0f}",
-                              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["non_2xx"]))
+                table.add_row(r["protocol"], r["server"], str(r["concurrency"]),
+                              f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                              str(r["non_2xx"]))
             console.print(table)
-            base = {r["concurrency"]: r for r in http if r["server"].startswith("edgeserve")}
+            base = {(r["protocol"], r["concurrency"]): r for r in http
+                    if r["server"].startswith("edgeserve")}
             for r in http:
                 if not r["server"].startswith("edgeserve"):
-                    mine = base[r["concurrency"]]
-                    console.print(f"c={r['concurrency']} vs {r['server']}: "
+                    mine = base[r["protocol"], r["concurrency"]]
+                    console.print(f"{r['protocol']} c={r['concurrency']} vs {r['server']}: "
                                   f"{mine['rps'] / r['rps']:.2f}x throughput, p99 "
                                   f"{mine['p99_ms']:.2f} vs {r['p99_ms']:.2f} ms")
     results["load_after"] = _load()
