@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,23 @@ def _info(arg: object) -> TensorInfo:
     return TensorInfo(name, dtype, shape)
 
 
+def _model_file(path: Path | None) -> Path:
+    """The ONNX file of an artifact: the path itself, or the one ``.onnx`` file of an artifact
+    folder (a model with external data: ``model.onnx`` beside ``model.onnx.data``, which ONNX
+    Runtime finds relative to it)."""
+    if path is None:
+        raise RuntimeUnavailableError("no ONNX model content to load")
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*.onnx"))
+    if len(found) != 1:
+        raise RuntimeUnavailableError(
+            f"the ONNX artifact folder {path.name} holds {len(found)} .onnx files "
+            f"({', '.join(f.name for f in found) or 'none'}); expected exactly one model file "
+            "beside its external data")
+    return found[0]
+
+
 class OnnxRuntime:
     """One ``InferenceSession`` (thread-safe ``run``)."""
 
@@ -63,7 +81,7 @@ class OnnxRuntime:
             providers = choose_providers(settings.execution_providers,
                                          ort.get_available_providers())
         options.log_severity_level = 3
-        model = source.content if source.content is not None else str(source.path)
+        model = source.content if source.content is not None else str(_model_file(source.path))
         try:
             self._session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for bad models
