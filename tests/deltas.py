@@ -11,7 +11,7 @@ import numpy as np
 from edgeserve.manifest import parse_manifest
 from edgeserve.package import PackageWriter
 from edgeserve.testing import KeyPair
-from tests.device_agent.models import MlpWeights, _npz, mlp_weights
+from tests.device_agent.models import MlpWeights, _npz, mlp_weights, onnx_mlp
 
 __all__ = ["big_mlp_weights", "external_package", "fine_tuned", "head_retrained", "mlp_package",
            "mlp_weights", "onnx_mlp"]
@@ -29,27 +29,6 @@ def fine_tuned(w: MlpWeights, seed: int = 5) -> MlpWeights:
     rng = np.random.default_rng(seed)
     return MlpWeights(*(a + (rng.normal(size=a.shape) * 1e-3).astype(np.float32)
                         for a in (w.w1, w.b1, w.w2, w.b2)))
-
-
-def onnx_mlp(w: MlpWeights) -> bytes:
-    """The MLP ``w`` (any width) as ONNX: x @ w1 + b1, relu, @ w2 + b2, softmax."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((w.w1, "w1"), (w.b1, "b1"), (w.w2, "w2"), (w.b2, "b2"))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-             helper.make_node("Add", ["h0", "b1"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h2"]),
-             helper.make_node("MatMul", ["h2", "w2"], ["z0"]),
-             helper.make_node("Add", ["z0", "b2"], ["z"]),
-             helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w.w1.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", w.w2.shape[1]])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return bytes(model.SerializeToString())
 
 
 def mlp_package(out: Path, key: KeyPair, w: MlpWeights, version: str, release: int,

@@ -53,6 +53,7 @@ def conv_weights(seed: int = RNG_SEED) -> dict[str, np.ndarray]:
 
 
 def onnx_mlp(w: MlpWeights) -> bytes:
+    """The MLP ``w`` (any width) as ONNX: x @ w1 + b1, relu, @ w2 + b2, softmax."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     inits = [numpy_helper.from_array(a, n) for a, n in
@@ -64,8 +65,9 @@ def onnx_mlp(w: MlpWeights) -> bytes:
              helper.make_node("Add", ["z0", "b2"], ["z"]),
              helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w.w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", w.w2.shape[1]])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.checker.check_model(model)
