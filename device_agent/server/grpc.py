@@ -2,20 +2,25 @@
 
 Message and service code is generated (``.._grpc_gen``); this module maps it onto the
 :class:`~.dataplane.DataPlane`. Tensors travel in ``raw_input_contents``/``raw_output_contents``
-(what tritonclient sends and expects) or in the typed ``contents`` fields. The server's thread pool
-is the inference worker pool; ``maximum_concurrent_rpcs`` bounds admission, so excess calls get
-RESOURCE_EXHAUSTED at once.
+(what tritonclient sends and expects) or in the typed ``contents`` fields.
 
-The published OIP proto has no repository index or statistics RPCs; :func:`extension_handler`
-serves Triton's ``RepositoryIndex`` and ``ModelStatistics`` under the same service name, with
+The servicer runs on a ``grpc.aio`` event loop: grpcio's synchronous server hands every call to
+a thread of its pool and back, which cost more than a small model's whole inference (profiled,
+docs/benchmarks.md). Inferences go through the same :class:`~.dataplane.LoadGate` as HTTP's:
+cheap models run on the loop, others on the inference workers, and a full queue gets
+RESOURCE_EXHAUSTED at once (``maximum_concurrent_rpcs`` bounds admission as well).
+
+The published OIP proto has no repository index or statistics RPCs; :func:`service_handler`
+also serves Triton's ``RepositoryIndex`` and ``ModelStatistics`` under the same service name, with
 messages from ``triton_extensions.proto`` (wire-compatible with Triton's), so
 ``tritonclient.grpc`` can call them as ServerMetadata advertises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -33,7 +38,6 @@ from edgeserve.errors import (
 )
 
 from .._grpc_gen import open_inference_grpc_pb2 as pb
-from .._grpc_gen import open_inference_grpc_pb2_grpc as pb_grpc
 from .._grpc_gen import triton_extensions_pb2 as ext
 from .codec import (
     DATATYPES,
@@ -42,11 +46,11 @@ from .codec import (
     decode_bytes_tensor,
     encode_bytes_tensor,
 )
-from .dataplane import DataPlane
-from .limits import TRIM_AT, MemoryBudget, release_memory
+from .dataplane import DataPlane, LoadGate
+from .limits import TRIM_AT, Hold, MemoryBudget, release_memory
 from .metrics import MetricsRegistry
 
-__all__ = ["SERVICE", "InferenceServicer", "extension_handler", "status_for"]
+__all__ = ["SERVICE", "InferenceServicer", "service_handler", "status_for"]
 
 log = logging.getLogger("edgeserve.agent.grpc")
 T = TypeVar("T")
@@ -103,29 +107,34 @@ def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
     return np.fromiter(values, dtype=DATATYPES[datatype], count=count).reshape(shape)
 
 
-def _client_of(context: grpc.ServicerContext) -> str:
+def _client_of(context: grpc.aio.ServicerContext) -> str:
     """The peer's address without its port (``ipv4:10.0.0.5:53211`` → ``10.0.0.5``)."""
     peer = context.peer() or ""
     host = peer.split(":", 1)[-1].rsplit(":", 1)[0]
     return host.strip("[]")
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """Implements every RPC of the OIP service over a :class:`DataPlane`."""
+class InferenceServicer:
+    """Implements every RPC of the OIP service over a :class:`DataPlane`, on a ``grpc.aio``
+    server's loop; inferences are run by ``gate`` (inline when cheap, else on its workers)."""
 
     def __init__(self, plane: DataPlane, metrics: MetricsRegistry,
-                 auth: Authenticator | None = None, budget: MemoryBudget | None = None) -> None:
+                 auth: Authenticator | None = None, budget: MemoryBudget | None = None,
+                 gate: LoadGate | None = None) -> None:
         self.plane = plane
         self.metrics = metrics
         self.auth = auth
         self.budget = budget or MemoryBudget()
+        self.gate = gate or LoadGate()
+        self.reading = asyncio.Semaphore(self.gate.workers)
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T], public: bool = False) -> T:
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]],
+                    public: bool = False) -> T:
         try:
             if self.auth is not None and not public:
-                metadata = dict(context.invocation_metadata())
+                metadata = dict(context.invocation_metadata() or ())
                 self.auth.check(metadata.get("authorization"))
-            result = fn()
+            result = await fn()
         except Exception as exc:
             code = status_for(exc)
             if code == grpc.StatusCode.INTERNAL and not isinstance(exc, EdgeserveError):
@@ -134,25 +143,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             else:
                 message = str(exc)
             self.metrics.count_request("grpc", code.name)
-            context.abort(code, message)
+            await context.abort(code, message)
         self.metrics.count_request("grpc", "OK")
         return result
 
-    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call(context, lambda: pb.ServerLiveResponse(live=self.plane.live()), True)
+    def _now(self, context: grpc.aio.ServicerContext, build: Callable[[], T],
+             public: bool = False) -> Awaitable[T]:
+        """:meth:`_call` for the cheap RPCs, answered on the loop."""
+        async def run() -> T:
+            return build()
+        return self._call(context, run, public)
 
-    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call(context, lambda: pb.ServerReadyResponse(ready=self.plane.ready()), True)
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._now(context, lambda: pb.ServerLiveResponse(live=self.plane.live()),
+                               True)
 
-    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call(context, lambda: pb.ModelReadyResponse(
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._now(context, lambda: pb.ServerReadyResponse(
+            ready=self.plane.ready()), True)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._now(context, lambda: pb.ModelReadyResponse(
             ready=self.plane.model_ready(request.name, request.version or None)))
 
-    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call(context, lambda: pb.ServerMetadataResponse(
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._now(context, lambda: pb.ServerMetadataResponse(
             **self.plane.server_metadata()))
 
-    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def build() -> Any:
             meta = self.plane.model_metadata(request.name, request.version or None)
             tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -161,22 +179,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 inputs=[tensor(**t) for t in meta["inputs"]],
                 outputs=[tensor(**t) for t in meta["outputs"]],
                 properties={k: str(v) for k, v in meta["parameters"].items()})
-        return self._call(context, build)
+        return await self._now(context, build)
 
-    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def ModelInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         hold = self.budget.hold(_client_of(context))
         try:
-            return self._call(context, lambda: self._infer(request, hold))
+            return await self._call(context, lambda: self._infer(context, hold))
         finally:
-            if hold.release() >= TRIM_AT:
-                release_memory()
+            if hold.release() >= TRIM_AT:  # hand a big request's heap back, off the loop
+                asyncio.get_running_loop().run_in_executor(None, release_memory)
 
-    def _infer(self, request: Any, hold: Any) -> Any:
-        # the message arrived whole (its bytes and the parsed message): count it, then reserve
-        # what decoding takes (a copy of the raw contents, or the arrays of typed contents)
-        size = request.ByteSize()
-        hold.force(2 * size)
-        hold.take_blocking(size)
+    async def _infer(self, context: grpc.aio.ServicerContext, hold: Hold) -> Any:
+        """Admit the call, then read its message: :func:`service_handler` registers ModelInfer
+        as client-streaming (the same bytes on the wire as a unary call), so that the message
+        is read only here. Until then it waits in the stream's 64 KiB flow-control window; as
+        in a pool of ``workers`` threads, at most ``workers`` messages are read at once (each
+        counted twice, a quarter of the memory budget at the largest message the server takes,
+        :func:`~.runner.grpc_message_cap`)."""
+        self.gate.admit()
+        try:
+            async with self.reading:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    raise InvalidInputError("ModelInfer: the call ended without a request "
+                                            "message; send one ModelInferRequest")
+                # the message arrived whole (its bytes and the parsed message): count it, then
+                # reserve what decoding takes (a copy of the raw contents, or the arrays of
+                # typed contents)
+                size = request.ByteSize()
+                hold.force(2 * size)
+                await hold.take(size)
+                return await self.gate.run(lambda: self._infer_sync(request, hold),
+                                           request.model_name, size)
+        finally:
+            self.gate.release()
+
+    def _infer_sync(self, request: Any, hold: Hold) -> Any:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
@@ -206,33 +244,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     # -- extensions (not in the OIP proto; registered by extension_handler) ----------------------
 
-    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def build() -> Any:
             index = self.plane.repository_index(bool(request.ready))
             return ext.RepositoryIndexResponse(
                 models=[ext.RepositoryIndexResponse.ModelIndex(**entry) for entry in index])
-        return self._call(context, build)
+        return await self._now(context, build)
 
-    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def build() -> Any:
             stats = self.plane.model_statistics(self.metrics, request.name or None,
                                                 request.version or None)
             return ext.ModelStatisticsResponse(model_stats=[
                 ext.ModelStatistics(**{k: v for k, v in entry.items() if k != "batch_stats"})
                 for entry in stats["model_stats"]])
-        return self._call(context, build)
+        return await self._now(context, build)
 
 
-def extension_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """RepositoryIndex and ModelStatistics under ``inference.GRPCInferenceService``: the
-    server tries it after the generated handler, which answers only the OIP's own methods."""
-    def unary(method: Callable[[Any, grpc.ServicerContext], Any], request: Any,
+def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """Every method of ``inference.GRPCInferenceService``: the OIP's own, with ModelInfer
+    registered as client-streaming (see :meth:`InferenceServicer._infer`; a unary client sends
+    the same frames), and Triton's RepositoryIndex and ModelStatistics extensions."""
+    def unary(method: Callable[[Any, grpc.aio.ServicerContext], Any], request: Any,
               response: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             method, request_deserializer=request.FromString,
             response_serializer=response.SerializeToString)
 
     return grpc.method_handlers_generic_handler(SERVICE, {
+        "ServerLive": unary(servicer.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": unary(servicer.ServerReady, pb.ServerReadyRequest,
+                             pb.ServerReadyResponse),
+        "ModelReady": unary(servicer.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": unary(servicer.ServerMetadata, pb.ServerMetadataRequest,
+                                pb.ServerMetadataResponse),
+        "ModelMetadata": unary(servicer.ModelMetadata, pb.ModelMetadataRequest,
+                               pb.ModelMetadataResponse),
+        "ModelInfer": grpc.stream_unary_rpc_method_handler(
+            servicer.ModelInfer, request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelInferResponse.SerializeToString),
         "RepositoryIndex": unary(servicer.RepositoryIndex, ext.RepositoryIndexRequest,
                                  ext.RepositoryIndexResponse),
         "ModelStatistics": unary(servicer.ModelStatistics, ext.ModelStatisticsRequest,

@@ -56,6 +56,26 @@ fp16 = pb.ModelInferRequest(model_name="toy")
 fp16.inputs.add(name="x", datatype="FP16", shape=[1, 4])
 out["fp16"] = code(stub.ModelInfer, fp16, metadata=auth)
 out["unknown"] = code(stub.ModelReady, pb.ModelReadyRequest(name="nope"), metadata=auth)
+# ModelInfer is served as client-streaming (its message is read only once admitted): a call
+# that ends without a message is refused by name
+streamed = grpc.insecure_channel(handle.address).stream_unary(
+    "/inference.GRPCInferenceService/ModelInfer",
+    request_serializer=pb.ModelInferRequest.SerializeToString,
+    response_deserializer=pb.ModelInferResponse.FromString)
+out["empty"] = code(streamed, iter([]), metadata=auth)
+# as many callers at once as the server admits (workers + queue), each its own input: every
+# answer is its own
+from concurrent.futures import ThreadPoolExecutor
+xs = np.random.default_rng(7).normal(size=(96, 1, 4)).astype(np.float32)
+def one(row):
+    call = pb.ModelInferRequest(model_name="toy")
+    call.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    call.raw_input_contents.append(row.tobytes())
+    reply = stub.ModelInfer(call, metadata=auth)
+    return np.frombuffer(reply.raw_output_contents[0], np.float32).tolist()
+with ThreadPoolExecutor(6) as pool:
+    out["many"] = list(pool.map(one, xs))
+out["xs"] = xs.tolist()
 handle.stop()
 agent.close()
 print(json.dumps(out))
@@ -80,3 +100,6 @@ def test_grpc_typed_contents_and_errors(tmp_path: Path, agent_assets: dict[str, 
     assert out["short"][0] == "INVALID_ARGUMENT" and "needs 8 values" in out["short"][1]
     assert out["fp16"][0] == "INVALID_ARGUMENT" and "raw_input_contents" in out["fp16"][1]
     assert out["unknown"][0] == "NOT_FOUND"
+    assert out["empty"][0] == "INVALID_ARGUMENT" and "without a request" in out["empty"][1]
+    expected = mlp_weights().forward(np.array(out["xs"], np.float32).reshape(-1, 4))
+    np.testing.assert_allclose(np.array(out["many"]), expected, atol=1e-5)
