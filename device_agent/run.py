@@ -297,9 +297,11 @@ def _origin(value: str) -> str:
 @click.option("--port", default=8000, show_default=True, type=int,
               help="Local HTTP API port (0: any free port; -1: no HTTP API). Several agents on "
                    "one host need one port (and one --cache) each.")
-@click.option("--broker", envvar="EDGESERVE_BROKER", default=None, metavar="URL",
-              help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker. Without it the "
-                   "telemetry waits in the outbox.")
+@click.option("--broker", envvar="EDGESERVE_BROKER", multiple=True, metavar="URL",
+              help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker; repeat it (or "
+                   "give a comma list) for the nodes of a clustered broker, the next used when "
+                   "one fails [env EDGESERVE_BROKER]. Without it the telemetry waits in the "
+                   "outbox.")
 @click.option("--device-id", envvar="EDGESERVE_DEVICE_ID", default=None,
               help="This device's id in the fleet [default: the host name].")
 @click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", default="default",
@@ -343,7 +345,7 @@ def _origin(value: str) -> str:
                    "state says; env EDGESERVE_ARTIFACT_ORIGINS, space-separated].")
 @batch_option
 @agent_options
-def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_name: str,
+def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
         password: str | None, ca_file: Path | None, cert_file: Path | None,
         key_file: Path | None, tls_insecure: bool, mqtt_version: str, workers: int,
@@ -359,9 +361,9 @@ def run(host: str, port: int, broker: str | None, device_id: str | None, fleet_n
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     link = None
     device = device_id or default_device_id()
-    if broker is not None:
+    if broker:
         settings = BrokerSettings.from_url(
-            broker, username=username, password=password, ca_file=ca_file,
+            ",".join(broker), username=username, password=password, ca_file=ca_file,
             cert_file=cert_file, key_file=key_file, tls_insecure=tls_insecure or None,
             protocol=mqtt_version)
         link = LinkSettings(settings, fleet_name, device)

@@ -1,7 +1,10 @@
 """How agents and the fleet reach an MQTT broker: URL, credentials, TLS, protocol version.
 
 ``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://…`` (TLS, default port
-8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's. This module
+8883). Options given separately (``--username``, ``--ca-file`` …) override the URL's. Several
+URLs (a comma list, or ``--broker`` repeated) name the nodes of one broker cluster, or standby
+brokers: clients connect to the first that answers and fail over to the next when theirs dies
+(:attr:`BrokerSettings.nodes`); all of them share one scheme, credentials and TLS files. This module
 only describes the broker and builds paho clients (callback API v2); the agent's link and the
 fleet's services drive their connections (:func:`pump` is one turn of such a loop). It needs
 paho-mqtt (the ``agent`` and ``fleet`` extras).
@@ -9,8 +12,10 @@ paho-mqtt (the ``agent`` and ``fleet`` extras).
 
 from __future__ import annotations
 
+import re
 import select
 import ssl
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from .errors import ConfigError
 
-__all__ = ["VERSIONS", "BrokerSettings", "Protocol", "new_client", "pump"]
+__all__ = ["VERSIONS", "BrokerSettings", "Protocol", "new_client", "pump", "topic_hint"]
 
 Protocol = Literal["auto", "5", "3.1.1"]
 VERSIONS: dict[str, MQTTProtocolVersion] = {"5": MQTTProtocolVersion.MQTTv5,
@@ -44,10 +49,54 @@ class BrokerSettings:
     tls_insecure: bool = False
     protocol: Protocol = "auto"
     keepalive: int = 30
+    fallbacks: tuple[tuple[str, int], ...] = ()
+    """Further nodes (host, port) after ``host:port``, tried in order when it fails."""
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
-        """Parse ``mqtt[s]://[user[:pass]@]host[:port]``; non-None ``overrides`` win."""
+        """Parse ``mqtt[s]://[user[:pass]@]host[:port]``, or several such URLs separated by
+        commas (or spaces): the nodes of one broker, tried in order. Non-None ``overrides``
+        win."""
+        urls = [part for part in re.split(r"[,\s]+", url.strip()) if part]
+        if not urls:
+            raise ConfigError("no broker URL given; expected mqtt://HOST[:PORT] or several "
+                              "separated by commas")
+        return cls.from_urls(urls, **overrides)
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], **overrides: Any) -> BrokerSettings:
+        """The nodes of one broker (``--broker`` repeated), each ``mqtt[s]://…``; they must
+        agree on the scheme and on any credentials they carry."""
+        if not urls:
+            raise ConfigError("no broker URL given; expected mqtt://HOST[:PORT]")
+        nodes = [cls._parse(url) for url in urls]
+        first = nodes[0]
+        credentials: tuple[str | None, str | None, str] | None = None
+        seen: set[tuple[str, int]] = set()
+        for url, node in zip(urls, nodes, strict=True):
+            if node.tls != first.tls:
+                raise ConfigError(f"broker URL {url!r} does not use the scheme of {urls[0]!r}; "
+                                  "give every node of one broker mqtt:// or every one mqtts://")
+            if node.username is not None:
+                if credentials is None:
+                    credentials = (node.username, node.password, url)
+                elif credentials[:2] != (node.username, node.password):
+                    raise ConfigError(f"broker URL {url!r} carries other credentials than "
+                                      f"{credentials[2]!r}; every node takes the same ones (or "
+                                      "give them once, with --username/--password)")
+            if (node.host, node.port) in seen:
+                raise ConfigError(f"broker {node.host}:{node.port} is given twice")
+            seen.add((node.host, node.port))
+        settings = replace(first, fallbacks=tuple((n.host, n.port) for n in nodes[1:]))
+        if credentials is not None:
+            settings = replace(settings, username=credentials[0], password=credentials[1])
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("ca_file") or given.get("cert_file"):
+            given.setdefault("tls", True)
+        return replace(settings, **given).checked()
+
+    @classmethod
+    def _parse(cls, url: str) -> BrokerSettings:
         parts = urlsplit(url.strip())
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
             raise ConfigError(f"broker URL {url!r} is not valid; expected mqtt://HOST[:PORT] or "
@@ -59,13 +108,9 @@ class BrokerSettings:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise ConfigError(f"broker URL {url!r} has an invalid port") from None
-        settings = cls(host=parts.hostname, port=port, tls=tls,
-                       username=unquote(parts.username) if parts.username else None,
-                       password=unquote(parts.password) if parts.password else None)
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if given.get("ca_file") or given.get("cert_file"):
-            given.setdefault("tls", True)
-        return replace(settings, **given).checked()
+        return cls(host=parts.hostname, port=port, tls=tls,
+                   username=unquote(parts.username) if parts.username else None,
+                   password=unquote(parts.password) if parts.password else None)
 
     def checked(self) -> BrokerSettings:
         for what in ("ca_file", "cert_file", "key_file"):
@@ -81,9 +126,29 @@ class BrokerSettings:
         return self
 
     @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """Every node (host, port), in the order they are tried."""
+        return ((self.host, self.port), *self.fallbacks)
+
+    def node_url(self, index: int) -> str:
+        """The URL of node ``index`` without credentials (for logs and messages)."""
+        host, port = self.nodes[index % len(self.nodes)]
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
+
+    @property
     def url(self) -> str:
-        """The broker URL without credentials (for logs and messages)."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        """The broker URL(s) without credentials (for logs and messages), comma-separated."""
+        return ",".join(self.node_url(i) for i in range(len(self.nodes)))
+
+
+def topic_hint(topic: str) -> str:
+    """What may be wrong with ``topic`` on brokers stricter than MQTT itself ("" if nothing):
+    NATS's MQTT listener (2.9) refuses ``.`` in a topic level - it refuses such a subscription
+    and closes the connection of a client publishing to one."""
+    if "." in topic:
+        return (f"; if the broker is NATS: its MQTT listener refuses '.' in topics ({topic}), "
+                "so fleet names and device ids used with it must not contain dots")
+    return ""
 
 
 def new_client(settings: BrokerSettings, client_id: str, version: MQTTProtocolVersion,

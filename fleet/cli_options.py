@@ -66,10 +66,10 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--broker`` and its credentials/TLS options, for commands that talk to the broker
     directly (``fleet device remove``); :func:`broker_settings` turns them into settings."""
     options = [
-        click.option("--broker", envvar="EDGESERVE_BROKER", default="mqtt://127.0.0.1:1883",
-                     show_default=True, metavar="URL",
-                     help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker "
-                          "[env EDGESERVE_BROKER]."),
+        click.option("--broker", envvar="EDGESERVE_BROKER", multiple=True, metavar="URL",
+                     help="mqtt[s]://[USER[:PASS]@]HOST[:PORT] of the fleet's broker; repeat "
+                          "it (or give a comma list) for the nodes of a clustered broker "
+                          "[env EDGESERVE_BROKER; default: mqtt://127.0.0.1:1883]."),
         click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None,
                      help="MQTT user name [env EDGESERVE_MQTT_USERNAME]."),
         click.option("--password", envvar="EDGESERVE_MQTT_PASSWORD", default=None,
@@ -96,7 +96,7 @@ def broker_settings(options: dict[str, Any]) -> BrokerSettings:
     from edgeserve.mqtt import BrokerSettings
 
     return BrokerSettings.from_url(
-        options.pop("broker"), username=options.pop("username"),
+        ",".join(options.pop("broker") or ("mqtt://127.0.0.1:1883",)), username=options.pop("username"),
         password=options.pop("password"), ca_file=options.pop("ca_file"),
         cert_file=options.pop("cert_file"), key_file=options.pop("key_file"),
         tls_insecure=options.pop("tls_insecure") or None, protocol=options.pop("mqtt_version"))

@@ -65,9 +65,11 @@ def _ago(ts: float, now: float) -> str:
 @click.command("serve")
 @click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", required=True,
               help="Fleet name: the MQTT topic prefix edgeserve/v1/FLEET/… [env EDGESERVE_FLEET].")
-@click.option("--broker", envvar="EDGESERVE_BROKER", default=None, metavar="URL",
-              help="mqtt[s]://[USER[:PASS]@]HOST[:PORT]. Without it an embedded broker starts "
-                   "(MQTT 5 on --broker-port, 3.1.1 on the port after it).")
+@click.option("--broker", envvar="EDGESERVE_BROKER", multiple=True, metavar="URL",
+              help="mqtt[s]://[USER[:PASS]@]HOST[:PORT]; repeat it (or give a comma list) for "
+                   "the nodes of a clustered broker, the next used when one fails [env "
+                   "EDGESERVE_BROKER]. Without it an embedded broker starts (MQTT 5 on "
+                   "--broker-port, 3.1.1 on the port after it).")
 @db_option
 @click.option("--username", envvar="EDGESERVE_MQTT_USERNAME", default=None,
               help="MQTT user name, when the broker wants one [env EDGESERVE_MQTT_USERNAME].")
@@ -125,7 +127,7 @@ def _ago(ts: float, now: float) -> str:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="How much the service logs (to stderr).")
 @json_option
-def serve_command(fleet_name: str, broker: str | None, db: str | None, username: str | None,
+def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, username: str | None,
                   password: str | None, ca_file: Path | None, cert_file: Path | None,
                   key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
                   client_id: str | None, shared: str, broker_host: str, broker_port: int,
@@ -150,7 +152,7 @@ def serve_command(fleet_name: str, broker: str | None, db: str | None, username:
     keys = list(trusted_keys) or [Path(p) for p in os.environ.get(
         "EDGESERVE_FLEET_TRUSTED_KEYS", "").split(os.pathsep) if p]
     config = FleetConfig(
-        fleet=fleet_name, db=db, broker=broker,
+        fleet=fleet_name, db=db, broker=",".join(broker) or None,
         broker_options={"username": username, "password": password, "ca_file": ca_file,
                         "cert_file": cert_file, "key_file": key_file,
                         "tls_insecure": tls_insecure or None, "protocol": mqtt_version},

@@ -2,10 +2,16 @@
 
 :func:`connect` opens a paho client and waits for the broker's CONNACK, trying MQTT 5 first and
 MQTT 3.1.1 when the broker refuses version 5 (``protocol="auto"``).
+
+With several broker nodes (:attr:`BrokerSettings.nodes`) it connects to the first that answers,
+and the client it returns fails over by itself: when paho's automatic reconnect (``loop_start``)
+cannot reach its node, or the node refuses the CONNECT, the next attempt goes to the next node
+(in turn, round and round). A node that drops the connection is tried once more first.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -18,7 +24,9 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from edgeserve.errors import BrokerError
 from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client
 
-__all__ = ["BrokerSettings", "BrokerUnreachableError", "connect"]
+__all__ = ["BrokerSettings", "BrokerUnreachableError", "connect", "fail_over"]
+
+log = logging.getLogger(__name__)
 
 
 class BrokerUnreachableError(BrokerError):
@@ -37,14 +45,44 @@ def connect(settings: BrokerSettings, client_id: str, prepare: Callable[[mqtt.Cl
     """Connect (persistent session) and return the client once CONNACK said success.
 
     ``prepare`` sets callbacks and the Last Will on each new client; ``connect_properties`` gives
-    the CONNECT properties for a protocol version (None for 3.1.1).
+    the CONNECT properties for a protocol version (None for 3.1.1). With several nodes, each is
+    tried in turn: :class:`BrokerUnreachableError` when none could be reached, else
+    :class:`BrokerError` naming why each refused.
     """
+    unreachable: list[str] = []
+    refused: list[str] = []
+    for index in range(len(settings.nodes)):
+        try:
+            client = _connect_node(settings, index, client_id, prepare, connect_properties,
+                                   timeout, manual_ack)
+        except BrokerUnreachableError as exc:
+            unreachable.append(str(exc))
+            continue
+        except BrokerError as exc:
+            refused.append(str(exc))
+            continue
+        if index:
+            log.warning("connected to broker node %s (the nodes before it failed: %s)",
+                        settings.node_url(index), "; ".join(unreachable + refused))
+        _follow_nodes(client, settings, index)
+        return client
+    if refused:
+        raise BrokerError("; ".join(refused + unreachable))
+    raise BrokerUnreachableError("; ".join(unreachable))
+
+
+def _connect_node(settings: BrokerSettings, index: int, client_id: str,
+                  prepare: Callable[[mqtt.Client], None],
+                  connect_properties: Callable[[MQTTProtocolVersion], Any], timeout: float,
+                  manual_ack: bool) -> mqtt.Client:
     versions = ["5", "3.1.1"] if settings.protocol == "auto" else [settings.protocol]
     last = "no attempt"
+    url = settings.node_url(index)
     for name in versions:
         client = new_client(settings, client_id, VERSIONS[name], manual_ack)
         prepare(client)
-        outcome = _handshake(client, settings, connect_properties(VERSIONS[name]), timeout)
+        outcome = _handshake(client, settings, index, connect_properties(VERSIONS[name]),
+                             timeout)
         if outcome.reason is not None and not outcome.reason.is_failure:
             # client.loop() made a wake-up socket pair; loop_start() makes its own and would
             # leak this one (an unclosed-socket ResourceWarning), so close it now.
@@ -58,8 +96,37 @@ def connect(settings: BrokerSettings, client_id: str, prepare: Callable[[mqtt.Cl
             "Banned")
         if refused:
             break
-    raise BrokerError(f"the MQTT broker at {settings.url} refused the connection ({last}); "
+    raise BrokerError(f"the MQTT broker at {url} refused the connection ({last}); "
                       "check --broker, credentials and TLS options")
+
+
+def _follow_nodes(client: mqtt.Client, settings: BrokerSettings, index: int) -> None:
+    """Make paho's automatic reconnect go to the next node when it cannot reach its own."""
+    if len(settings.nodes) < 2:
+        return
+    client._edgeserve_nodes = (settings, index)  # type: ignore[attr-defined]
+
+    def on_connect_fail(c: mqtt.Client, _userdata: Any) -> None:
+        fail_over(c, "unreachable")
+
+    client.on_connect_fail = on_connect_fail
+
+
+def fail_over(client: mqtt.Client, why: str) -> None:
+    """Point ``client``'s next (automatic) reconnect at the next broker node, if it has
+    several; call it when the node refused the CONNECT (it is called by itself when the node
+    cannot be reached)."""
+    nodes: tuple[BrokerSettings, int] | None = getattr(client, "_edgeserve_nodes", None)
+    if nodes is None:
+        return
+    settings, index = nodes
+    following = (index + 1) % len(settings.nodes)
+    # paho's host/port setters refuse while a reconnect is under way; its reconnect() reads
+    # these two attributes
+    client._host, client._port = settings.nodes[following]
+    client._edgeserve_nodes = (settings, following)  # type: ignore[attr-defined]
+    log.warning("broker node %s %s; trying %s next", settings.node_url(index), why,
+                settings.node_url(following))
 
 
 def _close(client: mqtt.Client) -> None:
@@ -70,7 +137,7 @@ def _close(client: mqtt.Client) -> None:
         pass
 
 
-def _handshake(client: mqtt.Client, settings: BrokerSettings, properties: Any,
+def _handshake(client: mqtt.Client, settings: BrokerSettings, index: int, properties: Any,
                timeout: float) -> _Outcome:
     outcome = _Outcome()
     previous_connect: Any = client.on_connect
@@ -89,14 +156,15 @@ def _handshake(client: mqtt.Client, settings: BrokerSettings, properties: Any,
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     deadline = time.monotonic() + timeout
     try:
-        client.connect(settings.host, settings.port, settings.keepalive,
+        host, port = settings.nodes[index]
+        client.connect(host, port, settings.keepalive,
                        clean_start=(False if client.protocol == mqtt.MQTTv5
                                     else mqtt.MQTT_CLEAN_START_FIRST_ONLY),
                        properties=properties)
     except (OSError, ssl.SSLError) as exc:
         client.on_connect, client.on_disconnect = previous_connect, previous_disconnect
-        raise BrokerUnreachableError(f"cannot reach the MQTT broker at {settings.url}: {exc}"
-                                     ) from None
+        raise BrokerUnreachableError(f"cannot reach the MQTT broker at "
+                                     f"{settings.node_url(index)}: {exc}") from None
     while outcome.reason is None and not outcome.closed and time.monotonic() < deadline:
         client.loop(timeout=0.1)
     client.on_connect, client.on_disconnect = previous_connect, previous_disconnect

@@ -42,8 +42,9 @@ from edgeserve.contract import (
     shared_filter,
 )
 from edgeserve.errors import BrokerError, StoreError
+from edgeserve.mqtt import topic_hint
 
-from .connection import BrokerSettings, BrokerUnreachableError, connect
+from .connection import BrokerSettings, BrokerUnreachableError, connect, fail_over
 from .ingest import Ingestor, Parsed
 
 __all__ = ["FleetService", "SharedMode"]
@@ -91,6 +92,14 @@ class FleetService:
         self.errors = 0
         self.worker_restarts = 0
         self._resumed = False
+
+    @property
+    def node(self) -> str | None:
+        """The URL of the broker node the client is connected to (None while it is not)."""
+        client = self._client
+        if client is None or not client.is_connected():
+            return None
+        return f"{'mqtts' if self.broker.tls else 'mqtt'}://{client.host}:{client.port}"
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -197,6 +206,7 @@ class FleetService:
                     props: Any) -> None:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
+            fail_over(client, f"refused the connection ({reason})")
             return
         self._resumed = bool(flags.session_present)
         self._shared_available = bool(getattr(props, "SharedSubscriptionAvailable", 1))
@@ -204,7 +214,8 @@ class FleetService:
                                              and client.protocol == mqtt.MQTTv5)
         telemetry = fleet_filter(self.ingestor.fleet, "telemetry")
         self.telemetry_filter = shared_filter(telemetry) if use_shared else telemetry
-        log.info("connected to %s (MQTT %s, session %s); telemetry on %s", self.broker.url,
+        log.info("connected to %s:%s (MQTT %s, session %s); telemetry on %s", client.host,
+                 client.port,
                  "5" if client.protocol == mqtt.MQTTv5 else "3.1.1",
                  "resumed" if flags.session_present else "new", self.telemetry_filter)
         for topic in (fleet_filter(self.ingestor.fleet, "status"), self.telemetry_filter):
@@ -224,7 +235,8 @@ class FleetService:
             self._pending_subs[new_mid or 0] = plain
             return
         if failed:
-            log.error("broker refused the subscription to %s: %s", topic, failed[0])
+            log.error("broker refused the subscription to %s: %s%s", topic, failed[0],
+                      topic_hint(topic))
             return
         if not self._pending_subs:
             self.ready.set()
@@ -235,10 +247,11 @@ class FleetService:
         self._queue.put(_Received(message.mid, message.qos, message.topic,
                                   bytes(message.payload)))
 
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
+    def _on_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
         if not self._stop.is_set():
-            log.warning("disconnected from %s (%s); reconnecting", self.broker.url, reason)
+            log.warning("disconnected from %s:%s (%s); reconnecting", client.host, client.port,
+                        reason)
 
     # -- worker ------------------------------------------------------------------------------------
 

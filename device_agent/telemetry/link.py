@@ -12,6 +12,12 @@ back-off and sending are all decided here:
   fleet can order them (see ``fleet/registry.py``).
 - **Back-off**: after a failed or lost connection, wait ``uniform(0, min(max, min·2^attempt))``
   ("full jitter"), so a fleet that lost its broker does not come back all in the same second.
+- **Fail-over**: with several broker nodes (:attr:`BrokerSettings.nodes`) each connect attempt
+  tries the node last connected first, then the others in order, without waiting in between;
+  the back-off is between rounds. The session (and with it the acks and desired state queued for
+  the device) is resumed wherever the broker replicates it (a NATS JetStream cluster); a broker
+  that does not know the session gets the subscriptions again (every connect subscribes) and the
+  unacked windows again (every connect sends them).
 - **Flush**: windows go oldest first, ``batch_windows`` per :class:`TelemetryBatch`, paced by a
   token bucket (``rate_windows_per_s``) and by acks: at most ``max_unacked_windows`` are in
   flight. If no ack moves for ``ack_timeout_s`` the unacked windows are sent again (the fleet
@@ -62,7 +68,7 @@ from edgeserve.contract import (
     parse_topic,
 )
 from edgeserve.errors import ContractError
-from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client, pump
+from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client, pump, topic_hint
 
 from .outbox import Outbox, Record
 
@@ -154,6 +160,8 @@ class Link:
         self._handlers: dict[str, Callable[[bytes], None]] = {}
         self._connect_hooks: list[Callable[[], None]] = []
         self._preferred = "5"
+        self._node = 0
+        """index of the broker node last connected (or tried first next time)"""
         self._connect_ts = 0.0
         acked = outbox.stats().acked_seq
         self._acked = max(acked, outbox.floor() - 1)
@@ -166,6 +174,7 @@ class Link:
                         for kind in ("status", "telemetry", "ack")}
         self._fleet_topic = fleet_status_topic(settings.fleet)
         self._quick_drops = 0
+        self._subscribing: dict[int, str] = {}
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -202,7 +211,7 @@ class Link:
         client = self._client
         if client is not None and self.connected.is_set():
             with self._io:
-                client.subscribe(topic, qos=1)
+                self._subscribe(client, topic)
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the link's thread) after every successful connect, e.g. to
@@ -274,24 +283,53 @@ class Link:
         s = self.settings
         return self._rng.uniform(0, min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 30)))
 
+    @property
+    def broker_url(self) -> str:
+        """The URL of the broker node connected (or to be tried first), without credentials."""
+        return self.settings.broker.node_url(self._node)
+
     def _connect(self) -> None:
+        """Connect to the node last used, else to the next ones in turn (one round)."""
+        count = len(self.settings.broker.nodes)
+        failures = []
+        for step in range(count):
+            if self._stop.is_set():
+                break
+            index = (self._node + step) % count
+            why = self._connect_node(index)
+            if why is None:
+                if step:
+                    log.warning("%s: failed over to broker %s", self.settings.device_id,
+                                self.broker_url)
+                return
+            failures.append(f"{self.settings.broker.node_url(index)}: {why}")
+        raise _ConnectFailed("cannot connect to " + "; ".join(failures) if failures
+                             else "stopped while connecting")
+
+    def _connect_node(self, index: int) -> str | None:
+        """Connect to one node (trying the other protocol when the broker refuses one); None on
+        success, else why not."""
         protocols = ([self.settings.broker.protocol] if self.settings.broker.protocol != "auto"
                      else [self._preferred, "3.1.1" if self._preferred == "5" else "5"])
         last = ""
         for name in protocols:
-            outcome = self._try_connect(name)
+            try:
+                outcome = self._try_connect(name, index)
+            except _ConnectFailed as exc:
+                return str(exc)
             if outcome is None:
                 self._preferred = name
-                return
+                return None
             last = f"MQTT {name}: {outcome}"
             if outcome not in ("closed before CONNACK", _PROTOCOL_REFUSED):
                 break
-        raise _ConnectFailed(f"cannot connect to {self.settings.broker.url}: {last}")
+        return last
 
-    def _try_connect(self, name: str) -> str | None:
-        """One attempt; None on success, else why it failed."""
+    def _try_connect(self, name: str, index: int = 0) -> str | None:
+        """One attempt on node ``index``; None on success, else why it failed."""
         version = VERSIONS[name]
         s = self.settings
+        host, port = s.broker.nodes[index]
         client = new_client(s.broker, s.mqtt_client_id, version)
         self._connect_ts = time.time()
         client.will_set(self._topics["status"], self._status("offline", "connection lost"),
@@ -301,12 +339,12 @@ class Link:
             reason=reason, session=flags.session_present)
         client.on_disconnect = lambda *_a: result.setdefault("closed", True)
         try:
-            client.connect(s.broker.host, s.broker.port, s.broker.keepalive,
+            client.connect(host, port, s.broker.keepalive,
                            clean_start=(False if version == MQTTProtocolVersion.MQTTv5
                                         else mqtt.MQTT_CLEAN_START_FIRST_ONLY),
                            properties=self._connect_properties(version))
         except (OSError, ssl.SSLError, ValueError) as exc:
-            raise _ConnectFailed(f"cannot reach {s.broker.url}: {exc}") from None
+            raise _ConnectFailed(f"cannot reach it: {exc}") from None
         deadline = time.monotonic() + _CONNACK_TIMEOUT_S
         while "reason" not in result and "closed" not in result:
             if time.monotonic() > deadline or self._stop.is_set():
@@ -316,6 +354,7 @@ class Link:
         if reason is None or reason.is_failure:
             _close(client)
             return "closed before CONNACK" if reason is None else str(reason)
+        self._node = index
         self._on_connected(client, name, bool(result.get("session")))
         return None
 
@@ -330,11 +369,12 @@ class Link:
         client.on_connect = None
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         with self._io:
             self._client = client
             self._lost = False
             for topic in (self._topics["ack"], self._fleet_topic, *self._handlers):
-                client.subscribe(topic, qos=1)
+                self._subscribe(client, topic)
             client.publish(self._topics["status"], self._status("online"), qos=1, retain=True)
         # everything not acked is sent again: the broker may have lost what was in flight
         self._acked = max(self._acked, self.outbox.floor() - 1)
@@ -345,12 +385,25 @@ class Link:
         self.stats.protocol = protocol
         self.connected.set()
         log.info("%s: connected to %s (MQTT %s, session %s)", self.settings.device_id,
-                 self.settings.broker.url, protocol, "resumed" if session else "new")
+                 self.broker_url, protocol, "resumed" if session else "new")
         for hook in self._connect_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("%s: on_connect callback failed", self.settings.device_id)
+
+    def _subscribe(self, client: mqtt.Client, topic: str) -> None:
+        _rc, mid = client.subscribe(topic, qos=1)
+        if mid is not None:
+            self._subscribing[mid] = topic
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int, reasons: Any,
+                      _props: Any = None) -> None:
+        topic = self._subscribing.pop(mid, "?")
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            log.error("%s: the broker refused the subscription to %s (%s)%s",
+                      self.settings.device_id, topic, failed[0], topic_hint(topic))
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any = None) -> None:
@@ -368,8 +421,9 @@ class Link:
             if self._quick_drops in (3, 10, 100):
                 log.error("%s: the broker closed the connection within %.0f s of connecting %d "
                           "times in a row; if another client uses client id %r, each takes the "
-                          "session over from the other", self.settings.device_id,
-                          _QUICK_DROP_S, self._quick_drops, client_id)
+                          "session over from the other%s", self.settings.device_id,
+                          _QUICK_DROP_S, self._quick_drops, client_id,
+                          topic_hint(self._topics["status"]))
         else:
             self._quick_drops = 0
 
@@ -382,7 +436,7 @@ class Link:
                 _close(client)
         if not self._stop.is_set():
             log.warning("%s: lost the connection to %s", self.settings.device_id,
-                        self.settings.broker.url)
+                        self.broker_url)
 
     def _goodbye(self) -> None:
         client, self._client = self._client, None

@@ -38,7 +38,7 @@ from edgeserve.errors import EdgeserveError
 
 from ..artifact_tokens import ArtifactTokens
 from ..artifacts import ArtifactStore
-from ..connection import BrokerSettings, connect
+from ..connection import BrokerSettings, connect, fail_over
 from ..deltas import DeltaCache
 from ..desired import DesiredStates
 from ..files import FileGate, answer_file_request, refusal
@@ -142,9 +142,6 @@ class RolloutController:
     def start(self) -> None:
         self._client = connect(self.broker, self.client_id, self._prepare, lambda v: None)
         self._client.loop_start()
-        self._client.subscribe(fleet_filter(self.fleet, "reported"), qos=1)
-        # chunked artifact transfer for devices that only speak MQTT
-        self._client.subscribe(f"{fleet_filter(self.fleet, 'files')[:-2]}/req", qos=1)
         self._loop.start()
 
     def stop(self) -> None:
@@ -155,6 +152,18 @@ class RolloutController:
 
     def _prepare(self, client: mqtt.Client) -> None:
         client.on_message = self._on_message
+        client.on_connect = self._on_connect
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
+                    _props: Any) -> None:
+        """Subscribe on every connect: a reconnect may land on a broker (node) without this
+        client's session, e.g. after failing over to a standby broker."""
+        if reason.is_failure:
+            fail_over(client, f"refused the connection ({reason})")
+            return
+        client.subscribe(fleet_filter(self.fleet, "reported"), qos=1)
+        # chunked artifact transfer for devices that only speak MQTT
+        client.subscribe(f"{fleet_filter(self.fleet, 'files')[:-2]}/req", qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # an exception here would end paho's network thread, and with it desired state
