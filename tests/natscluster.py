@@ -1,0 +1,222 @@
+"""A 3-node NATS JetStream cluster with its MQTT listener, started by the tests themselves.
+
+Each node gets its own temporary directory (config, JetStream store, log), free loopback ports
+(client, cluster routes, HTTP monitoring, MQTT) and a ``server_name``; the nodes route to one
+another. :func:`start_nats_cluster` returns once every node's MQTT port accepts connections and
+the JetStream meta leader is elected (every node's ``/jsz`` names one), then proves it with an
+MQTT 3.1.1 QoS 1 round trip through a persistent session (the MQTT layer's own streams are made
+lazily by the first such session, and take a moment in a fresh cluster). Nodes die with the test
+run (``edgeserve._process.popen``: parent-death signal); :meth:`NatsCluster.kill` is a kill -9.
+
+Where ``nats-server`` is missing the test skips, except under ``CI=true`` (``tests.services.need``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from edgeserve._process import popen
+from tests.services import free_port, need, port_open
+
+__all__ = ["NatsCluster", "NatsNode", "mqtt_round_trip", "nats_cluster", "nats_server",
+           "start_nats_cluster"]
+
+
+def nats_server() -> str | None:
+    return shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@dataclass
+class NatsNode:
+    name: str
+    client_port: int
+    cluster_port: int
+    http_port: int
+    mqtt_port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """This node's MQTT listener as a broker URL."""
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def config(self, routes: list[int]) -> str:
+        route_list = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+        return (f'server_name: "{self.name}"\n'
+                f'listen: "127.0.0.1:{self.client_port}"\n'
+                f'http: "127.0.0.1:{self.http_port}"\n'
+                f'jetstream {{ store_dir: "{self.workdir / "js"}" }}\n'
+                f'cluster {{\n  name: "edgeserve-test"\n'
+                f'  listen: "127.0.0.1:{self.cluster_port}"\n  routes: [{route_list}]\n}}\n'
+                f'mqtt {{\n  listen: "127.0.0.1:{self.mqtt_port}"\n  stream_replicas: 3\n}}\n')
+
+    def start(self, exe: str) -> None:
+        with (self.workdir / "nats.log").open("ab") as log:
+            self.process = popen([exe, "-c", str(self.workdir / "nats.conf")], stdout=log,
+                                 stderr=subprocess.STDOUT)
+
+    def jsz(self) -> dict[str, object]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz",
+                                    timeout=1.0) as answer:
+            return json.loads(answer.read())  # type: ignore[no-any-return]
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return (self.workdir / "nats.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class NatsCluster:
+    nodes: list[NatsNode]
+    root: Path
+    started_s: float = 0.0
+    killed: list[str] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def node_at(self, port: int) -> NatsNode:
+        return next(node for node in self.nodes if node.mqtt_port == port)
+
+    def kill(self, node: NatsNode) -> None:
+        """kill -9 one node."""
+        if node.process is not None and node.process.poll() is None:
+            node.process.kill()
+            node.process.wait(10)
+        self.killed.append(node.name)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.kill()
+                node.process.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _meta_leader(node: NatsNode) -> str | None:
+    try:
+        meta = node.jsz().get("meta_cluster")
+    except (OSError, ValueError):
+        return None
+    return meta.get("leader") if isinstance(meta, dict) else None
+
+
+def mqtt_round_trip(port: int, timeout: float = 5.0) -> bool:
+    """Connect (MQTT 3.1.1, persistent session), subscribe and publish QoS 1 to oneself: True
+    when the message came back within ``timeout`` seconds."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    topic = f"probe/{uuid.uuid4().hex[:10]}"
+    subscribed, back = threading.Event(), threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
+                         protocol=mqtt.MQTTv311, clean_session=False)
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_message = lambda _c, _u, message: back.set() if message.topic == topic else None
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        if not subscribed.wait(timeout):
+            return False
+        client.publish(topic, b"ping", qos=1)
+        return back.wait(timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            # a clean session on the way out deletes the probe's session streams
+            client.disconnect()
+        client.loop_stop()
+        with contextlib.suppress(Exception):
+            cleaner = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client._client_id.decode(),
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+            cleaner.connect("127.0.0.1", port, keepalive=10)
+            cleaner.disconnect()
+
+
+def start_nats_cluster(size: int = 3, timeout: float = 30.0) -> NatsCluster:
+    """Start ``size`` routed nodes; return once they serve MQTT with JetStream ready."""
+    exe = nats_server()
+    if exe is None:
+        need("nats-server is not installed (Debian: apt-get install nats-server)")
+    began = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="es-nats-"))
+    nodes = []
+    for i in range(size):
+        client, cluster, http, mqtt_port = _free_ports(4)
+        workdir = root / f"n{i + 1}"
+        workdir.mkdir()
+        nodes.append(NatsNode(f"n{i + 1}", client, cluster, http, mqtt_port, workdir))
+    cluster_ = NatsCluster(nodes, root)
+    try:
+        for node in nodes:
+            routes = [other.cluster_port for other in nodes if other is not node]
+            (node.workdir / "nats.conf").write_text(node.config(routes))
+            node.start(exe)
+        deadline = time.monotonic() + timeout
+        pending = list(nodes)
+        while pending:
+            for node in list(pending):
+                if not node.alive:
+                    raise RuntimeError(f"nats-server {node.name} exited: {node.log_tail()}")
+                if port_open("127.0.0.1", node.mqtt_port, 0.2) and _meta_leader(node):
+                    pending.remove(node)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"the NATS cluster was not ready within {timeout:g} s "
+                                   f"(waiting for {[n.name for n in pending]}): "
+                                   f"{pending[0].log_tail()}")
+            time.sleep(0.1)
+        for node in nodes:
+            while not mqtt_round_trip(node.mqtt_port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"NATS node {node.name} did not pass an MQTT QoS 1 round "
+                                       f"trip within {timeout:g} s: {node.log_tail()}")
+                time.sleep(0.2)
+        cluster_.started_s = time.monotonic() - began
+        return cluster_
+    except BaseException:  # a half-started cluster is not left running
+        cluster_.stop()
+        raise
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A fresh 3-node NATS JetStream cluster (MQTT listeners) this test owns and may kill."""
+    cluster = start_nats_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
