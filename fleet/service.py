@@ -60,6 +60,8 @@ class _Received:
     qos: int
     topic: str
     payload: bytes
+    connection: int = 0
+    """which connection brought it: packet ids (``mid``) mean something only on that one"""
 
 
 class FleetService:
@@ -92,6 +94,7 @@ class FleetService:
         self.errors = 0
         self.worker_restarts = 0
         self._resumed = False
+        self._connection = 0
 
     @property
     def node(self) -> str | None:
@@ -209,6 +212,7 @@ class FleetService:
             fail_over(client, f"refused the connection ({reason})")
             return
         self._resumed = bool(flags.session_present)
+        self._connection += 1
         self._shared_available = bool(getattr(props, "SharedSubscriptionAvailable", 1))
         use_shared = self.shared == "on" or (self.shared == "auto" and self._shared_available
                                              and client.protocol == mqtt.MQTTv5)
@@ -245,7 +249,7 @@ class FleetService:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_Received(message.mid, message.qos, message.topic,
-                                  bytes(message.payload)))
+                                  bytes(message.payload), self._connection))
 
     def _on_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
@@ -288,8 +292,12 @@ class FleetService:
             client = self._client
             # acked even when dropped: a message that can never be stored must not come back
             # from the broker after a restart and stop ingestion again
+            # a message of an earlier connection is not acked on this one, where its packet id
+            # may name another message not stored yet; a resumed session delivers it again
+            # (stored once: the primary key), a new one never will
             for message in group:
-                if message.qos > 0 and client is not None:
+                if message.qos > 0 and client is not None and (
+                        message.connection == self._connection):
                     client.ack(message.mid, message.qos)
 
     def _parse(self, group: list[_Received]) -> list[Parsed]:
