@@ -116,6 +116,10 @@ def _labels(path: Path | None) -> list[str] | None:
               help="Text file with one class name per line.")
 @click.option("--task", type=click.Choice(["classification", "regression", "embedding",
                                            "detection", "other"]), help="Override task detection.")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Make a batch axis the model fixes at 1 dynamic, when ONNX Runtime gives "
+                   "each sample its own outputs at batch 2 and 3 (ONNX artifacts; the report "
+                   "says either way).")
 @click.option("--keep-going", is_flag=True, help="Build the other targets when one fails pre-flight.")
 @click.option("--allow-random-calibration", is_flag=True,
               help="Calibrate int8 on random data when none is given (the report says so).")
@@ -126,8 +130,8 @@ def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
             evaluation: Path | None, name: str, version: str, release: int | None,
             sign_key: Path, out: Path, input_shapes: tuple[str, ...], preprocess: tuple[str, ...],
             layouts: tuple[str, ...], constants: tuple[str, ...], labels: Path | None,
-            task: str | None, keep_going: bool, allow_random_calibration: bool,
-            work_dir: Path | None, as_json: bool) -> None:
+            task: str | None, dynamic_batch: bool, keep_going: bool,
+            allow_random_calibration: bool, work_dir: Path | None, as_json: bool) -> None:
     """Convert a trained model into a validated, signed package.
 
     SOURCE is an .onnx file, a TorchScript (.pt/.pth) or .pt2 file, a .keras file or SavedModel
@@ -143,7 +147,8 @@ def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
         calibration=calibration, evaluation=evaluation,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         preprocessing=parse_preprocess(preprocess), constant_inputs=_constants(constants),
-        layouts=_layouts(layouts), labels=_labels(labels), task=task, keep_going=keep_going,
+        layouts=_layouts(layouts), labels=_labels(labels), task=task,
+        dynamic_batch=dynamic_batch, keep_going=keep_going,
         allow_random_calibration=allow_random_calibration, show_progress=not as_json,
         work_dir=work_dir)
     result = converter.run(source, out, sign_key)

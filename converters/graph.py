@@ -16,6 +16,7 @@ Every function takes and returns an ``onnx.ModelProto``; ``onnx`` is imported la
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,33 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int |
         del model.graph.value_info[:]
     inferred: onnx.ModelProto = onnx.shape_inference.infer_shapes(model, data_prop=True)
     return inferred
+
+
+def free_batch(model: onnx.ModelProto, keep: Sequence[str] = ()) -> tuple[onnx.ModelProto,
+                                                                          list[str]]:
+    """``model`` with the first axis of every input and output fixed at 1 made dynamic
+    (``batch``), but for the inputs named in ``keep``; and the inputs so freed (none: the model
+    is returned as it was). Intermediate shapes are cleared and re-inferred. Whether the graph
+    then computes the same thing per sample is for the caller to check."""
+    import onnx
+
+    def fixed_at_one(value: Any) -> bool:
+        dims = value.type.tensor_type.shape.dim
+        return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+    freed = [v.name for v in _graph_inputs(model) if fixed_at_one(v) and v.name not in keep]
+    if not freed:
+        return model, []
+    model = _copy(model)
+    for value in [*_graph_inputs(model), *model.graph.output]:
+        if fixed_at_one(value) and value.name not in keep:
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.Clear()
+            dim.dim_param = BATCH
+    del model.graph.value_info[:]
+    with contextlib.suppress(Exception):  # the caller's runtime check decides; shapes are hints
+        model = onnx.shape_inference.infer_shapes(model)
+    return model, freed
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -61,7 +61,10 @@ class ConvertOptions:
     :func:`~.checks.derive_release` of the version. ``preprocessing`` maps input names (``""``:
     the only input) to :class:`ImagePreprocessing` or some of its fields (the rest come from the
     input's shape). ``capture_output`` sends third-party console output to
-    ``OUT/NAME-VERSION.convert.log`` while converting.
+    ``OUT/NAME-VERSION.convert.log`` while converting. ``dynamic_batch`` makes a batch axis that
+    the source fixed at 1 dynamic in the reference and the ONNX artifacts, when ONNX Runtime
+    computes the same per sample stacked as alone (checked at batch 2 and 3; the report says
+    either way), so that requests may carry several samples and the agent can batch them.
     """
 
     profiles: Sequence[str | HardwareProfile]
@@ -86,6 +89,7 @@ class ConvertOptions:
     show_progress: bool = True
     work_dir: Path | None = None
     capture_output: bool = True
+    dynamic_batch: bool = False
 
     def load_profiles(self) -> list[HardwareProfile]:
         if not self.profiles:

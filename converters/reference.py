@@ -21,7 +21,7 @@ from edgeserve.manifest import ImagePreprocessing
 from .context import BuildContext
 from .data import Dataset, load_dataset, random_dataset
 from .dequantize import SourceQuantization, dequantize, quantization_of
-from .graph import fix_input_shapes, fold, freeze_inputs, readable_names, run_onnx
+from .graph import fix_input_shapes, fold, free_batch, freeze_inputs, readable_names, run_onnx
 from .options import ConvertOptions
 from .plan import PlannedArtifact
 from .preprocess import resolve_preprocessing
@@ -106,6 +106,53 @@ def _keep_batch(model: Any, evaluation: Dataset, notes: list[str]) -> Any:
     notes.append(f"the graph does not run at batch 2 ({problem}): batch fixed at 1, so each "
                  "request carries one sample")
     return fix_input_shapes(model, {}, batch=1)
+
+
+def _stacked(feeds: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([v[i % len(v)][None] for i in range(count)])
+            for k, v in feeds.items()}
+
+
+def _free_batch(model: Any, evaluation: Dataset, keep: Sequence[str], notes: list[str]) -> Any:
+    """Make a batch fixed at 1 dynamic (``dynamic_batch``) when ONNX Runtime computes the same
+    per sample stacked as one at a time: at batch 2 and 3, every output equal (to float
+    round-off) to the single-sample runs. Else keep it at 1 and say why."""
+    if any(a != 0 for a in evaluation.axes.values()):
+        notes.append("--dynamic-batch: the data are whole feeds, not samples on the batch "
+                     "axis, so the batch stays as the model has it")
+        return model
+    trial, freed = free_batch(model, keep)
+    if not freed:
+        return model
+    problem = None
+    try:
+        for count in (2, 3):
+            feeds = _stacked(evaluation.inputs, count)
+            stacked = run_onnx(trial, feeds)
+            alone = [run_onnx(model, {k: v[i:i + 1] for k, v in feeds.items()})
+                     for i in range(count)]
+            for index, output in enumerate(stacked):
+                single = np.concatenate([a[index] for a in alone])
+                if output.shape != single.shape:
+                    problem = (f"output {index} is {list(output.shape)} at batch {count}, "
+                               f"{list(single.shape)} one sample at a time")
+                elif not np.allclose(output, single, rtol=1e-4,
+                                     atol=1e-5 * max(1.0, float(np.abs(single).max(initial=0)))):
+                    problem = (f"output {index} at batch {count} differs from one sample at a "
+                               "time (the graph mixes samples)")
+                if problem:
+                    break
+            if problem:
+                break
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if problem is not None:
+        notes.append(f"--dynamic-batch: the batch of {freed} stays fixed at 1: {problem}")
+        return model
+    notes.append(f"--dynamic-batch: the batch of {freed} was fixed at 1 and is now dynamic "
+                 "(ONNX Runtime gave each sample's own outputs at batch 2 and 3): requests may "
+                 "carry several samples, and the agent can batch them (static routes keep 1)")
+    return trial
 
 
 def _shape_notes(options: ConvertOptions, framework: str) -> list[str]:
@@ -211,6 +258,9 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
     calibration, evaluation = _data(options, signature, plans, preprocessing)
     model = fold(model, evaluation.sample(0))  # one sample as one call: fits every model
     model = _keep_batch(model, evaluation, notes)
+    if options.dynamic_batch:
+        model = _free_batch(model, evaluation, [k for k, v in options.input_shapes.items()
+                                                if v and v[0] is not None], notes)
     notes += _shape_notes(options, imported.framework)
     reference_path = work / "reference.onnx"
     onnx.save(model, str(reference_path))
