@@ -7,7 +7,9 @@
     calling ONNX Runtime, the same ONNX model, the same request, the same number of inference
     workers and ONNX Runtime threads, at concurrency 1 and 8: HTTP (JSON) driven by ``wrk``, gRPC
     (``ModelInfer``, ``fp32_contents``) by ``h2load`` with one stream per connection; throughput,
-    p50, p99.
+    p50, p99. The ceiling runs beside them: ``bench/bare_server.py``, one Starlette route and one
+    ``grpc.aio`` handler calling the same session with nothing else (no validation, limits or
+    telemetry).
 (c) Dynamic batching: two ~1 ms CNNs (a compute-bound one with a pooled head, a weight-bound
     one with a dense head) called by 8 threads at once through ``Agent.predict``, unbatched and
     batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch.
@@ -534,6 +536,17 @@ def start_mlserver(onnx_path: Path, workers: int, work: Path) -> Started:
     return process, f"http://127.0.0.1:{port}/v2/models/toy/infer", f"127.0.0.1:{grpc_port}"
 
 
+def start_bare(onnx_path: Path, work: Path) -> Started:
+    """bench/bare_server.py: the least server for the same calls, the ceiling."""
+    port, grpc_port = _free_port(), _free_port()
+    log = work / "bare.log"
+    with log.open("wb") as sink:
+        process = popen([sys.executable, str(REPO / "bench" / "bare_server.py"), str(onnx_path),
+                         str(port), str(grpc_port)], stdout=sink, stderr=subprocess.STDOUT)
+    _wait_ready_or_stop(f"http://127.0.0.1:{port}/v2/health/ready", process, log, 60)
+    return process, f"http://127.0.0.1:{port}/v2/models/toy/infer", f"127.0.0.1:{grpc_port}"
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -573,6 +586,7 @@ def run_wrk(wrk: str, url: str, body: str, connections: int, duration: int,
 
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+BARE = "bare Starlette / grpc.aio handler (ceiling)"
 
 
 def ensure_h2load() -> str:
@@ -661,6 +675,7 @@ def bench_http(work: Path, key: Any, duration: int, workers: int,
     for n in mlserver_workers:
         servers.append((f"MLServer 1.7.1 (parallel_workers={n})",
                         lambda n=n: start_mlserver(onnx_path, n, work)))
+    servers.append((BARE, lambda: start_bare(onnx_path, work)))
     # All servers run at once (idle ones cost nothing) and the runs alternate between them, so
     # a burst from another process on this shared machine hits every server alike; the
     # median of the repeats is reported.
