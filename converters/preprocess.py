@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-from pydantic import ValidationError
-
+from edgeserve._doc import ValidationError
+from edgeserve._validation import describe_validation_error
 from edgeserve.errors import ConfigError
 from edgeserve.manifest import ImagePreprocessing, TensorSpec
 
@@ -145,8 +145,8 @@ def _complete(spec: TensorSpec, given: Mapping[str, Any]) -> ImagePreprocessing:
     try:
         return ImagePreprocessing.model_validate(fields)
     except ValidationError as exc:
-        raise ConfigError(f"--preprocess for input {spec.name!r}: {exc.errors()[0]['msg']}") \
-            from None
+        raise ConfigError(describe_validation_error(exc, f"--preprocess for input {spec.name!r}")
+                          ) from None
 
 
 def resolve_preprocessing(given: Mapping[str, PreprocessSpec],

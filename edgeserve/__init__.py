@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .signing import TrustStore, generate_keypair, load_private_key, load_public_key
 
 # Re-exports load on first use (PEP 562): ``import edgeserve.errors`` on a device must not pay for
-# pydantic, cryptography and the package reader (docs/benchmarks.md, "Agent footprint").
+# cryptography and the package reader (docs/benchmarks.md, "Agent footprint").
 _LAZY = {
     "EdgeserveError": "errors",
     "Artifact": "manifest", "Manifest": "manifest", "TensorSpec": "manifest",

@@ -1,4 +1,4 @@
-"""Turn pydantic validation failures into one precise, human sentence per problem.
+"""Turn validation failures of documents into one precise, human sentence per problem.
 
 Every document edgeserve reads (manifests, profiles, MQTT payloads, reports) goes through
 :func:`validate`, so all of them report errors the same way: where (file or topic), which key, what
@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
+from ._doc import Document, ValidationError
 from .errors import SchemaError
 
 __all__ = ["describe_validation_error", "validate", "validate_json"]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Document)
 
 _MAX_PROBLEMS = 5
 
@@ -48,9 +47,14 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
             lines.append(f"{where}: key '{key}' is missing (required)")
         elif problem["type"] == "extra_forbidden":
             lines.append(f"{where}: key '{key}' is not allowed here (unknown key; check spelling)")
+        elif problem["type"] == "value_error":  # a check across keys: its own sentence
+            lines.append(f"{where}: {expected}" if not problem["loc"]
+                         else f"{where}: key '{key}': {expected}")
+        elif "input" in problem:
+            found = _found(problem["input"])
+            lines.append(f"{where}: key '{key}': found {found}, expected {expected}")
         else:
-            found = _found(problem.get("input"))
-            lines.append(f"{where}: key '{key}': found {found}, expected: {expected}")
+            lines.append(f"{where}: key '{key}': expected {expected}")
     extra = err.error_count() - _MAX_PROBLEMS
     if extra > 0:
         lines.append(f"{where}: ... and {extra} more problem(s)")

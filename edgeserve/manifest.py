@@ -14,8 +14,9 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from msgspec import Meta
 
+from ._doc import Document, field
 from ._validation import validate, validate_json
 from .errors import SchemaError
 
@@ -61,107 +62,96 @@ _SHA256 = r"^[0-9a-f]{64}$"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Dim = Annotated[int, Meta(ge=0)] | Annotated[str, Meta(min_length=1, max_length=64)] | None
 
 
-Dim = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=64)] | None
-
-
-class QuantParams(_Strict):
+class QuantParams(Document):
     """Affine quantization of an integer tensor: ``real = scale * (q - zero_point)``."""
 
-    scale: float = Field(gt=0)
+    scale: Annotated[float, Meta(gt=0)]
     zero_point: int
 
 
-class TensorSpec(_Strict):
+class TensorSpec(Document):
     """One named tensor of a model or artifact signature."""
 
-    name: str = Field(min_length=1, max_length=256)
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
     dtype: DType
-    shape: list[Dim] = Field(max_length=16, description="int: fixed; str or null: dynamic axis")
-    layout: str | None = Field(default=None, max_length=16, description="e.g. NCHW, NHWC, NC")
+    shape: Annotated[list[Dim], Meta(max_length=16,
+                                     description="int: fixed; str or null: dynamic axis")]
+    layout: Annotated[str, Meta(max_length=16, description="e.g. NCHW, NHWC, NC")] | None = None
     quantization: QuantParams | None = None
-    description: str = Field(default="", max_length=1000)
+    description: Annotated[str, Meta(max_length=1000)] = ""
 
 
-class ImagePreprocessing(_Strict):
+class ImagePreprocessing(Document):
     """How an image file becomes the model input tensor (used by ``agent predict`` on images)."""
 
     kind: Literal["image"] = "image"
-    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
-        description="(height, width) after resizing"
-    )
+    size: Annotated[tuple[Annotated[int, Meta(ge=1)], Annotated[int, Meta(ge=1)]],
+                    Meta(description="(height, width) after resizing")]
     color: Literal["rgb", "bgr", "gray"] = "rgb"
-    scale: float = Field(default=1 / 255, description="multiplied into the 0..255 pixel values")
-    mean: list[float] = Field(default_factory=list, max_length=4)
-    std: list[float] = Field(default_factory=list, max_length=4)
+    scale: Annotated[float, Meta(description="multiplied into the 0..255 pixel values")] = 1 / 255
+    mean: Annotated[list[float], Meta(max_length=4)] = field(default_factory=list)
+    std: Annotated[list[float], Meta(max_length=4)] = field(default_factory=list)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    invert: bool = Field(default=False, description="255 - pixel before scaling (e.g. MNIST ink)")
+    invert: Annotated[bool, Meta(description="255 - pixel before scaling (e.g. MNIST ink)")] = False
 
 
-class FileEntry(_Strict):
-    sha256: str = Field(pattern=_SHA256)
-    size: int = Field(ge=0)
+class FileEntry(Document):
+    sha256: Annotated[str, Meta(pattern=_SHA256)]
+    size: Annotated[int, Meta(ge=0)]
 
 
-class SourceInfo(_Strict):
-    framework: str = Field(min_length=1, max_length=64)
-    sha256: str = Field(pattern=_SHA256)
-    filename: str | None = Field(default=None, max_length=512)
+class SourceInfo(Document):
+    framework: Annotated[str, Meta(min_length=1, max_length=64)]
+    sha256: Annotated[str, Meta(pattern=_SHA256)]
+    filename: Annotated[str, Meta(max_length=512)] | None = None
 
 
-class Artifact(_Strict):
+class Artifact(Document):
     """One runnable form of the model. ``path`` is a file, or a directory prefix (Core ML)."""
 
-    id: str = Field(pattern=_NAME)
+    id: Annotated[str, Meta(pattern=_NAME)]
     format: ArtifactFormat
     precision: Precision
     quantization: Quantization = "none"
-    path: str = Field(min_length=1, max_length=512)
-    profiles: list[str] = Field(default_factory=list, max_length=64)
-    runtime: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    inputs: list[TensorSpec] | None = Field(
-        default=None, description="this artifact's own signature when it differs (layout, int8 I/O)"
-    )
+    path: Annotated[str, Meta(min_length=1, max_length=512)]
+    profiles: Annotated[list[str], Meta(max_length=64)] = field(default_factory=list)
+    runtime: dict[str, str | int | float | bool] = field(default_factory=dict)
+    inputs: Annotated[list[TensorSpec] | None, Meta(description=(
+        "this artifact's own signature when it differs (layout, int8 I/O)"))] = None
     outputs: list[TensorSpec] | None = None
-    size_bytes: int = Field(default=0, ge=0)
-    validation: dict[str, Any] = Field(default_factory=dict)
+    size_bytes: Annotated[int, Meta(ge=0)] = 0
+    validation: dict[str, Any] = field(default_factory=dict)
 
 
-class Manifest(_Strict):
-    schema_: Literal["edgeserve.manifest/1"] = Field(default="edgeserve.manifest/1", alias="schema")
-    name: str = Field(pattern=_NAME)
-    version: str = Field(pattern=_SEMVER)
-    release: int = Field(ge=1, description="monotonic; devices refuse a lower one than installed")
-    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    description: str = Field(default="", max_length=4000)
+class Manifest(Document):
+    schema_: Literal["edgeserve.manifest/1"] = field(default="edgeserve.manifest/1", name="schema")
+    name: Annotated[str, Meta(pattern=_NAME)]
+    version: Annotated[str, Meta(pattern=_SEMVER)]
+    release: Annotated[int, Meta(ge=1, description="monotonic; devices refuse a lower one than "
+                                                   "installed")]
+    created: Annotated[datetime, Meta(extra_json_schema={"format": "date-time"})] = \
+        field(default_factory=lambda: datetime.now(UTC))
+    description: Annotated[str, Meta(max_length=4000)] = ""
     task: Task = "other"
     source: SourceInfo
-    inputs: list[TensorSpec] = Field(min_length=1, max_length=256)
-    outputs: list[TensorSpec] = Field(min_length=1, max_length=256)
-    preprocessing: dict[str, ImagePreprocessing] = Field(default_factory=dict)
-    labels: list[str] | None = Field(default=None, max_length=100_000)
-    artifacts: list[Artifact] = Field(min_length=1, max_length=256)
-    files: dict[str, FileEntry] = Field(default_factory=dict, max_length=10_000)
+    inputs: Annotated[list[TensorSpec], Meta(min_length=1, max_length=256)]
+    outputs: Annotated[list[TensorSpec], Meta(min_length=1, max_length=256)]
+    preprocessing: dict[str, ImagePreprocessing] = field(default_factory=dict)
+    labels: Annotated[list[str], Meta(max_length=100_000)] | None = None
+    artifacts: Annotated[list[Artifact], Meta(min_length=1, max_length=256)]
+    files: Annotated[dict[str, FileEntry], Meta(max_length=10_000)] = field(default_factory=dict)
     reference: str | None = None
     samples: str | None = None
     report: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @field_validator("files")
-    @classmethod
-    def _safe_file_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
-        for name in files:
+    def __post_init__(self) -> None:
+        for name in self.files:
             if not is_safe_member_name(name) or name in ("manifest.json", "signature"):
                 raise ValueError(f"file name {name!r} is not a safe relative path in the package")
-        return files
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
         ids = [a.id for a in self.artifacts]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
@@ -177,7 +167,6 @@ class Manifest(_Strict):
         unknown = set(self.preprocessing) - input_names
         if unknown:
             raise ValueError(f"preprocessing for unknown inputs {sorted(unknown)}")
-        return self
 
     def artifact_files(self, artifact: Artifact) -> list[str]:
         """The package members that make up ``artifact`` (one file, or a directory's files)."""

@@ -17,15 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+import msgspec.structs
+from msgspec import Meta
 
+from ._doc import Document, ValidationError, field
 from ._validation import validate
 from .errors import ProfileError, UnknownProfileError
 from .manifest import ArtifactFormat, Precision, Quantization
@@ -53,60 +48,56 @@ DeviceClass = Literal[
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Accelerator(_Strict):
+class Accelerator(Document):
     name: str
     kind: Literal["gpu", "npu", "tpu", "dsp", "vpu"]
-    tops_int8: float | None = Field(default=None, ge=0, description="vendor peak int8 TOPS")
-    precisions: list[Precision] = Field(default_factory=list)
+    tops_int8: Annotated[float, Meta(ge=0, description="vendor peak int8 TOPS")] | None = None
+    precisions: list[Precision] = field(default_factory=list)
 
 
-class Hardware(_Strict):
+class Hardware(Document):
     arch: Literal["x86_64", "aarch64", "armv7l", "xtensa", "riscv32", "riscv64", "any"]
     cpu: str
-    cores: int = Field(ge=1, le=1024)
-    clock_mhz: int | None = Field(default=None, ge=1)
-    memory_mb: float = Field(gt=0, description="RAM; fractions allowed for MCUs (0.5 = 512 KB)")
-    storage_mb: float = Field(gt=0)
-    accelerators: list[Accelerator] = Field(default_factory=list)
+    cores: Annotated[int, Meta(ge=1, le=1024)]
+    clock_mhz: Annotated[int, Meta(ge=1)] | None = None
+    memory_mb: Annotated[float, Meta(gt=0, description="RAM; fractions allowed for MCUs (0.5 = 512 KB)")]
+    storage_mb: Annotated[float, Meta(gt=0)]
+    accelerators: list[Accelerator] = field(default_factory=list)
 
 
-class Budgets(_Strict):
+class Budgets(Document):
     """Byte budgets on the device; a build that exceeds one fails before converting."""
 
-    max_model_bytes: int = Field(gt=0)
-    max_arena_bytes: int | None = Field(default=None, gt=0)
-    cache_bytes: int = Field(gt=0, description="the agent's model cache budget")
+    max_model_bytes: Annotated[int, Meta(gt=0)]
+    max_arena_bytes: Annotated[int, Meta(gt=0)] | None = None
+    cache_bytes: Annotated[int, Meta(gt=0, description="the agent's model cache budget")]
 
 
-class OrtRuntime(_Strict):
-    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    intra_op_threads: int = Field(default=0, ge=0, description="0 = let ONNX Runtime decide")
-    inter_op_threads: int = Field(default=1, ge=0)
+class OrtRuntime(Document):
+    execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    intra_op_threads: Annotated[int, Meta(ge=0, description="0 = let ONNX Runtime decide")] = 0
+    inter_op_threads: Annotated[int, Meta(ge=0)] = 1
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
-class LiteRtRuntime(_Strict):
-    delegates: list[str] = Field(default_factory=lambda: ["xnnpack"])
-    threads: int = Field(default=0, ge=0)
+class LiteRtRuntime(Document):
+    delegates: list[str] = field(default_factory=lambda: ["xnnpack"])
+    threads: Annotated[int, Meta(ge=0)] = 0
 
 
-class CoreMlRuntime(_Strict):
+class CoreMlRuntime(Document):
     compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "ALL"
     minimum_deployment_target: Literal[
         "iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15"
     ] = "iOS17"
 
 
-class TfliteMicroRuntime(_Strict):
-    arena_bytes: int = Field(gt=0)
-    ops: list[str] = Field(default_factory=list, description="ops the firmware registers")
+class TfliteMicroRuntime(Document):
+    arena_bytes: Annotated[int, Meta(gt=0)]
+    ops: Annotated[list[str], Meta(description="ops the firmware registers")] = field(default_factory=list)
 
 
-class Runtimes(_Strict):
+class Runtimes(Document):
     onnxruntime: OrtRuntime | None = None
     litert: LiteRtRuntime | None = None
     coreml: CoreMlRuntime | None = None
@@ -124,7 +115,7 @@ _FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ArtifactTarget(_Strict):
+class ArtifactTarget(Document):
     """One artifact the converter builds for this device class.
 
     ``fallback`` lists artifact keys (``onnx-fp16``, ``onnx-fp32`` …) to ship in place of this
@@ -135,10 +126,10 @@ class ArtifactTarget(_Strict):
     format: ArtifactFormat
     precision: Precision
     quantization: Quantization = "none"
-    required: bool = Field(default=True, description="a failure of this artifact fails the build")
+    required: Annotated[bool, Meta(description="a failure of this artifact fails the build")] = True
     io_dtype: Literal["float32", "int8", "uint8"] = "float32"
-    fallback: list[str] = Field(default_factory=list, max_length=8,
-                                description="artifact keys shipped in its place when it fails")
+    fallback: Annotated[list[str], Meta(max_length=8, description=(
+        "artifact keys shipped in its place when it fails"))] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -146,12 +137,9 @@ class ArtifactTarget(_Strict):
             else f"-{self.quantization}"
         return f"{self.format}-{self.precision}{suffix}"
 
-    @field_validator("fallback")
-    @classmethod
-    def _known_keys(cls, keys: list[str]) -> list[str]:
-        for key in keys:
+    def __post_init__(self) -> None:
+        for key in self.fallback:
             target_from_key(key)
-        return keys
 
     def fallback_targets(self) -> list[ArtifactTarget]:
         """The ``fallback`` keys as targets, in order (never required themselves)."""
@@ -184,20 +172,19 @@ def target_from_key(key: str) -> ArtifactTarget:
     return target
 
 
-class ValidationBudget(_Strict):
+class ValidationBudget(Document):
     """How close an artifact must stay to the fp32 reference (``warn_*``: passed with a warning)."""
 
-    min_cosine: float = Field(ge=-1, le=1)
-    warn_cosine: float | None = Field(default=None, ge=-1, le=1)
-    max_abs_error: float | None = Field(default=None, ge=0)
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
-    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
-                                            description="task metric drop, in fractions")
-    max_range_error: float | None = Field(
-        default=None, ge=0, description="outputs of a few values per sample (scores, "
-        "sigmoids): largest abs error over the output's range [default: sqrt(2 (1 - "
-        "min_cosine))]")
-    warn_range_error: float | None = Field(default=None, ge=0)
+    min_cosine: Annotated[float, Meta(ge=-1, le=1)]
+    warn_cosine: Annotated[float, Meta(ge=-1, le=1)] | None = None
+    max_abs_error: Annotated[float, Meta(ge=0)] | None = None
+    min_top1_agreement: Annotated[float, Meta(ge=0, le=1)] | None = None
+    max_accuracy_drop: Annotated[float, Meta(ge=0, le=1, description=(
+        "task metric drop, in fractions"))] | None = None
+    max_range_error: Annotated[float, Meta(ge=0, description=(
+        "outputs of a few values per sample (scores, sigmoids): largest abs error over the "
+        "output's range [default: sqrt(2 (1 - min_cosine))]"))] | None = None
+    warn_range_error: Annotated[float, Meta(ge=0)] | None = None
 
 
 def _default_budgets() -> dict[Precision, ValidationBudget]:
@@ -213,33 +200,32 @@ def _default_budgets() -> dict[Precision, ValidationBudget]:
     }
 
 
-class Limits(_Strict):
-    unsupported_ops: dict[ArtifactFormat, list[str]] = Field(
-        default_factory=dict, description="ONNX op types this device's runtime cannot run"
-    )
-    max_tensor_rank: int | None = Field(default=None, ge=1)
+class Limits(Document):
+    unsupported_ops: Annotated[dict[ArtifactFormat, list[str]], Meta(description=(
+        "ONNX op types this device's runtime cannot run"))] = field(default_factory=dict)
+    max_tensor_rank: Annotated[int, Meta(ge=1)] | None = None
     requires_static_shapes: bool = False
 
 
-class HardwareProfile(_Strict):
-    schema_: Literal["edgeserve.profile/1"] = Field(default="edgeserve.profile/1", alias="schema")
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+class HardwareProfile(Document):
+    schema_: Literal["edgeserve.profile/1"] = field(default="edgeserve.profile/1", name="schema")
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
     title: str
     device_class: DeviceClass
     vendor: str
-    sources: list[str] = Field(default_factory=list, description="vendor spec pages used")
+    sources: Annotated[list[str], Meta(description="vendor spec pages used")] = field(default_factory=list)
     description: str = ""
     hardware: Hardware
     budgets: Budgets
     runtimes: Runtimes
-    artifacts: list[ArtifactTarget] = Field(min_length=1)
-    validation: dict[Precision, ValidationBudget] = Field(default_factory=_default_budgets)
-    limits: Limits = Field(default_factory=Limits)
+    artifacts: Annotated[list[ArtifactTarget], Meta(min_length=1)]
+    validation: dict[Precision, ValidationBudget] = field(default_factory=_default_budgets)
+    limits: Limits = field(default_factory=Limits)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _runtimes_cover_artifacts(self) -> HardwareProfile:
+    def __post_init__(self) -> None:
+        # given budgets override the defaults per precision
+        msgspec.structs.force_setattr(self, "validation",  # type: ignore[arg-type]
+                                      {**_default_budgets(), **self.validation})
         available = set(self.runtimes.available())
         for i, target in enumerate(self.artifacts):
             if not available & set(_FORMAT_RUNTIMES[target.format]):
@@ -255,14 +241,6 @@ class HardwareProfile(_Strict):
                         f"{fallback.format} is declared (declare one of "
                         f"{list(_FORMAT_RUNTIMES[fallback.format])} under [runtimes])"
                     )
-        return self
-
-    @field_validator("validation")
-    @classmethod
-    def _merge_default_budgets(
-        cls, given: dict[Precision, ValidationBudget]
-    ) -> dict[Precision, ValidationBudget]:
-        return {**_default_budgets(), **given}
 
     def budget_for(self, precision: str) -> ValidationBudget:
         return self.validation.get(precision) or _default_budgets()["int8"]  # type: ignore[call-overload]

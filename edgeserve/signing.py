@@ -15,10 +15,11 @@ import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from msgspec import Meta
 
+from ._doc import Document, field
 from ._validation import validate_json
 from .errors import (
     KeyFileError,
@@ -52,17 +53,17 @@ __all__ = [
 SIGNATURE_SCHEMA = "edgeserve.signature/1"
 
 
-class SignatureEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    keyid: str = Field(pattern=r"^[0-9a-f]{64}$")
-    sig: str = Field(min_length=1, max_length=200, description="base64 ed25519 signature")
+class SignatureEntry(Document):
+    keyid: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    sig: Annotated[str, Meta(min_length=1, max_length=200,
+                             description="base64 ed25519 signature")]
 
 
-class SignatureDocument(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    schema_: str = Field(default=SIGNATURE_SCHEMA, alias="schema", pattern=r"^edgeserve\.signature/1$")
-    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    signatures: list[SignatureEntry] = Field(min_length=1, max_length=16)
+class SignatureDocument(Document):
+    schema_: Annotated[str, Meta(pattern=r"^edgeserve\.signature/1$")] = \
+        field(default=SIGNATURE_SCHEMA, name="schema")
+    manifest_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    signatures: Annotated[list[SignatureEntry], Meta(min_length=1, max_length=16)]
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.model_dump(mode="json", by_alias=True))

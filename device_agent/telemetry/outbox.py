@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
+from edgeserve._doc import ValidationError
 from edgeserve.contract import MAX_PAYLOAD_BYTES, Window
 from edgeserve.errors import CacheError, SchemaError
 

@@ -26,8 +26,10 @@ import json
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import msgspec
+from msgspec import Meta
 
+from .._doc import Document, field
 from .._validation import validate_json
 from ..errors import ContractError
 from ..signing import SignatureEntry
@@ -68,16 +70,15 @@ kind of signed thing."""
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _VERSION = r"^[0-9A-Za-z.+-]{1,64}$"
 _SHA256 = r"^[0-9a-f]{64}$"
-Id = Annotated[str, Field(pattern=_ID)]
-Ver = Annotated[str, Field(pattern=_VERSION)]
-Count = Annotated[int, Field(ge=0, le=2**53)]
-Seconds = Annotated[float, Field(ge=0, le=1e11)]
+Id = Annotated[str, Meta(pattern=_ID)]
+Ver = Annotated[str, Meta(pattern=_VERSION)]
+Count = Annotated[int, Meta(ge=0, le=2**53)]
+Seconds = Annotated[float, Meta(ge=0, le=1e11)]
 
 
-class Message(BaseModel):
+class Message(Document, forbid_unknown_fields=False):
     """Base of every payload: schema version 1, unknown keys ignored, immutable."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
     v: Literal[1] = 1
 
 
@@ -88,13 +89,13 @@ class Status(Message):
 
     device_id: Id
     state: Literal["online", "offline"]
-    ts: Seconds = Field(default_factory=time.time)
-    agent_version: str | None = Field(default=None, max_length=64)
-    profile: str | None = Field(default=None, max_length=64)
-    models: dict[Id, Ver] = Field(default_factory=dict, max_length=256,
-                                  description="active version per model")
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
-    reason: str | None = Field(default=None, max_length=256)
+    ts: Seconds = field(default_factory=time.time)
+    agent_version: Annotated[str, Meta(max_length=64)] | None = None
+    profile: Annotated[str, Meta(max_length=64)] | None = None
+    models: Annotated[dict[Id, Ver], Meta(max_length=256, description=(
+        "active version per model"))] = field(default_factory=dict)
+    labels: Annotated[dict[str, str], Meta(max_length=64)] = field(default_factory=dict)
+    reason: Annotated[str, Meta(max_length=256)] | None = None
 
 
 class FleetStatus(Message):
@@ -104,10 +105,10 @@ class FleetStatus(Message):
     while no fleet session existed was dropped by the broker."""
 
     state: Literal["online", "offline"]
-    instance: str = Field(min_length=1, max_length=64, description="one fleet process's run")
-    ts: Seconds = Field(default_factory=time.time)
-    resumed: bool = Field(default=False, description="the broker kept the fleet's session, so "
-                                                     "it queued what devices sent meanwhile")
+    instance: Annotated[str, Meta(min_length=1, max_length=64, description="one fleet process's run")]
+    ts: Seconds = field(default_factory=time.time)
+    resumed: Annotated[bool, Meta(description=(
+        "the broker kept the fleet's session, so it queued what devices sent meanwhile"))] = False
 
 
 # -- desired --------------------------------------------------------------------------------------
@@ -115,51 +116,47 @@ class FleetStatus(Message):
 class VersionRef(Message):
     """Where a device gets one version: the package's base URL (or MQTT) and its manifest hash."""
 
-    release: int = Field(ge=1)
+    release: Annotated[int, Meta(ge=1)]
     transport: Literal["http", "mqtt"] = "http"
-    url: str | None = Field(default=None, max_length=2048,
-                            description="base URL serving manifest.json, signature, files/...")
-    manifest_sha256: str = Field(pattern=_SHA256)
-    token: str | None = Field(default=None, max_length=512,
-                              description="sent as 'Authorization: Bearer' to the artifact "
-                                          "endpoint when the fleet protects it")
+    url: Annotated[str, Meta(max_length=2048, description=(
+        "base URL serving manifest.json, signature, files/..."))] | None = None
+    manifest_sha256: Annotated[str, Meta(pattern=_SHA256)]
+    token: Annotated[str, Meta(max_length=512, description=(
+        "sent as 'Authorization: Bearer' to the artifact endpoint when the fleet protects it"
+    ))] | None = None
 
-    @model_validator(mode="after")
-    def _url_for_http(self) -> VersionRef:
+    def __post_init__(self) -> None:
         if self.transport == "http" and not (self.url or "").startswith(("http://", "https://")):
             raise ValueError("transport 'http' needs an http(s):// url")
-        return self
 
 
 class ShadowSpec(Message):
     version: Ver
-    sample_rate: float = Field(default=1.0, gt=0, le=1)
+    sample_rate: Annotated[float, Meta(gt=0, le=1)] = 1.0
 
 
 class HealthPolicy(Message):
     """How a device decides to commit a new version after activation."""
 
-    min_inferences: int = Field(default=20, ge=0, le=1_000_000)
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    max_latency_ms: float | None = Field(default=None, gt=0)
-    sample_tolerance: float = Field(default=1e-2, ge=0)
-    max_watch_s: float = Field(
-        default=120.0, gt=0, le=30 * 86400,
-        description="a device that sees fewer than min_inferences live requests in this time "
-                    "decides on those it saw (the sample check has passed already), so that an "
-                    "idle device does not hold a rollout stage forever")
+    min_inferences: Annotated[int, Meta(ge=0, le=1000000)] = 20
+    max_error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.05
+    max_latency_ms: Annotated[float, Meta(gt=0)] | None = None
+    sample_tolerance: Annotated[float, Meta(ge=0)] = 0.01
+    max_watch_s: Annotated[float, Meta(gt=0, le=30 * 86400, description=(
+        "a device that sees fewer than min_inferences live requests in this time decides on those"
+        " it saw (the sample check has passed already), so that an idle device does not hold a "
+        "rollout stage forever"))] = 120.0
 
 
 class DesiredModel(Message):
     active: Ver
-    versions: dict[Ver, VersionRef] = Field(min_length=1, max_length=16)
-    traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16,
-                                      description="A/B weights; empty = all to active")
+    versions: Annotated[dict[Ver, VersionRef], Meta(min_length=1, max_length=16)]
+    traffic: Annotated[dict[Ver, float], Meta(max_length=16, description=(
+        "A/B weights; empty = all to active"))] = field(default_factory=dict)
     shadow: ShadowSpec | None = None
-    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
 
-    @model_validator(mode="after")
-    def _versions_known(self) -> DesiredModel:
+    def __post_init__(self) -> None:
         needed = {self.active, *self.traffic, *([self.shadow.version] if self.shadow else [])}
         missing = needed - set(self.versions)
         if missing:
@@ -168,7 +165,6 @@ class DesiredModel(Message):
             raise ValueError("traffic weights must not be negative")
         if self.traffic and sum(self.traffic.values()) <= 0:
             raise ValueError("traffic weights must add up to more than 0")
-        return self
 
 
 class Desired(Message):
@@ -176,12 +172,12 @@ class Desired(Message):
     retained on ``devices/{id}/desired``); the agent applies only a higher ``revision``, meant
     for it (``device_id``) and not ``expires``-d."""
 
-    revision: int = Field(ge=0, le=2**53)
-    ts: Seconds = Field(default_factory=time.time)
-    models: dict[Id, DesiredModel] = Field(default_factory=dict, max_length=64)
-    rollout: str | None = Field(default=None, max_length=128)
-    device_id: Id | None = Field(default=None, description="the device it is for (signed)")
-    expires: Seconds | None = Field(default=None, description="not to be applied after (signed)")
+    revision: Annotated[int, Meta(ge=0, le=2 ** 53)]
+    ts: Seconds = field(default_factory=time.time)
+    models: Annotated[dict[Id, DesiredModel], Meta(max_length=64)] = field(default_factory=dict)
+    rollout: Annotated[str, Meta(max_length=128)] | None = None
+    device_id: Annotated[Id | None, Meta(description="the device it is for (signed)")] = None
+    expires: Annotated[Seconds | None, Meta(description="not to be applied after (signed)")] = None
 
 
 class SignedDesired(Message):
@@ -189,15 +185,15 @@ class SignedDesired(Message):
     the fleet's ed25519 signature(s) over ``DESIRED_CONTEXT + payload`` (UTF-8). Signing the
     exact bytes, not a re-encoding, keeps a newer fleet's additions verifiable by older agents."""
 
-    payload: str = Field(min_length=2, max_length=MAX_PAYLOAD_BYTES)
-    signatures: list[SignatureEntry] = Field(min_length=1, max_length=4)
+    payload: Annotated[str, Meta(min_length=2, max_length=MAX_PAYLOAD_BYTES)]
+    signatures: Annotated[list[SignatureEntry], Meta(min_length=1, max_length=4)]
 
 
 # -- reported -------------------------------------------------------------------------------------
 
 class ErrorInfo(Message):
-    code: str = Field(max_length=64, description="the EdgeserveError class name")
-    message: str = Field(max_length=2000)
+    code: Annotated[str, Meta(max_length=64, description="the EdgeserveError class name")]
+    message: Annotated[str, Meta(max_length=2000)]
     version: Ver | None = None
 
 
@@ -205,42 +201,42 @@ class Delivery(Message):
     """How the files of the last version a device fetched crossed the network."""
 
     version: Ver
-    received: Count = Field(description="bytes of files (and deltas) received")
-    full_bytes: Count = Field(description="what downloading every file in full would have cost")
-    delta_files: Count = Field(default=0, description="files rebuilt from a delta and verified")
-    reused_files: Count = Field(default=0, description="files already in the cache (nothing sent)")
-    fallbacks: Count = Field(default=0, description="deltas refused (damaged, wrong base, hash "
-                                                    "mismatch): fetched in full instead")
-    fallbacks_total: Count = Field(default=0, description="deltas refused on this device, ever")
+    received: Annotated[Count, Meta(description="bytes of files (and deltas) received")]
+    full_bytes: Annotated[Count, Meta(description="what downloading every file in full would have cost")]
+    delta_files: Annotated[Count, Meta(description="files rebuilt from a delta and verified")] = 0
+    reused_files: Annotated[Count, Meta(description="files already in the cache (nothing sent)")] = 0
+    fallbacks: Annotated[Count, Meta(description=(
+        "deltas refused (damaged, wrong base, hash mismatch): fetched in full instead"))] = 0
+    fallbacks_total: Annotated[Count, Meta(description="deltas refused on this device, ever")] = 0
 
 
 class ModelReport(Message):
     active: Ver | None = None
     previous: Ver | None = None
-    installed: list[Ver] = Field(default_factory=list, max_length=64)
-    state: Literal["idle", "downloading", "retrying", "verifying", "staged", "health-check",
-                   "committed", "rolled-back", "unhealthy", "failed"] = Field(
-        default="idle",
-        description="retrying: a download was cut or refused for a while, the next attempt "
-                    "resumes it (last_error says why and when); unhealthy: the version failed "
-                    "its health check and there was no earlier version to return to, so it "
-                    "still serves; failed: the target could not be delivered or verified")
+    installed: Annotated[list[Ver], Meta(max_length=64)] = field(default_factory=list)
+    state: Annotated[Literal["idle", "downloading", "retrying", "verifying", "staged",
+                             "health-check", "committed", "rolled-back", "unhealthy", "failed"],
+                     Meta(description="retrying: a download was cut or refused for a while, the "
+                          "next attempt resumes it (last_error says why and when); unhealthy: "
+                          "the version failed its health check and there was no earlier "
+                          "version to return to, so it still serves; failed: the target could "
+                          "not be delivered or verified")] = "idle"
     target: Ver | None = None
-    progress: float = Field(default=0.0, ge=0, le=1)
-    traffic: dict[Ver, float] = Field(default_factory=dict, max_length=16)
+    progress: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    traffic: Annotated[dict[Ver, float], Meta(max_length=16)] = field(default_factory=dict)
     shadow: Ver | None = None
     last_error: ErrorInfo | None = None
-    active_since: Seconds | None = Field(
-        default=None, description="when the active version started answering (the fleet "
-                                  "judges a new version only on traffic after this)")
+    active_since: Annotated[Seconds | None, Meta(description=(
+        "when the active version started answering (the fleet judges a new version only on "
+        "traffic after this)"))] = None
     delivery: Delivery | None = None
 
 
 class Reported(Message):
     device_id: Id
-    revision: int = Field(ge=0, le=2**53, description="last desired revision applied")
-    ts: Seconds = Field(default_factory=time.time)
-    models: dict[Id, ModelReport] = Field(default_factory=dict, max_length=64)
+    revision: Annotated[int, Meta(ge=0, le=2 ** 53, description="last desired revision applied")]
+    ts: Seconds = field(default_factory=time.time)
+    models: Annotated[dict[Id, ModelReport], Meta(max_length=64)] = field(default_factory=dict)
 
 
 # -- telemetry ------------------------------------------------------------------------------------
@@ -249,7 +245,7 @@ class ShadowReport(Message):
     version: Ver
     compared: Count
     disagreements: Count
-    max_abs_diff: float = Field(default=0.0, ge=0)
+    max_abs_diff: Annotated[float, Meta(ge=0)] = 0.0
     errors: Count = 0
     latency: HistogramData | None = None
 
@@ -259,27 +255,26 @@ class FeedbackSummary(Message):
 
     count: Count
     reward_sum: float = 0.0
-    reward_sumsq: float = Field(default=0.0, ge=0)
+    reward_sumsq: Annotated[float, Meta(ge=0)] = 0.0
     correct: Count = 0
     labeled: Count = 0
-    rewarded: Count | None = Field(
-        default=None, description="feedback events that carried a reward (the rest carried "
-                                  "only a label); agents that predate the field leave it unset "
-                                  "and readers then use count")
+    rewarded: Annotated[Count | None, Meta(description=(
+        "feedback events that carried a reward (the rest carried only a label); agents that "
+        "predate the field leave it unset and readers then use count"))] = None
 
 
 class Health(Message):
-    mem_used_mb: float | None = Field(default=None, ge=0)
-    mem_total_mb: float | None = Field(default=None, ge=0)
-    disk_free_mb: float | None = Field(default=None, ge=0)
-    cpu_load: float | None = Field(default=None, ge=0)
-    temp_c: float | None = Field(default=None, ge=-100, le=300)
+    mem_used_mb: Annotated[float, Meta(ge=0)] | None = None
+    mem_total_mb: Annotated[float, Meta(ge=0)] | None = None
+    disk_free_mb: Annotated[float, Meta(ge=0)] | None = None
+    cpu_load: Annotated[float, Meta(ge=0)] | None = None
+    temp_c: Annotated[float, Meta(ge=-100, le=300)] | None = None
 
 
 class Window(Message):
     """One aggregation window of one model version (or device health when ``model`` is None)."""
 
-    seq: int = Field(ge=1, le=2**53, description="per-device sequence number, from 1")
+    seq: Annotated[int, Meta(ge=1, le=2 ** 53, description="per-device sequence number, from 1")]
     start: Seconds
     end: Seconds
     model: Id | None = None
@@ -294,33 +289,30 @@ class Window(Message):
     shadow: ShadowReport | None = None
     feedback: FeedbackSummary | None = None
     health: Health | None = None
-    dropped: Count = Field(default=0, description="windows the outbox dropped before this one")
+    dropped: Annotated[Count, Meta(description="windows the outbox dropped before this one")] = 0
 
-    @model_validator(mode="after")
-    def _sane(self) -> Window:
+    def __post_init__(self) -> None:
         if self.end < self.start:
             raise ValueError("window end is before its start")
         if self.errors > self.requests:
             raise ValueError("errors cannot exceed requests")
         if (self.model is None) != (self.version is None):
             raise ValueError("model and version go together")
-        return self
 
 
 class TelemetryBatch(Message):
     device_id: Id
-    sent: Seconds = Field(default_factory=time.time)
-    windows: list[Window] = Field(min_length=1, max_length=1000)
-    floor: int | None = Field(default=None, ge=1, le=2**53,
-                              description="lowest seq the device still holds: every seq below "
-                                          "it was acked or dropped by its outbox and will never "
-                                          "be sent, so the fleet may ack past gaps below it")
+    sent: Seconds = field(default_factory=time.time)
+    windows: Annotated[list[Window], Meta(min_length=1, max_length=1000)]
+    floor: Annotated[int, Meta(ge=1, le=2 ** 53, description=(
+        "lowest seq the device still holds: every seq below it was acked or dropped by its outbox"
+        " and will never be sent, so the fleet may ack past gaps below it"))] | None = None
 
 
 class Ack(Message):
     """``seq`` is the highest sequence number below which every window is stored."""
 
-    seq: int = Field(ge=0, le=2**53)
+    seq: Annotated[int, Meta(ge=0, le=2 ** 53)]
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -329,24 +321,22 @@ class FileRequest(Message):
     transfer: Id
     model: Id
     version: Ver
-    file: str = Field(min_length=1, max_length=512, description="member path or 'manifest.json'")
-    offset: int = Field(default=0, ge=0)
-    length: int = Field(default=65536, ge=1, le=512 * 1024)
-    base: str | None = Field(
-        default=None, pattern=_SHA256,
-        description="sha256 of the file the device holds: send the delta against it "
-                    "(edgeserve.delta), or refuse with an error starting 'full:' when the full "
-                    "file is to be fetched instead")
+    file: Annotated[str, Meta(min_length=1, max_length=512, description="member path or 'manifest.json'")]
+    offset: Annotated[int, Meta(ge=0)] = 0
+    length: Annotated[int, Meta(ge=1, le=512 * 1024)] = 65536
+    base: Annotated[str, Meta(pattern=_SHA256, description=(
+        "sha256 of the file the device holds: send the delta against it (edgeserve.delta), or "
+        "refuse with an error starting 'full:' when the full file is to be fetched instead"))] | None = None
 
 
 class FileChunk(Message):
     transfer: Id
-    file: str = Field(min_length=1, max_length=512)
-    offset: int = Field(ge=0)
-    total: int = Field(ge=0)
-    data: str = Field(max_length=700_000, description="base64 bytes")
-    sha256: str = Field(pattern=_SHA256, description="of the decoded chunk")
-    error: str | None = Field(default=None, max_length=1000)
+    file: Annotated[str, Meta(min_length=1, max_length=512)]
+    offset: Annotated[int, Meta(ge=0)]
+    total: Annotated[int, Meta(ge=0)]
+    data: Annotated[str, Meta(max_length=700000, description="base64 bytes")]
+    sha256: Annotated[str, Meta(pattern=_SHA256, description="of the decoded chunk")]
+    error: Annotated[str, Meta(max_length=1000)] | None = None
 
     def payload(self) -> bytes:
         try:
@@ -381,9 +371,18 @@ def decode(model: type[M], payload: bytes | bytearray | str, where: str = "paylo
         raise ContractError(f"{where}: expected a JSON object (starting with '{{'), "
                             f"got {payload[:20]!r}")
     message = validate_json(model, payload, where, ContractError, max_bytes=max_bytes)
-    if "v" not in message.model_fields_set:
+    if msgspec.json.decode(payload, type=_Version).v is _ABSENT:
         raise ContractError(f"{where}: missing schema version key 'v' (expected \"v\": 1)")
     return message
+
+
+_ABSENT: Any = object()
+
+
+class _Version(msgspec.Struct):
+    """Only the ``v`` key of a payload (whether it was given; the rest is skipped)."""
+
+    v: Any = _ABSENT
 
 
 def encode(message: Message) -> bytes:

@@ -41,11 +41,12 @@ import math
 from collections.abc import Mapping
 from itertools import pairwise
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from msgspec import Meta
 
+from .._doc import Document, field
 from .._validation import validate_json
 from ..errors import SchemaError
 
@@ -86,21 +87,20 @@ FALSE_ALARM = 0.05
 """Chance that same-distribution data gives a drift score above 0 (over all features scored)."""
 
 
-class FeatureGroup(BaseModel):
+class FeatureGroup(Document):
     """How one tensor becomes features, with per-feature bin edges and reference bin counts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     tensor: str
     role: Literal["input", "output"]
     reduce: Reduce
-    axis: int | None = Field(default=None, description="channel axis for reduce='channel'")
-    features: list[str] = Field(min_length=1, max_length=4096)
-    edges: list[list[float]] = Field(description="interior bin edges per feature (ascending)")
-    ref_counts: list[list[int]] = Field(description="reference counts per feature and bin")
+    axis: Annotated[int | None, Meta(description="channel axis for reduce='channel'")] = None
+    features: Annotated[list[str], Meta(min_length=1, max_length=4096)]
+    edges: Annotated[list[list[float]],
+                     Meta(description="interior bin edges per feature (ascending)")]
+    ref_counts: Annotated[list[list[int]],
+                          Meta(description="reference counts per feature and bin")]
 
-    @model_validator(mode="after")
-    def _shapes(self) -> FeatureGroup:
+    def __post_init__(self) -> None:
         if not (len(self.features) == len(self.edges) == len(self.ref_counts)):
             raise ValueError("features, edges and ref_counts must have one entry per feature")
         for edges, counts in zip(self.edges, self.ref_counts, strict=True):
@@ -108,19 +108,17 @@ class FeatureGroup(BaseModel):
                 raise ValueError("each feature needs len(edges)+1 reference counts")
             if any(b <= a for a, b in pairwise(edges)):
                 raise ValueError("bin edges must be strictly ascending")
-        return self
 
     def extract(self, batch: np.ndarray) -> np.ndarray:
         """Features of a batch (first axis = samples) as an ``(N, F)`` float64 array."""
         return extract_features(batch, self.reduce, self.axis, len(self.features))
 
 
-class ReferenceStats(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    schema_: Literal["edgeserve.reference/1"] = Field(default="edgeserve.reference/1", alias="schema")
-    samples: int = Field(ge=0)
-    groups: list[FeatureGroup] = Field(default_factory=list)
+class ReferenceStats(Document):
+    schema_: Literal["edgeserve.reference/1"] = field(default="edgeserve.reference/1",
+                                                      name="schema")
+    samples: Annotated[int, Meta(ge=0)]
+    groups: list[FeatureGroup] = field(default_factory=list)
 
     @classmethod
     def from_arrays(
@@ -227,23 +225,22 @@ def _fit_group(name: str, role: Literal["input", "output"], reduce: Reduce, axis
                         edges=all_edges, ref_counts=all_counts)
 
 
-class SketchGroupData(BaseModel):
+class SketchGroupData(Document):
     """Wire form of one group's live counts (same order as the reference's groups)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    t: str = Field(description="tensor name")
+    t: Annotated[str, Meta(description="tensor name")]
     r: Reduce
-    n: int = Field(ge=0)
-    c: list[list[int]] = Field(max_length=4096, description="bin counts per feature")
-    s: list[float] = Field(default_factory=list, max_length=4096, description="sum per feature")
+    n: Annotated[int, Meta(ge=0)]
+    c: Annotated[list[list[int]], Meta(max_length=4096, description="bin counts per feature")]
+    s: Annotated[list[float], Meta(max_length=4096, description="sum per feature")] = \
+        field(default_factory=list)
 
 
-class SketchData(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    g: list[SketchGroupData] = Field(default_factory=list, max_length=1024)
+class SketchData(Document):
+    g: Annotated[list[SketchGroupData], Meta(max_length=1024)] = field(default_factory=list)
 
 
-class DriftScore(BaseModel):
+class DriftScore(Document):
     """Drift of one role's features (inputs or outputs) against the reference.
 
     ``psi``, ``js`` and ``psi_mean`` are noise-corrected (see the module docstring): 0 means no
@@ -251,14 +248,14 @@ class DriftScore(BaseModel):
     in the same fields, so the wire form is unchanged.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    psi: float = Field(ge=0, description="max PSI over features, in excess of its noise floor")
-    js: float = Field(ge=0, le=1, description="max Jensen–Shannon divergence (base 2), in "
-                      "excess of its noise floor")
-    psi_mean: float = Field(ge=0)
-    worst: str | None = Field(default=None, description="feature closest to (or furthest "
-                              "beyond) its noise floor")
-    n: int = Field(ge=0, description="live samples compared")
+    psi: Annotated[float, Meta(ge=0, description="max PSI over features, in excess of its "
+                                                 "noise floor")]
+    js: Annotated[float, Meta(ge=0, le=1, description="max Jensen–Shannon divergence (base 2), "
+                                                      "in excess of its noise floor")]
+    psi_mean: Annotated[float, Meta(ge=0)]
+    worst: Annotated[str | None, Meta(description="feature closest to (or furthest beyond) its "
+                                                  "noise floor")] = None
+    n: Annotated[int, Meta(ge=0, description="live samples compared")]
 
 
 def _frequencies(counts: np.ndarray, keep: np.ndarray, smoothing: float) -> np.ndarray:

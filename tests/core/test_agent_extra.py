@@ -31,7 +31,8 @@ def test_agent_extra_installs_and_imports_without_heavy_frameworks(tmp_path: Pat
     names = {p["name"].lower().replace("-", "_") for p in json.loads(listed.stdout)}
     assert not names & {"torch", "tensorflow", "tensorflow_cpu", "coremltools", "onnx2tf",
                         "tf_keras"}, names
-    assert {"onnxruntime", "ai_edge_litert", "paho_mqtt"} <= names
+    assert {"onnxruntime", "ai_edge_litert", "paho_mqtt", "msgspec"} <= names
+    assert "pydantic" not in names, "the agent's documents need no pydantic (about 15 MB of RSS)"
     probe = (
         "import sys, json, edgeserve.device_agent, edgeserve.contract, edgeserve.package;"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"

@@ -1,0 +1,67 @@
+"""The agent's serving path loads no pydantic (issue 17: it cost a device ~15 MB of RSS).
+
+The documents the agent reads and writes (manifests, profiles, MQTT messages, telemetry
+sketches, signatures) are msgspec structs; pydantic stays in the converter and the fleet. A fresh
+interpreter imports what ``edgeserve agent serve`` and ``agent run`` import, then uses the
+documents as the agent does, and must end with no ``pydantic`` module loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import json, sys
+import edgeserve.cli
+import edgeserve.device_agent.cli, edgeserve.device_agent.run
+import edgeserve.device_agent.server, edgeserve.device_agent.server.runner
+import edgeserve.device_agent.server.http, edgeserve.device_agent.server.grpc
+import edgeserve.device_agent.telemetry.link, edgeserve.device_agent.agent
+from edgeserve.contract import Ack, Status, TelemetryBatch, Window, decode, encode
+from edgeserve.manifest import manifest_json_schema
+from edgeserve.profiles import list_profiles
+from edgeserve.telemetry.histogram import LatencyHistogram
+
+profiles = list_profiles()
+hist = LatencyHistogram()
+hist.add(1.5)
+batch = TelemetryBatch(device_id="d1", windows=[Window(seq=1, start=0, end=60, model="m",
+                                                       version="1.0.0", requests=1,
+                                                       latency=hist.to_data())])
+assert decode(TelemetryBatch, encode(batch)) == batch
+decode(Status, encode(Status(device_id="d1", state="online")))
+try:
+    decode(Ack, b'{"v": 1, "seq": "x"}')
+except Exception:
+    pass
+manifest_json_schema()
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core"))))
+"""
+
+
+def test_serving_path_imports_no_pydantic(tmp_path: Path) -> None:
+    """Importing and using the agent's serving path leaves no pydantic module loaded."""
+    # cwd outside the repository: the installed package, as `edgeserve agent serve` runs it
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                           check=False, cwd=tmp_path, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    loaded = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"the agent's serving path loaded pydantic: {loaded}"
+
+
+def test_probe_sees_pydantic_when_loaded(tmp_path: Path) -> None:
+    """The check itself: a document used as a pydantic field (as the fleet does) loads it."""
+    probe = _PROBE.replace("manifest_json_schema()\n", (
+        "import pydantic\n"
+        "class Spec(pydantic.BaseModel):\n"
+        "    health: __import__('edgeserve.contract').contract.HealthPolicy\n"
+        "assert Spec.model_validate({'health': {'min_inferences': 3}}).health.min_inferences == 3\n"))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=False, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pydantic" in json.loads(result.stdout.strip().splitlines()[-1])
