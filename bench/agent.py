@@ -321,7 +321,7 @@ IMPORT_STEPS = [
                          "if False else MODEL, providers=['CPUExecutionProvider'])"),
     ("click", "import click"),
     ("rich", "import rich.console, rich.table"),
-    ("pydantic (first model class)", "import pydantic\nclass _M(pydantic.BaseModel):\n x: int"),
+    ("msgspec (first struct class)", "import msgspec\nclass _M(msgspec.Struct):\n x: int"),
     ("edgeserve core (manifest, profiles, package)", "import edgeserve.package, edgeserve.profiles"),
     ("edgeserve.device_agent.agent", "import edgeserve.device_agent.agent"),
     ("edgeserve.device_agent.cli", "import edgeserve.device_agent.cli"),
