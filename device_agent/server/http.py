@@ -19,9 +19,9 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from edgeserve.auth import Authenticator
 from edgeserve.errors import (
@@ -48,6 +48,8 @@ from .limits import (
 )
 from .metrics import MetricsRegistry
 from .openapi import openapi_document
+
+T = TypeVar("T")
 
 __all__ = ["DEFAULT_MAX_BODY", "HttpApp", "HttpError"]
 
@@ -267,16 +269,22 @@ class HttpApp:
                 raise TooLargeError(f"request body of {declared} bytes exceeds the limit of "
                                     f"{limit} bytes{_why_limit(limit, self.max_body)}")
             hold.check(declared * floor)
-            await hold.take(min(declared * expansion, hold.room()))
+            wanted = min(declared * expansion, hold.room())
+            if not hold.try_take(wanted):  # (no coroutine when there is room: the usual case)
+                await hold.take(wanted)
         body = bytearray()
         allowed_s = self.limits.body_deadline_s(declared or limit)
         deadline = time.monotonic() + allowed_s
         while True:
             left = deadline - time.monotonic()
             try:
-                # asyncio.timeout, not wait_for: no task per read (bench/agent.py part b)
-                async with asyncio.timeout(max(0.0, min(self.limits.read_timeout_s, left))):
-                    message = await receive()
+                # A body that has arrived is taken without arming a timer (a small request's
+                # body comes with its headers); one that is still on its way under a timeout:
+                # asyncio.timeout, not wait_for, so no task per read (bench/agent.py part b)
+                message, later = _now_or_later(receive())
+                if later is not None:
+                    async with asyncio.timeout(max(0.0, min(self.limits.read_timeout_s, left))):
+                        message = await later
             except TimeoutError:
                 raise HttpError(
                     f"the request body did not arrive in time: {len(body)} of "
@@ -319,7 +327,9 @@ class HttpApp:
             compressed = len(body)
             body = await asyncio.to_thread(_inflate, body, encoding, limit, hold)
             hold.give(compressed)
-        await hold.settle(_decode_cost(body, json_length))
+        cost = _decode_cost(body, json_length)
+        if not hold.settled(cost):
+            await hold.settle(cost)
         accept = headers.get("accept-encoding", "")
         self.gate.admit()
         try:
@@ -398,3 +408,46 @@ def _inflate(body: bytearray, encoding: str, limit: int, hold: Hold) -> bytearra
     except zlib.error as exc:
         raise InvalidInputError(f"body is not valid {encoding} data ({exc})") from None
     return out
+
+
+def _now_or_later(awaitable: Awaitable[T]) -> tuple[Any, Awaitable[T] | None]:
+    """``(result, None)`` when ``awaitable`` is a coroutine that finishes without suspending
+    (run here, at once); else ``(None, an awaitable for its result)``."""
+    if not isinstance(awaitable, Coroutine):
+        return None, awaitable
+    try:
+        waiting = awaitable.send(None)
+    except StopIteration as done:
+        return done.value, None
+    return None, _Resumed(awaitable, waiting)
+
+
+class _Resumed(Generic[T]):
+    """Awaits the rest of a coroutine that :func:`_now_or_later` started and that suspended on
+    ``waiting``: what ``await coro`` would have done from there (results, exceptions and
+    cancellation are passed through)."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        waiting = self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                self.coro.close()
+                raise
+            except BaseException as exc:  # cancellation, the timeout's included
+                try:
+                    waiting = self.coro.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    waiting = self.coro.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]

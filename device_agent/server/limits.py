@@ -191,6 +191,14 @@ class Hold:
         """The most this request could still reserve (the client's share less what it holds)."""
         return max(0, self.budget.client_limit - self.taken)
 
+    def settled(self, total: int) -> bool:
+        """:meth:`settle` when it needs no waiting (it gives back, or there is room now);
+        False when it would wait (nothing reserved then)."""
+        if total >= self.taken:
+            return self.try_take(total - self.taken)
+        self.give(self.taken - total)
+        return True
+
     async def settle(self, total: int) -> None:
         """Make the reservation ``total`` bytes: give back what the estimate had too much, or
         reserve (waiting) what it had too little."""
