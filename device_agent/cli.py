@@ -24,7 +24,15 @@ import click
 import numpy as np
 
 from edgeserve.cli import SuggestingGroup
-from edgeserve.console import console, emit, err_console, format_bytes, json_option, table
+from edgeserve.console import (
+    console,
+    emit,
+    err_console,
+    format_bytes,
+    json_option,
+    plain,
+    table,
+)
 from edgeserve.errors import (
     AuthError,
     ConfigError,
@@ -544,11 +552,11 @@ def serve(host: str, port: int, grpc_port: int | None, workers: int, queue: int,
                     "models": a.cache.models(), "workers": workers, "queue": queue,
                     "auth": type(authenticator).__name__ if authenticator else None,
                     "preload_failures": handle.preload_failures}
-            emit(data, as_json, lambda d: console.print(
+            emit(data, as_json, lambda d: plain(  # plain: no rich in a serving process
                 f"HTTP listening on {d['http']}"
                 + (f", gRPC on {d['grpc']}" if d["grpc"] else "")
                 + f" (models: {', '.join(d['models']) or 'none'})"
-                + "".join(f"\n[red]cannot load[/] {f}" for f in d["preload_failures"])))
+                + "".join(f"\ncannot load {f}" for f in d["preload_failures"])))
 
         try:
             start_http_server(a, host, port, auth=authenticator, workers=workers, queue=queue,

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from edgeserve.auth import Authenticator
-from edgeserve.console import console, err_console
+from edgeserve.console import plain
 from edgeserve.contract import FileChunk, Reported, decode, encode, open_desired
 from edgeserve.errors import ConfigError, ContractError, EdgeserveError
 from edgeserve.mqtt import BrokerSettings
@@ -373,13 +373,12 @@ def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fl
         check_exposure(host, authenticator, tls, insecure)
     config = load_config(cache_dir, profile, trusted_keys, fleet_keys)
     if not config.trusted_keys:
-        err_console.print("[yellow]warning:[/] no trusted keys (--trusted-key, "
-                          "EDGESERVE_TRUSTED_KEYS or agent.toml): this agent cannot verify or "
-                          "install anything the fleet sends it", soft_wrap=True)
+        plain("warning: no trusted keys (--trusted-key, EDGESERVE_TRUSTED_KEYS or agent.toml): "
+              "this agent cannot verify or install anything the fleet sends it", err=True)
     if link is not None and not config.fleet_keys:
-        err_console.print("[yellow]warning:[/] no fleet key (--fleet-key, EDGESERVE_FLEET_KEYS "
-                          "or agent.toml): this agent will refuse every desired state, since it "
-                          "cannot tell the fleet's from anyone else's", soft_wrap=True)
+        plain("warning: no fleet key (--fleet-key, EDGESERVE_FLEET_KEYS or agent.toml): this "
+              "agent will refuse every desired state, since it cannot tell the fleet's from "
+              "anyone else's", err=True)
     batching, workers = batching_of(batch, workers)
     lock = claim_cache(config.cache_dir)
     try:
@@ -411,7 +410,7 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
         where = running.http.url if running.http is not None else "no HTTP API"
         target = (f"telemetry to {link.broker.url} as {device} in fleet {fleet_name}"
                   if link is not None else "no broker: telemetry waits in the outbox")
-        console.print(f"agent running: {where}; {target}; {window:g} s windows")
+        plain(f"agent running: {where}; {target}; {window:g} s windows")
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait(duration)
     finally:

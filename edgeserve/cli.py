@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from . import __version__
-from .console import console, emit, err_console, format_bytes, json_option, table
+from .console import console, emit, err_console, escape, format_bytes, json_option, table
 from .errors import ConfigError, EdgeserveError, PackageError, exit_code_for
 from .manifest import manifest_json_schema
 from .package import open_package, package_summary

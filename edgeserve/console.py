@@ -18,48 +18,87 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, cast
 
 import click
-from rich.console import Console, ConsoleDimensions, RenderableType
-from rich.style import Style
-from rich.table import Table
-from rich.text import Text
 
-__all__ = ["PIPE_WIDTH", "console", "emit", "err_console", "format_bytes", "json_option",
-           "table", "to_json", "watch"]
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+
+__all__ = ["PIPE_WIDTH", "console", "emit", "err_console", "escape", "format_bytes",
+           "json_option", "plain", "table", "to_json", "watch"]
 
 PIPE_WIDTH = 1000
 """Columns of a console whose output is not a terminal (see the module docstring)."""
 _RULE_WIDTH = 100
 
 
-class _Console(Console):
-    """A rich console that is wide when its output is not a terminal."""
+def _console_class() -> type[Console]:
+    """The rich console class, defined on first use: rich (~2.5 MB resident) is imported only
+    by a command that prints through it, not by ``agent serve`` or ``agent run``, which print
+    their few status lines with :func:`plain`."""
+    from typing import Literal
 
-    @property
-    def size(self) -> ConsoleDimensions:
-        size = super().size
-        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
-            return ConsoleDimensions(PIPE_WIDTH, size.height)
-        return size
+    from rich.console import Console, ConsoleDimensions
+    from rich.style import Style
+    from rich.text import Text
 
-    @size.setter
-    def size(self, new_size: tuple[int, int]) -> None:
-        self._width, self._height = new_size
+    class _Console(Console):
+        """A rich console that is wide when its output is not a terminal."""
 
-    def rule(self, title: str | Text = "", *, characters: str = "─",
-             style: str | Style = "rule.line",
-             align: Literal["left", "center", "right"] = "center") -> None:
-        from rich.rule import Rule
+        @property
+        def size(self) -> ConsoleDimensions:
+            size = super().size
+            if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+                return ConsoleDimensions(PIPE_WIDTH, size.height)
+            return size
 
-        # a rule spans the console: on a wide piped console, a sane width instead
-        self.print(Rule(title, characters=characters, style=style, align=align),
-                   width=None if self.is_terminal else min(self.width, _RULE_WIDTH))
+        @size.setter
+        def size(self, new_size: tuple[int, int]) -> None:
+            self._width, self._height = new_size
+
+        def rule(self, title: str | Text = "", *, characters: str = "─",
+                 style: str | Style = "rule.line",
+                 align: Literal["left", "center", "right"] = "center") -> None:
+            from rich.rule import Rule
+
+            # a rule spans the console: on a wide piped console, a sane width instead
+            self.print(Rule(title, characters=characters, style=style, align=align),
+                       width=None if self.is_terminal else min(self.width, _RULE_WIDTH))
+
+    return _Console
 
 
-console: Console = _Console(highlight=False)
-err_console: Console = _Console(stderr=True, highlight=False)
+class _LazyConsole:
+    """Stands for a rich console, made on first use (see :func:`_console_class`)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._console is None:
+            self._console = _console_class()(**self._options)
+        return getattr(self._console, name)
+
+
+console: Console = cast("Console", _LazyConsole(highlight=False))
+err_console: Console = cast("Console", _LazyConsole(stderr=True, highlight=False))
+
+
+def plain(message: str, err: bool = False) -> None:
+    """Print a line of plain text (no markup, no rich): the agent's status lines."""
+    click.echo(message, err=err)
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (rich.markup.escape, imported when used)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def _default(value: Any) -> Any:
@@ -90,6 +129,8 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], None] | None = None) 
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    from rich.table import Table
+
     t = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
         t.add_column(column, overflow="fold")

@@ -46,16 +46,18 @@ class ServedProcess:
 @contextlib.contextmanager
 def serve_cli(cache: Path, *args: str, preexec_fn: Callable[[], None] | None = None,
               ready_path: str = "/v2/health/ready",
-              headers: dict[str, str] | None = None) -> Iterator[ServedProcess]:
+              headers: dict[str, str] | None = None,
+              env: dict[str, str] | None = None) -> Iterator[ServedProcess]:
     """``agent serve --cache CACHE`` on free HTTP and gRPC ports with ``args``; yields once it
-    answers ``ready_path``, and stops it (SIGTERM, then SIGKILL) whatever happens."""
+    answers ``ready_path``, and stops it (SIGTERM, then SIGKILL) whatever happens. ``env`` adds
+    to the environment."""
     http_port, grpc_port = free_port(), free_port()
     log = cache.parent / f"serve-{http_port}.log"
     command = [EDGESERVE, "agent", "serve", "--cache", str(cache), "--port", str(http_port),
                "--grpc-port", str(grpc_port), *args]
     with log.open("wb") as sink:
         process = popen(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-                        env={**os.environ, "EDGESERVE_TRUSTED_KEYS": ""})
+                        env={**os.environ, "EDGESERVE_TRUSTED_KEYS": "", **(env or {})})
     try:
         _wait_ready(process, f"http://127.0.0.1:{http_port}{ready_path}", log, headers or {})
         yield ServedProcess(process, http_port, grpc_port, log)

@@ -1,4 +1,5 @@
-"""The agent's serving path loads no pydantic (issue 17: it cost a device ~15 MB of RSS).
+"""The agent's serving path loads no pydantic (issue 17: it cost a device ~15 MB of RSS), and a
+running ``agent serve`` no rich either (~2.5 MB; its status lines are plain text).
 
 The documents the agent reads and writes (manifests, profiles, MQTT messages, telemetry
 sketches, signatures) are msgspec structs; pydantic stays in the converter and the fleet. A fresh
@@ -65,3 +66,29 @@ def test_probe_sees_pydantic_when_loaded(tmp_path: Path) -> None:
                             check=False, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pydantic" in json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_running_agent_serve_imports_neither_pydantic_nor_rich(
+        tmp_path: Path, agent_assets: dict[str, Path]) -> None:
+    """The real server, started with Python's import log on, serving a model over HTTP and
+    gRPC and answering a request: what it imported (the log) has no pydantic and no rich."""
+    import requests
+
+    from edgeserve.device_agent import Agent
+
+    from .serving import serve_cli
+
+    cache = tmp_path / "cache"
+    with Agent(cache, trusted_keys=[agent_assets["public_key"]]) as agent:
+        agent.install(agent_assets["pkg_v1"])
+    with serve_cli(cache, env={"PYTHONPROFILEIMPORTTIME": "1"}) as server:
+        reply = requests.post(f"http://{server.http}/v2/models/toy/infer", timeout=30, json={
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                        "data": [0.1, 0.2, 0.3, 0.4]}]})
+        assert reply.status_code == 200, reply.text
+    log = server.log.read_text()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in log.splitlines()
+                if line.startswith("import time:")}
+    assert "edgeserve.device_agent.server.http" in imported  # the log is the server's
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("pydantic", "pydantic_core", "rich"))
+    assert heavy == [], f"agent serve imported {heavy}"
