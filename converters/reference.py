@@ -258,7 +258,7 @@ def make_context(options: ConvertOptions, source: Any, work: Path,
     calibration, evaluation = _data(options, signature, plans, preprocessing)
     model = fold(model, evaluation.sample(0))  # one sample as one call: fits every model
     model = _keep_batch(model, evaluation, notes)
-    if options.dynamic_batch:
+    if options.dynamic_batch or any(p.batching.dynamic for p in options.load_profiles()):
         model = _free_batch(model, evaluation, [k for k, v in options.input_shapes.items()
                                                 if v and v[0] is not None], notes)
     notes += _shape_notes(options, imported.framework)

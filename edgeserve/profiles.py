@@ -29,6 +29,7 @@ __all__ = [
     "PROFILE_SCHEMA",
     "Accelerator",
     "ArtifactTarget",
+    "Batching",
     "Budgets",
     "Hardware",
     "HardwareProfile",
@@ -207,6 +208,16 @@ class Limits(Document):
     requires_static_shapes: bool = False
 
 
+class Batching(Document):
+    """How this device class batches requests. ``dynamic``: the converter makes a batch axis the
+    source fixes at 1 dynamic (checked per sample with ONNX Runtime), so the agent can stack
+    concurrent requests into one call (its dynamic batching)."""
+
+    dynamic: Annotated[bool, Meta(description=(
+        "make a batch the source fixes at 1 dynamic when the graph computes each sample alone"))] \
+        = False
+
+
 class HardwareProfile(Document):
     schema_: Literal["edgeserve.profile/1"] = field(default="edgeserve.profile/1", name="schema")
     name: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
@@ -221,6 +232,7 @@ class HardwareProfile(Document):
     artifacts: Annotated[list[ArtifactTarget], Meta(min_length=1)]
     validation: dict[Precision, ValidationBudget] = field(default_factory=_default_budgets)
     limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
 
     def __post_init__(self) -> None:
         # given budgets override the defaults per precision

@@ -128,3 +128,13 @@ def test_without_the_option_a_fixed_batch_stays_fixed(
     assert isinstance(report, dict)
     assert report["model"]["inputs"][0]["shape"] == [1, 4]
     assert not any("--dynamic-batch" in n for n in report["data"]["notes"])
+
+
+def test_a_profile_can_ask_for_it(tmp_path: Path, keypair: KeyPair) -> None:
+    """``[batching] dynamic = true`` in a profile does what ``--dynamic-batch`` does."""
+    asking = write_profile(tmp_path / "profiles", ONNX_ONLY.format(
+        name="onnx-batching", fmt="onnx", max_bytes=10**9, unsupported="[]")
+        + "\n[batching]\ndynamic = true\n")
+    report = _convert(tmp_path, _mlp(tmp_path / "m.onnx"), asking, keypair)["report"]
+    assert isinstance(report, dict)
+    assert report["model"]["inputs"][0]["shape"] == ["batch", 4]
