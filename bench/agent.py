@@ -320,7 +320,6 @@ IMPORT_STEPS = [
     ("one ONNX session", "import onnxruntime as o; s = o.InferenceSession(sys.argv[0] "
                          "if False else MODEL, providers=['CPUExecutionProvider'])"),
     ("click", "import click"),
-    ("rich", "import rich.console, rich.table"),
     ("msgspec (first struct class)", "import msgspec\nclass _M(msgspec.Struct):\n x: int"),
     ("edgeserve core (manifest, profiles, package)", "import edgeserve.package, edgeserve.profiles"),
     ("edgeserve.device_agent.agent", "import edgeserve.device_agent.agent"),
