@@ -15,6 +15,7 @@ from .cli_admin import (
 )
 from .cli_experiment import experiment
 from .cli_rollout import publish_command, rollout
+from .cli_simulate import simulate_command
 from .cli_telemetry import devices_command, serve_command, telemetry_command
 
 __all__ = ["fleet"]
@@ -36,3 +37,4 @@ fleet.add_command(broker_config_command)
 fleet.add_command(events_command)
 fleet.add_command(rollout)
 fleet.add_command(experiment)
+fleet.add_command(simulate_command)

@@ -26,6 +26,7 @@ import contextlib
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 __all__ = ["ConnectRefused", "MqttClient", "MqttError", "Will", "decode_packets",
            "encode_connect", "encode_publish", "encode_subscribe"]
@@ -160,8 +161,8 @@ class _Wire(asyncio.Protocol):
         self.buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # asyncio's or uvloop's (not a subclass of asyncio.Transport, the same methods)
+        self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         if self.client._wire is not self:

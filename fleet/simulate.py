@@ -63,7 +63,8 @@ from edgeserve.telemetry import LatencyHistogram
 
 from .sim_mqtt import MqttClient, MqttError, Will
 
-__all__ = ["SimDevice", "SimSettings", "Simulator", "raise_open_files_limit", "window_bytes"]
+__all__ = ["Scenario", "SimDevice", "SimSettings", "Simulator", "raise_open_files_limit",
+           "run_scenario", "window_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +513,20 @@ class Simulator:
             device.record(windows_each)
             device.flush()
 
+    async def produce(self, rate: float, duration_s: float) -> int:
+        """Record and send ``rate`` windows per second across the devices (round robin) for
+        ``duration_s`` seconds; returns how many."""
+        begun = time.monotonic()
+        made = 0
+        while (elapsed := time.monotonic() - begun) < duration_s:
+            for _ in range(int(elapsed * rate) - made):
+                device = self.devices[made % len(self.devices)]
+                device.record(1)
+                device.flush()
+                made += 1
+            await asyncio.sleep(0.05)
+        return made
+
     async def wait_acked(self, timeout: float, progress: Callable[[int, int], None] | None = None
                          ) -> float:
         """Wait until every device's windows are all acked; returns the seconds it took.
@@ -530,6 +545,24 @@ class Simulator:
                 raise TimeoutError(f"{len(behind)} of {len(self.devices)} devices still have "
                                    f"unacked windows after {timeout:g} s ({total - acked} "
                                    f"windows), e.g. {behind[:5]}")
+            await asyncio.sleep(0.05)
+
+    async def wait_published(self, timeout: float,
+                             progress: Callable[[int, int], None] | None = None) -> float:
+        """Wait until the broker acknowledged (PUBACK) everything sent: a publishing benchmark
+        without a fleet. Returns the seconds it took; TimeoutError otherwise."""
+        begun = time.monotonic()
+        total = self.produced
+        while True:
+            waiting = sum(len(d.client.inflight) for d in self.devices if d.client is not None)
+            behind = sum(d.newest - d.sent for d in self.devices)
+            if progress is not None:
+                progress(total - behind, total)
+            if not waiting and not behind:
+                return time.monotonic() - begun
+            if time.monotonic() - begun > timeout:
+                raise TimeoutError(f"{waiting} messages still unacknowledged by the broker and "
+                                   f"{behind} windows not sent after {timeout:g} s")
             await asyncio.sleep(0.05)
 
     async def wait_connected(self, timeout: float) -> None:
@@ -590,6 +623,24 @@ class Simulator:
         await asyncio.gather(*(bye(d) for d in self.devices))
         for device in self.devices:
             device.abort()
+
+    async def forget(self) -> None:
+        """End every device's broker session (connect with ``clean_session`` and disconnect):
+        with MQTT 3.1.1 a broker keeps a persistent session, its subscriptions and queued
+        messages, until then. Call after :meth:`stop`."""
+        s = self.settings
+        sem = asyncio.Semaphore(s.connect_concurrency)
+
+        async def end(device: SimDevice) -> None:
+            client = MqttClient(f"{device.device_id}@{s.fleet}", keepalive=0, clean_session=True,
+                                username=s.broker.username, password=s.broker.password)
+            host, port = s.broker.nodes[device.node]
+            async with sem:
+                with contextlib.suppress(OSError, MqttError):
+                    await client.connect(host, port, s.connect_timeout_s, self.ssl_context)
+                    await client.disconnect()
+
+        await asyncio.gather(*(end(d) for d in self.devices))
 
     # -- reconnecting ------------------------------------------------------------------------------
 
@@ -682,3 +733,109 @@ def raise_open_files_limit(needed: int) -> int:
                           "simulate fewer devices per process or raise the hard limit")
     resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
     return top
+
+
+# -- a whole run (the CLI and bench/ use it) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    """What ``edgeserve fleet simulate`` does after connecting every device."""
+
+    windows_per_device: int = 5
+    """backlog each device records once connected, sent at once"""
+    rate: float = 0.0
+    """then new windows per second across all devices (round robin) ..."""
+    duration_s: float = 0.0
+    """... for this long"""
+    storm_within_s: float | None = None
+    """then a reconnect storm: all drop, and return within this many seconds ..."""
+    storm_windows: int = 5
+    """... each with this many windows recorded while away"""
+    acks: bool = True
+    """wait for the fleet's acks (False: only for the broker's PUBACKs, no fleet needed)"""
+    timeout_s: float = 300.0
+    """longest wait for one phase's acks"""
+    hold_s: float = 0.0
+    """keep the sessions this long at the end (a rollout may run meanwhile)"""
+    forget: bool = False
+    """end the devices' broker sessions at the end (the broker keeps 3.1.1 sessions otherwise)"""
+
+
+Progress = Callable[[str, int, int], None]
+"""``(phase, done, total)``"""
+
+
+def _usage() -> tuple[float, int]:
+    """CPU seconds of this process and its resident memory in bytes."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss = usage.ru_maxrss * 1024
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    return usage.ru_utime + usage.ru_stime, rss
+
+
+async def run_scenario(settings: SimSettings, scenario: Scenario,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Connect every device, then run the phases of ``scenario``; returns the counts and what
+    each phase took (CPU, memory, windows/s). Raises TimeoutError or MqttError when a phase
+    does not complete."""
+    report: dict[str, Any] = {"devices": settings.devices, "fleet": settings.fleet,
+                              "broker": settings.broker.url}
+    cpu0, rss0 = _usage()
+    sim = Simulator(settings)
+    try:
+        report["connect_s"] = round(await sim.start(), 3)
+        cpu1, rss1 = _usage()
+        report["sessions"] = sim.sessions
+        report["rss_mb"] = round(rss1 / 2**20, 1)
+        report["kib_per_session"] = round((rss1 - rss0) / 1024 / settings.devices, 1)
+        report["connect_cpu_s"] = round(cpu1 - cpu0, 2)
+        await asyncio.sleep(2.0)
+        cpu2, _ = _usage()
+        report["idle_cpu_percent"] = round((cpu2 - cpu1) / 2.0 * 100, 1)
+
+        async def settle(phase: str, timeout: float) -> float:
+            def tell(done: int, total: int) -> None:
+                if progress is not None:
+                    progress(phase, done, total)
+            if scenario.acks:
+                return await sim.wait_acked(timeout, tell)
+            return await sim.wait_published(timeout, tell)
+
+        if scenario.windows_per_device:
+            cpu_a, _ = _usage()
+            sim.record(scenario.windows_per_device)
+            took = await settle("backlog", scenario.timeout_s)
+            cpu_b, _ = _usage()
+            count = settings.devices * scenario.windows_per_device
+            report["backlog"] = {"windows": count, "seconds": round(took, 3),
+                                 "windows_per_s": round(count / max(took, 1e-6)),
+                                 "cpu_s": round(cpu_b - cpu_a, 2)}
+        if scenario.rate > 0 and scenario.duration_s > 0:
+            cpu_a, _ = _usage()
+            made = await sim.produce(scenario.rate, scenario.duration_s)
+            took = await settle("steady", scenario.timeout_s)
+            cpu_b, _ = _usage()
+            report["steady"] = {"windows": made, "rate": scenario.rate,
+                                "drain_s": round(took, 3), "cpu_s": round(cpu_b - cpu_a, 2)}
+        if scenario.storm_within_s is not None:
+            cpu_a, _ = _usage()
+            back = await sim.storm(scenario.storm_within_s, scenario.storm_windows)
+            took = await settle("storm", scenario.timeout_s)
+            cpu_b, _ = _usage()
+            report["storm"] = {"within_s": scenario.storm_within_s,
+                               "windows": settings.devices * scenario.storm_windows,
+                               "all_back_s": round(back, 3), "acked_after_s": round(took, 3),
+                               "cpu_s": round(cpu_b - cpu_a, 2)}
+        if scenario.hold_s > 0:
+            await asyncio.sleep(scenario.hold_s)
+    finally:
+        counts = sim.counts()
+        await sim.stop()
+        if scenario.forget:
+            await sim.forget()
+    cpu_end, _ = _usage()
+    report["cpu_s"] = round(cpu_end - cpu0, 2)
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report.update({k: v for k, v in counts.items() if k not in ("devices", "sessions", "per_device")})
+    return report
