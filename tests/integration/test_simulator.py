@@ -23,6 +23,7 @@ from edgeserve.fleet.tables import device_models, devices, windows
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
 from tests.integration.telemetry_support import FleetProcess, store_counts
+from tests.natscluster import NatsCluster, nats_cluster  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -192,3 +193,53 @@ def test_desired_state_in_reported_state_out(
         assert back["error_code"] == "HealthCheckFailed" and back["error_version"] == "3.0.0"
         assert back["revision"] == 2
     assert seen["counts"]["refused_messages"] == 0
+
+
+def test_simulated_devices_on_a_nats_cluster_across_a_storm_and_a_node_kill(
+        nats_cluster: NatsCluster, tmp_path: Path, fleet_name: str,  # noqa: F811
+        resources: contextlib.ExitStack) -> None:
+    """On a 3-node NATS JetStream cluster's MQTT 3.1.1 listener (fleet on nodes 1-2, devices
+    given nodes 2-3): 100 devices' backlogs are stored once; in a reconnect storm the devices'
+    node is killed -9, they fail over to node 3, and every window is still stored exactly
+    once and acked."""
+    urls = nats_cluster.urls
+    server = FleetServer(FleetConfig(
+        fleet=fleet_name, db=f"sqlite:///{tmp_path}/fleet.db", broker=f"{urls[0]},{urls[1]}",
+        http_port=None, artifacts_dir=tmp_path / "artifacts", fleet_key=tmp_path / "fleet.key",
+        connect_timeout=10))
+    resources.callback(server.stop)
+    server.start()
+    assert server.store is not None
+    count = 100
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        settings = SimSettings(BrokerSettings.from_url(f"{urls[1]},{urls[2]}"), fleet_name,
+                               count, batch_windows=5, ack_timeout_s=5.0, seed=3,
+                               backoff_min_s=0.2, backoff_max_s=1.0)
+        sim = Simulator(settings)
+        sim.record(BACKLOG)
+        try:
+            await sim.start()
+            await sim.wait_acked(60)
+            storm = asyncio.create_task(sim.storm(4.0, STORM_BACKLOG))
+            await asyncio.sleep(1.0)
+            nats_cluster.kill(nats_cluster.node_at(int(urls[1].rsplit(":", 1)[1])))
+            seen["back_s"] = await storm
+            seen["acked_s"] = await sim.wait_acked(90)
+            seen["counts"] = sim.counts()
+            seen["nodes"] = {d.node for d in sim.devices}
+        finally:
+            await sim.stop()
+
+    asyncio.run(scenario())
+    counts = store_counts(server.store.url)
+    mine = seen["counts"]
+    total = count * (BACKLOG + STORM_BACKLOG)
+    print(f"\nNATS: {count} devices back in {seen['back_s']:.1f} s, acked {seen['acked_s']:.1f} s "
+          f"later; {mine['windows_sent']} windows sent for {total}")
+    assert mine["windows"] == counts["total"] == total
+    assert seen["nodes"] == {1}  # node 3 (index 1 of theirs): node 2 was killed
+    for device, per in mine["per_device"].items():
+        assert counts["devices"][device] == (per["windows"], 1, per["windows"]), device
+        assert counts["acked"][device] == per["acked"] == per["windows"], device
