@@ -119,6 +119,68 @@ def _dump(value: Any, by_alias: bool, exclude_none: bool, exclude_defaults: bool
     return value
 
 
+_NONE_PLANS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _may_hold(tp: Any) -> tuple[bool, bool]:
+    """(whether a value of msgspec type ``tp`` may be None, whether it may hold documents)."""
+    import msgspec.inspect as mi
+
+    if isinstance(tp, mi.Metadata):  # Annotated[..., Meta(...)]
+        return _may_hold(tp.type)
+    if isinstance(tp, mi.UnionType):
+        kinds = [_may_hold(t) for t in tp.types]
+        return any(k[0] for k in kinds), any(k[1] for k in kinds)
+    if isinstance(tp, mi.NoneType):
+        return True, False
+    if isinstance(tp, mi.StructType | mi.DataclassType):
+        return False, True
+    if isinstance(tp, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
+        return False, _may_hold(tp.item_type)[1]
+    if isinstance(tp, mi.TupleType):
+        return False, any(_may_hold(t)[1] for t in tp.item_types)
+    if isinstance(tp, mi.DictType):
+        return False, _may_hold(tp.value_type)[1]
+    if isinstance(tp, mi.LiteralType):
+        return None in tp.values, False
+    if isinstance(tp, mi.IntType | mi.FloatType | mi.StrType | mi.BoolType | mi.BytesType
+                  | mi.DateTimeType | mi.DateType | mi.EnumType):
+        return False, False
+    return True, True  # a type not told apart here: looked at, as the full walk would
+
+
+def _none_plan(cls: type) -> tuple[tuple[str, str], ...]:
+    """(name, wire name) of the fields of ``cls`` that may be None or hold documents: the only
+    ones :func:`_prune_none` has to look at (a window has ~15 fields, ~6 of them such)."""
+    plan = _NONE_PLANS.get(cls)
+    if plan is None:
+        import msgspec.inspect as mi
+
+        info = mi.type_info(cls)
+        kinds = {f.name: _may_hold(f.type) for f in info.fields}  # type: ignore[attr-defined]
+        plan = _NONE_PLANS[cls] = tuple((f.name, f.wire) for f in _fields(cls)
+                                        if any(kinds.get(f.name, (True, True))))
+    return plan
+
+
+def _prune_none(doc: Any, data: dict[str, Any]) -> None:
+    """:func:`_prune` for ``exclude_none`` alone, looking only at the fields that matter."""
+    for name, wire in _none_plan(type(doc)):
+        item = getattr(doc, name)
+        if item is None:
+            data.pop(wire, None)
+        elif isinstance(item, msgspec.Struct):
+            _prune_none(item, data[wire])
+        elif isinstance(item, list | tuple) and item and isinstance(item[0], msgspec.Struct):
+            for element, out in zip(item, data[wire], strict=True):
+                _prune_none(element, out)
+        elif isinstance(item, dict) and item \
+                and isinstance(next(iter(item.values())), msgspec.Struct):
+            out = data[wire]
+            for key, element in item.items():
+                _prune_none(element, out[key])
+
+
 def _prune(doc: Any, data: dict[str, Any], exclude_none: bool,
            exclude_defaults: bool) -> None:
     """Drop from ``data`` (``doc`` as msgspec.to_builtins made it) the fields of ``doc`` and of
@@ -354,7 +416,9 @@ class Document(_Struct, metaclass=_DocumentMeta, forbid_unknown_fields=True, fro
         if mode == "json" and (by_alias or not _wire_names(type(self))):
             # msgspec's encoder does the walk (field order and wire names are the same)
             data = msgspec.to_builtins(self)
-            if exclude_none or exclude_defaults:
+            if exclude_none and not exclude_defaults:
+                _prune_none(self, data)
+            elif exclude_none or exclude_defaults:
                 _prune(self, data, exclude_none, exclude_defaults)
             mode = "python"  # already JSON types
         else:

@@ -117,3 +117,31 @@ def test_pydantic_models_hold_documents() -> None:
     assert spec.model_dump(mode="json")["health"]["min_inferences"] == 3
     with pytest.raises(pydantic.ValidationError, match="min_inferences"):
         Spec.model_validate({"health": {"min_inferences": -1}})
+
+
+def test_exclude_none_takes_the_short_walk_to_the_same_result() -> None:
+    """``model_dump(exclude_none=True)`` looks only at the fields that may be None or hold
+    documents (a per-class plan); it must give what the full walk gives, nested documents,
+    lists and dicts of them included."""
+    from edgeserve._doc import _prune
+    from edgeserve.contract import TelemetryBatch
+    from edgeserve.profiles import list_profiles
+
+    hist = LatencyHistogram()
+    for value in (0.5, 1.5, 40.0):
+        hist.add(value)
+    documents: list[object] = [
+        Window(seq=1, start=0, end=60, model="m", version="1", requests=3,
+               latency=hist.to_data()),
+        Window(seq=2, start=0, end=60, requests=0),
+        TelemetryBatch(device_id="d1", windows=[Window(seq=3, start=0, end=1, requests=1)]),
+        Desired(device_id="d1", revision=1, models={}),
+        *list_profiles()[:3],
+    ]
+    import msgspec
+
+    for doc in documents:
+        slow = msgspec.to_builtins(doc)
+        _prune(doc, slow, True, False)
+        assert doc.model_dump(mode="json", by_alias=True, exclude_none=True) == slow  # type: ignore[attr-defined]
+        assert json.loads(doc.model_dump_json(by_alias=True, exclude_none=True)) == slow  # type: ignore[attr-defined]
