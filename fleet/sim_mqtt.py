@@ -216,6 +216,11 @@ class MqttClient:
         self.received_packets = 0
 
     @property
+    def open(self) -> bool:
+        """A connection is open or being opened."""
+        return self._wire is not None
+
+    @property
     def connected(self) -> bool:
         return self._wire is not None and self._connack is not None and self._connack.done() \
             and not self._connack.cancelled() and self._connack.exception() is None

@@ -193,19 +193,20 @@ class SimDevice:
 
     __slots__ = ("acked", "acks", "batches_sent", "client", "connect_ts", "connecting", "connects",
                  "desired_seen",
-                 "device_id", "epoch", "hashes", "last_progress", "lost", "models", "newest",
+                 "device_id", "hashes", "last_progress", "lost", "models", "newest",
                  "node", "refused", "reported", "reports_sent", "resends", "revision", "segments",
                  "sent", "sim", "topics", "windows_sent")
 
-    def __init__(self, sim: Simulator, device_id: str, epoch: float) -> None:
+    def __init__(self, sim: Simulator, device_id: str) -> None:
         self.sim = sim
         self.device_id = device_id
-        self.epoch = epoch
         self.topics = {kind: device_topic(sim.settings.fleet, device_id, kind)  # type: ignore[arg-type]
                        for kind in ("status", "telemetry", "ack", "desired", "reported")}
         self.models: dict[str, str] = dict(sim.settings.models)
-        self.segments: list[tuple[int, dict[str, str]]] = [(1, dict(self.models))]
-        """(first seq, active models): the versions each window was recorded under"""
+        self.segments: list[tuple[int, dict[str, str], float, bool]] = []
+        """(first seq, active models, start of the first window, whether the windows after it
+        follow minute by minute): when and under which versions each window was recorded, so a
+        window sent again is the same bytes"""
         self.hashes: dict[str, dict[str, str]] = {}
         """per model: version -> manifest sha256 "installed" (the stubbed fetch)"""
         self.reported: Reported | None = None
@@ -225,14 +226,23 @@ class SimDevice:
     # -- telemetry ---------------------------------------------------------------------------------
 
     def record(self, count: int) -> None:
-        """``count`` more windows into the backlog (numbered on from the newest)."""
-        if self.segments[-1][1] != self.models:
-            self.segments.append((self.newest + 1, dict(self.models)))
+        """``count`` more windows into the backlog (numbered on from the newest): one is this
+        minute's window; several are the last ``count`` minutes' (recorded while away)."""
+        if count <= 0:
+            return
+        minute = (time.time() // _WINDOW_S) * _WINDOW_S
+        last = self.segments[-1] if self.segments else None
+        if count > 1:
+            self.segments.append((self.newest + 1, dict(self.models),
+                                  minute - _WINDOW_S * (count - 1), True))
+        elif last is None or last[3] or last[2] != minute or last[1] != self.models:
+            self.segments.append((self.newest + 1, dict(self.models), minute, False))
         self.newest += count
 
     def window(self, seq: int) -> bytes:
-        index = bisect.bisect_right(self.segments, seq, key=lambda s: s[0]) - 1
-        return window_bytes(seq, self.epoch + _WINDOW_S * (seq - 1), self.segments[index][1])
+        first, models, start, spread = self.segments[
+            bisect.bisect_right(self.segments, seq, key=lambda s: s[0]) - 1]
+        return window_bytes(seq, start + _WINDOW_S * (seq - first) if spread else start, models)
 
     def flush(self) -> None:
         """Send what is not in flight, oldest first, up to ``max_unacked_windows`` unacked."""
@@ -390,7 +400,10 @@ class SimDevice:
     # -- the connection ----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Connect (trying the broker's nodes in turn), subscribe, birth, report, flush."""
+        """Connect (trying the broker's nodes in turn), subscribe, birth, report, flush; returns
+        at once when a connection is open or being opened already."""
+        if self.connecting or (self.client is not None and self.client.open):
+            return
         self.connecting = True
         try:
             await self._connect()
@@ -483,8 +496,7 @@ class Simulator:
 
             self.trust = TrustStore.from_paths([settings.fleet_key])
         self.ssl_context = _ssl_context(settings.broker)
-        epoch = (time.time() // _WINDOW_S) * _WINDOW_S - 30 * 86400
-        self.devices = [SimDevice(self, settings.device_id(n), epoch)
+        self.devices = [SimDevice(self, settings.device_id(n))
                         for n in range(settings.first, settings.first + settings.devices)]
         self.by_id = {d.device_id: d for d in self.devices}
         self._rng = random.Random(settings.seed)
