@@ -35,6 +35,8 @@ __all__ = ["StoredWindow", "advance_acks", "query_windows", "store_windows", "wi
 
 # How many stored sequence numbers one ack step reads at a time (a longer run takes more steps).
 _ACK_SCAN = 5000
+# Devices whose acks one query advances.
+_ACK_GROUP = 200
 
 
 def window_row(device_id: str, window: Window, received: float) -> dict[str, Any]:
@@ -103,6 +105,9 @@ def advance_acks(store: Store, floors: Mapping[str, int]) -> dict[str, int]:
     """Move each device's acked sequence over what is stored; returns the new value per device.
 
     ``floors`` maps device → the lowest sequence number the device still holds (1 if unknown).
+    The stored sequence numbers above each device's ack are read for up to :data:`_ACK_GROUP`
+    devices per query (a query per device cost PostgreSQL a round trip each: with thousands of
+    devices in a group, most of the ingestion time).
     """
     if not floors:
         return {}
@@ -110,13 +115,12 @@ def advance_acks(store: Store, floors: Mapping[str, int]) -> dict[str, int]:
     with store.write() as conn:
         current = dict(conn.execute(sa.select(devices.c.device_id, devices.c.acked_seq)
                                     .where(devices.c.device_id.in_(list(floors)))).all())
+        starts = {d: max(int(current.get(d, 0)), floor - 1) for d, floor in floors.items()}
+        tops = _contiguous_tops(conn, starts)
         changed = []
-        for device_id, floor in floors.items():
-            acked = int(current.get(device_id, 0))
-            start = max(acked, floor - 1)
-            top = _contiguous_from(conn, device_id, start)
-            result[device_id] = top
-            if top > acked:
+        for device_id in floors:
+            top = result[device_id] = tops[device_id]
+            if top > int(current.get(device_id, 0)):
                 changed.append({"d": device_id, "s": top})
         if changed:
             conn.execute(sa.update(devices)
@@ -124,6 +128,26 @@ def advance_acks(store: Store, floors: Mapping[str, int]) -> dict[str, int]:
                          .values(acked_seq=store.greatest(devices.c.acked_seq, sa.bindparam("s"))),
                          changed)
     return result
+
+
+def _contiguous_tops(conn: Connection, starts: Mapping[str, int]) -> dict[str, int]:
+    """For each device, the highest sequence number stored contiguously above its start."""
+    tops = dict(starts)
+    order = sorted(starts)
+    for i in range(0, len(order), _ACK_GROUP):
+        group = order[i:i + _ACK_GROUP]
+        rows = conn.execute(
+            sa.select(windows.c.device_id, windows.c.seq)
+            .where(sa.or_(*(sa.and_(windows.c.device_id == d, windows.c.seq > starts[d],
+                                    windows.c.seq <= starts[d] + _ACK_SCAN) for d in group)))
+            .order_by(windows.c.device_id, windows.c.seq)).all()
+        for device_id, seq in rows:  # in order: a device's run ends at its first gap
+            if seq == tops[device_id] + 1:
+                tops[device_id] = seq
+        for device_id in group:  # a run as long as one scan goes on (a long backlog)
+            if tops[device_id] == starts[device_id] + _ACK_SCAN:
+                tops[device_id] = _contiguous_from(conn, device_id, tops[device_id])
+    return tops
 
 
 def _contiguous_from(conn: Connection, device_id: str, start: int) -> int:

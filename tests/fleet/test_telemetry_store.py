@@ -138,6 +138,38 @@ def test_ack_steps_over_windows_the_device_dropped(store: Store) -> None:
     assert ingest(ing, (topic("d1"), batch("d1", [14], floor=20))) == {"d1": 14}
 
 
+def test_acks_of_many_devices_at_once_match_one_device_at_a_time(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acks are read for many devices per query: with gaps, floors, devices with nothing new and
+    runs longer than one scan (scan and group sizes shrunk to force every path), each device's
+    ack is the highest contiguous seq above its floor, as computed here one device at a time."""
+    import edgeserve.fleet.telemetry as telemetry
+
+    monkeypatch.setattr(telemetry, "_ACK_SCAN", 7)
+    monkeypatch.setattr(telemetry, "_ACK_GROUP", 3)
+    rng = random.Random(5)
+    ing = Ingestor(store, FLEET)
+    stored: dict[str, set[int]] = {}
+    messages = []
+    for d in range(11):
+        device = f"m{d:02d}"
+        seqs = sorted(rng.sample(range(1, 40), rng.randint(0, 30))) if d != 3 else \
+            list(range(1, 36))  # one long run: several scans
+        if not seqs:
+            continue
+        stored[device] = set(seqs)
+        messages.append((topic(device), batch(device, seqs)))
+    acks = ingest(ing, *messages)
+    for device, seqs in stored.items():
+        top = 0
+        while top + 1 in seqs:
+            top += 1
+        assert acks[device] == top, (device, sorted(seqs))
+        assert get_device(store, device).acked_seq == top  # type: ignore[union-attr]
+    floors = {device: 1 for device in stored} | {"m-unknown": 1}
+    assert telemetry.advance_acks(store, floors) == {**acks, "m-unknown": 0}
+
+
 def test_concurrent_workers_ack_the_whole_run(store: Store) -> None:
     """Two workers storing interleaved parts of one backlog end at the top of the run."""
     a, b = Ingestor(store, FLEET), Ingestor(store, FLEET)
