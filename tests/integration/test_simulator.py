@@ -243,3 +243,32 @@ def test_simulated_devices_on_a_nats_cluster_across_a_storm_and_a_node_kill(
     for device, per in mine["per_device"].items():
         assert counts["devices"][device] == (per["windows"], 1, per["windows"]), device
         assert counts["acked"][device] == per["acked"] == per["windows"], device
+
+
+def test_the_cli_publishes_and_counts(mqtt_broker: tuple[str, int], fleet_name: str) -> None:
+    """``fleet simulate --no-acks --json`` (no fleet needed): 50 sessions held, 20 windows each
+    published and acknowledged by the broker, a storm with 3 more each; MQTT 5 is refused with
+    the reason, as is a bad MODEL=VERSION."""
+    from click.testing import CliRunner
+
+    from edgeserve.cli import cli
+
+    broker = f"mqtt://127.0.0.1:{mqtt_broker[1]}"
+    result = CliRunner().invoke(cli, [
+        "fleet", "simulate", "--devices", "50", "--fleet", fleet_name, "--broker", broker,
+        "--windows-per-device", "20", "--batch-windows", "7", "--storm", "1s",
+        "--storm-windows", "3", "--no-acks", "--forget-sessions", "--json"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["sessions"] == 50 and report["devices"] == 50
+    assert report["windows"] == 50 * 23 and report["acked"] == 0
+    assert report["backlog"]["windows"] == 1000 and report["storm"]["windows"] == 150
+    # nothing acked: the storm's reconnect sends each device's 20 again, then its 3 new ones
+    assert report["windows_sent"] == 50 * (20 + 23)
+    assert report["connects"] == 100 and report["connect_failures"] == 0
+    for bad, why in ((["--mqtt-version", "5"], "speaks MQTT 3.1.1"),
+                     (["--model", "toy"], "is not MODEL=VERSION")):
+        refused = CliRunner().invoke(cli, ["fleet", "simulate", "--devices", "1", "--fleet",
+                                           fleet_name, "--broker", broker, *bad])
+        assert refused.exit_code == 2 and why in refused.output, refused.output
