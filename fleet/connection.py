@@ -100,31 +100,52 @@ def _connect_node(settings: BrokerSettings, index: int, client_id: str,
                       "check --broker, credentials and TLS options")
 
 
+@dataclass
+class _Nodes:
+    settings: BrokerSettings
+    index: int
+    misses: int = 0
+    """nodes failed in a row since the last successful connect"""
+
+
 def _follow_nodes(client: mqtt.Client, settings: BrokerSettings, index: int) -> None:
     """Make paho's automatic reconnect go to the next node when it cannot reach its own."""
     if len(settings.nodes) < 2:
         return
-    client._edgeserve_nodes = (settings, index)  # type: ignore[attr-defined]
+    nodes = _Nodes(settings, index)
+    client._edgeserve_nodes = nodes  # type: ignore[attr-defined]
+    inner: Any = client.on_connect
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            nodes.misses = 0
+        if inner is not None:
+            inner(c, userdata, flags, reason, props)
 
     def on_connect_fail(c: mqtt.Client, _userdata: Any) -> None:
         fail_over(c, "unreachable")
 
+    client.on_connect = on_connect
     client.on_connect_fail = on_connect_fail
 
 
 def fail_over(client: mqtt.Client, why: str) -> None:
     """Point ``client``'s next (automatic) reconnect at the next broker node, if it has
     several; call it when the node refused the CONNECT (it is called by itself when the node
-    cannot be reached)."""
-    nodes: tuple[BrokerSettings, int] | None = getattr(client, "_edgeserve_nodes", None)
+    cannot be reached). Within the first round of nodes after a lost connection the next one is
+    tried after paho's shortest reconnect delay; the delay grows only between rounds."""
+    nodes: _Nodes | None = getattr(client, "_edgeserve_nodes", None)
     if nodes is None:
         return
-    settings, index = nodes
+    settings, index = nodes.settings, nodes.index
     following = (index + 1) % len(settings.nodes)
     # paho's host/port setters refuse while a reconnect is under way; its reconnect() reads
-    # these two attributes
+    # these two attributes, and the delay before the next attempt from _reconnect_delay
     client._host, client._port = settings.nodes[following]
-    client._edgeserve_nodes = (settings, following)  # type: ignore[attr-defined]
+    nodes.index = following
+    nodes.misses += 1
+    if nodes.misses % len(settings.nodes):
+        client._reconnect_delay = None
     log.warning("broker node %s %s; trying %s next", settings.node_url(index), why,
                 settings.node_url(following))
 

@@ -218,6 +218,11 @@ class FleetService:
                                              and client.protocol == mqtt.MQTTv5)
         telemetry = fleet_filter(self.ingestor.fleet, "telemetry")
         self.telemetry_filter = shared_filter(telemetry) if use_shared else telemetry
+        if use_shared and client.protocol != mqtt.MQTTv5:
+            log.warning("telemetry is subscribed as a shared subscription over MQTT 3.1.1 "
+                        "(--shared on): Mosquitto serves that, but a broker without $share/ "
+                        "(NATS) takes it as a literal topic and delivers nothing; use --shared "
+                        "auto there")
         log.info("connected to %s:%s (MQTT %s, session %s); telemetry on %s", client.host,
                  client.port,
                  "5" if client.protocol == mqtt.MQTTv5 else "3.1.1",
