@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from edgeserve.errors import BrokerError
-from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client
+from edgeserve.mqtt import VERSIONS, BrokerSettings, new_client, topic_hint
 
 __all__ = ["BrokerSettings", "BrokerUnreachableError", "connect", "fail_over"]
 
@@ -96,8 +96,10 @@ def _connect_node(settings: BrokerSettings, index: int, client_id: str,
             "Banned")
         if refused:
             break
+    will = getattr(client, "_will_topic", b"") or b""  # closed at once: NATS and a '.' in it
+    hint = topic_hint(will.decode(errors="replace")) if "closed before" in last else ""
     raise BrokerError(f"the MQTT broker at {url} refused the connection ({last}); "
-                      "check --broker, credentials and TLS options")
+                      f"check --broker, credentials and TLS options{hint}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from edgeserve._process import popen
 from tests.services import free_port, need, port_open
 
 __all__ = ["NatsCluster", "NatsNode", "mqtt_round_trip", "nats_cluster", "nats_server",
-           "start_nats_cluster"]
+           "shared_nats_cluster", "start_nats_cluster"]
 
 
 def nats_server() -> str | None:
@@ -215,6 +215,17 @@ def start_nats_cluster(size: int = 3, timeout: float = 30.0) -> NatsCluster:
 @pytest.fixture
 def nats_cluster() -> Iterator[NatsCluster]:
     """A fresh 3-node NATS JetStream cluster (MQTT listeners) this test owns and may kill."""
+    cluster = start_nats_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_nats_cluster() -> Iterator[NatsCluster]:
+    """One 3-node cluster for the tests of a module that kill no node (each uses its own fleet
+    name, so their topics and sessions do not meet)."""
     cluster = start_nats_cluster()
     try:
         yield cluster

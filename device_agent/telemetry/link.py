@@ -303,8 +303,11 @@ class Link:
                                 self.broker_url)
                 return
             failures.append(f"{self.settings.broker.node_url(index)}: {why}")
-        raise _ConnectFailed("cannot connect to " + "; ".join(failures) if failures
-                             else "stopped while connecting")
+        if not failures:
+            raise _ConnectFailed("stopped while connecting")
+        closed = any("closed before CONNACK" in failure for failure in failures)
+        raise _ConnectFailed("cannot connect to " + "; ".join(failures)
+                             + (topic_hint(self._topics["status"]) if closed else ""))
 
     def _connect_node(self, index: int) -> str | None:
         """Connect to one node (trying the other protocol when the broker refuses one); None on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 
 from edgeserve.device_agent.telemetry.link import Link, LinkSettings
 from edgeserve.device_agent.telemetry.outbox import Outbox
+from edgeserve.errors import BrokerError
 from edgeserve.fleet.ingest import Ingestor
 from edgeserve.fleet.server import FleetConfig, FleetServer
 from edgeserve.fleet.service import FleetService
@@ -27,7 +29,11 @@ from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import devices
 from edgeserve.mqtt import BrokerSettings
 from tests.integration.telemetry_support import store_counts, wait_for, window_fields
-from tests.natscluster import NatsCluster, nats_cluster  # noqa: F401 (a fixture)
+from tests.natscluster import (  # noqa: F401 (fixtures)
+    NatsCluster,
+    nats_cluster,
+    shared_nats_cluster,
+)
 from tests.services import MosquittoProcess, start_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -56,12 +62,12 @@ def _service(store: Store, fleet: str, urls: list[str]) -> FleetService:
 
 
 def test_agent_and_fleet_speak_the_contract_over_a_nats_cluster(
-        nats_cluster: NatsCluster, tmp_path: Path, fleet_name: str,  # noqa: F811
+        shared_nats_cluster: NatsCluster, tmp_path: Path, fleet_name: str,  # noqa: F811
         resources: contextlib.ExitStack) -> None:
     """A fleet given two nodes and a link given two (others first), both ``auto``: MQTT 3.1.1
     on NATS; the birth message marks the device online, every window is stored and acked, a
     desired state the fleet writes reaches the device (retained), the Last Will says offline."""
-    urls = nats_cluster.urls
+    urls = shared_nats_cluster.urls
     server = FleetServer(FleetConfig(
         fleet=fleet_name, db=f"sqlite:///{tmp_path}/fleet.db", broker=f"{urls[0]},{urls[1]}",
         http_port=None, artifacts_dir=tmp_path / "artifacts", fleet_key=tmp_path / "fleet.key",
@@ -93,6 +99,37 @@ def test_agent_and_fleet_speak_the_contract_over_a_nats_cluster(
     link.kill()  # no goodbye: the broker (another node than the fleet's) sends the Last Will
     wait_for(lambda: _device_state(server.store, "dev1") == "offline", 15,  # type: ignore[arg-type]
              "the Last Will to mark the device offline")
+
+
+def test_a_device_id_with_a_dot_is_explained_on_nats(
+        shared_nats_cluster: NatsCluster, tmp_path: Path, fleet_name: str,  # noqa: F811
+        resources: contextlib.ExitStack, caplog: pytest.LogCaptureFixture) -> None:
+    """NATS 2.9 refuses '.' in topics (a valid device id character), even in the Last Will, so
+    it closes every CONNECT of such a device: the link does not crash, and says why."""
+    outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
+    settings = LinkSettings(BrokerSettings.from_url(shared_nats_cluster.urls[0]), fleet_name,
+                            "cam.7", backoff_min_s=0.1, backoff_max_s=0.2)
+    link = Link(settings, outbox)
+    resources.callback(link.stop)
+    with caplog.at_level(logging.WARNING, logger="edgeserve.device_agent.telemetry.link"):
+        link.start()
+        wait_for(lambda: "refuses '.' in topics" in caplog.text, 15,
+                 "the link to explain the closed connection", interval=0.05)
+    assert "MQTT 3.1.1: closed before CONNACK; if the broker is NATS" in caplog.text
+    assert link.stats.connect_failures >= 1 and link.stats.connects == 0
+    assert link._thread is not None and link._thread.is_alive()
+
+
+def test_a_fleet_name_with_a_dot_is_explained_on_nats(
+        shared_nats_cluster: NatsCluster, tmp_path: Path,  # noqa: F811
+        resources: contextlib.ExitStack) -> None:
+    """The fleet's Last Will (its fleet/status topic) holds the fleet name: a '.' in it makes
+    NATS close the connection, and the fleet says why instead of only 'closed'."""
+    store = resources.enter_context(Store.open(f"sqlite:///{tmp_path}/fleet.db", fleet="acme.eu"))
+    service = FleetService(Ingestor(store, "acme.eu"),
+                           BrokerSettings.from_url(shared_nats_cluster.urls[0]), "fleet-dot")
+    with pytest.raises(BrokerError, match=r"closed before CONNACK.*refuses '\.' in topics"):
+        service.start(timeout=10)
 
 
 def _flush_across_a_kill(tmp_path: Path, fleet: str, resources: contextlib.ExitStack,
