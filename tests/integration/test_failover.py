@@ -214,3 +214,18 @@ def test_agent_and_fleet_fail_over_to_a_standby_mosquitto(
 
     timings = _flush_across_a_kill(tmp_path, fleet_name, resources, urls, urls, kill)
     assert timings["agent_failover_s"] < 10
+
+
+def test_a_missing_nats_server_fails_in_ci_and_skips_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI must never pass by skipping the cluster tests (tests.services.need)."""
+    import tests.natscluster
+    import tests.services
+
+    monkeypatch.setattr(tests.natscluster, "nats_server", lambda: None)
+    monkeypatch.setattr(tests.services, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="nats-server is not installed"):
+        tests.natscluster.start_nats_cluster()
+    monkeypatch.setattr(tests.services, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="nats-server is not installed"):
+        tests.natscluster.start_nats_cluster()
