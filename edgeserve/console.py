@@ -71,18 +71,36 @@ def _console_class() -> type[Console]:
 
 
 class _LazyConsole:
-    """Stands for a rich console, made on first use (see :func:`_console_class`)."""
+    """Stands for a rich console until first used, then becomes one (its class and state are
+    the real console's from then on: ``isinstance``, ``with console:`` and rich's own uses all
+    see a :class:`rich.console.Console`); see :func:`_console_class`."""
 
     def __init__(self, **options: Any) -> None:
         self._options = options
-        self._console: Console | None = None
+
+    def _become(self) -> None:
+        real = _console_class()(**self._options)
+        self.__dict__.clear()
+        self.__dict__.update(real.__dict__)
+        self.__class__ = type(real)  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name == "_options":
             raise AttributeError(name)
-        if self._console is None:
-            self._console = _console_class()(**self._options)
-        return getattr(self._console, name)
+        self._become()
+        return getattr(self, name)
+
+    # ``with console:`` looks both up on this class before __enter__ runs: each hands over to
+    # the real console's own, becoming it first if need be
+    def __enter__(self) -> Any:
+        if type(self) is _LazyConsole:
+            self._become()
+        return type(self).__enter__(self)
+
+    def __exit__(self, *exc: Any) -> Any:
+        if type(self) is _LazyConsole:
+            self._become()
+        return type(self).__exit__(self, *exc)
 
 
 console: Console = cast("Console", _LazyConsole(highlight=False))

@@ -74,7 +74,7 @@ def _convert(tmp_path: Path, source: Path, profile: Path, keypair: KeyPair,
 def test_a_fixed_batch_becomes_dynamic_and_the_agent_batches_it(
         tmp_path: Path, profile: Path, keypair: KeyPair) -> None:
     from edgeserve.device_agent import Agent
-    from edgeserve.device_agent.batching import BatchPolicy, BatchingRuntime
+    from edgeserve.device_agent.batching import BatchingRuntime, BatchPolicy
     from edgeserve.profiles import load_profile
 
     converted = _convert(tmp_path, _mlp(tmp_path / "m.onnx"), profile, keypair,

@@ -56,3 +56,31 @@ def test_watch_prints_each_change_when_piped(capsys: pytest.CaptureFixture[str])
     assert [s for s in ("stage 1", "stage 2", "completed") if s in out] == ["stage 1", "stage 2",
                                                                            "completed"]
     assert out.count("stage 1") == 1 and "never shown" not in out
+
+
+def test_the_consoles_load_rich_on_first_use_and_then_are_rich_consoles() -> None:
+    """``agent serve`` must not pay for rich (docs/benchmarks.md, footprint): importing the
+    consoles loads none of it; used any way the code base uses them (a ``with`` block, a
+    status, a progress bar given the untouched console), they become real rich consoles."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from edgeserve.console import console, err_console
+assert "rich" not in sys.modules, "importing the consoles loaded rich"
+from rich.progress import Progress
+with Progress(console=err_console, transient=True) as progress:  # untouched until here
+    progress.update(progress.add_task("x", total=1), completed=1)
+with console:
+    console.print("[bold]first[/] line")
+with console.status("working"):
+    pass
+from rich.console import Console
+assert isinstance(console, Console) and isinstance(err_console, Console)
+print("done")
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["first line", "done"]

@@ -143,7 +143,7 @@ def test_acks_of_many_devices_at_once_match_one_device_at_a_time(
     """Acks are read for many devices per query: with gaps, floors, devices with nothing new and
     runs longer than one scan (scan and group sizes shrunk to force every path), each device's
     ack is the highest contiguous seq above its floor, as computed here one device at a time."""
-    import edgeserve.fleet.telemetry as telemetry
+    from edgeserve.fleet import telemetry
 
     monkeypatch.setattr(telemetry, "_ACK_SCAN", 7)
     monkeypatch.setattr(telemetry, "_ACK_GROUP", 3)
