@@ -94,6 +94,23 @@ def _batches(device: str, windows_each: int, batch: int) -> list[bytes]:
     return out
 
 
+def _forget_sessions(port: int, client_ids: list[str]) -> None:
+    """End the fleet clients' persistent sessions on the broker (the machine's Mosquitto is
+    shared: a bench leaves no sessions or queued messages behind)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    for client_id in client_ids:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0
+        client.connect("127.0.0.1", port, clean_start=True, properties=properties)
+        client.loop_start()
+        client.disconnect()
+        client.loop_stop()
+
+
 def _publish_backlog(port: int, fleet: str, n_devices: int, windows_each: int,
                      batch: int) -> int:
     """Publish every device's batches (QoS 1) and wait for the broker's PUBACKs."""
@@ -141,6 +158,7 @@ def bench_ingest(url: str, port: int, n_devices: int, windows_each: int, batch: 
     elapsed = time.perf_counter() - started
     stats = service.ingestor.stats.snapshot()
     service.stop()
+    _forget_sessions(port, [client_id])
     with store.read() as conn:
         import sqlalchemy as sa
 
@@ -153,6 +171,100 @@ def bench_ingest(url: str, port: int, n_devices: int, windows_each: int, batch: 
             "insert_only_windows_per_s": baseline, "batch": batch,
             "payload_bytes_per_window": round(payload_bytes / total, 1),
             "duplicates": stats["duplicates"]}
+
+
+_WORKER = """
+import signal, sys, threading
+from edgeserve.fleet.connection import BrokerSettings
+from edgeserve.fleet.ingest import Ingestor
+from edgeserve.fleet.service import FleetService
+from edgeserve.fleet.store import Store
+url, port, fleet, client_id = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+store = Store.open(url, fleet=fleet)
+service = FleetService(Ingestor(store, fleet), BrokerSettings(port=port), client_id, shared="on")
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+service.start()
+print("ready", service.telemetry_filter, flush=True)
+stop.wait(900)
+service.stop()
+print("stored", service.ingestor.stats.windows_stored, flush=True)
+"""
+
+
+def _start_workers(url: str, port: int, fleet: str, n: int) -> tuple[list[Any], float]:
+    """``n`` fleet workers, each its own process (one GIL each), sharing the telemetry
+    subscription (``$share/``); returns once every one is subscribed, with the time (perf
+    counter) the first one was."""
+    import subprocess
+
+    from edgeserve._process import popen
+
+    workers = [popen([sys.executable, "-c", _WORKER, url, str(port), fleet,
+                      f"edgeserve-fleet-{fleet}-{i}"], stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL, text=True) for i in range(n)]
+    first = None
+    for worker in workers:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        first = first or time.perf_counter()
+        if not line.startswith("ready") or "$share/" not in line:
+            raise SystemExit(f"a fleet worker did not subscribe to shared telemetry: {line!r}")
+    return workers, first or time.perf_counter()
+
+
+def _stop_workers(workers: list[Any]) -> list[int]:
+    stored = []
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        out, _ = worker.communicate(timeout=60)
+        stored += [int(line.split()[1]) for line in out.splitlines() if line.startswith("stored")]
+    return stored
+
+
+def bench_ingest_workers(url: str, port: int, n_devices: int, windows_each: int, batch: int,
+                         label: str, n_workers: int) -> dict[str, Any]:
+    """:func:`bench_ingest` with ``n_workers`` fleet worker processes sharing the backlog:
+    their persistent sessions subscribe, stop, the backlog is queued for them, and they come
+    back and drain it together. (Mosquitto queues at most ``max_queued_messages`` per session,
+    1,000 by default: keep the backlog's messages — devices × windows / batch — under that.)"""
+    fleet = f"bench-{uuid.uuid4().hex[:8]}"
+    total = n_devices * windows_each
+    store = Store.open(url, fleet=fleet)
+    _stop_workers(_start_workers(url, port, fleet, n_workers)[0])
+    payload_bytes = _publish_backlog(port, fleet, n_devices, windows_each, batch)
+    spawned = time.perf_counter()
+    # from the first worker's connection (its interpreter's start-up, ~1 s here, is not
+    # ingestion), as bench_ingest times its in-process service from its start
+    workers, started = _start_workers(url, port, fleet, n_workers)
+    import sqlalchemy as sa
+
+    stored = 0
+    deadline = time.monotonic() + 600
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"ingest {label}, {n_workers} workers", total=total)
+            while stored < total and time.monotonic() < deadline:
+                with store.read() as conn:
+                    stored = conn.execute(sa.select(sa.func.count())
+                                          .select_from(windows)).scalar_one()
+                progress.update(task, completed=stored)
+                time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        from_spawn = time.perf_counter() - spawned
+    finally:
+        per_worker = _stop_workers(workers)
+        _forget_sessions(port, [f"edgeserve-fleet-{fleet}-{i}" for i in range(n_workers)])
+    with store.read() as conn:
+        acked = conn.execute(sa.select(sa.func.min(devices.c.acked_seq))).scalar_one()
+    store.close()
+    return {"db": f"{label}, {n_workers} workers", "windows": total, "stored": int(stored),
+            "min_acked": int(acked or 0), "seconds": round(elapsed, 2),
+            "seconds_from_spawn": round(from_spawn, 2),
+            "windows_per_s": round(total / elapsed), "insert_only_windows_per_s": None,
+            "batch": batch, "payload_bytes_per_window": round(payload_bytes / total, 1),
+            "duplicates": None, "stored_per_worker": per_worker}
 
 
 def _insert_baseline(store: Store, n_devices: int, windows_each: int) -> int:
@@ -398,6 +510,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=300)
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="(a): also drain the PostgreSQL backlog with this many fleet "
+                             "worker processes sharing the telemetry (1: skip)")
     parser.add_argument("--rounds", type=int, default=25, help="(c): blocks per condition")
     parser.add_argument("--block-ms", type=float, default=50.0,
                         help="(c): CPU time per block of predict calls")
@@ -414,7 +529,7 @@ def main() -> None:
             ingest.append(bench_ingest(f"sqlite:///{tmp}/fleet.db", args.port, args.devices,
                                        args.windows, args.batch, "SQLite"))
         if not args.skip_postgres:
-            ingest.append(_bench_pg(args))
+            ingest += _bench_pg(args)
         results["ingest"] = ingest
     if "bytes" in parts:
         results["bytes"] = bench_bytes()
@@ -428,10 +543,16 @@ def main() -> None:
     _render(results, parts)
 
 
-def _bench_pg(args: argparse.Namespace) -> dict[str, Any]:
+def _bench_pg(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
     with postgres_schema(args.pg, "bench") as url:
-        return bench_ingest(url, args.port, args.devices, args.windows, args.batch,
-                            "PostgreSQL")
+        rows.append(bench_ingest(url, args.port, args.devices, args.windows, args.batch,
+                                 "PostgreSQL"))
+    if args.workers > 1:
+        with postgres_schema(args.pg, "bench") as url:
+            rows.append(bench_ingest_workers(url, args.port, args.devices, args.windows,
+                                             args.batch, "PostgreSQL", args.workers))
+    return rows
 
 
 def _render(results: dict[str, Any], parts: set[str]) -> None:
