@@ -254,6 +254,7 @@ async def _scenario(sim: Simulator, meter: Meter, args: argparse.Namespace,
         watcher.cancel()
     progress.update(task, completed=sim.sessions)
     result["connect"] = {"seconds": round(connect_s, 2), "sessions": sim.sessions,
+                         "simulator_rss_mib": round(meter.me.memory_info().rss / 2**20, 1),
                          "cpu_s": meter.mark()}
 
     def bar(description: str) -> Any:
@@ -339,6 +340,9 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, port: int,
             record["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             record["worker_stats"] = [w.stop() for w in workers]
+            record["worker_log"] = [[line.strip()[:300] for line in w.lines
+                                     if " ready: " not in line and " INFO " not in line][-15:]
+                                    for w in workers]
             _forget_fleet_sessions(port, [f"edgeserve-{k}-{fleet}-{i}" for i in range(n_workers)
                                           for k in ("fleet", "rollouts")])
     record["run_s"] = round(time.monotonic() - started, 1)
