@@ -4,7 +4,8 @@
 A reconnect storm with a fleet worker killed -9: 1,000 devices (``edgeserve.fleet.simulate``,
 one asyncio process) against two ``edgeserve fleet serve`` worker processes (``--worker 0/1``,
 ``--shared on``) on one PostgreSQL schema and the machine's Mosquitto. Every window the
-simulator numbered is stored exactly once and acked.
+simulator numbered is stored exactly once and acked. Then a staged rollout (1/10/50/100 %) over 1,000
+devices completes, and a version the devices fail is rolled back on every device that took it.
 
 The killed worker is started again 2 s later (as a supervisor would): Mosquitto 2.0 keeps a
 dead worker's persistent session (expiry 7 days) in the ``$share/`` group and goes on routing
@@ -28,16 +29,26 @@ import asyncio
 import contextlib
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeserve.fleet.artifacts import ArtifactStore
+from edgeserve.fleet.rollouts.admission import create_rollout
+from edgeserve.fleet.rollouts.repo import Rollouts
+from edgeserve.fleet.server import fleet_public_key_path
 from edgeserve.fleet.simulate import SimSettings, Simulator, raise_open_files_limit
+from edgeserve.fleet.store import Store
+from edgeserve.fleet.tables import device_models, devices
 from edgeserve.mqtt import BrokerSettings
+from edgeserve.signing import TrustStore
+from edgeserve.testing import KeyPair, make_manifest, write_test_package
 from tests.integration.telemetry_support import FleetProcess, store_counts
 from tests.services import free_port
 
@@ -76,6 +87,24 @@ def _end_sessions(port: int, client_ids: list[str]) -> None:
             client.loop_stop()
 
 
+def _clear_device_topics(port: int, sim: Simulator) -> None:
+    """Delete the retained messages on every simulated device's topics (birth or Will, reported,
+    desired). The teardown of ``mqtt_broker`` finds retained messages by subscribing to the
+    fleet's topics, and Mosquitto queues at most 1,000 messages for that subscriber: with more,
+    its end marker would be dropped."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        sent = [client.publish(d.topics[kind], b"", qos=1, retain=True)
+                for d in sim.devices for kind in ("status", "reported", "desired")]
+        for info in sent:
+            info.wait_for_publish(20)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_storm_with_a_worker_killed_stores_every_window_once(
         mqtt_broker: tuple[str, int], postgres_url: str, fleet_name: str,
         resources: contextlib.ExitStack) -> None:
@@ -110,7 +139,14 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
         try:
             seen["connect_s"] = await sim.start()
             seen["backlog_s"] = await sim.wait_acked(40)
-            seen["before"] = [await asyncio.to_thread(_ingest_stored, p) for p in http_ports]
+            # a worker's counter moves just after its commit, and the other worker may ack what
+            # it committed (acks follow what is stored) before that
+            deadline = time.monotonic() + 10
+            while True:
+                seen["before"] = [await asyncio.to_thread(_ingest_stored, p) for p in http_ports]
+                if sum(seen["before"]) >= DEVICES * BACKLOG or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             storm = asyncio.create_task(sim.storm(STORM_S, STORM_BACKLOG))
             await asyncio.sleep(KILL_AFTER_S)
             seen["at_kill"] = await asyncio.to_thread(_ingest_stored, http_ports[1])
@@ -123,6 +159,7 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
         finally:
             await sim.stop()
             await sim.forget()  # the machine's broker would keep 1,000 sessions otherwise
+            await asyncio.to_thread(_clear_device_topics, port, sim)
 
     begun = time.monotonic()
     asyncio.run(scenario())
@@ -154,3 +191,111 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
     stored_after = stats[0]["windows_stored"] + stats[1]["windows_stored"]
     assert stored_after + seen["at_kill"] <= total
     assert stored_after + seen["before"][1] <= total
+
+
+def _online(store: Store) -> int:
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(devices)
+                                .where(devices.c.state == "online")).scalar_one())
+
+
+def _models(store: Store) -> dict[str, dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(sa.select(device_models).where(device_models.c.model == "toy"))
+        return {r.device_id: dict(r._mapping) for r in rows}
+
+
+def test_staged_rollout_and_a_bad_version_rolled_back_on_1000_devices(
+        tmp_path: Path, mqtt_broker: tuple[str, int], postgres_url: str, fleet_name: str,
+        keypair: KeyPair, resources: contextlib.ExitStack) -> None:
+    """Two workers (the leader runs the rollouts), 1,000 devices on toy 1.0.0. toy 2.0.0 goes
+    out in stages of 1/10/50/100 % and completes on every device; toy 3.0.0, which the devices
+    fail their health check on, is rolled back at its first stage: every device that took it
+    reports it rolled back, and every device ends on 2.0.0. Gates are off: simulated windows
+    are stamped with the minute they were recorded in, so a canary's windows start after its
+    activation only from the next minute on (a gate would wait up to a minute per stage)."""
+    port = mqtt_broker[1]
+    raise_open_files_limit(DEVICES + 512)
+    artifacts, fleet_key = tmp_path / "artifacts", tmp_path / "keys" / "fleet.key"
+    published = ArtifactStore(artifacts, TrustStore.from_paths([keypair.public_path]))
+    for version, release in (("2.0.0", 2), ("3.0.0", 3)):
+        package = tmp_path / f"toy-{version}.edgepkg"
+        write_test_package(package, keypair, manifest=make_manifest(version=version,
+                                                                    release=release))
+        published.publish(package)
+    resources.callback(_end_sessions, port,
+                       [f"edgeserve-fleet-{fleet_name}-{i}" for i in range(2)])
+    workers = [FleetProcess(fleet_name, postgres_url, f"mqtt://127.0.0.1:{port}",
+                            extra=["--worker", str(i), "--shared", "on", "--http-port", "-1",
+                                   "--artifacts", str(artifacts), "--fleet-key", str(fleet_key),
+                                   "--trusted-key", str(keypair.public_path),
+                                   "--rollout-tick", "0.2", "--connect-timeout", "20"])
+               for i in range(2)]
+    for worker in workers:
+        resources.callback(worker.kill)
+        worker.start()
+    store = resources.enter_context(Store(postgres_url))
+    repo = Rollouts(store)
+    seen: dict[str, Any] = {}
+
+    async def until(check: Any, timeout: float, what: str) -> float:
+        begun = time.monotonic()
+        while not await asyncio.to_thread(check):
+            if time.monotonic() - begun > timeout:
+                raise AssertionError(f"{what} within {timeout:g} s")
+            await asyncio.sleep(0.25)
+        return time.monotonic() - begun
+
+    async def rollout(version: str) -> tuple[str, float]:
+        record, _ = await asyncio.to_thread(create_rollout, store, published, {
+            "model": "toy", "version": version, "stages": [1, 10, 50, 100], "gates": [],
+            "soak_seconds": 0, "min_devices": 1})
+        took = await until(lambda: repo.get(record.id).state.done, 40,
+                           f"rollout of toy {version} to end")
+        return record.id, took
+
+    async def scenario() -> None:
+        settings = SimSettings(BrokerSettings(host="127.0.0.1", port=port, protocol="3.1.1"),
+                               fleet_name, DEVICES, batch_windows=10, ack_timeout_s=10.0,
+                               seed=19, backoff_min_s=0.2, backoff_max_s=2.0,
+                               models={"toy": "1.0.0"}, bad_versions=frozenset({"toy=3.0.0"}),
+                               fleet_key=fleet_public_key_path(fleet_key))
+        sim = Simulator(settings)
+        try:
+            await sim.start()
+            await until(lambda: _online(store) == DEVICES, 30, "every device online")
+            seen["good"] = await rollout("2.0.0")
+            seen["after_good"] = {d.device_id: d.models.get("toy") for d in sim.devices}
+            seen["bad"] = await rollout("3.0.0")
+            # the devices told to go back to 2.0.0 report it
+            await until(lambda: all(r["active"] == "2.0.0" and r["state"] == "committed"
+                                    for r in _models(store).values())
+                        and len(_models(store)) == DEVICES, 20,
+                        "every device to report toy 2.0.0 committed again")
+            seen["tried"] = {d.device_id for d in sim.devices
+                             if "3.0.0" in d.hashes.get("toy", {})}
+            seen["final"] = {d.device_id: d.models.get("toy") for d in sim.devices}
+            seen["counts"] = sim.counts()
+        finally:
+            await sim.stop()
+            await sim.forget()
+            await asyncio.to_thread(_clear_device_topics, port, sim)
+
+    asyncio.run(scenario())
+    for worker in workers:
+        worker.stop()
+    good_id, good_s = seen["good"]
+    bad_id, bad_s = seen["bad"]
+    good, bad = repo.get(good_id).state, repo.get(bad_id).state
+    print(f"\nrollout of 2.0.0 over {DEVICES} devices: {good.phase} in {good_s:.1f} s; "
+          f"3.0.0: {bad.phase} in {bad_s:.1f} s, tried by {len(seen['tried'])} devices "
+          f"({bad.reason})")
+    assert good.phase == "completed", (good.reason, good.history[-5:])
+    assert [h.event for h in good.history].count("stage") == 3, good.history
+    assert set(seen["after_good"].values()) == {"2.0.0"}
+    assert bad.phase == "rolled-back", (bad.reason, bad.history[-5:])
+    assert bad.stage == 0  # stopped at 1 %: the first failure rolls it back
+    # stage 1 % of 1,000: 10 devices took it (fetched, failed the health check) and no more
+    assert 1 <= len(seen["tried"]) <= 10, seen["tried"]
+    assert set(seen["final"].values()) == {"2.0.0"}
+    assert seen["counts"]["refused_messages"] == 0
