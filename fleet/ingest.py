@@ -37,7 +37,7 @@ from edgeserve.contract import (
 )
 from edgeserve.errors import ContractError
 
-from .registry import apply_status, ensure_devices
+from .registry import apply_status, ensure_devices, lock_devices
 from .store import Store
 from .tables import devices
 from .telemetry import advance_acks, store_windows, window_row
@@ -146,11 +146,17 @@ class Ingestor:
         unique = {(r["device_id"], r["seq"]): r for r in reversed(rows)}
         rows = [unique[key] for key in sorted(unique)]
         stored = 0
+        touched = sorted({s.device_id for s in statuses} | set(floors))
         with self.store.write() as conn:
-            for status in sorted(statuses, key=lambda s: s.ts):
+            if touched:
+                # every device row this group writes, made and locked first, in key order
+                ensure_devices(self.store, conn, touched, now)
+                lock_devices(self.store, conn, touched)
+            # per device in time order (the newest status wins whatever the order: apply_status
+            # checks the time stamp)
+            for status in sorted(statuses, key=lambda s: (s.device_id, s.ts)):
                 apply_status(self.store, conn, status, now)
             if rows:
-                ensure_devices(self.store, conn, floors, now)
                 stored = store_windows(self.store, conn, rows, now)
         acks = advance_acks(self.store, floors)
         with self._lock:

@@ -27,7 +27,7 @@ from .store import Store
 from .tables import desired_state, device_models, devices, windows
 
 __all__ = ["DeviceRecord", "apply_status", "delete_device_rows", "ensure_devices", "get_device",
-           "list_devices"]
+           "list_devices", "lock_devices"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ def ensure_devices(store: Store, conn: Connection, device_ids: Iterable[str], no
     """Create registry rows (state ``unknown``) for devices seen for the first time."""
     rows = [{"device_id": d, "first_seen": now, "last_seen": now} for d in sorted(set(device_ids))]
     store.insert_ignore(conn, devices, rows, ["device_id"])
+
+
+def lock_devices(store: Store, conn: Connection, device_ids: Iterable[str]) -> None:
+    """Lock the devices' rows for this transaction, in key order (PostgreSQL; SQLite has one
+    writer). Two fleet workers whose groups touch the same devices, one by a status message and
+    the other by telemetry, then wait for each other instead of deadlocking: each takes its rows
+    in the same order before it writes any."""
+    ids = sorted(set(device_ids))
+    if store.dialect != "postgresql" or not ids:
+        return
+    conn.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(ids))
+                 .order_by(devices.c.device_id).with_for_update())
 
 
 def apply_status(store: Store, conn: Connection, status: Status, now: float) -> bool:

@@ -117,8 +117,8 @@ def advance_acks(store: Store, floors: Mapping[str, int]) -> dict[str, int]:
                                     .where(devices.c.device_id.in_(list(floors)))).all())
         starts = {d: max(int(current.get(d, 0)), floor - 1) for d, floor in floors.items()}
         tops = _contiguous_tops(conn, starts)
-        changed = []
-        for device_id in floors:
+        changed = []  # in key order: the rows are locked in the order other writers use
+        for device_id in sorted(floors):
             top = result[device_id] = tops[device_id]
             if top > int(current.get(device_id, 0)):
                 changed.append({"d": device_id, "s": top})
