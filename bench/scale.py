@@ -61,7 +61,7 @@ from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import devices as devices_table
 from edgeserve.fleet.tables import windows
 from edgeserve.mqtt import BrokerSettings
-from edgeserve.testing import postgres_schema
+from edgeserve.testing import end_mqtt_sessions, postgres_schema
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 OUT = Path(__file__).with_name("out") / "scale.json"
@@ -150,25 +150,6 @@ class Worker:
         with contextlib.suppress(ValueError):
             return dict(json.loads(out)) if out.strip() else {}
         return {}
-
-
-def _forget_fleet_sessions(port: int, client_ids: list[str]) -> None:
-    """End the workers' persistent broker sessions (matters on a shared broker)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    for client_id in client_ids:
-        with contextlib.suppress(OSError):
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv5)
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 0
-            client.connect("127.0.0.1", port, clean_start=True, properties=properties)
-            client.loop_start()
-            client.disconnect()
-            client.loop_stop()
 
 
 # -- CPU accounting --------------------------------------------------------------------------------
@@ -343,7 +324,7 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, port: int,
             record["worker_log"] = [[line.strip()[:300] for line in w.lines
                                      if " ready: " not in line and " INFO " not in line][-15:]
                                     for w in workers]
-            _forget_fleet_sessions(port, [f"edgeserve-{k}-{fleet}-{i}" for i in range(n_workers)
+            end_mqtt_sessions(port, [f"edgeserve-{k}-{fleet}-{i}" for i in range(n_workers)
                                           for k in ("fleet", "rollouts")])
     record["run_s"] = round(time.monotonic() - started, 1)
     return record

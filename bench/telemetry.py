@@ -62,6 +62,7 @@ from edgeserve.fleet.tables import devices, windows  # noqa: E402
 from edgeserve.fleet.telemetry import window_row  # noqa: E402
 from edgeserve.telemetry import ReferenceStats  # noqa: E402
 from edgeserve.testing import (  # noqa: E402
+    end_mqtt_sessions,
     make_keypair,
     make_manifest,
     postgres_schema,
@@ -92,23 +93,6 @@ def _batches(device: str, windows_each: int, batch: int) -> list[bytes]:
         head = f'{{"v":1,"device_id":"{device}","sent":1.0,"floor":{chunk[0].seq},"windows":['
         out.append(head.encode() + b",".join(r.data for r in chunk) + b"]}")
     return out
-
-
-def _forget_sessions(port: int, client_ids: list[str]) -> None:
-    """End the fleet clients' persistent sessions on the broker (the machine's Mosquitto is
-    shared: a bench leaves no sessions or queued messages behind)."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    for client_id in client_ids:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5)
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 0
-        client.connect("127.0.0.1", port, clean_start=True, properties=properties)
-        client.loop_start()
-        client.disconnect()
-        client.loop_stop()
 
 
 def _publish_backlog(port: int, fleet: str, n_devices: int, windows_each: int,
@@ -158,7 +142,7 @@ def bench_ingest(url: str, port: int, n_devices: int, windows_each: int, batch: 
     elapsed = time.perf_counter() - started
     stats = service.ingestor.stats.snapshot()
     service.stop()
-    _forget_sessions(port, [client_id])
+    end_mqtt_sessions(port, [client_id])
     with store.read() as conn:
         import sqlalchemy as sa
 
@@ -255,7 +239,7 @@ def bench_ingest_workers(url: str, port: int, n_devices: int, windows_each: int,
         from_spawn = time.perf_counter() - spawned
     finally:
         per_worker = _stop_workers(workers)
-        _forget_sessions(port, [f"edgeserve-fleet-{fleet}-{i}" for i in range(n_workers)])
+        end_mqtt_sessions(port, [f"edgeserve-fleet-{fleet}-{i}" for i in range(n_workers)])
     with store.read() as conn:
         acked = conn.execute(sa.select(sa.func.min(devices.c.acked_seq))).scalar_one()
     store.close()

@@ -96,3 +96,27 @@ def postgres_schema(url: str, prefix: str = "es") -> Iterator[str]:
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def end_mqtt_sessions(port: int, client_ids: list[str], host: str = "127.0.0.1") -> None:
+    """End these clients' persistent MQTT sessions on the broker at ``host:port`` (an MQTT 5
+    clean start with session expiry 0, then DISCONNECT): a shared broker, such as a machine's
+    Mosquitto, would otherwise keep them, and queue messages for them, for as long as they asked
+    (the fleet asks 7 days). An unreachable broker is passed over. Needs paho-mqtt."""
+    import contextlib
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    for client_id in client_ids:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        with contextlib.suppress(OSError):
+            client.connect(host, port, clean_start=True, properties=properties)
+            client.loop_start()
+            client.disconnect()
+            client.loop_stop()

@@ -36,8 +36,6 @@ import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.rollouts.admission import create_rollout
@@ -48,7 +46,7 @@ from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import device_models, devices
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.signing import TrustStore
-from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from edgeserve.testing import KeyPair, end_mqtt_sessions, make_manifest, write_test_package
 from tests.integration.telemetry_support import FleetProcess, store_counts
 from tests.services import free_port
 
@@ -71,21 +69,6 @@ def _ingest_stored(http_port: int) -> int:
         if line.startswith("edgeserve_fleet_ingest_windows_stored_total"):
             return int(float(line.rsplit(" ", 1)[1]))
     raise AssertionError(f"no ingest counter in the worker's /metrics:\n{text[-2000:]}")
-
-
-def _end_sessions(port: int, client_ids: list[str]) -> None:
-    """End the workers' persistent MQTT 5 sessions (clean start, expiry 0): the machine's
-    Mosquitto would keep them, and queue for them, for 7 days otherwise."""
-    for client_id in client_ids:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
-        with contextlib.suppress(OSError):
-            client.connect("127.0.0.1", port, clean_start=True, properties=props)
-            client.loop_start()
-            client.disconnect()
-            client.loop_stop()
 
 
 def _clear_device_topics(port: int, sim: Simulator) -> None:
@@ -118,7 +101,7 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
     raise_open_files_limit(DEVICES + 512)
     broker = f"mqtt://127.0.0.1:{port}"
     http_ports = [free_port(), free_port()]
-    resources.callback(_end_sessions, port,
+    resources.callback(end_mqtt_sessions, port,
                        [f"edgeserve-fleet-{fleet_name}-{i}" for i in range(2)])
     workers = [FleetProcess(fleet_name, postgres_url, broker,
                             extra=["--worker", str(i), "--shared", "on",
@@ -226,7 +209,7 @@ def test_staged_rollout_and_a_bad_version_rolled_back_on_1000_devices(
         write_test_package(package, keypair, manifest=make_manifest(version=version,
                                                                     release=release))
         published.publish(package)
-    resources.callback(_end_sessions, port,
+    resources.callback(end_mqtt_sessions, port,
                        [f"edgeserve-fleet-{fleet_name}-{i}" for i in range(ROLLOUT_WORKERS)])
     workers = [FleetProcess(fleet_name, postgres_url, f"mqtt://127.0.0.1:{port}",
                             extra=["--worker", str(i), "--shared", "on", "--http-port", "-1",
