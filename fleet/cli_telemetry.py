@@ -91,6 +91,13 @@ def _ago(ts: float, now: float) -> str:
                    "restart resumes the broker session.")
 @click.option("--shared", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="Subscribe to telemetry as a shared subscription.")
+@click.option("--nats", "nats_urls", multiple=True, metavar="URL", envvar="EDGESERVE_FLEET_NATS",
+              help="On a NATS cluster: take telemetry and statuses from a JetStream stream the "
+                   "workers share (nats://HOST:4222; repeatable or a comma list; env "
+                   "EDGESERVE_FLEET_NATS). The broker's MQTT listener still carries acks and "
+                   "desired state.")
+@click.option("--nats-replicas", type=click.IntRange(1, 5), default=3, show_default=True,
+              help="Replicas of the JetStream stream (1 when the cluster has fewer servers).")
 @click.option("--broker-host", default="127.0.0.1", show_default=True,
               help="Embedded broker: address to listen on.")
 @click.option("--broker-port", default=1883, show_default=True, type=int,
@@ -130,7 +137,8 @@ def _ago(ts: float, now: float) -> str:
 def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, username: str | None,
                   password: str | None, ca_file: Path | None, cert_file: Path | None,
                   key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
-                  client_id: str | None, shared: str, broker_host: str, broker_port: int,
+                  client_id: str | None, shared: str, nats_urls: tuple[str, ...],
+                  nats_replicas: int, broker_host: str, broker_port: int,
                   http_host: str, http_port: int, public_url: str | None,
                   artifacts_dir: Path | None, trusted_keys: tuple[Path, ...], auth: str | None,
                   fleet_key: Path | None, rollout_tick: float, connect_timeout: float,
@@ -160,6 +168,7 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
         http_port=None if http_port < 0 else http_port, public_url=public_url,
         artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
         worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
+        nats=_nats_urls(nats_urls), nats_replicas=nats_replicas,
         connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key,
         delta_fraction=delta_fraction)
     server = FleetServer(config).start()
@@ -195,6 +204,23 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
     log.info("stopped: %s", stats)
     if as_json:
         click.echo(to_json(stats))
+
+
+def _nats_urls(values: tuple[str, ...]) -> list[str]:
+    """``--nats`` values (repeated, comma lists) as NATS client URLs; a bad one is refused."""
+    from urllib.parse import urlsplit
+
+    urls = [u.strip() for value in values for u in value.split(",") if u.strip()]
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("nats", "tls") or not parts.hostname or port == -1:
+            raise click.BadParameter(f"{url!r} is not a NATS URL: expected nats://HOST[:PORT] "
+                                     "(or tls://HOST[:PORT])", param_hint="--nats")
+    return urls
 
 
 def _redacted(url: str) -> str:

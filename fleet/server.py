@@ -38,6 +38,7 @@ from .cli_options import default_artifacts_dir
 from .connection import BrokerSettings
 from .experiments.controller import ExperimentController, reports
 from .ingest import Ingestor
+from .jetstream import JetStreamSettings
 from .rollouts.controller import RolloutController
 from .service import FleetService, SharedMode
 from .store import Store
@@ -82,6 +83,10 @@ class FleetConfig:
     worker: str = "0"
     client_id: str | None = None
     shared: SharedMode = "auto"
+    nats: list[str] = field(default_factory=list)
+    """NATS client URLs: take telemetry and statuses from a JetStream stream that the fleet's
+    workers share (a NATS cluster's MQTT listener has no ``$share/``)"""
+    nats_replicas: int = 3
     connect_timeout: float = 60.0
     rollout_tick_s: float = 1.0
     experiment_tick_s: float = 1.0
@@ -134,7 +139,11 @@ class FleetServer:
             self.broker_url = settings.url  # without credentials: it is logged and printed
             self.service = FleetService(Ingestor(self.store, c.fleet), settings,
                                         c.client_id or f"edgeserve-fleet-{c.fleet}-{c.worker}",
-                                        shared=c.shared)
+                                        shared=c.shared, jetstream=JetStreamSettings(
+                                            tuple(c.nats), replicas=c.nats_replicas,
+                                            username=c.broker_options.get("username"),
+                                            password=c.broker_options.get("password"))
+                                        if c.nats else None)
             self.service.start(connect_timeout=c.connect_timeout)
             self.artifacts = self._artifacts()
             fleet_key = self._fleet_key()

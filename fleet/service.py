@@ -11,10 +11,20 @@ Once its subscriptions are granted (after every connect), the service announces 
 retained ``{fleet}/fleet/status`` (``online``; the Last Will says ``offline``): devices that sent
 telemetry while no fleet was subscribed, which the broker dropped, send it again at once.
 
-Telemetry is subscribed as a shared subscription (``$share/edgeserve-fleet/…``) when the broker
-says it supports them (MQTT 5 ``SharedSubscriptionAvailable``, absent = yes), so several fleet
-workers split the load; ``status`` is subscribed plainly by every worker, because retained
-messages are not delivered to shared subscriptions.
+Telemetry and devices' ``status`` are subscribed as shared subscriptions
+(``$share/edgeserve-fleet/…``) when the broker says it supports them (MQTT 5
+``SharedSubscriptionAvailable``, absent = yes), so several fleet workers split the load: each
+status message reaches one worker, not all of them (a reconnect storm of 10,000 devices sends
+some 30,000 births and Last Wills). Brokers do not deliver retained messages to shared
+subscriptions, so a worker that starts a *new* session (not a resumed one: that one was
+subscribed all along) sweeps the retained statuses once: it subscribes the plain filter at QoS 0
+and unsubscribes as soon as the broker grants it (the broker sends the retained messages with
+the grant). A status seen twice is harmless: the newest time stamp wins.
+
+A shared worker's session expires ``shared_session_expiry_s`` (10 min) after it disconnects,
+not 7 days: brokers go on routing a share to a disconnected member's session, so a worker gone
+for good would strand its part of the telemetry until the session expires. Nothing is lost when
+it does: devices send unacked windows again, and the next new session sweeps the statuses.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeserve.contract import (
     Ack,
@@ -46,6 +57,7 @@ from edgeserve.mqtt import topic_hint
 
 from .connection import BrokerSettings, BrokerUnreachableError, connect, fail_over
 from .ingest import Ingestor, Parsed
+from .jetstream import Delivery, JetStreamFeed, JetStreamSettings
 
 __all__ = ["FleetService", "SharedMode"]
 
@@ -62,6 +74,8 @@ class _Received:
     payload: bytes
     connection: int = 0
     """which connection brought it: packet ids (``mid``) mean something only on that one"""
+    handle: Any = None
+    """a JetStream message to acknowledge instead (``--nats``)"""
 
 
 class FleetService:
@@ -69,6 +83,7 @@ class FleetService:
 
     def __init__(self, ingestor: Ingestor, broker: BrokerSettings, client_id: str, *,
                  shared: SharedMode = "auto", session_expiry_s: int = 7 * 86400,
+                 shared_session_expiry_s: int = 600, jetstream: JetStreamSettings | None = None,
                  receive_maximum: int = 1000, group_messages: int = 400,
                  group_wait_s: float = 0.02, stats_interval_s: float = 30.0) -> None:
         self.ingestor = ingestor
@@ -76,6 +91,9 @@ class FleetService:
         self.client_id = client_id
         self.shared = shared
         self.session_expiry_s = session_expiry_s
+        self.shared_session_expiry_s = shared_session_expiry_s
+        self.jetstream = jetstream
+        self.feed: JetStreamFeed | None = None
         self.receive_maximum = receive_maximum
         self.group_messages = group_messages
         self.group_wait_s = group_wait_s
@@ -89,6 +107,8 @@ class FleetService:
         self._worker: threading.Thread | None = None
         self._shared_available = True
         self._pending_subs: dict[int, str] = {}
+        self._sweep_mid: int | None = None
+        self.sweeps = 0
         self.instance = uuid.uuid4().hex[:12]
         self.announcements = 0
         self.errors = 0
@@ -112,9 +132,20 @@ class FleetService:
         An unreachable broker is retried (jittered back-off) for ``connect_timeout`` seconds,
         so the fleet may start before its broker; a refused connection fails at once.
         """
+        if self.jetstream is not None:
+            self.feed = JetStreamFeed(self.jetstream, self.ingestor.fleet, self.client_id,
+                                      self._from_stream, self._queue.qsize,
+                                      batch=self.group_messages)
+            self.feed.start(timeout=max(timeout, connect_timeout))
+            self.telemetry_filter = self.feed.describe
         # Messages may arrive during the handshake (a resumed session's queue): they wait in
         # the queue until the worker, which needs the connected client to ack them, starts.
-        self._client = self._connect(connect_timeout)
+        try:
+            self._client = self._connect(connect_timeout)
+        except BaseException:
+            if self.feed is not None:
+                self.feed.stop()
+            raise
         self._worker = threading.Thread(target=self._work, name="fleet-ingest", daemon=True)
         self._worker.start()
         self.protocol = "5" if self._client.protocol == mqtt.MQTTv5 else "3.1.1"
@@ -156,6 +187,8 @@ class FleetService:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=30)
+        if self.feed is not None:
+            self.feed.stop()
         if self._client is not None:
             if self._client.is_connected():
                 info = self._client.publish(*self._status("offline"))
@@ -166,8 +199,10 @@ class FleetService:
 
     def _status(self, state: str) -> tuple[str, bytes, int, bool]:
         """(topic, payload, qos, retain) of this process's fleet announcement."""
+        # on JetStream the stream kept what devices sent meanwhile when the consumer existed
+        resumed = self.feed.resumed if self.feed is not None else self._resumed
         status = FleetStatus(state=state, instance=self.instance,  # type: ignore[arg-type]
-                             resumed=self._resumed)
+                             resumed=resumed)
         return fleet_status_topic(self.ingestor.fleet), encode(status), 1, True
 
     def run(self, duration_s: float | None = None) -> None:
@@ -201,7 +236,9 @@ class FleetService:
         if version != mqtt.MQTTv5:
             return None
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.session_expiry_s
+        # MQTT 5 with shared subscriptions (auto: most MQTT 5 brokers have them): a short expiry
+        props.SessionExpiryInterval = (self.session_expiry_s if self.shared == "off"
+                                       else self.shared_session_expiry_s)
         props.ReceiveMaximum = self.receive_maximum
         return props
 
@@ -214,6 +251,16 @@ class FleetService:
         self._resumed = bool(flags.session_present)
         self._connection += 1
         self._shared_available = bool(getattr(props, "SharedSubscriptionAvailable", 1))
+        status = fleet_filter(self.ingestor.fleet, "status")
+        if self.feed is not None:
+            log.info("connected to %s:%s (MQTT %s, session %s); telemetry and statuses from %s",
+                     client.host, client.port, "5" if client.protocol == mqtt.MQTTv5 else "3.1.1",
+                     "resumed" if flags.session_present else "new", self.feed.describe)
+            if not flags.session_present:
+                # the stream holds what was published since it was made: learn older statuses
+                _rc, self._sweep_mid = client.subscribe(status, qos=0)
+            self._subscribed(client)
+            return
         use_shared = self.shared == "on" or (self.shared == "auto" and self._shared_available
                                              and client.protocol == mqtt.MQTTv5)
         telemetry = fleet_filter(self.ingestor.fleet, "telemetry")
@@ -227,19 +274,35 @@ class FleetService:
                  client.port,
                  "5" if client.protocol == mqtt.MQTTv5 else "3.1.1",
                  "resumed" if flags.session_present else "new", self.telemetry_filter)
-        for topic in (fleet_filter(self.ingestor.fleet, "status"), self.telemetry_filter):
-            _rc, mid = client.subscribe(topic, qos=1)
+        for topic in (shared_filter(status) if use_shared else status, self.telemetry_filter):
+            if topic.startswith("$share/") and client.protocol == mqtt.MQTTv5:
+                # retain handling 2: no retained messages (Mosquitto 2.0 sends them to shared
+                # subscriptions too, on every subscribe, up to its queue limit); the sweep does
+                _rc, mid = client.subscribe(topic, options=SubscribeOptions(
+                    qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+            else:
+                _rc, mid = client.subscribe(topic, qos=1)
             self._pending_subs[mid or 0] = topic
+        if use_shared and not flags.session_present:
+            # retained statuses are not delivered to shared subscriptions: take them once
+            _rc, self._sweep_mid = client.subscribe(status, qos=0)
 
     def _on_subscribe(self, client: mqtt.Client, _userdata: Any, mid: int, reasons: Any,
                       _props: Any) -> None:
+        if mid == self._sweep_mid:
+            # the broker has sent the retained statuses with the grant
+            self._sweep_mid = None
+            client.unsubscribe(fleet_filter(self.ingestor.fleet, "status"))
+            self.sweeps += 1
+            return
         topic = self._pending_subs.pop(mid, "?")
         failed = [r for r in reasons if r.is_failure]
         if failed and topic.startswith("$share/") and self.shared == "auto":
             plain = topic.split("/", 2)[2]
             log.warning("broker refused the shared subscription (%s); subscribing to %s",
                         failed[0], plain)
-            self.telemetry_filter = plain
+            if plain.endswith("/telemetry"):
+                self.telemetry_filter = plain
             _rc, new_mid = client.subscribe(plain, qos=1)
             self._pending_subs[new_mid or 0] = plain
             return
@@ -248,9 +311,15 @@ class FleetService:
                       topic_hint(topic))
             return
         if not self._pending_subs:
-            self.ready.set()
-            client.publish(*self._status("online"))
-            self.announcements += 1
+            self._subscribed(client)
+
+    def _subscribed(self, client: mqtt.Client) -> None:
+        self.ready.set()
+        client.publish(*self._status("online"))
+        self.announcements += 1
+
+    def _from_stream(self, delivery: Delivery) -> None:
+        self._queue.put(_Received(0, 0, delivery.topic, delivery.payload, -1, delivery.handle))
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_Received(message.mid, message.qos, message.topic,
@@ -304,6 +373,8 @@ class FleetService:
                 if message.qos > 0 and client is not None and (
                         message.connection == self._connection):
                     client.ack(message.mid, message.qos)
+            if self.feed is not None:
+                self.feed.ack([m.handle for m in group if m.handle is not None])
 
     def _parse(self, group: list[_Received]) -> list[Parsed]:
         parsed = []

@@ -152,7 +152,9 @@ def retained_messages(host: str, port: int, topic_filter: str,
 
     The broker sends a new subscriber the retained messages before anything published after the
     subscription, so a sentinel published (not retained) once subscribed arrives after the last
-    of them: no wait for "nothing more comes".
+    of them: no wait for "nothing more comes". QoS 0: a broker sends those to a connected
+    client without queueing them, so Mosquitto's ``max_queued_messages`` (1,000 by default)
+    does not cut a larger set short.
     """
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -179,9 +181,9 @@ def retained_messages(host: str, port: int, topic_filter: str,
     client.connect(host, port)
     client.loop_start()
     try:
-        client.subscribe([(topic_filter, 1), (sentinel, 1)])
+        client.subscribe([(topic_filter, 0), (sentinel, 0)])
         assert subscribed.wait(timeout), f"the broker did not grant a subscription to {topic_filter}"
-        client.publish(sentinel, b"", qos=1)
+        client.publish(sentinel, b"", qos=0)
         assert done.wait(timeout), f"the retained messages under {topic_filter} did not arrive"
     finally:
         client.disconnect()

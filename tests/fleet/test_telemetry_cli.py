@@ -85,3 +85,16 @@ def test_bad_time_and_missing_store_are_clear_errors(db: str, tmp_path: Path) ->
     assert result.exit_code == 2 and "not a time" in result.output
     result = CliRunner().invoke(cli, ["fleet", "devices", "--db", f"sqlite:///{tmp_path}/x.db"])
     assert result.exit_code != 0 and "fleet serve" in str(result.exception)
+
+
+@pytest.mark.parametrize("url", ["mqtt://127.0.0.1:4222", "nats://", "nats://host:port",
+                                 "127.0.0.1:4222"])
+def test_a_bad_nats_url_is_refused_naming_it(url: str, tmp_path: Path) -> None:
+    """``fleet serve --nats`` checks every URL before it opens anything."""
+    result = CliRunner().invoke(cli, ["fleet", "serve", "--fleet", "f", "--db",
+                                      f"sqlite:///{tmp_path}/f.db", "--nats",
+                                      f"nats://127.0.0.1:4222,{url}", "--http-port", "-1"])
+    assert result.exit_code == 2, result.output
+    assert f"{url!r} is not a NATS URL" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "f.db").exists()

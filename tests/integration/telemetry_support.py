@@ -202,3 +202,16 @@ def store_counts(url: str) -> dict[str, Any]:
             "devices": {d: (int(n), int(lo), int(hi)) for d, n, lo, hi in per_device},
             "acked": {d: int(a) for d, a in acked.items()},
             "dropped": {d: int(x) for d, x in dropped.items()}}
+
+
+def ingest_stored(http_port: int) -> int:
+    """``edgeserve_fleet_ingest_windows_stored_total`` of one fleet worker (its own counter),
+    read from its ``/metrics``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("edgeserve_fleet_ingest_windows_stored_total"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    raise AssertionError(f"no ingest counter in the worker's /metrics:\n{text[-2000:]}")

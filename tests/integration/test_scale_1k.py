@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from edgeserve.fleet.tables import device_models, devices
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.signing import TrustStore
 from edgeserve.testing import KeyPair, end_mqtt_sessions, make_manifest, write_test_package
-from tests.integration.telemetry_support import FleetProcess, store_counts
+from tests.integration.telemetry_support import FleetProcess, ingest_stored, store_counts
 from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -59,16 +58,6 @@ STORM_S = 4.0
 KILL_AFTER_S = 1.5
 RESTART_AFTER_S = 2.0
 ROLLOUT_WORKERS = 1
-
-
-def _ingest_stored(http_port: int) -> int:
-    """``edgeserve_fleet_ingest_windows_stored_total`` of one worker (its own counter)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for line in text.splitlines():
-        if line.startswith("edgeserve_fleet_ingest_windows_stored_total"):
-            return int(float(line.rsplit(" ", 1)[1]))
-    raise AssertionError(f"no ingest counter in the worker's /metrics:\n{text[-2000:]}")
 
 
 def _clear_device_topics(port: int, sim: Simulator) -> None:
@@ -127,13 +116,13 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
             # it committed (acks follow what is stored) before that
             deadline = time.monotonic() + 10
             while True:
-                seen["before"] = [await asyncio.to_thread(_ingest_stored, p) for p in http_ports]
+                seen["before"] = [await asyncio.to_thread(ingest_stored, p) for p in http_ports]
                 if sum(seen["before"]) >= DEVICES * BACKLOG or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
             storm = asyncio.create_task(sim.storm(STORM_S, STORM_BACKLOG))
             await asyncio.sleep(KILL_AFTER_S)
-            seen["at_kill"] = await asyncio.to_thread(_ingest_stored, http_ports[1])
+            seen["at_kill"] = await asyncio.to_thread(ingest_stored, http_ports[1])
             await asyncio.to_thread(workers[1].kill)
             await asyncio.sleep(RESTART_AFTER_S)
             await asyncio.to_thread(workers[1].start)
