@@ -81,6 +81,12 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
               help="At the end, end every device's broker session (a broker keeps MQTT 3.1.1 "
                    "persistent sessions, and what is queued for them, until then).")
 @click.option("--seed", type=int, default=None, help="Random seed (storm return times, back-off).")
+@click.option("--window", "window_s", type=click.FloatRange(0.5, 86400), default=60.0,
+              show_default=True,
+              help="Telemetry window length in seconds (the agent's window_s; aligned to it).")
+@click.option("--spread", is_flag=True,
+              help="With several --broker nodes: start device n on node n mod their number "
+                   "(as DNS or a load balancer would), not all on the first.")
 @json_option
 def simulate_command(devices: int, fleet_name: str, prefix: str, first: int,
                      windows_per_device: int, rate: float, duration: str,
@@ -88,7 +94,9 @@ def simulate_command(devices: int, fleet_name: str, prefix: str, first: int,
                      bad_versions: tuple[str, ...], labels: tuple[str, ...], profile: str,
                      fleet_key: Path | None, batch_windows: int, ack_timeout: float,
                      connect_concurrency: int, no_acks: bool, timeout: str, hold: str,
-                     forget_sessions: bool, seed: int | None, as_json: bool, **options: Any) -> None:
+                     forget_sessions: bool, seed: int | None, window_s: float, spread: bool,
+                     as_json: bool,
+                     **options: Any) -> None:
     """Simulate --devices agents in one process over MQTT 3.1.1: sessions with Last Wills,
     birth messages, telemetry backlogs until acked, desired state answered with reported state
     (artifacts "installed" by hash, not downloaded); prints what was sent and what it cost."""
@@ -108,7 +116,8 @@ def simulate_command(devices: int, fleet_name: str, prefix: str, first: int,
                                                                 "--bad-version").items()),
         fleet_key=fleet_key, batch_windows=batch_windows,
         max_unacked_windows=max(1000, batch_windows), ack_timeout_s=ack_timeout,
-        connect_concurrency=connect_concurrency, seed=seed)
+        connect_concurrency=connect_concurrency, seed=seed, window_s=window_s,
+        spread=spread)
     scenario = Scenario(
         windows_per_device=windows_per_device, rate=rate, duration_s=parse_duration(duration),
         storm_within_s=parse_duration(storm_within) if storm_within is not None else None,

@@ -48,8 +48,10 @@ class JetStreamSettings:
     servers the cluster announces"""
     replicas: int = 3
     """stream and consumer replicas; fewer when the cluster has fewer servers"""
-    ack_wait_s: float = 30.0
-    """a message a worker took but did not acknowledge within this goes to another worker"""
+    ack_wait_s: float = 10.0
+    """a message a worker took but did not acknowledge within this goes to another worker (a
+    worker holds at most three groups of messages, each committed in well under a second; a
+    copy delivered twice is stored once)"""
     max_ack_pending: int = 20_000
     max_age_s: float = 7 * 86400.0
     """what no worker acknowledged is dropped after this (devices resend unacked windows)"""

@@ -82,10 +82,11 @@ _Key = tuple[tuple[tuple[str, str], ...], int]
 _templates: dict[_Key, tuple[bytes, bytes, bytes, bytes]] = {}
 
 
-def _window(seq: int, start: float, models: tuple[tuple[str, str], ...], variant: int) -> Window:
+def _window(seq: int, start: float, models: tuple[tuple[str, str], ...], variant: int,
+            length: float = _WINDOW_S) -> Window:
     """The contract window a device running ``models`` records (health when none or variant 0)."""
     if not models or variant == 0:
-        return Window(seq=seq, start=start, end=start + _WINDOW_S,
+        return Window(seq=seq, start=start, end=start + length,
                       health=Health(mem_used_mb=412.0 + variant, mem_total_mb=3793.0,
                                     disk_free_mb=20480.5, cpu_load=0.25, temp_c=48.5))
     model, version = models[variant % len(models)]
@@ -93,7 +94,7 @@ def _window(seq: int, start: float, models: tuple[tuple[str, str], ...], variant
     requests = 40 + 7 * variant
     for k in range(requests - variant % 3):
         hist.add(1.0 + ((variant * 7 + k * 13) % 50) / 10)
-    return Window(seq=seq, start=start, end=start + _WINDOW_S, model=model, version=version,
+    return Window(seq=seq, start=start, end=start + length, model=model, version=version,
                   requests=requests, errors=variant % 3, latency=hist.to_data())
 
 
@@ -115,25 +116,29 @@ def _template(models: tuple[tuple[str, str], ...], variant: int
         parts.append(head + marker.split(":")[0].encode() + b":")
     template = (parts[0], parts[1], parts[2], rest)
     start = 1_800_000_000.0
-    real = _window(3, start, models, variant).model_dump_json(exclude_none=True).encode()
-    if _fill(template, 3, start) != real:
+    real = _window(3, start, models, variant, 7.5).model_dump_json(exclude_none=True).encode()
+    if _fill(template, 3, start, 7.5) != real:
         raise ContractError("the simulator's window template no longer matches the contract's "
-                            f"encoding: {_fill(template, 3, start)[:200]!r} != {real[:200]!r}")
+                            f"encoding: {_fill(template, 3, start, 7.5)[:200]!r} != "
+                            f"{real[:200]!r}")
     _templates[key] = template
     return template
 
 
-def _fill(template: tuple[bytes, bytes, bytes, bytes], seq: int, start: float) -> bytes:
+def _fill(template: tuple[bytes, bytes, bytes, bytes], seq: int, start: float,
+          length: float = _WINDOW_S) -> bytes:
     a, b, c, d = template
     return b"".join((a, str(seq).encode(), b, repr(start).encode(), c,
-                     repr(start + _WINDOW_S).encode(), d))
+                     repr(start + length).encode(), d))
 
 
-def window_bytes(seq: int, start: float, models: Mapping[str, str]) -> bytes:
-    """The JSON of window ``seq`` (starting at ``start``) of a device running ``models``: the
-    exact bytes ``Window(...).model_dump_json(exclude_none=True)`` gives, as an agent sends."""
+def window_bytes(seq: int, start: float, models: Mapping[str, str],
+                 length: float = _WINDOW_S) -> bytes:
+    """The JSON of window ``seq`` (``length`` seconds from ``start``) of a device running
+    ``models``: the exact bytes ``Window(...).model_dump_json(exclude_none=True)`` gives, as an
+    agent sends."""
     frozen = tuple(sorted(models.items()))
-    return _fill(_template(frozen, seq % _VARIANTS), seq, start)
+    return _fill(_template(frozen, seq % _VARIANTS), seq, start, length)
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -167,12 +172,20 @@ class SimSettings:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     seed: int | None = None
+    window_s: float = _WINDOW_S
+    """the length of a telemetry window (the agent's ``window_s``; windows align to multiples
+    of it, as an agent's do)"""
+    spread: bool = False
+    """start device n on node n mod the number of nodes (what DNS or a load balancer in front
+    of a cluster does), not every device on the first node"""
 
     def __post_init__(self) -> None:
         check_id(self.fleet, "fleet name")
         if not 1 <= self.devices <= 1_000_000:
             raise ConfigError(f"--devices {self.devices} is out of range; expected 1-1000000")
         check_id(self.device_id(self.first + self.devices - 1), "device id")
+        if not 0.5 <= self.window_s <= 86400:
+            raise ConfigError(f"window_s {self.window_s} is out of range: 0.5 to 86400 seconds")
         if not 1 <= self.batch_windows <= 1000:
             raise ConfigError(f"batch of {self.batch_windows} windows; the contract allows 1-1000")
         if self.max_unacked_windows < self.batch_windows:
@@ -226,23 +239,27 @@ class SimDevice:
     # -- telemetry ---------------------------------------------------------------------------------
 
     def record(self, count: int) -> None:
-        """``count`` more windows into the backlog (numbered on from the newest): one is this
-        minute's window; several are the last ``count`` minutes' (recorded while away)."""
+        """``count`` more windows into the backlog (numbered on from the newest): one is the
+        current window (aligned to ``window_s``, as an agent's); several are the last ``count``
+        windows' (recorded while away)."""
         if count <= 0:
             return
-        minute = (time.time() // _WINDOW_S) * _WINDOW_S
+        length = self.sim.settings.window_s
+        current = (time.time() // length) * length
         last = self.segments[-1] if self.segments else None
         if count > 1:
             self.segments.append((self.newest + 1, dict(self.models),
-                                  minute - _WINDOW_S * (count - 1), True))
-        elif last is None or last[3] or last[2] != minute or last[1] != self.models:
-            self.segments.append((self.newest + 1, dict(self.models), minute, False))
+                                  current - length * (count - 1), True))
+        elif last is None or last[3] or last[2] != current or last[1] != self.models:
+            self.segments.append((self.newest + 1, dict(self.models), current, False))
         self.newest += count
 
     def window(self, seq: int) -> bytes:
         first, models, start, spread = self.segments[
             bisect.bisect_right(self.segments, seq, key=lambda s: s[0]) - 1]
-        return window_bytes(seq, start + _WINDOW_S * (seq - first) if spread else start, models)
+        length = self.sim.settings.window_s
+        return window_bytes(seq, start + length * (seq - first) if spread else start, models,
+                            length)
 
     def flush(self) -> None:
         """Send what is not in flight, oldest first, up to ``max_unacked_windows`` unacked."""
@@ -498,6 +515,9 @@ class Simulator:
         self.ssl_context = _ssl_context(settings.broker)
         self.devices = [SimDevice(self, settings.device_id(n))
                         for n in range(settings.first, settings.first + settings.devices)]
+        if settings.spread:
+            for index, device in enumerate(self.devices):
+                device.node = index % len(settings.broker.nodes)
         self.by_id = {d.device_id: d for d in self.devices}
         self._rng = random.Random(settings.seed)
         self._reconnecting: set[asyncio.Task[None]] = set()

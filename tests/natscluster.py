@@ -68,7 +68,7 @@ class NatsNode:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def config(self, routes: list[int]) -> str:
+    def config(self, routes: list[int], consumer_replicas: int | None = None) -> str:
         route_list = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
         return (f'server_name: "{self.name}"\n'
                 f'listen: "127.0.0.1:{self.client_port}"\n'
@@ -76,7 +76,9 @@ class NatsNode:
                 f'jetstream {{ store_dir: "{self.workdir / "js"}" }}\n'
                 f'cluster {{\n  name: "edgeserve-test"\n'
                 f'  listen: "127.0.0.1:{self.cluster_port}"\n  routes: [{route_list}]\n}}\n'
-                f'mqtt {{\n  listen: "127.0.0.1:{self.mqtt_port}"\n  stream_replicas: 3\n}}\n')
+                f'mqtt {{\n  listen: "127.0.0.1:{self.mqtt_port}"\n  stream_replicas: 3\n'
+                + (f"  consumer_replicas: {consumer_replicas}\n" if consumer_replicas else "")
+                + "}\n")
 
     def start(self, exe: str) -> None:
         with (self.workdir / "nats.log").open("ab") as log:
@@ -167,8 +169,11 @@ def mqtt_round_trip(port: int, timeout: float = 5.0) -> bool:
             cleaner.disconnect()
 
 
-def start_nats_cluster(size: int = 3, timeout: float = 30.0) -> NatsCluster:
-    """Start ``size`` routed nodes; return once they serve MQTT with JetStream ready."""
+def start_nats_cluster(size: int = 3, timeout: float = 30.0,
+                       consumer_replicas: int | None = None) -> NatsCluster:
+    """Start ``size`` routed nodes; return once they serve MQTT with JetStream ready.
+    ``consumer_replicas: 1`` keeps each MQTT session's consumers on one node (a third of the
+    memory and CPU; what thousands of sessions on one machine need)."""
     exe = nats_server()
     if exe is None:
         need("nats-server is not installed (Debian: apt-get install nats-server)")
@@ -184,7 +189,7 @@ def start_nats_cluster(size: int = 3, timeout: float = 30.0) -> NatsCluster:
     try:
         for node in nodes:
             routes = [other.cluster_port for other in nodes if other is not node]
-            (node.workdir / "nats.conf").write_text(node.config(routes))
+            (node.workdir / "nats.conf").write_text(node.config(routes, consumer_replicas))
             node.start(exe)
         deadline = time.monotonic() + timeout
         pending = list(nodes)

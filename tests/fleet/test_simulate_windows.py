@@ -44,7 +44,29 @@ def test_windows_are_what_the_contract_encodes_and_stay_the_same() -> None:
     assert health.model is None and health.health is not None
 
 
+def test_windows_of_another_length_align_to_it_as_an_agent_s_do() -> None:
+    """``window_s=5``: a backlog covers the last five 5-second windows, a window recorded now
+    starts at the current multiple of 5, and every window is 5 s long (an agent run with
+    ``window_s`` 5, which a rollout gate can judge within seconds of a canary's switch)."""
+    sim = Simulator(SimSettings(BrokerSettings(), "acme", 1, models={"toy": "1.0.0"},
+                                window_s=5.0))
+    device = sim.devices[0]
+    now = time.time()
+    device.record(3)
+    device.record(1)
+    windows = [Window.model_validate_json(device.window(q)) for q in range(1, 5)]
+    current = (now // 5) * 5
+    assert [w.start for w in windows[:3]] in ([current - 10, current - 5, current],
+                                              [current - 5, current, current + 5])
+    assert windows[3].start == windows[2].start
+    assert all(w.end - w.start == 5.0 for w in windows)
+    assert all(w.model_dump_json(exclude_none=True).encode() == device.window(w.seq)
+               for w in windows)
+
+
 def test_bad_settings_are_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="window_s 0.1 is out of range"):
+        SimSettings(BrokerSettings(), "acme", 1, window_s=0.1)
     with pytest.raises(ConfigError, match="--devices 0 is out of range"):
         SimSettings(BrokerSettings(), "acme", 0)
     with pytest.raises(ConfigError, match="batch of 2000 windows"):
