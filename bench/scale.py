@@ -11,7 +11,14 @@ For every (devices, workers) pair, on a fresh PostgreSQL schema and a fresh flee
    windows while away and returns within ``--storm-within`` seconds; timed until all are back
    and until everything is acked; resends counted;
 4. **exactly once**: rows per device in the store == windows the simulator numbered, seq 1..N,
-   and the device's acked seq == N.
+   and the device's acked seq == N;
+5. **rollout** (``--rollout``): toy 2.0.0 in stages of 1/10/50/100 % with gates on
+   (``error_rate<=0.05``, ``p95_ms<=1.5*control``, at least 50 canary requests), every device
+   recording a ``--window``-second window each window (an agent's ``window_s``), timed from
+   each stage's start to every device running 2.0.0; with ``--kill`` the leader (the worker
+   holding the rollout controller's advisory lock) is killed -9 when the 10 % stage opens,
+   and the history must show each stage once. Then toy 3.0.0, which the devices fail their
+   health check on, must be rolled back on every device that took it.
 
 CPU seconds per phase of the broker, each fleet worker, PostgreSQL (the sum over every
 ``postgres`` process of the server: backends, WAL writer, checkpointer …) and this process (the
@@ -19,13 +26,22 @@ simulator, plus the bench's own polling) are read with psutil.
 
 By default the bench starts its own Mosquitto on a free loopback port with
 ``max_queued_messages`` raised (the machine's has the default of 1,000 per session, which drops
-backlog at 10,000 devices); ``--broker-port`` uses a running broker instead. Every process it
+backlog at 10,000 devices); ``--broker-port`` uses a running broker instead. ``--broker nats``
+starts a 3-node NATS JetStream cluster on loopback ports (``consumer_replicas: 1``, what
+thousands of sessions on one machine need) and runs the workers with ``--nats`` (competing
+consumers of one JetStream consumer); the devices are spread over the three nodes.
+
+``--kill``: halfway through the storm's return window, worker 1 is killed -9 (on Mosquitto it
+is started again 2 s later, as a supervisor would: Mosquitto keeps routing its ``$share/`` part
+to its session; on NATS it stays dead and JetStream hands its unacknowledged messages to the
+other worker), and on NATS the second node too. Every process it
 starts is stopped at the end; the simulator's and the workers' broker sessions are ended and the
 schemas dropped. Every wait is bounded (``--phase-timeout``): a run that does not finish is
 reported as such, not waited for.
 
     .venv/bin/python bench/scale.py                       # 1k, 3k, 10k × 1 and 2 workers
     .venv/bin/python bench/scale.py --devices 1000,3000 --workers 1,2
+    .venv/bin/python bench/scale.py --broker nats --devices 10000 --workers 2 --kill
 
 Writes bench/out/scale.json.
 """
@@ -46,6 +62,9 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +75,27 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeserve._process import popen
+from edgeserve.fleet.artifacts import ArtifactStore
+from edgeserve.fleet.rollouts.admission import create_rollout
+from edgeserve.fleet.rollouts.repo import Rollouts
+from edgeserve.fleet.server import fleet_public_key_path
 from edgeserve.fleet.simulate import SimSettings, Simulator, raise_open_files_limit
 from edgeserve.fleet.store import Store
+from edgeserve.fleet.tables import device_models, windows
 from edgeserve.fleet.tables import devices as devices_table
-from edgeserve.fleet.tables import windows
 from edgeserve.mqtt import BrokerSettings
-from edgeserve.testing import end_mqtt_sessions, postgres_schema
+from edgeserve.testing import (
+    KeyPair,
+    end_mqtt_sessions,
+    make_keypair,
+    make_manifest,
+    postgres_schema,
+    write_test_package,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.natscluster import NatsCluster, start_nats_cluster  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 OUT = Path(__file__).with_name("out") / "scale.json"
@@ -112,16 +146,37 @@ class Mosquitto:
 class Worker:
     """``edgeserve fleet serve --worker N --shared on --http-port -1`` as a child process."""
 
-    def __init__(self, fleet: str, db: str, port: int, n: int, directory: Path) -> None:
+    def __init__(self, fleet: str, db: str, brokers: list[str], n: int, directory: Path,
+                 nats: list[str] | None = None, trusted: Path | None = None) -> None:
         self.fleet, self.n = fleet, n
         self.lines: list[str] = []
-        args = [str(EDGESERVE), "fleet", "serve", "--fleet", fleet, "--db", db,
-                "--broker", f"mqtt://127.0.0.1:{port}", "--worker", str(n), "--shared", "on",
-                "--http-port", "-1", "--json", "--log-level", "info",
-                "--fleet-key", str(directory / f"{fleet}.key"),
-                "--artifacts", str(directory / f"artifacts-{fleet}")]
-        self.process = popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # each worker starts on another node of a cluster
+        rotated = brokers[n % len(brokers):] + brokers[:n % len(brokers)]
+        self.args = [str(EDGESERVE), "fleet", "serve", "--fleet", fleet, "--db", db,
+                     "--broker", ",".join(rotated), "--worker", str(n),
+                     "--http-port", "-1", "--json", "--log-level", "info",
+                     "--fleet-key", str(directory / f"{fleet}.key"),
+                     "--artifacts", str(directory / f"artifacts-{fleet}")]
+        self.args += ["--nats", ",".join(nats)] if nats else ["--shared", "on"]
+        if trusted is not None:
+            self.args += ["--trusted-key", str(trusted)]
+        self.killed = False
+        self._start()
+
+    def _start(self) -> None:
+        self.process = popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
         threading.Thread(target=self._read, daemon=True).start()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(30)
+        self.killed = True
+
+    def restart(self) -> None:
+        self.lines = []
+        self._start()
+        self.killed = False
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -140,6 +195,8 @@ class Worker:
         raise RuntimeError(f"fleet worker {self.n} not ready after {timeout:g} s")
 
     def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        if self.killed:
+            return {"killed": True}
         self.process.send_signal(signal.SIGTERM)
         try:
             out, _ = self.process.communicate(timeout=timeout)
@@ -173,14 +230,19 @@ def _postgres() -> dict[int, float]:
 class Meter:
     """CPU seconds per role between two :meth:`mark` s."""
 
-    def __init__(self, broker: psutil.Process | None, workers: list[Worker]) -> None:
-        self.broker = broker
+    def __init__(self, brokers: list[psutil.Process], workers: list[Worker]) -> None:
+        self.brokers = brokers
         self.workers = [psutil.Process(w.process.pid) for w in workers]
         self.me = psutil.Process()
         self.last = self._read()
 
+    def replace(self, index: int, worker: Worker) -> None:
+        """Worker ``index`` was started again (a new process): count its CPU from zero."""
+        self.workers[index] = psutil.Process(worker.process.pid)
+        self.last["workers"][index] = 0.0
+
     def _read(self) -> dict[str, Any]:
-        return {"broker": _cpu(self.broker) if self.broker is not None else None,
+        return {"broker": sum(_cpu(b) for b in self.brokers) if self.brokers else None,
                 "workers": [_cpu(w) for w in self.workers],
                 "postgres": _postgres(), "simulator": _cpu(self.me)}
 
@@ -188,10 +250,10 @@ class Meter:
         now, before = self._read(), self.last
         self.last = now
         pg = sum(cpu - before["postgres"].get(pid, 0.0) for pid, cpu in now["postgres"].items())
-        return {"broker": (round(now["broker"] - before["broker"], 2)
+        return {"broker": (round(max(0.0, now["broker"] - before["broker"]), 2)
                            if now["broker"] is not None else None),
-                "workers": [round(a - b, 2) for a, b in zip(now["workers"], before["workers"],
-                                                                strict=True)],
+                "workers": [round(max(0.0, a - b), 2) for a, b in zip(
+                    now["workers"], before["workers"], strict=True)],
                 "postgres": round(pg, 2), "simulator": round(now["simulator"]
                                                              - before["simulator"], 2)}
 
@@ -217,7 +279,9 @@ def _check_store(db: str, per_device: dict[str, dict[str, int]]) -> dict[str, An
 
 
 async def _scenario(sim: Simulator, meter: Meter, args: argparse.Namespace,
-                    progress: Progress, label: str) -> dict[str, Any]:
+                    progress: Progress, label: str,
+                    during_storm: Callable[[], Awaitable[dict[str, Any]]] | None = None
+                    ) -> dict[str, Any]:
     result: dict[str, Any] = {}
     n = len(sim.devices)
     task = progress.add_task(f"{label}: connect", total=n)
@@ -260,8 +324,10 @@ async def _scenario(sim: Simulator, meter: Meter, args: argparse.Namespace,
     before = sim.counts()
     count = n * args.storm_windows
     begun = time.monotonic()
-    back_s = await asyncio.wait_for(sim.storm(args.storm_within, args.storm_windows),
-                                    args.storm_within + args.phase_timeout)
+    storm = asyncio.ensure_future(sim.storm(args.storm_within, args.storm_windows))
+    if during_storm is not None:
+        result["kills"] = await during_storm()
+    back_s = await asyncio.wait_for(storm, args.storm_within + args.phase_timeout)
     try:
         acked_s = await sim.wait_acked(args.phase_timeout,
                                        bar(f"storm {count:,} windows acked"))
@@ -282,31 +348,231 @@ async def _scenario(sim: Simulator, meter: Meter, args: argparse.Namespace,
     return result
 
 
-def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, port: int,
-            broker: psutil.Process | None, directory: Path, progress: Progress) -> dict[str, Any]:
+ROLLOUT_GATES = ["error_rate<=0.05", "p95_ms<=1.5*control"]
+
+
+async def _rollouts(sim: Simulator, meter: Meter, args: argparse.Namespace, db: str,
+                    published: ArtifactStore, progress: Progress, label: str,
+                    leader_kill: Callable[[], Awaitable[dict[str, Any]]] | None
+                    ) -> dict[str, Any]:
+    """toy 2.0.0 in stages with gates on (the devices recording windows all along), then toy
+    3.0.0, which the devices fail: rolled back."""
+    n = len(sim.devices)
+    producing = asyncio.ensure_future(sim.produce(n / args.window, 10 * args.phase_timeout))
+    result: dict[str, Any] = {}
+    with Store(db) as store:
+        repo = Rollouts(store)
+        try:
+            meter.mark()
+            record, _ = await asyncio.to_thread(create_rollout, store, published, {
+                "model": "toy", "version": "2.0.0", "stages": [1, 10, 50, 100],
+                "gates": ROLLOUT_GATES, "min_requests": 50, "soak_seconds": 0,
+                "min_devices": 1})
+            begun = time.time()
+            task = progress.add_task(f"{label}: rollout 2.0.0 (devices on it)", total=n)
+            killed: dict[str, Any] | None = None
+            all_on_new: float | None = None
+            deadline = time.monotonic() + 4 * args.phase_timeout
+            while True:
+                state = (await asyncio.to_thread(repo.get, record.id)).state
+                on_new = sum(1 for d in sim.devices if d.models.get("toy") == "2.0.0")
+                progress.update(task, completed=on_new)
+                if on_new == n and all_on_new is None:
+                    all_on_new = time.time()
+                if leader_kill is not None and killed is None and state.stage >= 1:
+                    killed = await leader_kill()
+                if state.done and on_new == n:
+                    break
+                if state.done and state.phase != "completed":
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rollout of 2.0.0 not done after "
+                                       f"{4 * args.phase_timeout:g} s: {state.phase}, stage "
+                                       f"{state.stage}, {on_new} of {n} devices on it")
+                await asyncio.sleep(0.2)
+            converged = time.time()
+            stages = [h for h in state.history if h.event in ("created", "stage")]
+            last_stage = max((h.ts for h in state.history if h.event == "stage"),
+                             default=begun)
+            result["good"] = {
+                "phase": state.phase, "reason": state.reason,
+                "seconds": round(converged - begun, 1),
+                "stage_opened_s": [round(h.ts - begun, 1) for h in stages],
+                "stage_events": [h.stage for h in state.history if h.event == "stage"],
+                "completed_after_last_stage_s": round(converged - last_stage, 1),
+                # every device runs it (the controller then still waits for the last stage's
+                # gates to pass on windows recorded after the switch)
+                "converged_after_last_stage_s": round((all_on_new or converged) - last_stage, 1),
+                "devices_on_it": sum(1 for d in sim.devices if d.models.get("toy") == "2.0.0"),
+                "history": [(round(h.ts - begun, 1), h.stage, h.event) for h in state.history],
+                "leader_kill": killed, "cpu_s": meter.mark()}
+            if state.phase != "completed":
+                return result
+            record, _ = await asyncio.to_thread(create_rollout, store, published, {
+                "model": "toy", "version": "3.0.0", "stages": [1, 10, 50, 100],
+                "gates": ROLLOUT_GATES, "min_requests": 50, "soak_seconds": 0,
+                "min_devices": 1})
+            begun = time.time()
+            deadline = time.monotonic() + args.phase_timeout
+            while True:
+                state = (await asyncio.to_thread(repo.get, record.id)).state
+                with store.read() as conn:
+                    reported = dict(conn.execute(sa.select(
+                        device_models.c.device_id, device_models.c.active).where(
+                        device_models.c.model == "toy")).all())
+                back = (state.done and sum(1 for v in reported.values() if v == "2.0.0") == n
+                        and all(d.models.get("toy") == "2.0.0" for d in sim.devices))
+                if back or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            tried = [d.device_id for d in sim.devices if "3.0.0" in d.hashes.get("toy", {})]
+            result["bad"] = {"phase": state.phase, "stage": state.stage,
+                             "reason": (state.reason or "")[:200],
+                             "seconds": round(time.time() - begun, 1), "tried": len(tried),
+                             "all_back_on_2.0.0": back, "cpu_s": meter.mark()}
+        except TimeoutError as exc:
+            result["timeout"] = str(exc)
+        finally:
+            producing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producing
+        # what the devices recorded during the rollouts is stored and acked too (then checked)
+        try:
+            result["drained_s"] = round(await sim.wait_acked(args.phase_timeout), 1)
+        except TimeoutError as exc:
+            result["drain_timeout"] = str(exc)
+    return result
+
+
+@dataclass
+class Brokers:
+    """Where the devices and workers connect, and the broker processes (for CPU and kills)."""
+
+    mqtt: list[str]
+    processes: list[psutil.Process]
+    nats: list[str] | None = None
+    cluster: NatsCluster | None = None
+
+
+def _leader(db: str, fleet: str, workers: list[Worker]) -> int | None:
+    """Which worker holds the rollout controller's advisory lock (PostgreSQL's pg_locks, its
+    backend's client port, the worker process with that local port)."""
+    key = zlib.crc32(f"edgeserve-rollouts/{fleet}".encode())
+    with Store(db) as store, store.read() as conn:
+        port = conn.execute(sa.text(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
+            {"k": key}).scalar()
+    if port is None:
+        return None
+    for index, worker in enumerate(workers):
+        if worker.killed:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == port
+                   for c in psutil.Process(worker.process.pid).net_connections("tcp")):
+                return index
+    return None
+
+
+def _publish_toy(directory: Path, fleet: str) -> tuple[KeyPair, ArtifactStore]:
+    """A signing key and toy 2.0.0 / 3.0.0 published in the fleet's artifact directory."""
+    keypair = make_keypair(directory / f"keys-{fleet}", "publisher")
+    published = ArtifactStore(directory / f"artifacts-{fleet}", keypair.trust)
+    for version, release in (("2.0.0", 2), ("3.0.0", 3)):
+        package = directory / f"toy-{fleet}-{version}.edgepkg"
+        write_test_package(package, keypair, manifest=make_manifest(version=version,
+                                                                    release=release))
+        published.publish(package)
+    return keypair, published
+
+
+def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, brokers: Brokers,
+            directory: Path, progress: Progress) -> dict[str, Any]:
     label = f"{n_devices:,} devices, {n_workers} worker{'s' if n_workers > 1 else ''}"
     fleet = f"scale{uuid.uuid4().hex[:6]}"
-    record: dict[str, Any] = {"devices": n_devices, "workers": n_workers, "fleet": fleet}
+    record: dict[str, Any] = {"devices": n_devices, "workers": n_workers, "fleet": fleet,
+                              "broker": "nats" if brokers.nats else "mosquitto",
+                              "kill": bool(args.kill)}
     started = time.monotonic()
     with postgres_schema(args.pg, "scale") as db:
         workers: list[Worker] = []
         try:
+            keypair, published = _publish_toy(directory, fleet)
             # the first worker migrates the fresh schema; the others start after it
-            workers.append(Worker(fleet, db, port, 0, directory))
+            workers.append(Worker(fleet, db, brokers.mqtt, 0, directory, brokers.nats,
+                                  keypair.public_path))
             workers[0].wait_ready()
-            workers += [Worker(fleet, db, port, i, directory) for i in range(1, n_workers)]
+            workers += [Worker(fleet, db, brokers.mqtt, i, directory, brokers.nats,
+                               keypair.public_path) for i in range(1, n_workers)]
             for worker in workers[1:]:
                 worker.wait_ready()
-            meter = Meter(broker, workers)
-            settings = SimSettings(BrokerSettings(host="127.0.0.1", port=port,
-                                                  protocol="3.1.1"),
-                                   fleet, n_devices, seed=18,
-                                   ack_timeout_s=args.ack_timeout)
+            meter = Meter(brokers.processes, workers)
+            settings = SimSettings(BrokerSettings.from_url(",".join(brokers.mqtt),
+                                                           protocol="3.1.1"),
+                                   fleet, n_devices, seed=18, spread=True,
+                                   ack_timeout_s=args.ack_timeout, models={"toy": "1.0.0"},
+                                   bad_versions=frozenset({"toy=3.0.0"}),
+                                   fleet_key=fleet_public_key_path(directory / f"{fleet}.key"),
+                                   window_s=args.window,
+                                   connect_concurrency=args.connect_concurrency)
+
+            back_task: list[asyncio.Future[None]] = []
+
+            async def kills() -> dict[str, Any]:
+                await asyncio.sleep(args.storm_within / 2)
+                done: dict[str, Any] = {"at_s": args.storm_within / 2}
+                if brokers.cluster is not None:
+                    cluster, node = brokers.cluster, brokers.cluster.nodes[1]
+                    await asyncio.to_thread(cluster.kill, node)
+                    done["broker_node"] = node.name
+                    if args.node_down >= 0:
+
+                        async def node_back() -> None:
+                            await asyncio.sleep(args.node_down)
+                            await asyncio.to_thread(cluster.restart, node)
+                            meter.brokers[1] = psutil.Process(node.process.pid)
+                        back_task.append(asyncio.ensure_future(node_back()))
+                        done["node_restarted_after_s"] = args.node_down
+                if len(workers) > 1:
+                    await asyncio.to_thread(workers[1].kill)
+                    done["worker"] = 1
+                    if brokers.nats is None:  # Mosquitto: a supervisor starts it again
+                        await asyncio.sleep(2.0)
+                        workers[1].restart()
+                        await asyncio.to_thread(workers[1].wait_ready)
+                        meter.replace(1, workers[1])
+                        done["worker_restarted_after_s"] = 2.0
+                return done
+
+            async def leader_kill() -> dict[str, Any]:
+                index = await asyncio.to_thread(_leader, db, fleet, workers)
+                if index is None:
+                    return {"error": "no worker holds the rollout lock"}
+                await asyncio.to_thread(workers[index].kill)
+
+                async def supervisor() -> None:  # starts it again 2 s later, as a follower
+                    await asyncio.sleep(2.0)
+                    workers[index].restart()
+                    await asyncio.to_thread(workers[index].wait_ready)
+                    meter.replace(index, workers[index])
+                back_task.append(asyncio.ensure_future(supervisor()))
+                return {"killed_worker": index, "at": time.time(), "restarted_after_s": 2.0}
 
             async def main() -> dict[str, Any]:
                 sim = Simulator(settings)
                 try:
-                    out = await _scenario(sim, meter, args, progress, label)
+                    out = await _scenario(sim, meter, args, progress, label,
+                                          kills if args.kill else None)
+                    if args.rollout and "all_acked_s" in out.get("storm", {}):
+                        for index, worker in enumerate(workers):
+                            if worker.killed:  # a supervisor starts it again
+                                worker.restart()
+                                await asyncio.to_thread(worker.wait_ready)
+                                meter.replace(index, worker)
+                        out["rollout"] = await _rollouts(
+                            sim, meter, args, db, published, progress, label,
+                            leader_kill if args.kill and len(workers) > 1 else None)
                 finally:
                     counts = sim.counts()
                     await asyncio.wait_for(sim.stop(), 120)
@@ -324,8 +590,11 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, port: int,
             record["worker_log"] = [[line.strip()[:300] for line in w.lines
                                      if " ready: " not in line and " INFO " not in line][-15:]
                                     for w in workers]
-            end_mqtt_sessions(port, [f"edgeserve-{k}-{fleet}-{i}" for i in range(n_workers)
-                                          for k in ("fleet", "rollouts")])
+            if brokers.nats is None:
+                for url in brokers.mqtt:
+                    end_mqtt_sessions(int(url.rsplit(":", 1)[1]),
+                                      [f"edgeserve-{k}-{fleet}-{i}" for i in range(n_workers)
+                                       for k in ("fleet", "rollouts")])
     record["run_s"] = round(time.monotonic() - started, 1)
     return record
 
@@ -373,6 +642,29 @@ def render(results: list[dict[str, Any]]) -> None:
                       str(storm.get("resends", "–")), check_text,
                       _cpu_text(backlog.get("cpu_s")), _cpu_text(storm.get("cpu_s")))
     console.print(table)
+    rollouts = [r for r in results if "rollout" in r]
+    if not rollouts:
+        return
+    table = Table(title="staged rollouts (1/10/50/100 %, gates on)")
+    for column in ("devices", "workers", "broker", "2.0.0", "stages opened at (s)",
+                   "all devices on it / completed, after last stage", "leader killed",
+                   "3.0.0 (fails)"):
+        table.add_column(column)
+    for r in rollouts:
+        ro = r["rollout"]
+        good, bad = ro.get("good", {}), ro.get("bad", {})
+        kill = good.get("leader_kill")
+        table.add_row(
+            f"{r['devices']:,}", str(r["workers"]), r.get("broker", "?"),
+            f"{good.get('phase', ro.get('timeout', '–'))[:40]} in {good.get('seconds', '–')} s",
+            ", ".join(f"{x:g}" for x in good.get("stage_opened_s", [])),
+            f"{good.get('converged_after_last_stage_s', '–')} s / "
+            f"{good.get('completed_after_last_stage_s', '–')} s",
+            (f"worker {kill['killed_worker']}; stages {good.get('stage_events')}"
+             if kill and "killed_worker" in kill else str(kill or "–")),
+            (f"{bad['phase']} at stage {bad['stage'] + 1}, tried by {bad['tried']}, all back: "
+             f"{bad['all_back_on_2.0.0']}" if bad else "–"))
+    console.print(table)
 
 
 def main() -> None:
@@ -382,8 +674,24 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma list of worker counts [1,2]")
     parser.add_argument("--pg", default=os.environ.get(
         "EDGESERVE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto",
+                        help="a private Mosquitto, or a private 3-node NATS JetStream cluster")
     parser.add_argument("--broker-port", type=int, default=None,
                         help="use the Mosquitto already on this port [default: start one]")
+    parser.add_argument("--consumer-replicas", type=int, choices=[1, 3], default=1,
+                        help="NATS: replicas of each MQTT session's consumers (3 survives a node's "
+                             "death, 1 costs a third)")
+    parser.add_argument("--node-down", type=float, default=15.0,
+                        help="NATS --kill: start the killed node again after this many seconds, "
+                             "as a supervisor would (-1: never) [15]")
+    parser.add_argument("--connect-concurrency", type=int, default=256,
+                        help="simulated devices connecting at once (also in the storm) [256]")
+    parser.add_argument("--rollout", action="store_true",
+                        help="after the storm: a staged rollout with gates on, then a bad one")
+    parser.add_argument("--window", type=float, default=5.0,
+                        help="the simulated agents' telemetry window (seconds) [5]")
+    parser.add_argument("--kill", action="store_true",
+                        help="kill -9 worker 1 (and on NATS node 2) halfway through the storm")
     parser.add_argument("--max-queued", type=int, default=1_000_000,
                         help="max_queued_messages of the bench's own Mosquitto")
     parser.add_argument("--backlog", type=int, default=5, help="windows per device at connect")
@@ -395,6 +703,9 @@ def main() -> None:
                         help="longest wait for one phase (connect, backlog, storm acks)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    # a SIGTERM (a timeout, Ctrl+C's sibling) unwinds like Ctrl+C: schemas dropped, brokers and
+    # workers stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = [int(x) for x in args.devices.split(",") if x]
     worker_counts = [int(x) for x in args.workers.split(",") if x]
     raise_open_files_limit(max(counts) + 1024)
@@ -402,17 +713,29 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     begun = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgeserve-scale-") as tmp:
-        broker = None
+        mosquitto: Mosquitto | None = None
+        cluster: NatsCluster | None = None
         try:
-            if args.broker_port is None:
-                broker = Mosquitto(Path(tmp), args.max_queued)
-                port, broker_process = broker.port, psutil.Process(broker.process.pid)
-                broker_text = (f"private mosquitto on 127.0.0.1:{port}, max_queued_messages "
-                               f"{args.max_queued}")
+            if args.broker == "nats":
+                cluster = start_nats_cluster(consumer_replicas=args.consumer_replicas,
+                                             timeout=60)
+                brokers = Brokers(cluster.urls, [psutil.Process(n.process.pid)
+                                                 for n in cluster.nodes if n.process],
+                                  [f"nats://127.0.0.1:{n.client_port}" for n in cluster.nodes],
+                                  cluster)
+                broker_text = ("private 3-node NATS JetStream cluster (MQTT listeners, "
+                               f"stream_replicas 3, consumer_replicas {args.consumer_replicas})")
+            elif args.broker_port is None:
+                mosquitto = Mosquitto(Path(tmp), args.max_queued)
+                brokers = Brokers([f"mqtt://127.0.0.1:{mosquitto.port}"],
+                                  [psutil.Process(mosquitto.process.pid)])
+                broker_text = (f"private mosquitto on 127.0.0.1:{mosquitto.port}, "
+                               f"max_queued_messages {args.max_queued}")
             else:
                 port = args.broker_port
-                broker_process = next((psutil.Process(c.pid) for c in psutil.net_connections(
-                    "tcp") if c.status == "LISTEN" and c.laddr.port == port and c.pid), None)
+                found = [psutil.Process(c.pid) for c in psutil.net_connections("tcp")
+                         if c.status == "LISTEN" and c.laddr.port == port and c.pid]
+                brokers = Brokers([f"mqtt://127.0.0.1:{port}"], found[:1])
                 broker_text = f"the broker on 127.0.0.1:{port}"
             console.print(f"[bold]fleet at scale[/]: devices {counts}, workers {worker_counts}, "
                           f"{broker_text}, PostgreSQL {args.pg}; load average "
@@ -422,12 +745,15 @@ def main() -> None:
                           console=console, transient=False) as progress:
                 for n in counts:
                     for w in worker_counts:
-                        results.append(run_one(n, w, args, port, broker_process, Path(tmp),
-                                               progress))
+                        results.append(run_one(n, w, args, brokers, Path(tmp), progress))
                         _write(args.out, args, broker_text, load, results, begun)
+                        if cluster is not None and any(not n.alive for n in cluster.nodes):
+                            break  # the cluster is one node short now
         finally:
-            if broker is not None:
-                broker.stop()
+            if mosquitto is not None:
+                mosquitto.stop()
+            if cluster is not None:
+                cluster.stop()
     _write(args.out, args, broker_text, load, results, begun)
     render(results)
     console.print(f"wrote {args.out} ({time.monotonic() - begun:.0f} s)")

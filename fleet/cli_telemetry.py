@@ -157,6 +157,12 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
     if log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
     log = logging.getLogger("edgeserve.fleet")
+    nats = _nats_urls(nats_urls)
+    if nats and not broker:
+        raise click.BadParameter("--nats takes telemetry from the NATS cluster whose MQTT "
+                                 "listener the devices use: give that listener as --broker "
+                                 "too (the embedded broker is not part of NATS)",
+                                 param_hint="--nats")
     keys = list(trusted_keys) or [Path(p) for p in os.environ.get(
         "EDGESERVE_FLEET_TRUSTED_KEYS", "").split(os.pathsep) if p]
     config = FleetConfig(
@@ -168,7 +174,7 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
         http_port=None if http_port < 0 else http_port, public_url=public_url,
         artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
         worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
-        nats=_nats_urls(nats_urls), nats_replicas=nats_replicas,
+        nats=nats, nats_replicas=nats_replicas,
         connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key,
         delta_fraction=delta_fraction)
     server = FleetServer(config).start()

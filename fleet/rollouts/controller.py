@@ -40,7 +40,7 @@ from ..artifact_tokens import ArtifactTokens
 from ..artifacts import ArtifactStore
 from ..connection import BrokerSettings, connect, fail_over
 from ..deltas import DeltaCache
-from ..desired import DesiredStates
+from ..desired import DesiredStates, ModelChange
 from ..files import FileGate, answer_file_request, refusal
 from ..leader import LeaderLoop
 from ..registry import list_devices
@@ -320,15 +320,16 @@ class RolloutController:
 
     def _advance(self, record: RolloutRecord, event: Event, now: float) -> None:
         new_state, commands = step(record.spec, record.state, event)
-        for command in commands:
-            self._apply(record.spec, new_state, command)
+        self._apply(record.spec, commands)
         self.rollouts.save(record, new_state, now)
         self._record_events(record, new_state, event, now)
 
-    def _apply(self, spec: RolloutSpec, state: RolloutState, command: SetDesired) -> None:
-        self.desired.set_model(command.device_id, command.model, command.active,
-                               shadow=command.shadow, shadow_rate=spec.shadow_sample_rate,
-                               health=spec.health, rollout=spec.id)
+    def _apply(self, spec: RolloutSpec, commands: list[SetDesired]) -> None:
+        """Write every device's next desired revision in one transaction."""
+        self.desired.set_models([
+            ModelChange(c.device_id, c.model, c.active, shadow=c.shadow,
+                        shadow_rate=spec.shadow_sample_rate, health=spec.health,
+                        rollout=spec.id) for c in commands])
 
     def _record_events(self, record: RolloutRecord, state: RolloutState, event: Event,
                        now: float) -> None:
@@ -376,14 +377,17 @@ class RolloutController:
         if self._client is None:
             return 0
         self.desired.republish_before(time.time() - self.desired_validity_s / 2)
-        published = 0
-        for device_id, desired in self.desired.unpublished():
-            info = self._client.publish(device_topic(self.fleet, device_id, "desired"),
-                                        self._signed(device_id, desired), qos=1, retain=True)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                self.desired.mark_published(device_id, desired.revision)
-                published += 1
-        return published
+        sent: list[tuple[str, int]] = []
+        try:
+            for device_id, desired in self.desired.unpublished():
+                info = self._client.publish(device_topic(self.fleet, device_id, "desired"),
+                                            self._signed(device_id, desired), qos=1,
+                                            retain=True)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    sent.append((device_id, desired.revision))
+        finally:  # what went out is marked, in one transaction, even if a later one failed
+            self.desired.mark_published_many(sent)
+        return len(sent)
 
     def republish_all(self) -> None:
         """Re-send every device's newest desired state (e.g. after a broker lost its retained)."""

@@ -98,3 +98,12 @@ def test_a_bad_nats_url_is_refused_naming_it(url: str, tmp_path: Path) -> None:
     assert f"{url!r} is not a NATS URL" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "f.db").exists()
+
+
+def test_nats_without_the_cluster_s_mqtt_listener_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["fleet", "serve", "--fleet", "f", "--db",
+                                      f"sqlite:///{tmp_path}/f.db", "--nats",
+                                      "nats://127.0.0.1:4222", "--http-port", "-1"],
+                                env={"EDGESERVE_BROKER": ""})
+    assert result.exit_code == 2, result.output
+    assert "give that listener as --broker" in result.output

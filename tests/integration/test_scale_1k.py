@@ -4,23 +4,24 @@
 A reconnect storm with a fleet worker killed -9: 1,000 devices (``edgeserve.fleet.simulate``,
 one asyncio process) against two ``edgeserve fleet serve`` worker processes (``--worker 0/1``,
 ``--shared on``) on one PostgreSQL schema and the machine's Mosquitto. Every window the
-simulator numbered is stored exactly once and acked. Then a staged rollout (1/10/50/100 %) over 1,000
-devices (one worker) completes, and a version the devices fail is rolled back on every device that took it.
+simulator numbered is stored exactly once and acked. Then, with two workers again, a staged
+rollout (1/10/50/100 %, gates on) over 1,000 devices recording a 2-second window every 2 s
+completes although its leader is killed -9 when the 10 % stage opens, and a version the devices
+fail is rolled back on every device that took it.
 
 The killed worker is started again 2 s later (as a supervisor would): Mosquitto 2.0 keeps a
-dead worker's persistent session (expiry 7 days) in the ``$share/`` group and goes on routing
-its share of the telemetry there, to be delivered when that worker comes back; with the worker
-gone for good about half of each device's resends went nowhere, and 1 device in 1,000 was
-still unacked after 40 s of resends every 4 s (seen twice).
+dead worker's persistent session in the ``$share/`` group and goes on routing its share of the
+telemetry and statuses there, to be delivered when that worker comes back (a shared worker's
+session expires 10 minutes after it disconnects, so a worker gone for good strands its share
+that long; the devices send unacked windows again meanwhile).
 
-Mosquitto queues at most ``max_queued_messages`` (1,000 by default) for an offline session, and
-the killed worker's ``status`` subscription alone gets every device's birth and Last Will, so
-some of what waited for it is dropped. The test does not depend on that limit: each device's
-storm backlog is one batch (``batch_windows`` covers it, 1,000 telemetry messages in all), and
-a device sends its unacked windows again after ``ack_timeout_s`` (what a real agent does); the
-copies reach a live worker or land on a row already stored (a no-op by the primary key).
-That is why the machine's broker (default config) is used, not a private one with a higher
-limit.
+Mosquitto queues at most ``max_queued_messages`` (1,000 by default) for an offline session, so
+some of what waited for the killed worker may be dropped. The test does not depend on that
+limit: each device's storm backlog is one batch (``batch_windows`` covers it, 1,000 telemetry
+messages in all), and a device sends its unacked windows again after ``ack_timeout_s`` (what a
+real agent does); the copies reach a live worker or land on a row already stored (a no-op by
+the primary key). That is why the machine's broker (default config) is used, not a private one
+with a higher limit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,9 @@ STORM_BACKLOG = 5
 STORM_S = 4.0
 KILL_AFTER_S = 1.5
 RESTART_AFTER_S = 2.0
-ROLLOUT_WORKERS = 1
+ROLLOUT_WORKERS = 2
+WINDOW_S = 2.0
+GATES = ["error_rate<=0.05", "p95_ms<=1.5*control"]
 
 
 def _clear_device_topics(port: int, sim: Simulator) -> None:
@@ -178,17 +182,37 @@ def _models(store: Store) -> dict[str, dict[str, Any]]:
         return {r.device_id: dict(r._mapping) for r in rows}
 
 
-def test_staged_rollout_and_a_bad_version_rolled_back_on_1000_devices(
+def _leader(postgres_url: str, fleet: str, workers: list[FleetProcess]) -> int:
+    """The worker holding the rollout controller's advisory lock: PostgreSQL names the
+    backend, whose client port is a local port of that worker's process."""
+    import psutil
+
+    key = zlib.crc32(f"edgeserve-rollouts/{fleet}".encode())
+    with Store(postgres_url) as store, store.read() as conn:
+        port = conn.execute(sa.text(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
+            {"k": key}).scalar()
+    assert port is not None, "no worker holds the rollout controller's lock"
+    for index, worker in enumerate(workers):
+        assert worker.process is not None
+        if any(c.laddr and c.laddr.port == port
+               for c in psutil.Process(worker.process.pid).net_connections("tcp")):
+            return index
+    raise AssertionError(f"no worker has the lock's connection (port {port})")
+
+
+def test_gated_staged_rollout_survives_its_leader_and_a_bad_version_is_rolled_back(
         tmp_path: Path, mqtt_broker: tuple[str, int], postgres_url: str, fleet_name: str,
         keypair: KeyPair, resources: contextlib.ExitStack) -> None:
-    """One worker (``--shared on``; two are the storm test's: a second one also takes every
-    device's status, which is not shared, and cost this test time on a loaded machine), 1,000
-    devices on toy 1.0.0, desired state verified with the fleet's key. toy 2.0.0 goes
-    out in stages of 1/10/50/100 % and completes on every device; toy 3.0.0, which the devices
-    fail their health check on, is rolled back at its first stage: every device that took it
-    reports it rolled back, and every device ends on 2.0.0. Gates are off: simulated windows
-    are stamped with the minute they were recorded in, so a canary's windows start after its
-    activation only from the next minute on (a gate would wait up to a minute per stage)."""
+    """Two workers, 1,000 devices on toy 1.0.0 recording a 2-second window every 2 s (an
+    agent with ``window_s`` 2), desired state verified with the fleet's key. toy 2.0.0 goes out
+    in stages of 1/10/50/100 % with gates on (error rate, p95 against the control, 50 canary
+    requests at least); when the 10 % stage opens the leader (the worker holding the rollout
+    controller's advisory lock) is killed -9, and the other worker takes over: each stage is
+    opened exactly once and the rollout completes on every device. Then toy 3.0.0, which the
+    devices fail their health check on, is rolled back at its first stage: every device that
+    took it reports it rolled back, and every device ends on 2.0.0."""
     port = mqtt_broker[1]
     raise_open_files_limit(DEVICES + 512)
     artifacts, fleet_key = tmp_path / "artifacts", tmp_path / "keys" / "fleet.key"
@@ -199,7 +223,8 @@ def test_staged_rollout_and_a_bad_version_rolled_back_on_1000_devices(
                                                                     release=release))
         published.publish(package)
     resources.callback(end_mqtt_sessions, port,
-                       [f"edgeserve-fleet-{fleet_name}-{i}" for i in range(ROLLOUT_WORKERS)])
+                       [f"edgeserve-{k}-{fleet_name}-{i}" for i in range(ROLLOUT_WORKERS)
+                        for k in ("fleet", "rollouts")])
     workers = [FleetProcess(fleet_name, postgres_url, f"mqtt://127.0.0.1:{port}",
                             extra=["--worker", str(i), "--shared", "on", "--http-port", "-1",
                                    "--artifacts", str(artifacts), "--fleet-key", str(fleet_key),
@@ -221,53 +246,66 @@ def test_staged_rollout_and_a_bad_version_rolled_back_on_1000_devices(
             await asyncio.sleep(0.25)
         return time.monotonic() - begun
 
-    async def rollout(version: str) -> tuple[str, float]:
-        record, _ = await asyncio.to_thread(create_rollout, store, published, {
-            "model": "toy", "version": version, "stages": [1, 10, 50, 100], "gates": [],
-            "soak_seconds": 0, "min_devices": 1})
-        took = await until(lambda: repo.get(record.id).state.done, 40,
-                           f"rollout of toy {version} to end")
-        return record.id, took
+    def create(version: str) -> str:
+        record, _ = create_rollout(store, published, {
+            "model": "toy", "version": version, "stages": [1, 10, 50, 100], "gates": GATES,
+            "min_requests": 50, "soak_seconds": 0, "min_devices": 1})
+        return record.id
 
     async def scenario() -> None:
         settings = SimSettings(BrokerSettings(host="127.0.0.1", port=port, protocol="3.1.1"),
                                fleet_name, DEVICES, batch_windows=10, ack_timeout_s=10.0,
                                seed=19, backoff_min_s=0.2, backoff_max_s=2.0,
                                models={"toy": "1.0.0"}, bad_versions=frozenset({"toy=3.0.0"}),
-                               fleet_key=fleet_public_key_path(fleet_key))
+                               fleet_key=fleet_public_key_path(fleet_key), window_s=WINDOW_S)
         sim = Simulator(settings)
+        producing: asyncio.Future[int] | None = None
         try:
             await sim.start()
             await until(lambda: _online(store) == DEVICES, 30, "every device online")
-            seen["good"] = await rollout("2.0.0")
-            seen["after_good"] = {d.device_id: d.models.get("toy") for d in sim.devices}
-            seen["bad"] = await rollout("3.0.0")
+            producing = asyncio.ensure_future(sim.produce(DEVICES / WINDOW_S, 300))
+            good = await asyncio.to_thread(create, "2.0.0")
+            await until(lambda: repo.get(good).state.stage >= 1, 60, "the 10 % stage to open")
+            seen["leader"] = await asyncio.to_thread(_leader, postgres_url, fleet_name, workers)
+            await asyncio.to_thread(workers[seen["leader"]].kill)
+            seen["good_s"] = await until(lambda: repo.get(good).state.done and all(
+                d.models.get("toy") == "2.0.0" for d in sim.devices), 90,
+                "rollout of toy 2.0.0 to end on every device")
+            seen["good"] = good
+            seen["bad"] = bad = await asyncio.to_thread(create, "3.0.0")
+            await until(lambda: repo.get(bad).state.done, 60, "rollout of toy 3.0.0 to end")
             # the devices told to go back to 2.0.0 report it
             await until(lambda: all(r["active"] == "2.0.0" and r["state"] == "committed"
                                     for r in _models(store).values())
-                        and len(_models(store)) == DEVICES, 20,
+                        and len(_models(store)) == DEVICES, 30,
                         "every device to report toy 2.0.0 committed again")
             seen["tried"] = {d.device_id for d in sim.devices
                              if "3.0.0" in d.hashes.get("toy", {})}
             seen["final"] = {d.device_id: d.models.get("toy") for d in sim.devices}
             seen["counts"] = sim.counts()
         finally:
+            if producing is not None:
+                producing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producing
             await sim.stop()
             await sim.forget()
             await asyncio.to_thread(_clear_device_topics, port, sim)
 
     asyncio.run(scenario())
-    for worker in workers:
-        worker.stop()
-    good_id, good_s = seen["good"]
-    bad_id, bad_s = seen["bad"]
-    good, bad = repo.get(good_id).state, repo.get(bad_id).state
-    print(f"\nrollout of 2.0.0 over {DEVICES} devices: {good.phase} in {good_s:.1f} s; "
-          f"3.0.0: {bad.phase} in {bad_s:.1f} s, tried by {len(seen['tried'])} devices "
-          f"({bad.reason})")
+    survivor = workers[1 - seen["leader"]]
+    survivor.stop()
+    good, bad = repo.get(seen["good"]).state, repo.get(seen["bad"]).state
+    stages = [h for h in good.history if h.event == "stage"]
+    print(f"\ngated rollout of 2.0.0 over {DEVICES} devices, leader (worker {seen['leader']}) "
+          f"killed at 10 %: {good.phase} in {seen['good_s']:.1f} s after the 10 % stage; "
+          f"stages opened {[round(h.ts - good.history[0].ts, 1) for h in stages]} s; 3.0.0: "
+          f"{bad.phase}, tried by {len(seen['tried'])} devices ({bad.reason})")
     assert good.phase == "completed", (good.reason, good.history[-5:])
-    assert [h.event for h in good.history].count("stage") == 3, good.history
-    assert set(seen["after_good"].values()) == {"2.0.0"}
+    # each stage opened once, in order, across the fail-over: none skipped, none repeated
+    assert [h.stage for h in stages] == [1, 2, 3], good.history
+    assert good.gate_results and all(r.verdict == "pass" for r in good.gate_results), (
+        good.gate_results)
     assert bad.phase == "rolled-back", (bad.reason, bad.history[-5:])
     assert bad.stage == 0  # stopped at 1 %: the first failure rolls it back
     # stage 1 % of 1,000: 10 devices took it (fetched, failed the health check) and no more
