@@ -118,6 +118,19 @@ class NatsCluster:
             node.process.wait(10)
         self.killed.append(node.name)
 
+    def restart(self, node: NatsNode, timeout: float = 30.0) -> None:
+        """Start a killed node again (its JetStream store is kept, as a supervisor's restart
+        would); returns once its MQTT port accepts connections."""
+        exe = nats_server()
+        assert exe is not None
+        node.start(exe)
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", node.mqtt_port, 0.2):
+            if not node.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {node.name} did not come back: "
+                                   f"{node.log_tail()}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
