@@ -182,11 +182,29 @@ def mqtt_round_trip(port: int, timeout: float = 5.0) -> bool:
             cleaner.disconnect()
 
 
+_BIND_RACE = "address already in use"
+
+
 def start_nats_cluster(size: int = 3, timeout: float = 30.0,
                        consumer_replicas: int | None = None) -> NatsCluster:
     """Start ``size`` routed nodes; return once they serve MQTT with JetStream ready.
     ``consumer_replicas: 1`` keeps each MQTT session's consumers on one node (a third of the
-    memory and CPU; what thousands of sessions on one machine need)."""
+    memory and CPU; what thousands of sessions on one machine need).
+
+    A free port is only free when it is picked: another process may bind it before the node
+    does (seen once in a full run: "Error listening on router port … address already in use").
+    Such a start is retried with new ports, twice at most; any other failure is not."""
+    for attempt in range(3):
+        try:
+            return _start_nats_cluster(size, timeout, consumer_replicas)
+        except RuntimeError as exc:
+            if _BIND_RACE not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_nats_cluster(size: int, timeout: float,
+                        consumer_replicas: int | None) -> NatsCluster:
     exe = nats_server()
     if exe is None:
         need("nats-server is not installed (Debian: apt-get install nats-server)")

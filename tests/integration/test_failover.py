@@ -229,3 +229,32 @@ def test_a_missing_nats_server_fails_in_ci_and_skips_elsewhere(
     monkeypatch.setattr(tests.services, "IN_CI", False)
     with pytest.raises(pytest.skip.Exception, match="nats-server is not installed"):
         tests.natscluster.start_nats_cluster()
+
+
+def test_a_port_taken_between_picking_and_binding_is_retried(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that could not bind its port (another process took it after it was picked) makes
+    the cluster start again with new ports, twice at most; other failures are not retried."""
+    import tests.natscluster
+
+    calls: list[int] = []
+    failures = ["nats-server n2 exited: … [FTL] Error listening on router port: 54437 - listen "
+                "tcp 127.0.0.1:54437: bind: address already in use"]
+
+    def start(*_args: object) -> str:
+        calls.append(1)
+        if failures:
+            raise RuntimeError(failures.pop())
+        return "cluster"
+
+    monkeypatch.setattr(tests.natscluster, "_start_nats_cluster", start)
+    assert tests.natscluster.start_nats_cluster() == "cluster"  # type: ignore[comparison-overlap]
+    assert len(calls) == 2
+    failures[:] = ["the NATS cluster was not ready within 30 s"]
+    with pytest.raises(RuntimeError, match="not ready"):
+        tests.natscluster.start_nats_cluster()
+    assert len(calls) == 3
+    failures[:] = ["bind: address already in use"] * 3
+    with pytest.raises(RuntimeError, match="address already in use"):
+        tests.natscluster.start_nats_cluster()
+    assert len(calls) == 6
