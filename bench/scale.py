@@ -62,7 +62,6 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +86,10 @@ from edgeserve.mqtt import BrokerSettings
 from edgeserve.testing import (
     KeyPair,
     end_mqtt_sessions,
+    leader_process,
     make_keypair,
-    make_manifest,
     postgres_schema,
-    write_test_package,
+    publish_versions,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +240,14 @@ class Meter:
         self.workers[index] = psutil.Process(worker.process.pid)
         self.last["workers"][index] = 0.0
 
+    def broker_rss_mib(self) -> float | None:
+        """Resident memory of the broker processes (all nodes), in MiB."""
+        total = 0
+        for broker in self.brokers:
+            with contextlib.suppress(psutil.Error):
+                total += broker.memory_info().rss
+        return round(total / 2**20, 1) if self.brokers else None
+
     def _read(self) -> dict[str, Any]:
         return {"broker": sum(_cpu(b) for b in self.brokers) if self.brokers else None,
                 "workers": [_cpu(w) for w in self.workers],
@@ -300,7 +307,7 @@ async def _scenario(sim: Simulator, meter: Meter, args: argparse.Namespace,
     progress.update(task, completed=sim.sessions)
     result["connect"] = {"seconds": round(connect_s, 2), "sessions": sim.sessions,
                          "simulator_rss_mib": round(meter.me.memory_info().rss / 2**20, 1),
-                         "cpu_s": meter.mark()}
+                         "broker_rss_mib": meter.broker_rss_mib(), "cpu_s": meter.mark()}
 
     def bar(description: str) -> Any:
         tid = progress.add_task(f"{label}: {description}", total=1)
@@ -454,36 +461,11 @@ class Brokers:
     cluster: NatsCluster | None = None
 
 
-def _leader(db: str, fleet: str, workers: list[Worker]) -> int | None:
-    """Which worker holds the rollout controller's advisory lock (PostgreSQL's pg_locks, its
-    backend's client port, the worker process with that local port)."""
-    key = zlib.crc32(f"edgeserve-rollouts/{fleet}".encode())
-    with Store(db) as store, store.read() as conn:
-        port = conn.execute(sa.text(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
-            {"k": key}).scalar()
-    if port is None:
-        return None
-    for index, worker in enumerate(workers):
-        if worker.killed:
-            continue
-        with contextlib.suppress(psutil.Error):
-            if any(c.laddr and c.laddr.port == port
-                   for c in psutil.Process(worker.process.pid).net_connections("tcp")):
-                return index
-    return None
-
-
 def _publish_toy(directory: Path, fleet: str) -> tuple[KeyPair, ArtifactStore]:
     """A signing key and toy 2.0.0 / 3.0.0 published in the fleet's artifact directory."""
     keypair = make_keypair(directory / f"keys-{fleet}", "publisher")
     published = ArtifactStore(directory / f"artifacts-{fleet}", keypair.trust)
-    for version, release in (("2.0.0", 2), ("3.0.0", 3)):
-        package = directory / f"toy-{fleet}-{version}.edgepkg"
-        write_test_package(package, keypair, manifest=make_manifest(version=version,
-                                                                    release=release))
-        published.publish(package)
+    publish_versions(published, directory, keypair, ["2.0.0", "3.0.0"], name="toy")
     return keypair, published
 
 
@@ -509,7 +491,8 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, brokers: B
                 worker.wait_ready()
             meter = Meter(brokers.processes, workers)
             settings = SimSettings(BrokerSettings.from_url(",".join(brokers.mqtt),
-                                                           protocol="3.1.1"),
+                                                           protocol="3.1.1",
+                                                           subscribe_qos=args.subscribe_qos),
                                    fleet, n_devices, seed=18, spread=True,
                                    ack_timeout_s=args.ack_timeout, models={"toy": "1.0.0"},
                                    bad_versions=frozenset({"toy=3.0.0"}),
@@ -546,7 +529,9 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, brokers: B
                 return done
 
             async def leader_kill() -> dict[str, Any]:
-                index = await asyncio.to_thread(_leader, db, fleet, workers)
+                index = await asyncio.to_thread(
+                    leader_process, db, "edgeserve-rollouts", fleet,
+                    [None if w.killed else w.process.pid for w in workers])
                 if index is None:
                     return {"error": "no worker holds the rollout lock"}
                 await asyncio.to_thread(workers[index].kill)
@@ -686,6 +671,9 @@ def main() -> None:
                              "as a supervisor would (-1: never) [15]")
     parser.add_argument("--connect-concurrency", type=int, default=256,
                         help="simulated devices connecting at once (also in the storm) [256]")
+    parser.add_argument("--subscribe-qos", type=int, choices=[0, 1], default=1,
+                        help="the simulated devices' subscriptions' QoS (on NATS, 1 costs a "
+                             "JetStream consumer per subscription) [1]")
     parser.add_argument("--rollout", action="store_true",
                         help="after the storm: a staged rollout with gates on, then a bad one")
     parser.add_argument("--window", type=float, default=5.0,

@@ -325,6 +325,10 @@ def _origin(value: str) -> str:
 @click.option("--tls-insecure", is_flag=True, help="Do not check the broker's host name.")
 @click.option("--mqtt-version", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
               show_default=True, help="auto = MQTT 5, falling back to 3.1.1.")
+@click.option("--subscribe-qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
+              help="QoS of the device's subscriptions: 0 loses nothing of the contract (desired "
+                   "state is retained, acks and file chunks are asked for again) and on a NATS "
+                   "broker spares each subscription a JetStream consumer.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
               help="Inference worker threads of the HTTP API.")
 @click.option("--auth", default=None, envvar="EDGESERVE_AUTH",
@@ -348,7 +352,8 @@ def _origin(value: str) -> str:
 def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
         password: str | None, ca_file: Path | None, cert_file: Path | None,
-        key_file: Path | None, tls_insecure: bool, mqtt_version: str, workers: int,
+        key_file: Path | None, tls_insecure: bool, mqtt_version: str, subscribe_qos: str,
+        workers: int,
         auth: str | None, duration: float | None, tls_cert: Path | None, tls_key: Path | None,
         tls_client_ca: Path | None, insecure: bool, memory_budget: int,
         max_connections: int | None, header_timeout: float, fleet_keys: tuple[Path, ...],
@@ -365,7 +370,7 @@ def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fl
         settings = BrokerSettings.from_url(
             ",".join(broker), username=username, password=password, ca_file=ca_file,
             cert_file=cert_file, key_file=key_file, tls_insecure=tls_insecure or None,
-            protocol=mqtt_version)
+            protocol=mqtt_version, subscribe_qos=int(subscribe_qos))
         link = LinkSettings(settings, fleet_name, device)
     authenticator = parse_auth_option(auth)
     tls = tls_settings(tls_cert, tls_key, tls_client_ca)

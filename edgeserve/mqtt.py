@@ -51,6 +51,10 @@ class BrokerSettings:
     keepalive: int = 30
     fallbacks: tuple[tuple[str, int], ...] = ()
     """Further nodes (host, port) after ``host:port``, tried in order when it fails."""
+    subscribe_qos: int = 1
+    """A device's subscriptions' QoS. 0 loses nothing of the contract (what a device is sent is
+    retained state, or the answer to a request it repeats until answered: acks, file chunks)
+    and, on NATS, spares each subscription its JetStream consumer (docs/scale-out.md)."""
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
@@ -123,6 +127,9 @@ class BrokerSettings:
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"MQTT version {self.protocol!r} is not supported; expected auto, "
                               "5 or 3.1.1")
+        if self.subscribe_qos not in (0, 1):
+            raise ConfigError(f"subscription QoS {self.subscribe_qos!r} is not supported; "
+                              "expected 0 or 1")
         return self
 
     @property

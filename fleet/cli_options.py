@@ -99,4 +99,5 @@ def broker_settings(options: dict[str, Any]) -> BrokerSettings:
         ",".join(options.pop("broker") or ("mqtt://127.0.0.1:1883",)), username=options.pop("username"),
         password=options.pop("password"), ca_file=options.pop("ca_file"),
         cert_file=options.pop("cert_file"), key_file=options.pop("key_file"),
-        tls_insecure=options.pop("tls_insecure") or None, protocol=options.pop("mqtt_version"))
+        tls_insecure=options.pop("tls_insecure") or None, protocol=options.pop("mqtt_version"),
+        subscribe_qos=int(options.pop("subscribe_qos", "1")))

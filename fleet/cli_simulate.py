@@ -32,6 +32,9 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", required=True,
               help="Fleet name: the MQTT topic prefix edgeserve/v1/FLEET/… [env EDGESERVE_FLEET].")
 @broker_options
+@click.option("--subscribe-qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
+              help="QoS of the devices' subscriptions, as agent run --subscribe-qos: 0 on a "
+                   "NATS broker spares each a JetStream consumer.")
 @click.option("--prefix", default="sim-", show_default=True,
               help="Device ids are PREFIX followed by a 5-digit number.")
 @click.option("--first", type=click.IntRange(min=0), default=1, show_default=True,

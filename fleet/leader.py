@@ -22,9 +22,27 @@ from edgeserve.errors import EdgeserveError
 
 from .store import Store
 
-__all__ = ["LeaderLoop"]
+__all__ = ["LeaderLoop", "leader_client_port", "leader_key"]
 
 log = logging.getLogger(__name__)
+
+
+def leader_key(job: str, fleet: str) -> int:
+    """The PostgreSQL advisory-lock key of ``job`` in ``fleet``."""
+    return zlib.crc32(f"{job}/{fleet}".encode())
+
+
+def leader_client_port(store: Store, job: str, fleet: str) -> int | None:
+    """The client port of the database connection that holds ``job``'s lock (PostgreSQL;
+    None when nobody leads or on SQLite): with the hosts, it names the leading process."""
+    if store.dialect != "postgresql":
+        return None
+    with store.read() as conn:
+        port = conn.execute(sa.text(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
+            {"k": leader_key(job, fleet)}).scalar()
+    return None if port is None else int(port)
 
 
 class LeaderLoop:
@@ -32,7 +50,7 @@ class LeaderLoop:
                  tick_s: float) -> None:
         self.store = store
         self.job = job
-        self.key = zlib.crc32(f"{job}/{fleet}".encode())
+        self.key = leader_key(job, fleet)
         self.tick = tick
         self.tick_s = tick_s
         self._stop = threading.Event()

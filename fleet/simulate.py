@@ -457,7 +457,8 @@ class SimDevice:
         self.lost = False
         wanted = [self.topics["ack"], self.topics["desired"], sim.fleet_topic]
         for attempt in range(5):  # a busy broker cluster may refuse one now and grant it later
-            granted = await client.subscribe([(f, 1) for f in wanted], s.connect_timeout_s)
+            granted = await client.subscribe([(f, s.broker.subscribe_qos) for f in wanted],
+                                             s.connect_timeout_s)
             wanted = [f for f, code in zip(wanted, granted, strict=True) if code == 0x80]
             if not wanted:
                 break

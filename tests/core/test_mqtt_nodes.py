@@ -90,3 +90,10 @@ def test_the_broker_option_repeats_or_takes_a_comma_list(monkeypatch: pytest.Mon
     assert result.exit_code == 0 and seen[-1].nodes == (("127.0.0.1", 1883),)
     result = runner.invoke(command, ["--broker", "mqtt://a:1,ftp://b"])
     assert result.exit_code != 0 and "'ftp://b' is not valid" in str(result.exception)
+
+
+def test_subscription_qos_is_0_or_1() -> None:
+    assert BrokerSettings.from_url("mqtt://a").subscribe_qos == 1
+    assert BrokerSettings.from_url("mqtt://a,mqtt://b", subscribe_qos=0).subscribe_qos == 0
+    with pytest.raises(ConfigError, match="subscription QoS 2 is not supported; expected 0 or 1"):
+        BrokerSettings.from_url("mqtt://a", subscribe_qos=2)

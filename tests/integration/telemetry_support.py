@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,8 @@ from edgeserve.fleet.tables import devices, windows
 from edgeserve.telemetry import LatencyHistogram
 from tests.support import wait_until
 
-__all__ = ["FleetProcess", "Swarm", "fill_outboxes", "store_counts", "wait_for", "window_fields"]
+__all__ = ["FleetProcess", "Swarm", "fill_outboxes", "ingest_stored", "store_counts",
+           "stored_by_workers", "wait_for", "window_fields"]
 
 REPO = Path(__file__).resolve().parents[2]
 EDGESERVE = Path(sys.executable).with_name("edgeserve")
@@ -215,3 +218,16 @@ def ingest_stored(http_port: int) -> int:
         if line.startswith("edgeserve_fleet_ingest_windows_stored_total"):
             return int(float(line.rsplit(" ", 1)[1]))
     raise AssertionError(f"no ingest counter in the worker's /metrics:\n{text[-2000:]}")
+
+
+async def stored_by_workers(http_ports: Sequence[int], total: int,
+                            timeout: float = 10.0) -> list[int]:
+    """Each worker's stored-windows counter, read until together they reach ``total`` or
+    ``timeout`` passes: a worker's counter moves just after its commit, and another worker may
+    ack (acks follow what is stored) before that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = [await asyncio.to_thread(ingest_stored, port) for port in http_ports]
+        if sum(counts) >= total or time.monotonic() > deadline:
+            return counts
+        await asyncio.sleep(0.1)

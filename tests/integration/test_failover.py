@@ -47,8 +47,10 @@ def _device_state(store: Store, device: str) -> str | None:
     return None if row is None else str(row.state)
 
 
-def _link(urls: list[str], fleet: str, outbox: Outbox, **kw: Any) -> Link:
-    settings = LinkSettings(BrokerSettings.from_url(",".join(urls)), fleet, "dev1",
+def _link(urls: list[str], fleet: str, outbox: Outbox, subscribe_qos: int = 1,
+          **kw: Any) -> Link:
+    settings = LinkSettings(BrokerSettings.from_url(",".join(urls), subscribe_qos=subscribe_qos),
+                            fleet, "dev1",
                             batch_windows=20, rate_windows_per_s=kw.pop("rate", 200.0),
                             ack_timeout_s=3.0, backoff_min_s=0.2, backoff_max_s=1.0, **kw)
     return Link(settings, outbox)
@@ -61,12 +63,14 @@ def _service(store: Store, fleet: str, urls: list[str]) -> FleetService:
     return service
 
 
+@pytest.mark.parametrize("qos", [1, 0])
 def test_agent_and_fleet_speak_the_contract_over_a_nats_cluster(
         shared_nats_cluster: NatsCluster, tmp_path: Path, fleet_name: str,  # noqa: F811
-        resources: contextlib.ExitStack) -> None:
+        resources: contextlib.ExitStack, qos: int) -> None:
     """A fleet given two nodes and a link given two (others first), both ``auto``: MQTT 3.1.1
     on NATS; the birth message marks the device online, every window is stored and acked, a
-    desired state the fleet writes reaches the device (retained), the Last Will says offline."""
+    desired state the fleet writes reaches the device (retained), the Last Will says offline.
+    The same with the device's subscriptions at QoS 0 (no JetStream consumer each)."""
     urls = shared_nats_cluster.urls
     server = FleetServer(FleetConfig(
         fleet=fleet_name, db=f"sqlite:///{tmp_path}/fleet.db", broker=f"{urls[0]},{urls[1]}",
@@ -79,7 +83,7 @@ def test_agent_and_fleet_speak_the_contract_over_a_nats_cluster(
     assert server.service.protocol == "3.1.1"  # NATS refused 5
     outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
     outbox.append_many([window_fields(i) for i in range(50)])
-    link = _link([urls[1], urls[2]], fleet_name, outbox)
+    link = _link([urls[1], urls[2]], fleet_name, outbox, subscribe_qos=qos)
     desired: list[dict[str, Any]] = []
     link.subscribe("desired", lambda payload: desired.append(json.loads(payload)))
     resources.callback(link.stop)
@@ -96,6 +100,7 @@ def test_agent_and_fleet_speak_the_contract_over_a_nats_cluster(
     server.controller.desired.set_model("dev1", "toy", None)
     wait_for(lambda: bool(desired), 15, "the desired state to reach the device")
     assert "dev1" in json.dumps(desired[-1])
+    assert sorted(link.granted.values()) == [qos] * 3, link.granted
     link.kill()  # no goodbye: the broker (another node than the fleet's) sends the Last Will
     wait_for(lambda: _device_state(server.store, "dev1") == "offline", 15,  # type: ignore[arg-type]
              "the Last Will to mark the device offline")

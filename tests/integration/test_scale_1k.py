@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,13 @@ from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import device_models, devices
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.signing import TrustStore
-from edgeserve.testing import KeyPair, end_mqtt_sessions, make_manifest, write_test_package
-from tests.integration.telemetry_support import FleetProcess, ingest_stored, store_counts
+from edgeserve.testing import KeyPair, end_mqtt_sessions, leader_process, publish_versions
+from tests.integration.telemetry_support import (
+    FleetProcess,
+    ingest_stored,
+    store_counts,
+    stored_by_workers,
+)
 from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -116,14 +120,7 @@ def test_storm_with_a_worker_killed_stores_every_window_once(
         try:
             seen["connect_s"] = await sim.start()
             seen["backlog_s"] = await sim.wait_acked(40)
-            # a worker's counter moves just after its commit, and the other worker may ack what
-            # it committed (acks follow what is stored) before that
-            deadline = time.monotonic() + 10
-            while True:
-                seen["before"] = [await asyncio.to_thread(ingest_stored, p) for p in http_ports]
-                if sum(seen["before"]) >= DEVICES * BACKLOG or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
+            seen["before"] = await stored_by_workers(http_ports, DEVICES * BACKLOG)
             storm = asyncio.create_task(sim.storm(STORM_S, STORM_BACKLOG))
             await asyncio.sleep(KILL_AFTER_S)
             seen["at_kill"] = await asyncio.to_thread(ingest_stored, http_ports[1])
@@ -182,26 +179,6 @@ def _models(store: Store) -> dict[str, dict[str, Any]]:
         return {r.device_id: dict(r._mapping) for r in rows}
 
 
-def _leader(postgres_url: str, fleet: str, workers: list[FleetProcess]) -> int:
-    """The worker holding the rollout controller's advisory lock: PostgreSQL names the
-    backend, whose client port is a local port of that worker's process."""
-    import psutil
-
-    key = zlib.crc32(f"edgeserve-rollouts/{fleet}".encode())
-    with Store(postgres_url) as store, store.read() as conn:
-        port = conn.execute(sa.text(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
-            {"k": key}).scalar()
-    assert port is not None, "no worker holds the rollout controller's lock"
-    for index, worker in enumerate(workers):
-        assert worker.process is not None
-        if any(c.laddr and c.laddr.port == port
-               for c in psutil.Process(worker.process.pid).net_connections("tcp")):
-            return index
-    raise AssertionError(f"no worker has the lock's connection (port {port})")
-
-
 def test_gated_staged_rollout_survives_its_leader_and_a_bad_version_is_rolled_back(
         tmp_path: Path, mqtt_broker: tuple[str, int], postgres_url: str, fleet_name: str,
         keypair: KeyPair, resources: contextlib.ExitStack) -> None:
@@ -217,11 +194,7 @@ def test_gated_staged_rollout_survives_its_leader_and_a_bad_version_is_rolled_ba
     raise_open_files_limit(DEVICES + 512)
     artifacts, fleet_key = tmp_path / "artifacts", tmp_path / "keys" / "fleet.key"
     published = ArtifactStore(artifacts, TrustStore.from_paths([keypair.public_path]))
-    for version, release in (("2.0.0", 2), ("3.0.0", 3)):
-        package = tmp_path / f"toy-{version}.edgepkg"
-        write_test_package(package, keypair, manifest=make_manifest(version=version,
-                                                                    release=release))
-        published.publish(package)
+    publish_versions(published, tmp_path, keypair, ["2.0.0", "3.0.0"])
     resources.callback(end_mqtt_sessions, port,
                        [f"edgeserve-{k}-{fleet_name}-{i}" for i in range(ROLLOUT_WORKERS)
                         for k in ("fleet", "rollouts")])
@@ -266,7 +239,10 @@ def test_gated_staged_rollout_survives_its_leader_and_a_bad_version_is_rolled_ba
             producing = asyncio.ensure_future(sim.produce(DEVICES / WINDOW_S, 300))
             good = await asyncio.to_thread(create, "2.0.0")
             await until(lambda: repo.get(good).state.stage >= 1, 60, "the 10 % stage to open")
-            seen["leader"] = await asyncio.to_thread(_leader, postgres_url, fleet_name, workers)
+            seen["leader"] = await asyncio.to_thread(
+                leader_process, postgres_url, "edgeserve-rollouts", fleet_name,
+                [w.process.pid if w.process else None for w in workers])
+            assert seen["leader"] is not None, "no worker holds the rollout controller's lock"
             await asyncio.to_thread(workers[seen["leader"]].kill)
             seen["good_s"] = await until(lambda: repo.get(good).state.done and all(
                 d.models.get("toy") == "2.0.0" for d in sim.devices), 90,

@@ -85,16 +85,18 @@ def test_birth_is_retained_and_the_last_will_says_offline(
     assert late.messages[0][2] and late.statuses()[0].state == "offline"
 
 
+@pytest.mark.parametrize("qos", [1, 0])
 def test_subscribed_topics_and_connect_hooks_work_across_reconnects(
         tmp_path: Path, fleet_name: str, private_mosquitto: MosquittoProcess,
-        resources: contextlib.ExitStack) -> None:
+        resources: contextlib.ExitStack, qos: int) -> None:
     """A desired-state handler gets retained messages on every connection, and on_connect
-    callbacks run after each connect (here: after a broker restart)."""
+    callbacks run after each connect (here: after a broker restart). With subscriptions at
+    QoS 0 (``subscribe_qos``, for NATS) the same holds: the retained state comes again."""
     proc = private_mosquitto
     desired: list[bytes] = []
     connects: list[int] = []
     outbox = resources.enter_context(Outbox(tmp_path / "o.db"))
-    link = Link(settings(proc.port, fleet_name), outbox)
+    link = Link(settings(proc.port, fleet_name, broker={"subscribe_qos": qos}), outbox)
     link.subscribe("desired", desired.append)
     link.on_connect(lambda: connects.append(1))
     started(resources, link)
@@ -109,8 +111,12 @@ def test_subscribed_topics_and_connect_hooks_work_across_reconnects(
         publisher.disconnect()
         publisher.loop_stop()
     wait_until(lambda: len(desired) == 1, 10, "the desired state")
+    assert sorted(link.granted.values()) == [qos] * 3, \
+        link.granted  # ack, fleet status, desired
     proc.restart()
     wait_until(lambda: len(connects) == 2, 20, "the reconnect")
+    wait_until(lambda: len(desired) == 2, 10, "the retained desired state again")
+    assert desired[1] == desired[0]
     assert link.publish("reported", b'{"v":1}', retain=True)
 
 
