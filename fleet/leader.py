@@ -9,6 +9,7 @@ store belongs to one process and it always leads. A failing tick is logged, neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -66,23 +67,48 @@ class LeaderLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        if self._lock_conn is not None:
-            self._lock_conn.close()
+        self._drop_lock_conn()
 
-    def _leads(self) -> bool:
+    def _leads(self, leading: bool) -> bool:
+        """Whether this process leads now. A leader checks on every tick that the connection
+        holding its lock is alive: the lock lives exactly as long as that session, and when the
+        session ends (the server restarted, an idle timeout, a cut connection) another process
+        may take the lock, so this one must stop ticking before it could tick beside it. No
+        transaction is left open on the lock's connection (it would hold back VACUUM)."""
         if self.store.dialect != "postgresql":
             return True
-        if self._lock_conn is None:
-            self._lock_conn = self.store.engine.connect()
-        got = self._lock_conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
-        return bool(got.scalar())
+        try:
+            if self._lock_conn is None:
+                self._lock_conn = self.store.engine.connect()
+            if leading:
+                self._lock_conn.execute(sa.text("SELECT 1"))
+                got = True
+            else:
+                got = bool(self._lock_conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
+            self._lock_conn.commit()
+            return got
+        except sa.exc.DBAPIError as exc:
+            if leading:
+                log.warning("%s: lost the connection that holds the leader's lock (%s); "
+                            "another process may lead now, this one stops until it takes "
+                            "the lock again", self.job, str(exc).splitlines()[0][:200])
+            self._drop_lock_conn()
+            return False
+
+    def _drop_lock_conn(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
 
     def _run(self) -> None:
         leader = False
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                leader = leader or self._leads()
+                leader = self._leads(leader)
                 if leader:
                     self.tick()
             except EdgeserveError as exc:

@@ -224,6 +224,15 @@ class RolloutController:
             reports, self._reports = self._reports, {}
         if not reports:
             return
+        try:
+            self._write_reports(reports)
+        except BaseException:
+            # nothing is lost: the reports wait for the next tick, unless a newer one came
+            with self._lock:
+                self._reports = {**reports, **self._reports}
+            raise
+
+    def _write_reports(self, reports: dict[str, tuple[Reported, float]]) -> None:
         rows: list[dict[str, Any]] = []
         for device_id, (report, received) in reports.items():
             for model, m in report.models.items():

@@ -11,6 +11,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -194,3 +195,32 @@ def test_operator_actions_are_applied(
     assert _drive(store, controller, sim, record.id, bad=False, deadline_s=15) == "rolled-back"
     assert repo.get(record.id).state.reason == "operator says no"
     assert all(v == "1.0.0" for v in sim.active.values())
+
+
+def test_reports_taken_by_a_failing_tick_are_stored_by_the_next(
+        fleet_env: tuple[Store, RolloutController, SimDevices],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick whose write of the devices' reports fails (the database went away for a moment)
+    leaves them for the next tick: the reports are retained messages the broker sends once, so
+    a dropped report would leave its device unknown and the stage waiting for it forever."""
+    store, controller, sim = fleet_env
+    write = controller._write_reports
+    failed: list[int] = []
+
+    def once_failing(reports: Any) -> None:
+        if not failed:
+            failed.append(len(reports))
+            raise sa.exc.OperationalError("INSERT INTO device_models", {},
+                                          ConnectionError("server closed the connection"))
+        write(reports)
+
+    monkeypatch.setattr(controller, "_write_reports", once_failing)
+    record = Rollouts(store).create({"model": "toy", "version": "2.0.0",
+                                     "stages": [10, 50, 100], "soak_seconds": 0.5,
+                                     "min_requests": 50})
+    assert _drive(store, controller, sim, record.id, bad=False) == "completed"
+    assert failed and failed[0] > 0
+    with store.read() as conn:
+        reported = conn.execute(sa.select(sa.func.count()).select_from(device_models)
+                                .where(device_models.c.active == "2.0.0")).scalar_one()
+    assert reported == N_DEVICES
