@@ -146,7 +146,8 @@ class Worker:
     """``edgeserve fleet serve --worker N --shared on --http-port -1`` as a child process."""
 
     def __init__(self, fleet: str, db: str, brokers: list[str], n: int, directory: Path,
-                 nats: list[str] | None = None, trusted: Path | None = None) -> None:
+                 nats: list[str] | None = None, trusted: Path | None = None,
+                 extra: list[str] | None = None) -> None:
         self.fleet, self.n = fleet, n
         self.lines: list[str] = []
         # each worker starts on another node of a cluster
@@ -159,6 +160,7 @@ class Worker:
         self.args += ["--nats", ",".join(nats)] if nats else ["--shared", "on"]
         if trusted is not None:
             self.args += ["--trusted-key", str(trusted)]
+        self.args += extra or []
         self.killed = False
         self._start()
 
@@ -482,11 +484,12 @@ def run_one(n_devices: int, n_workers: int, args: argparse.Namespace, brokers: B
         try:
             keypair, published = _publish_toy(directory, fleet)
             # the first worker migrates the fresh schema; the others start after it
+            extra = ["--desired-connections", str(args.desired_connections)]
             workers.append(Worker(fleet, db, brokers.mqtt, 0, directory, brokers.nats,
-                                  keypair.public_path))
+                                  keypair.public_path, extra))
             workers[0].wait_ready()
             workers += [Worker(fleet, db, brokers.mqtt, i, directory, brokers.nats,
-                               keypair.public_path) for i in range(1, n_workers)]
+                               keypair.public_path, extra) for i in range(1, n_workers)]
             for worker in workers[1:]:
                 worker.wait_ready()
             meter = Meter(brokers.processes, workers)
@@ -674,6 +677,8 @@ def main() -> None:
     parser.add_argument("--subscribe-qos", type=int, choices=[0, 1], default=1,
                         help="the simulated devices' subscriptions' QoS (on NATS, 1 costs a "
                              "JetStream consumer per subscription) [1]")
+    parser.add_argument("--desired-connections", type=int, default=1,
+                        help="the workers' fleet serve --desired-connections [1]")
     parser.add_argument("--rollout", action="store_true",
                         help="after the storm: a staged rollout with gates on, then a bad one")
     parser.add_argument("--window", type=float, default=5.0,

@@ -137,6 +137,13 @@ class BrokerSettings:
         """Every node (host, port), in the order they are tried."""
         return ((self.host, self.port), *self.fallbacks)
 
+    def starting_at(self, index: int) -> BrokerSettings:
+        """The same nodes, tried from node ``index`` on (to spread connections over them)."""
+        nodes = self.nodes
+        index %= len(nodes)
+        (host, port), *rest = nodes[index:] + nodes[:index]
+        return replace(self, host=host, port=port, fallbacks=tuple(rest))
+
     def node_url(self, index: int) -> str:
         """The URL of node ``index`` without credentials (for logs and messages)."""
         host, port = self.nodes[index % len(self.nodes)]

@@ -98,6 +98,12 @@ def _ago(ts: float, now: float) -> str:
                    "desired state.")
 @click.option("--nats-replicas", type=click.IntRange(1, 5), default=3, show_default=True,
               help="Replicas of the JetStream stream (1 when the cluster has fewer servers).")
+@click.option("--desired-connections", type=click.IntRange(1, 64), default=1,
+              show_default=True,
+              help="MQTT connections desired states are published over (a device's always on "
+                   "the same one, spread over the broker's nodes): NATS stores retained "
+                   "messages one at a time per connection, so 4 publish a rollout's stage "
+                   "about twice as fast there.")
 @click.option("--broker-host", default="127.0.0.1", show_default=True,
               help="Embedded broker: address to listen on.")
 @click.option("--broker-port", default=1883, show_default=True, type=int,
@@ -138,7 +144,7 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
                   password: str | None, ca_file: Path | None, cert_file: Path | None,
                   key_file: Path | None, tls_insecure: bool, mqtt_version: str, worker: str,
                   client_id: str | None, shared: str, nats_urls: tuple[str, ...],
-                  nats_replicas: int, broker_host: str, broker_port: int,
+                  nats_replicas: int, desired_connections: int, broker_host: str, broker_port: int,
                   http_host: str, http_port: int, public_url: str | None,
                   artifacts_dir: Path | None, trusted_keys: tuple[Path, ...], auth: str | None,
                   fleet_key: Path | None, rollout_tick: float, connect_timeout: float,
@@ -174,7 +180,7 @@ def serve_command(fleet_name: str, broker: tuple[str, ...], db: str | None, user
         http_port=None if http_port < 0 else http_port, public_url=public_url,
         artifacts_dir=artifacts_dir, trusted_keys=keys, auth=parse_auth_option(auth),
         worker=worker, client_id=client_id, shared=shared,  # type: ignore[arg-type]
-        nats=nats, nats_replicas=nats_replicas,
+        nats=nats, nats_replicas=nats_replicas, desired_connections=desired_connections,
         connect_timeout=connect_timeout, rollout_tick_s=rollout_tick, fleet_key=fleet_key,
         delta_fraction=delta_fraction)
     server = FleetServer(config).start()

@@ -87,6 +87,8 @@ class FleetConfig:
     """NATS client URLs: take telemetry and statuses from a JetStream stream that the fleet's
     workers share (a NATS cluster's MQTT listener has no ``$share/``)"""
     nats_replicas: int = 3
+    desired_connections: int = 1
+    """MQTT connections the rollout controller publishes desired states over (NATS: 4)"""
     connect_timeout: float = 60.0
     rollout_tick_s: float = 1.0
     experiment_tick_s: float = 1.0
@@ -151,7 +153,8 @@ class FleetServer:
                 self._start_http(ArtifactTokens.from_key(fleet_key))
             self.controller = RolloutController(
                 self.store, self.artifacts, settings, c.fleet, self.public_url, fleet_key,
-                client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s)
+                client_id=f"edgeserve-rollouts-{c.fleet}-{c.worker}", tick_s=c.rollout_tick_s,
+                desired_connections=c.desired_connections)
             self.controller.start()
             self.experiments = ExperimentController(
                 self.store, self.artifacts, self.public_url, c.fleet, tick_s=c.experiment_tick_s,

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -114,7 +115,8 @@ class RolloutController:
     def __init__(self, store: Store, artifacts: ArtifactStore, broker: BrokerSettings,
                  fleet: str, public_url: str, fleet_key: Ed25519PrivateKey,
                  client_id: str | None = None, tick_s: float = 1.0,
-                 desired_validity_s: float = DESIRED_VALIDITY_S) -> None:
+                 desired_validity_s: float = DESIRED_VALIDITY_S,
+                 desired_connections: int = 1) -> None:
         self.store = store
         self.fleet_key = fleet_key
         self.tokens = ArtifactTokens.from_key(fleet_key)
@@ -130,6 +132,15 @@ class RolloutController:
         self.client_id = client_id or f"edgeserve-rollouts-{fleet}"
         self.tick_s = tick_s
         self._client: mqtt.Client | None = None
+        if not 1 <= desired_connections <= 64:
+            raise EdgeserveError(f"desired_connections {desired_connections} is out of range: "
+                                 "1 to 64")
+        self.desired_connections = desired_connections
+        self._publishers: list[mqtt.Client] = []
+        self.published_per_connection = [0] * desired_connections
+        """connections desired states go out on, a device's always on the same one: a broker
+        that stores retained messages one at a time per connection (NATS) takes them faster
+        over several"""
         self._reports: dict[str, tuple[Reported, float]] = {}
         self._lock = threading.Lock()
         self._last_event: dict[str, tuple[float, str]] = {}
@@ -142,13 +153,35 @@ class RolloutController:
     def start(self) -> None:
         self._client = connect(self.broker, self.client_id, self._prepare, lambda v: None)
         self._client.loop_start()
+        self._publishers = [self._client]
+        for k in range(1, self.desired_connections):
+            # spread over the broker's nodes; no subscriptions, so nothing waits in a session
+            publisher = connect(self.broker.starting_at(k), f"{self.client_id}-p{k}",
+                                self._prepare_publisher, lambda v: None)
+            publisher.loop_start()
+            self._publishers.append(publisher)
         self._loop.start()
 
     def stop(self) -> None:
         self._loop.stop()
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+        for client in self._publishers or ([self._client] if self._client else []):
+            client.disconnect()
+            client.loop_stop()
+        self._publishers = []
+
+    def _prepare_publisher(self, client: mqtt.Client) -> None:
+        def on_connect(client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
+            if reason.is_failure:
+                fail_over(client, f"refused the connection ({reason})")
+        client.on_connect = on_connect
+
+    def _publisher(self, device_id: str) -> mqtt.Client:
+        """The connection ``device_id``'s desired states go out on (its revisions in order)."""
+        publishers = self._publishers
+        index = 0 if len(publishers) == 1 else zlib.crc32(device_id.encode()) % len(publishers)
+        self.published_per_connection[index] += 1
+        return publishers[index]
 
     def _prepare(self, client: mqtt.Client) -> None:
         client.on_message = self._on_message
@@ -389,9 +422,9 @@ class RolloutController:
         sent: list[tuple[str, int]] = []
         try:
             for device_id, desired in self.desired.unpublished():
-                info = self._client.publish(device_topic(self.fleet, device_id, "desired"),
-                                            self._signed(device_id, desired), qos=1,
-                                            retain=True)
+                info = self._publisher(device_id).publish(
+                    device_topic(self.fleet, device_id, "desired"),
+                    self._signed(device_id, desired), qos=1, retain=True)
                 if info.rc == mqtt.MQTT_ERR_SUCCESS:
                     sent.append((device_id, desired.revision))
         finally:  # what went out is marked, in one transaction, even if a later one failed
@@ -403,5 +436,6 @@ class RolloutController:
         if self._client is None:
             return
         for device_id, desired in self.desired.all():
-            self._client.publish(device_topic(self.fleet, device_id, "desired"),
-                                 self._signed(device_id, desired), qos=1, retain=True)
+            self._publisher(device_id).publish(device_topic(self.fleet, device_id, "desired"),
+                                               self._signed(device_id, desired), qos=1,
+                                               retain=True)

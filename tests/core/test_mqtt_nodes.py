@@ -97,3 +97,12 @@ def test_subscription_qos_is_0_or_1() -> None:
     assert BrokerSettings.from_url("mqtt://a,mqtt://b", subscribe_qos=0).subscribe_qos == 0
     with pytest.raises(ConfigError, match="subscription QoS 2 is not supported; expected 0 or 1"):
         BrokerSettings.from_url("mqtt://a", subscribe_qos=2)
+
+
+def test_starting_at_rotates_the_nodes_and_keeps_the_rest() -> None:
+    settings = BrokerSettings.from_url("mqtt://u:p@a:1,mqtt://b:2,mqtt://c:3", subscribe_qos=0)
+    assert settings.starting_at(1).nodes == (("b", 2), ("c", 3), ("a", 1))
+    assert settings.starting_at(5).nodes == (("c", 3), ("a", 1), ("b", 2))
+    assert settings.starting_at(3) == settings
+    rotated = settings.starting_at(2)
+    assert (rotated.username, rotated.password, rotated.subscribe_qos) == ("u", "p", 0)

@@ -81,7 +81,7 @@ class SimDevices:
 
 @pytest.fixture
 def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
-              fleet_name: str, resources: contextlib.ExitStack,
+              fleet_name: str, resources: contextlib.ExitStack, request: pytest.FixtureRequest,
               ) -> tuple[Store, RolloutController, SimDevices]:
     """Store, controller and simulated devices, each stopped at teardown however far the
     setup got (last started, first stopped)."""
@@ -103,7 +103,8 @@ def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
     resources.callback(sim.close)
     controller = RolloutController(store, artifacts, BrokerSettings(host=host, port=port),
                                    fleet_name, "http://127.0.0.1:1", fleet_key.private,
-                                   tick_s=0.2)
+                                   tick_s=0.2,
+                                   desired_connections=getattr(request, "param", 1))
     resources.callback(controller.stop)
     controller.start()
     return store, controller, sim
@@ -150,9 +151,13 @@ def _drive(store: Store, controller: RolloutController, sim: SimDevices, rollout
     return repo.get(rollout_id).state.phase
 
 
+@pytest.mark.parametrize("fleet_env", [1, 3], indirect=True,
+                         ids=["one connection", "three connections"])
 def test_good_version_reaches_every_device(
         fleet_env: tuple[Store, RolloutController, SimDevices]) -> None:
-    """A healthy version goes 10/50/100% through the controller to all 20 devices."""
+    """A healthy version goes 10/50/100% through the controller to all 20 devices, whether
+    desired states go out on one connection or are spread over three (``desired_connections``:
+    each device's on one of them)."""
     store, controller, sim = fleet_env
     record = Rollouts(store).create({"model": "toy", "version": "2.0.0",
                                      "stages": [10, 50, 100], "soak_seconds": 0.5,
@@ -165,6 +170,9 @@ def test_good_version_reaches_every_device(
     assert reported == N_DEVICES
     events = [e["event"] for e in Rollouts(store).events(record.id)]
     assert events.count("stage") == 2 and events[-1] == "completed"
+    assert len(controller.published_per_connection) == controller.desired_connections
+    assert all(n > 0 for n in controller.published_per_connection), \
+        controller.published_per_connection
 
 
 def test_erroring_version_is_rolled_back_by_its_gate(
