@@ -75,6 +75,7 @@ from rich.table import Table
 
 from edgeserve._process import popen
 from edgeserve.fleet.artifacts import ArtifactStore
+from edgeserve.fleet.leader import leader_process
 from edgeserve.fleet.rollouts.admission import create_rollout
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.server import fleet_public_key_path
@@ -86,7 +87,6 @@ from edgeserve.mqtt import BrokerSettings
 from edgeserve.testing import (
     KeyPair,
     end_mqtt_sessions,
-    leader_process,
     make_keypair,
     postgres_schema,
     publish_versions,

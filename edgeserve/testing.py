@@ -20,8 +20,7 @@ from .manifest import Manifest, parse_manifest
 from .package import PackageWriter
 from .signing import TrustStore, load_private_key, write_keypair
 
-__all__ = ["KeyPair", "leader_process", "make_keypair", "make_manifest", "publish_versions",
-           "write_test_package"]
+__all__ = ["KeyPair", "make_keypair", "make_manifest", "publish_versions", "write_test_package"]
 
 
 class _Publisher(Protocol):
@@ -94,32 +93,6 @@ def publish_versions(store: _Publisher, directory: Path, key: KeyPair, versions:
         write_test_package(package, key, manifest=make_manifest(
             name=name, version=version, release=int(version.split(".")[0])))
         store.publish(package)
-
-
-def leader_process(store_url: str, job: str, fleet: str, pids: list[int | None]) -> int | None:
-    """Which of these processes (by index; None for one not running) leads ``job`` of
-    ``fleet`` on PostgreSQL: the backend holding the job's advisory lock is found in
-    ``pg_locks``, and its client port is a local port of the leader's process. None when no
-    process leads yet. Needs psutil."""
-    import psutil
-
-    from .fleet.leader import leader_client_port
-    from .fleet.store import Store
-
-    with Store(store_url) as store:
-        port = leader_client_port(store, job, fleet)
-    if port is None:
-        return None
-    for index, pid in enumerate(pids):
-        if pid is None:
-            continue
-        try:
-            connections = psutil.Process(pid).net_connections("tcp")
-        except psutil.Error:
-            continue
-        if any(c.laddr and c.laddr.port == port for c in connections):
-            return index
-    return None
 
 
 @contextmanager
