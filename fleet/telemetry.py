@@ -130,17 +130,33 @@ def advance_acks(store: Store, floors: Mapping[str, int]) -> dict[str, int]:
     return result
 
 
+# PostgreSQL: every device of a group in one statement of two arrays (one plan, nothing for
+# SQLAlchemy to compile per call; the OR of 200 terms below cost the workers more than the
+# database did)
+_RUNS_PG = sa.text(
+    "SELECT w.device_id, w.seq FROM windows w "
+    "JOIN unnest(CAST(:ids AS text[]), CAST(:starts AS bigint[])) AS q(d, s) "
+    "ON w.device_id = q.d AND w.seq > q.s AND w.seq <= q.s + :scan "
+    "ORDER BY w.device_id, w.seq")
+
+
 def _contiguous_tops(conn: Connection, starts: Mapping[str, int]) -> dict[str, int]:
     """For each device, the highest sequence number stored contiguously above its start."""
     tops = dict(starts)
     order = sorted(starts)
-    for i in range(0, len(order), _ACK_GROUP):
+    postgres = conn.dialect.name == "postgresql"
+    for i in range(0, len(order), _ACK_GROUP):  # at most _ACK_GROUP x _ACK_SCAN rows a query
         group = order[i:i + _ACK_GROUP]
-        rows = conn.execute(
-            sa.select(windows.c.device_id, windows.c.seq)
-            .where(sa.or_(*(sa.and_(windows.c.device_id == d, windows.c.seq > starts[d],
-                                    windows.c.seq <= starts[d] + _ACK_SCAN) for d in group)))
-            .order_by(windows.c.device_id, windows.c.seq)).all()
+        if postgres:
+            rows = conn.execute(_RUNS_PG, {"ids": group, "starts": [starts[d] for d in group],
+                                           "scan": _ACK_SCAN}).all()
+        else:
+            rows = conn.execute(
+                sa.select(windows.c.device_id, windows.c.seq)
+                .where(sa.or_(*(sa.and_(windows.c.device_id == d, windows.c.seq > starts[d],
+                                        windows.c.seq <= starts[d] + _ACK_SCAN)
+                                for d in group)))
+                .order_by(windows.c.device_id, windows.c.seq)).all()
         for device_id, seq in rows:  # in order: a device's run ends at its first gap
             if seq == tops[device_id] + 1:
                 tops[device_id] = seq
