@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,9 +97,10 @@ class NatsNode:
             self.process = popen([exe, "-c", str(self.workdir / "nats.conf")], stdout=log,
                                  stderr=subprocess.STDOUT)
 
-    def jsz(self) -> dict[str, object]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz",
-                                    timeout=1.0) as answer:
+    def jsz(self, query: str = "", timeout: float = 1.0) -> dict[str, Any]:
+        """This node's JetStream report (``query``: e.g. "accounts=true&consumers=true")."""
+        url = f"http://127.0.0.1:{self.http_port}/jsz" + (f"?{query}" if query else "")
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
             return json.loads(answer.read())  # type: ignore[no-any-return]
 
     def log_tail(self, chars: int = 2000) -> str:

@@ -137,10 +137,10 @@ class RolloutController:
                                  "1 to 64")
         self.desired_connections = desired_connections
         self._publishers: list[mqtt.Client] = []
-        self.published_per_connection = [0] * desired_connections
         """connections desired states go out on, a device's always on the same one: a broker
         that stores retained messages one at a time per connection (NATS) takes them faster
         over several"""
+        self.published_per_connection = [0] * desired_connections
         self._reports: dict[str, tuple[Reported, float]] = {}
         self._lock = threading.Lock()
         self._last_event: dict[str, tuple[float, str]] = {}

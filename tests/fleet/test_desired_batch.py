@@ -15,16 +15,12 @@ from edgeserve.fleet.desired import DesiredStates, ModelChange
 from edgeserve.fleet.registry import ensure_devices
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import desired_state, devices
-from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from edgeserve.testing import KeyPair, publish_versions
 
 
 def test_many_devices_in_one_call_match_one_by_one(tmp_path: Path, keypair: KeyPair) -> None:
     artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
-    for version, release in (("1.0.0", 1), ("2.0.0", 2)):
-        package = tmp_path / f"toy-{version}.edgepkg"
-        write_test_package(package, keypair, manifest=make_manifest(version=version,
-                                                                    release=release))
-        artifacts.publish(package)
+    publish_versions(artifacts, tmp_path, keypair, ["1.0.0", "2.0.0"])
     ids = [f"d{i:04d}" for i in range(1200)]  # more than one IN (...) chunk
     with Store.open(f"sqlite:///{tmp_path}/fleet.db") as store:
         with store.write() as conn:

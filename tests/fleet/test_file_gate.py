@@ -10,7 +10,7 @@ from edgeserve.fleet.artifacts import ArtifactStore
 from edgeserve.fleet.desired import DesiredStates
 from edgeserve.fleet.files import FileGate
 from edgeserve.fleet.store import Store
-from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from edgeserve.testing import KeyPair, publish_versions
 
 
 def request(version: str = "1.0.0") -> FileRequest:
@@ -23,11 +23,7 @@ def test_only_the_versions_a_device_should_run_are_served(tmp_path: Path,
     """cam-7, whose desired state names toy 1.0.0, gets it; 2.0.0, and any other device, get a
     refusal naming why."""
     artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
-    for version, release in (("1.0.0", 1), ("2.0.0", 2)):
-        package = tmp_path / f"toy-{version}.edgepkg"
-        write_test_package(package, keypair, manifest=make_manifest(version=version,
-                                                                    release=release))
-        artifacts.publish(package)
+    publish_versions(artifacts, tmp_path, keypair, ["1.0.0", "2.0.0"])
     with Store.open(f"sqlite:///{tmp_path}/fleet.db") as store:
         desired = DesiredStates(store, artifacts, "http://fleet")
         desired.set_model("cam-7", "toy", "1.0.0")

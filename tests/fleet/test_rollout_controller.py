@@ -38,7 +38,7 @@ from edgeserve.fleet.tables import device_models
 from edgeserve.fleet.telemetry import store_windows, window_row
 from edgeserve.signing import TrustStore
 from edgeserve.telemetry import LatencyHistogram
-from edgeserve.testing import KeyPair, make_keypair, make_manifest, write_test_package
+from edgeserve.testing import KeyPair, make_keypair, publish_versions
 from tests.support import wait_until
 
 N_DEVICES = 20
@@ -88,10 +88,7 @@ def fleet_env(tmp_path: Path, keypair: KeyPair, mqtt_broker: tuple[str, int],
     store = resources.enter_context(Store.open(f"sqlite:///{tmp_path}/fleet.db",
                                                fleet=fleet_name))
     artifacts = ArtifactStore(tmp_path / "artifacts", keypair.trust)
-    for version, release in (("1.0.0", 1), ("2.0.0", 2)):
-        pkg = tmp_path / f"toy-{version}.edgepkg"
-        write_test_package(pkg, keypair, manifest=make_manifest(version=version, release=release))
-        artifacts.publish(pkg)
+    publish_versions(artifacts, tmp_path, keypair, ["1.0.0", "2.0.0"])
     now = time.time()
     with store.write() as conn:
         for i in range(N_DEVICES):

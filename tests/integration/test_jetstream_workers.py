@@ -142,16 +142,10 @@ def _poison(port: int, fleet: str) -> None:
 
 def _feed_backlog(cluster: NatsCluster) -> int:
     """Messages of the workers' JetStream consumer not yet acknowledged (pending or in flight)."""
-    import json
-    import urllib.request
-
     for node in cluster.nodes:
         if not node.alive:
             continue
-        url = (f"http://127.0.0.1:{node.http_port}/jsz?accounts=true&streams=true"
-               "&consumers=true")
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            report = json.loads(answer.read())
+        report = node.jsz("accounts=true&streams=true&consumers=true", timeout=5.0)
         for account in report.get("account_details", []):
             for stream in account.get("stream_detail", []):
                 for consumer in stream.get("consumer_detail") or []:
