@@ -75,7 +75,6 @@ from rich.table import Table
 
 from edgeserve._process import popen
 from edgeserve.fleet.artifacts import ArtifactStore
-from edgeserve.fleet.leader import leader_process
 from edgeserve.fleet.rollouts.admission import create_rollout
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.server import fleet_public_key_path
@@ -83,6 +82,7 @@ from edgeserve.fleet.simulate import SimSettings, Simulator, raise_open_files_li
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import device_models, windows
 from edgeserve.fleet.tables import devices as devices_table
+from edgeserve.fleet.testing import leader_process
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.testing import (
     KeyPair,

@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from edgeserve.auth import Authenticator
+from edgeserve.cli import subscribe_qos_option
 from edgeserve.console import plain
 from edgeserve.contract import FileChunk, Reported, decode, encode, open_desired
 from edgeserve.errors import ConfigError, ContractError, EdgeserveError
@@ -325,10 +326,7 @@ def _origin(value: str) -> str:
 @click.option("--tls-insecure", is_flag=True, help="Do not check the broker's host name.")
 @click.option("--mqtt-version", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
               show_default=True, help="auto = MQTT 5, falling back to 3.1.1.")
-@click.option("--subscribe-qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
-              help="QoS of the device's subscriptions: 0 loses nothing of the contract (desired "
-                   "state is retained, acks and file chunks are asked for again) and on a NATS "
-                   "broker spares each subscription a JetStream consumer.")
+@subscribe_qos_option
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
               help="Inference worker threads of the HTTP API.")
 @click.option("--auth", default=None, envvar="EDGESERVE_AUTH",

@@ -65,6 +65,15 @@ class EdgeserveGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
+def subscribe_qos_option(f: Any) -> Any:
+    """``--subscribe-qos 0|1`` for a device's MQTT link (``agent run``, ``fleet simulate``)."""
+    return click.option(
+        "--subscribe-qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
+        help="QoS of the device's subscriptions: 0 loses nothing of the contract (desired "
+             "state is retained, acks and file chunks are asked for again) and on a NATS "
+             "broker spares each subscription a JetStream consumer.")(f)
+
+
 class SuggestingGroup(EdgeserveGroup):
     """Sub-groups get the same suggestions, without the lazy top-level entries."""
 

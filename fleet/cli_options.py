@@ -90,9 +90,9 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def broker_settings(options: dict[str, Any]) -> BrokerSettings:
+def broker_settings(options: dict[str, Any], subscribe_qos: int = 1) -> BrokerSettings:
     """The ``BrokerSettings`` for the values of :func:`broker_options` (popped from
-    ``options``)."""
+    ``options``); ``subscribe_qos`` for the device links a simulator opens."""
     from edgeserve.mqtt import BrokerSettings
 
     return BrokerSettings.from_url(
@@ -100,4 +100,4 @@ def broker_settings(options: dict[str, Any]) -> BrokerSettings:
         password=options.pop("password"), ca_file=options.pop("ca_file"),
         cert_file=options.pop("cert_file"), key_file=options.pop("key_file"),
         tls_insecure=options.pop("tls_insecure") or None, protocol=options.pop("mqtt_version"),
-        subscribe_qos=int(options.pop("subscribe_qos", "1")))
+        subscribe_qos=subscribe_qos)

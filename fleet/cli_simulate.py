@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from edgeserve.cli import subscribe_qos_option
 from edgeserve.console import console, emit, err_console, json_option, table
 
 from .cli_options import broker_options, broker_settings, parse_duration, parse_labels
@@ -32,9 +33,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--fleet", "fleet_name", envvar="EDGESERVE_FLEET", required=True,
               help="Fleet name: the MQTT topic prefix edgeserve/v1/FLEET/… [env EDGESERVE_FLEET].")
 @broker_options
-@click.option("--subscribe-qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
-              help="QoS of the devices' subscriptions, as agent run --subscribe-qos: 0 on a "
-                   "NATS broker spares each a JetStream consumer.")
+@subscribe_qos_option
 @click.option("--prefix", default="sim-", show_default=True,
               help="Device ids are PREFIX followed by a 5-digit number.")
 @click.option("--first", type=click.IntRange(min=0), default=1, show_default=True,
@@ -111,7 +110,7 @@ def simulate_command(devices: int, fleet_name: str, prefix: str, first: int,
     if options.get("mqtt_version") == "5":
         raise click.BadParameter("the simulator speaks MQTT 3.1.1 (the contract needs nothing "
                                  "of 5); use auto or 3.1.1", param_hint="--mqtt-version")
-    broker = broker_settings(options)
+    broker = broker_settings(options, subscribe_qos=int(options.pop("subscribe_qos")))
     settings = SimSettings(
         broker=broker, fleet=fleet_name, devices=devices, prefix=prefix, first=first,
         profile=profile, labels=parse_labels(labels), models=_pairs(models, "--model"),

@@ -23,7 +23,7 @@ from edgeserve.errors import EdgeserveError
 
 from .store import Store
 
-__all__ = ["LeaderLoop", "leader_client_port", "leader_key", "leader_process"]
+__all__ = ["LeaderLoop", "leader_client_port", "leader_key"]
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +44,6 @@ def leader_client_port(store: Store, job: str, fleet: str) -> int | None:
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = :k"),
             {"k": leader_key(job, fleet)}).scalar()
     return None if port is None else int(port)
-
-
-def leader_process(store_url: str, job: str, fleet: str, pids: list[int | None]) -> int | None:
-    """Which of these processes (by index; None for one not running) leads ``job`` of
-    ``fleet`` on PostgreSQL: the backend holding the job's advisory lock is found in
-    ``pg_locks``, and its client port is a local port of the leader's process. None when no
-    process leads yet. Needs psutil (tests and benchmarks use it)."""
-    import psutil
-
-    with Store(store_url) as store:
-        port = leader_client_port(store, job, fleet)
-    if port is None:
-        return None
-    for index, pid in enumerate(pids):
-        if pid is None:
-            continue
-        try:
-            connections = psutil.Process(pid).net_connections("tcp")
-        except psutil.Error:
-            continue
-        if any(c.laddr and c.laddr.port == port for c in connections):
-            return index
-    return None
 
 
 class LeaderLoop:

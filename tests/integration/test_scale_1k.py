@@ -38,13 +38,13 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeserve.fleet.artifacts import ArtifactStore
-from edgeserve.fleet.leader import leader_process
 from edgeserve.fleet.rollouts.admission import create_rollout
 from edgeserve.fleet.rollouts.repo import Rollouts
 from edgeserve.fleet.server import fleet_public_key_path
 from edgeserve.fleet.simulate import SimSettings, Simulator, raise_open_files_limit
 from edgeserve.fleet.store import Store
 from edgeserve.fleet.tables import device_models, devices
+from edgeserve.fleet.testing import leader_process
 from edgeserve.mqtt import BrokerSettings
 from edgeserve.signing import TrustStore
 from edgeserve.testing import KeyPair, end_mqtt_sessions, publish_versions
