@@ -12,7 +12,9 @@
     telemetry).
 (c) Dynamic batching: two ~1 ms CNNs (a compute-bound one with a pooled head, a weight-bound
     one with a dense head) called by 8 threads at once through ``Agent.predict``, unbatched and
-    batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch.
+    batched (``BatchPolicy(8, 2000)``): throughput, p50, p99, the mean batch. ONNX Runtime runs
+    them with a dynamic batch axis; the weight-bound one also runs on LiteRT, converted by
+    ``edgeserve convert`` for a profile asking for a batch-8 variant (the static route).
 (d) Footprint: ``agent serve`` and ``agent run`` (MQTT link up, when a broker is on
     127.0.0.1:1883) with one small ONNX or TFLite model: RSS after 50 requests and seconds from
     spawn to ready, beside the runtime's own floor (Python + runtime + that model); and the RSS
@@ -21,7 +23,8 @@
 Usage::
 
     .venv/bin/python bench/agent.py                 # everything (creates bench/.venv-mlserver)
-    .venv/bin/python bench/agent.py --skip-http     # only (a)
+    .venv/bin/python bench/agent.py --skip-http     # (a), (c) and (d)
+    .venv/bin/python bench/agent.py --parts c       # only (c)
     .venv/bin/python bench/agent.py --duration 5    # shorter HTTP runs
 
 MLServer lives in its own venv (``bench/.venv-mlserver``, created on first use, with
@@ -57,7 +60,7 @@ from rich.table import Table  # noqa: E402
 from edgeserve._process import popen  # noqa: E402
 from edgeserve.device_agent import Agent  # noqa: E402
 from edgeserve.profiles import load_profile  # noqa: E402
-from edgeserve.testing import make_keypair  # noqa: E402
+from edgeserve.testing import make_keypair, write_test_profile  # noqa: E402
 from tests.device_agent.models import (  # noqa: E402
     build_conv_package,
     build_mlp_package,
@@ -190,15 +193,11 @@ def bench_inprocess(work: Path, key: Any, calls: int, rounds: int) -> list[dict[
 
 # -- (c) dynamic batching --------------------------------------------------------------------------
 
-def _cnn_package(out: Path, key: Any, size: int = 64, widths: tuple[int, ...] = (32, 64, 64),
-                 dense: int = 0) -> Path:
+def _cnn_model(size: int, widths: tuple[int, ...], dense: int) -> Any:
     """An image CNN (3 x size x size -> 3x3 convolutions of ``widths`` channels, the first at
     stride 1, the others 2 -> 10 scores), dynamic batch. ``dense``: a VGG-style head (flatten ->
     ``dense`` units -> 10) instead of global average pooling."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from edgeserve.package import PackageWriter
-    from edgeserve.testing import make_manifest
 
     rng = np.random.default_rng(5)
     inits, nodes, channels, x = [], [], 3, "image"
@@ -233,6 +232,16 @@ def _cnn_package(out: Path, key: Any, size: int = 64, widths: tuple[int, ...] = 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
+    return model
+
+
+def _cnn_package(out: Path, key: Any, size: int = 64, widths: tuple[int, ...] = (32, 64, 64),
+                 dense: int = 0) -> Path:
+    """:func:`_cnn_model` as a package with one ONNX artifact."""
+    from edgeserve.package import PackageWriter
+    from edgeserve.testing import make_manifest
+
+    model = _cnn_model(size, widths, dense)
     manifest = make_manifest(
         "cnn", inputs=[{"name": "image", "dtype": "float32", "shape": ["batch", 3, size, size]}],
         outputs=[{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
@@ -275,18 +284,53 @@ BATCH_MODELS = {
 }
 
 
+def _tflite_batch_package(work: Path, key: Any, size: int, widths: tuple[int, ...],
+                          dense: int, batch: int) -> tuple[Path, Path]:
+    """:func:`_cnn_model` converted for a LiteRT profile that asks for a batch-``batch``
+    variant (the converter's static route); (package, profile)."""
+    import onnx
+
+    from edgeserve.converters import convert
+
+    source = work / f"cnn-{size}-{dense}.onnx"
+    onnx.save(_cnn_model(size, widths, dense), str(source))
+    profile = write_test_profile(
+        work / "profiles", "bench-tflite-batch",
+        f'[[artifacts]]\nformat = "tflite"\nprecision = "fp32"\n\n[batching]\nstatic_batch = {batch}\n',
+        title=f"bench: LiteRT, fp32 TFLite with a batch-{batch} variant",
+        runtimes="[runtimes.litert]\n")
+    images = np.random.default_rng(3).normal(size=(32, 3, size, size)).astype(np.float32)
+    result = convert(source, profiles=[str(profile)], name="cnn", version="1.0.0",
+                     evaluation={"image": images}, out=work / "converted", sign_key=key.private,
+                     show_progress=False)
+    built = {a["id"]: a["validation"].get("status") for a in result.report["artifacts"]}
+    if not result.ok or result.package is None or built.get(f"tflite-fp32-b{batch}") != "passed":
+        raise SystemExit(f"the TFLite batch-{batch} conversion failed: {built}")
+    return result.package, profile
+
+
 def bench_batching(work: Path, key: Any, seconds: float, clients: int = 8,
-                   max_batch: int = 8, delay_us: int = 2000) -> list[dict[str, Any]]:
-    """Each CNN at concurrency ``clients``: unbatched, then batched (in-process predict)."""
+                   max_batch: int = 8, delay_us: int = 2000,
+                   tflite: bool = True) -> list[dict[str, Any]]:
+    """Each CNN at concurrency ``clients``: unbatched, then batched (in-process predict), on
+    ONNX Runtime (dynamic batch axis); with ``tflite``, the weight-bound CNN also on LiteRT
+    through the converter's batch-``max_batch`` variant."""
     from edgeserve.device_agent.batching import BatchPolicy
 
-    rows = []
+    cases: list[tuple[str, Path, Any, int]] = []
     for model, (size, widths, dense) in BATCH_MODELS.items():
-        package = _cnn_package(work / f"cnn-{len(rows)}.edgepkg", key, size, widths, dense)
+        package = _cnn_package(work / f"cnn-{len(cases)}.edgepkg", key, size, widths, dense)
+        cases.append((f"{model}, ONNX Runtime", package, "generic-cpu", size))
+    if tflite:
+        name, (size, widths, dense) = list(BATCH_MODELS.items())[-1]
+        package, profile = _tflite_batch_package(work, key, size, widths, dense, max_batch)
+        cases.append((f"{name}, LiteRT (batch-{max_batch} variant)", package, profile, size))
+    rows = []
+    for model, package, profile, size in cases:
         for label, batching in (("unbatched", None),
                                 (f"batched (max {max_batch}, {delay_us} µs)",
                                  {"cnn": BatchPolicy(max_batch, delay_us)})):
-            with Agent(work / f"cache-cnn-{len(rows)}", "generic-cpu", [key.public_path],
+            with Agent(work / f"cache-cnn-{len(rows)}", profile, [key.public_path],
                        concurrency=clients, batching=batching) as agent:
                 agent.install(package)
                 one = np.zeros((1, 3, size, size), np.float32)
@@ -738,6 +782,10 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--workers", type=int, default=2, help="inference workers, both servers")
     parser.add_argument("--repeats", type=int, default=3, help="wrk runs per server and load")
+    parser.add_argument("--parts", default="abcd",
+                        help="which parts to run, e.g. 'c' for dynamic batching alone")
+    parser.add_argument("--no-tflite-batching", action="store_true",
+                        help="(c): skip the LiteRT batch-N variant (it converts with onnx2tf)")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-footprint", action="store_true")
     parser.add_argument("--no-device-venv", action="store_true",
@@ -753,30 +801,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
         work = Path(tmp)
         key = make_keypair(work / "keys")
-        console.rule("(a) in-process predict vs bare runtime")
-        rows = bench_inprocess(work, key, args.calls, args.rounds)
-        results["inprocess"] = rows
-        table = Table("model", "runtime", "bare µs/call", "agent µs/call", "overhead µs",
-                      "of which layout µs", "ratio")
-        for r in rows:
-            table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.2f}",
-                          f"{r['agent_us']:.2f}", f"{r['overhead_us']:.2f}",
-                          f"{r['layout_us']:.2f}", f"{r['ratio']:.3f}")
-        console.print(table)
-        console.rule("(c) dynamic batching: 8 threads calling predict, ~1 ms CNNs")
-        batching = bench_batching(work, key, args.batch_seconds)
-        results["batching"] = batching
-        table = Table("model", "mode", "one call ms", "req/s", "p50 ms", "p99 ms", "mean batch")
-        for r in batching:
-            table.add_row(r["model"], r["mode"], f"{r['single_ms']:.2f}", f"{r['rps']:.0f}",
-                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_batch']:.1f}")
-        console.print(table)
-        for plain, stacked in zip(batching[::2], batching[1::2], strict=True):
-            console.print(f"{plain['model']}: batched/unbatched throughput "
-                          f"{stacked['rps'] / plain['rps']:.2f}x; batched p99 "
-                          f"{stacked['p99_ms']:.2f} ms vs 2 x unbatched p50 + delay "
-                          f"{2 * plain['p50_ms'] + 2.0:.2f} ms")
-        if not args.skip_footprint:
+        if "a" in args.parts:
+            console.rule("(a) in-process predict vs bare runtime")
+            rows = bench_inprocess(work, key, args.calls, args.rounds)
+            results["inprocess"] = rows
+            table = Table("model", "runtime", "bare µs/call", "agent µs/call", "overhead µs",
+                          "of which layout µs", "ratio")
+            for r in rows:
+                table.add_row(r["model"], r["runtime"], f"{r['bare_us']:.2f}",
+                              f"{r['agent_us']:.2f}", f"{r['overhead_us']:.2f}",
+                              f"{r['layout_us']:.2f}", f"{r['ratio']:.3f}")
+            console.print(table)
+        if "c" in args.parts:
+            console.rule("(c) dynamic batching: 8 threads calling predict, ~1 ms CNNs")
+            batching = bench_batching(work, key, args.batch_seconds,
+                                      tflite=not args.no_tflite_batching)
+            results["batching"] = batching
+            table = Table("model", "mode", "one call ms", "req/s", "p50 ms", "p99 ms",
+                          "mean batch")
+            for r in batching:
+                table.add_row(r["model"], r["mode"], f"{r['single_ms']:.2f}", f"{r['rps']:.0f}",
+                              f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                              f"{r['mean_batch']:.1f}")
+            console.print(table)
+            for plain, stacked in zip(batching[::2], batching[1::2], strict=True):
+                console.print(f"{plain['model']}: batched/unbatched throughput "
+                              f"{stacked['rps'] / plain['rps']:.2f}x; batched p99 "
+                              f"{stacked['p99_ms']:.2f} ms vs 2 x unbatched p50 + delay "
+                              f"{2 * plain['p50_ms'] + 2.0:.2f} ms")
+        if "d" in args.parts and not args.skip_footprint:
             console.rule("(d) footprint: RSS and start-up, one small model")
             footprint = bench_footprint(work, key, device_venv=not args.no_device_venv)
             results["footprint"] = footprint
@@ -791,7 +844,7 @@ def main() -> None:
             for r in footprint["imports"]:
                 table.add_row(r["import"], f"{r['rss_mb']:.1f}", f"{r['adds_mb']:.1f}")
             console.print(table)
-        if not args.skip_http:
+        if "b" in args.parts and not args.skip_http:
             console.rule("(b) HTTP and gRPC: edgeserve vs MLServer (wrk and h2load, batch 1)")
             extra = [0] if args.mlserver_inline else []
             http = bench_http(work, key, args.duration, args.workers, [args.workers, *extra],

@@ -26,30 +26,7 @@ from bench.real_models import MODELS, load  # noqa: E402
 from edgeserve.converters import convert  # noqa: E402
 from edgeserve.demo.models import train_digits  # noqa: E402
 from edgeserve.signing import load_private_key, write_keypair  # noqa: E402
-
-PROFILE = """
-schema = "edgeserve.profile/1"
-name = "{name}"
-title = "Benchmark profile: every artifact of its formats"
-device_class = "desktop"
-vendor = "bench"
-
-[hardware]
-arch = "any"
-cpu = "any"
-cores = 2
-memory_mb = 4096
-storage_mb = 4096
-
-[budgets]
-max_model_bytes = 2_000_000_000
-cache_bytes = 4_000_000_000
-
-[runtimes.onnxruntime]
-[runtimes.litert]
-[runtimes.coreml]
-{artifacts}
-"""
+from edgeserve.testing import write_test_profile  # noqa: E402
 
 DIGITS_TARGETS = [("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "int8", "dynamic"),
                   ("onnx", "int8", "static"), ("tflite", "fp32", "none"), ("tflite", "fp16", "none"),
@@ -64,9 +41,10 @@ MINILM_TARGETS = [("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "
 def profile(directory: Path, name: str, targets: list[tuple[str, str, str]]) -> Path:
     blocks = "\n".join(f'[[artifacts]]\nformat = "{f}"\nprecision = "{p}"\nquantization = "{q}"\n'
                        f"required = false\n" for f, p, q in targets)
-    path = directory / f"{name}.toml"
-    path.write_text(PROFILE.format(name=name, artifacts=blocks))
-    return path
+    return write_test_profile(directory, name, blocks,
+                              title="Benchmark profile: every artifact of its formats",
+                              runtimes="[runtimes.onnxruntime]\n[runtimes.litert]\n"
+                                       "[runtimes.coreml]\n")
 
 
 def _fmt(value: Any, spec: str) -> str:

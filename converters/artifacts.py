@@ -237,21 +237,42 @@ def _static_graph(ctx: BuildContext) -> Path:
     return ctx.static_path
 
 
+def _batched_static_graph(ctx: BuildContext, size: int) -> Path:
+    """The static graph with its batch fixed at ``size`` (a batch-N variant), built once;
+    :class:`ConversionError` when the reference does not compute each sample alone."""
+    import onnx
+
+    from .graph import prepare_static
+    from .reference import batched_graph
+
+    path = ctx.batched_static_paths.get(size)
+    if path is None:
+        keep = [k for k, v in ctx.input_shapes.items() if v and v[0] is not None]
+        try:
+            model, stacked = batched_graph(onnx.load(str(ctx.reference_path)), ctx.evaluation,
+                                           size, keep)
+        except ConversionError as exc:
+            raise ConversionError(f"no batch-{size} variant: {exc}") from None
+        prepared = prepare_static(model, ctx.input_shapes, stacked, batch=size)
+        path = ctx.work / f"static-b{size}.onnx"
+        onnx.save(prepared, str(path))
+        ctx.batched_static_paths[size] = path
+    return path
+
+
 def build_tflite_artifacts(ctx: BuildContext, plans: Sequence[PlannedArtifact],
                            out_dir: Path) -> list[BuiltArtifact]:
-    """One onnx2tf run per I/O dtype for all TFLite plans, then each variant validated."""
+    """One onnx2tf run per I/O dtype and batch for all TFLite plans, then each variant
+    validated."""
     from .tflite_build import build_tflite, variant_of
 
     built = {p.id: new_artifact(p) for p in plans}
-    try:
-        static = _static_graph(ctx)
-    except ConversionError as exc:
-        return [b.fail(str(exc)) for b in built.values()]
-    by_io: dict[str, list[PlannedArtifact]] = {}
+    groups: dict[tuple[int, str], list[PlannedArtifact]] = {}
     for plan in plans:
-        by_io.setdefault(plan.key.io_dtype if plan.key.quantization == "full-integer" else "int8",
-                         []).append(plan)
-    for io_dtype, group in by_io.items():
+        io = plan.key.io_dtype if plan.key.quantization == "full-integer" else "int8"
+        groups.setdefault((plan.key.batch, io), []).append(plan)
+    # batch 1 first: a batch-N variant is built only beside its batch-1 artifact
+    for (batch, io_dtype), group in sorted(groups.items()):
         wanted = {}
         for plan in group:
             try:
@@ -261,14 +282,16 @@ def build_tflite_artifacts(ctx: BuildContext, plans: Sequence[PlannedArtifact],
         if not wanted:
             continue
         try:
-            result = build_tflite(static, ctx.work / f"tflite-{io_dtype}", ctx.signature.inputs,
-                                  ctx.signature.outputs, set(wanted.values()), io_dtype,
-                                  ctx.calibration)
+            static = _static_graph(ctx) if batch == 1 else _batched_static_graph(ctx, batch)
+            result = build_tflite(static, ctx.work / f"tflite-{io_dtype}-b{batch}",
+                                  ctx.signature.inputs, ctx.signature.outputs,
+                                  set(wanted.values()), io_dtype, ctx.calibration, batch=batch)
         except ConversionError as exc:
             for artifact_id in wanted:
                 built[artifact_id].fail(str(exc))
             continue
-        _apply_output_layouts(ctx, result.model_output_layouts)
+        if batch == 1:
+            _apply_output_layouts(ctx, result.model_output_layouts)
         for artifact_id, variant in wanted.items():
             _finish_tflite(ctx, built[artifact_id], result, variant, out_dir)
     return list(built.values())
@@ -305,10 +328,15 @@ def _finish_tflite(ctx: BuildContext, built: BuiltArtifact, result: Any, variant
     built.inputs, built.outputs = result.inputs[variant], result.outputs[variant]
     try:
         runner = LiteRtRunner(built.path, ctx.signature.inputs, ctx.signature.outputs,
-                              built.inputs, built.outputs)
+                              built.inputs, built.outputs, batch=built.batch or 1)
         _validate(ctx, built, runner)
     except Exception as exc:
         built.fail(f"LiteRT could not run {built.plan.id}: {type(exc).__name__}: {str(exc)[:300]}")
+    if built.batch:
+        built.validation["batch"] = built.batch
+        built.notes.append(f"batch-{built.batch} variant: validated {built.batch} samples per "
+                           "call, a partial batch padded; latency_ms_p50 is one call of "
+                           f"{built.batch} samples")
     if built.inputs == ctx.signature.inputs and built.outputs == ctx.signature.outputs:
         built.inputs = built.outputs = None
 
@@ -397,6 +425,7 @@ class _CoreMlRunner:
     """Core ML prediction (macOS only), batch one."""
 
     batch_one = True
+    max_batch = 1
 
     def __init__(self, path: Path) -> None:
         import coremltools as ct

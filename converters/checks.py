@@ -134,6 +134,10 @@ def check_options(options: ConvertOptions, sign_key: Ed25519PrivateKey | Path | 
                                         not isinstance(options.release, int) or
                                         options.release < 1):
         raise ConfigError(f"--release {options.release!r}: expected a whole number ≥ 1")
+    if isinstance(options.static_batch, bool) or not isinstance(options.static_batch, int) or \
+            not 1 <= options.static_batch <= 256:
+        raise ConfigError(f"--static-batch {options.static_batch!r}: expected a whole number "
+                          "from 1 (no batch-N variant) to 256")
     release = options.release if options.release is not None else \
         derive_release(options.version)
     profiles = options.load_profiles()

@@ -120,6 +120,10 @@ def _labels(path: Path | None) -> list[str] | None:
               help="Make a batch axis the model fixes at 1 dynamic, when ONNX Runtime gives "
                    "each sample its own outputs at batch 2 and 3 (ONNX artifacts; the report "
                    "says either way).")
+@click.option("--static-batch", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Also build each TFLite artifact with its batch fixed at N (a batch-N "
+                   "variant, for the agent's dynamic batching), when ONNX Runtime gives each of "
+                   "N stacked samples its own outputs; as a profile's [batching] static_batch.")
 @click.option("--keep-going", is_flag=True, help="Build the other targets when one fails pre-flight.")
 @click.option("--allow-random-calibration", is_flag=True,
               help="Calibrate int8 on random data when none is given (the report says so).")
@@ -130,7 +134,7 @@ def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
             evaluation: Path | None, name: str, version: str, release: int | None,
             sign_key: Path, out: Path, input_shapes: tuple[str, ...], preprocess: tuple[str, ...],
             layouts: tuple[str, ...], constants: tuple[str, ...], labels: Path | None,
-            task: str | None, dynamic_batch: bool, keep_going: bool,
+            task: str | None, dynamic_batch: bool, static_batch: int, keep_going: bool,
             allow_random_calibration: bool, work_dir: Path | None, as_json: bool) -> None:
     """Convert a trained model into a validated, signed package.
 
@@ -148,7 +152,7 @@ def convert(source: Path, profiles: tuple[str, ...], calibration: Path | None,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         preprocessing=parse_preprocess(preprocess), constant_inputs=_constants(constants),
         layouts=_layouts(layouts), labels=_labels(labels), task=task,
-        dynamic_batch=dynamic_batch, keep_going=keep_going,
+        dynamic_batch=dynamic_batch, static_batch=static_batch, keep_going=keep_going,
         allow_random_calibration=allow_random_calibration, show_progress=not as_json,
         work_dir=work_dir)
     result = converter.run(source, out, sign_key)

@@ -37,6 +37,8 @@ class BuildContext:
     reference_latency_ms: float | None = None
     reference_bytes: int = 0
     static_path: Path | None = None
+    batched_static_paths: dict[int, Path] = field(default_factory=dict)
+    """batch-N static graphs by N (the TFLite batch-N variants)"""
     classifier_names: tuple[str, ...] = ()
     """outputs holding class scores (classification only)"""
     probability_names: tuple[str, ...] = ()
@@ -78,6 +80,11 @@ class BuiltArtifact:
     error: str | None = None
     fallback_for: dict[str, dict[str, str]] = field(default_factory=dict)
     """profile → {its failed artifact's key → why}: this artifact ships in their place"""
+
+    @property
+    def batch(self) -> int | None:
+        """N for a batch-N variant, else None."""
+        return self.plan.key.batch if self.plan.key.batch > 1 else None
 
     @property
     def status(self) -> str:

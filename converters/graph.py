@@ -415,14 +415,16 @@ def drop_noop_slices(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare_static(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | None]],
-                   one: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The graph the static routes (TFLite, Core ML) start from: batch 1, every shape fixed;
-    ``one`` is one call's feeds (to check the simplified graph with).
+                   one: Mapping[str, np.ndarray] | None = None,
+                   batch: int = 1) -> onnx.ModelProto:
+    """The graph the static routes (TFLite, Core ML) start from: batch 1 (or ``batch``, for a
+    batch-N variant of a graph whose batch axis is dynamic), every shape fixed; ``one`` is one
+    call's feeds (to check the simplified graph with).
 
     Raises :class:`ConversionError` when an input still has a dynamic dimension, naming it and
     the ``--input-shape`` option that fixes it.
     """
-    fixed = fix_input_shapes(model, shapes, batch=1)
+    fixed = fix_input_shapes(model, shapes, batch=batch)
     still = {k: v for k, v in dynamic_inputs(fixed).items()}
     if still:
         hint = " ".join(f"{k}={'x'.join(str(d) if isinstance(d, int) and d > 0 else 'N' for d in v)}"

@@ -65,6 +65,8 @@ class ConvertOptions:
     the source fixed at 1 dynamic in the reference and the ONNX artifacts, when ONNX Runtime
     computes the same per sample stacked as alone (checked at batch 2 and 3; the report says
     either way), so that requests may carry several samples and the agent can batch them.
+    ``static_batch`` N > 1 adds a batch-N variant of each TFLite artifact, as a profile's
+    ``[batching] static_batch`` does (the larger of the two wins).
     """
 
     profiles: Sequence[str | HardwareProfile]
@@ -90,6 +92,7 @@ class ConvertOptions:
     work_dir: Path | None = None
     capture_output: bool = True
     dynamic_batch: bool = False
+    static_batch: int = 1
 
     def load_profiles(self) -> list[HardwareProfile]:
         if not self.profiles:

@@ -87,6 +87,7 @@ def _artifact_entry(artifact: BuiltArtifact, reference_bytes: int) -> dict[str, 
         "outputs": [t.model_dump(mode="json", exclude_defaults=True) for t in artifact.outputs]
         if artifact.outputs else None,
         "notes": artifact.notes, "error": artifact.error, "validation": artifact.validation,
+        **({"batch": artifact.batch} if artifact.batch else {}),
     }
 
 
@@ -153,7 +154,7 @@ def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any]
         id=a.plan.id, format=a.format, precision=a.precision,  # type: ignore[arg-type]
         quantization=a.quantization, path=member_path(a),  # type: ignore[arg-type]
         profiles=list(a.plan.profiles), runtime=a.runtime, inputs=a.inputs, outputs=a.outputs,
-        validation=entries[a.plan.id]["validation"]) for a in kept]
+        validation=entries[a.plan.id]["validation"], batch=a.batch) for a in kept]
     task = ctx.task if ctx.task in _TASKS else "other"
     assert options.release is not None  # resolved by the checks before any work
     return parse_manifest(Manifest(
@@ -169,11 +170,21 @@ def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any]
     ).model_dump(by_alias=True))
 
 
+def _with_siblings(kept: list[BuiltArtifact]) -> list[BuiltArtifact]:
+    """``kept`` without batch-N variants whose batch-1 artifact is not kept (never chosen on
+    their own, they would be dead weight in the package)."""
+    def family(b: BuiltArtifact) -> tuple[str, str, str, str]:
+        return b.format, b.precision, b.quantization, b.plan.key.io_dtype
+
+    singles = {family(b) for b in kept if b.batch is None}
+    return [b for b in kept if b.batch is None or family(b) in singles]
+
+
 def write_outputs(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any],
                   built: Sequence[BuiltArtifact], out: Path, key: Ed25519PrivateKey,
                   progress: Progress) -> ConversionResult:
     out.mkdir(parents=True, exist_ok=True)
-    kept = [b for b in built if shipped(b)]
+    kept = _with_siblings([b for b in built if shipped(b)])
     package, manifest = None, None
     if kept:
         with progress.step("sign and write the package"):

@@ -92,7 +92,7 @@ class Converter(ConvertOptions):
     def _run(self, source: Any, out: Path, key: Ed25519PrivateKey,
              profiles: list[HardwareProfile], work: Path, progress: Progress) -> ConversionResult:
         started = time.monotonic()
-        plans = plan_artifacts(profiles)
+        plans = plan_artifacts(profiles, self.static_batch)
         with progress.step("import and reference"):
             ctx = make_context(self, source, work, plans)
         with progress.step("pre-flight checks") as step:

@@ -70,7 +70,7 @@ def _shapes(options: ConvertOptions) -> dict[str, list[int | None]]:
     return {k: [None if d is None else int(d) for d in v] for k, v in options.input_shapes.items()}
 
 
-def _dynamic_batch(model: Any) -> bool:
+def _has_dynamic_batch(model: Any) -> bool:
     """Whether some input's first axis is dynamic (what a batch-2 check can exercise)."""
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
@@ -98,7 +98,7 @@ def _batch_two(model: Any, evaluation: Dataset) -> str | None:
 def _keep_batch(model: Any, evaluation: Dataset, notes: list[str]) -> Any:
     """Keep a dynamic batch axis only when ONNX Runtime runs the graph at batch 2; else fix it
     at 1 and say so (an exporter can bake the example's batch into a Reshape)."""
-    if not _dynamic_batch(model) or any(a != 0 for a in evaluation.axes.values()):
+    if not _has_dynamic_batch(model) or any(a != 0 for a in evaluation.axes.values()):
         return model  # (data as whole feeds or on another axis: the check stacks on axis 0)
     problem = _batch_two(model, evaluation)
     if problem is None:
@@ -124,28 +124,7 @@ def _free_batch(model: Any, evaluation: Dataset, keep: Sequence[str], notes: lis
     trial, freed = free_batch(model, keep)
     if not freed:
         return model
-    problem = None
-    try:
-        for count in (2, 3):
-            feeds = _stacked(evaluation.inputs, count)
-            stacked = run_onnx(trial, feeds)
-            alone = [run_onnx(model, {k: v[i:i + 1] for k, v in feeds.items()})
-                     for i in range(count)]
-            for index, output in enumerate(stacked):
-                single = np.concatenate([a[index] for a in alone])
-                if output.shape != single.shape:
-                    problem = (f"output {index} is {list(output.shape)} at batch {count}, "
-                               f"{list(single.shape)} one sample at a time")
-                elif not np.allclose(output, single, rtol=1e-4,
-                                     atol=1e-5 * max(1.0, float(np.abs(single).max(initial=0)))):
-                    problem = (f"output {index} at batch {count} differs from one sample at a "
-                               "time (the graph mixes samples)")
-                if problem:
-                    break
-            if problem:
-                break
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    problem = per_sample_problem(trial, model, evaluation, (2, 3))
     if problem is not None:
         notes.append(f"--dynamic-batch: the batch of {freed} stays fixed at 1: {problem}")
         return model
@@ -153,6 +132,49 @@ def _free_batch(model: Any, evaluation: Dataset, keep: Sequence[str], notes: lis
                  "(ONNX Runtime gave each sample's own outputs at batch 2 and 3): requests may "
                  "carry several samples, and the agent can batch them (static routes keep 1)")
     return trial
+
+
+def per_sample_problem(stacked_model: Any, model: Any, evaluation: Dataset,
+                       counts: Sequence[int]) -> str | None:
+    """Why ``stacked_model`` at each of ``counts`` samples does not give every sample the outputs
+    ``model`` gives it alone (to float round-off), or None when it does (ONNX Runtime)."""
+    try:
+        for count in counts:
+            feeds = _stacked(evaluation.inputs, count)
+            stacked = run_onnx(stacked_model, feeds)
+            alone = [run_onnx(model, {k: v[i:i + 1] for k, v in feeds.items()})
+                     for i in range(count)]
+            for index, output in enumerate(stacked):
+                single = np.concatenate([a[index] for a in alone])
+                if output.shape != single.shape:
+                    return (f"output {index} is {list(output.shape)} at batch {count}, "
+                            f"{list(single.shape)} one sample at a time")
+                if not np.allclose(output, single, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(np.abs(single).max(initial=0)))):
+                    return (f"output {index} at batch {count} differs from one sample at a "
+                            "time (the graph mixes samples)")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+def batched_graph(model: Any, evaluation: Dataset, size: int,
+                  keep: Sequence[str] = ()) -> tuple[Any, dict[str, np.ndarray]]:
+    """``model`` (the reference) with a batch axis free for a batch-``size`` static graph, and
+    ``size`` stacked samples to check it with. Raises :class:`ConversionError` when there is no
+    batch axis to stack samples on, or ONNX Runtime does not give each of ``size`` stacked
+    samples its own outputs."""
+    if any(a != 0 for a in evaluation.axes.values()):
+        raise ConversionError("the data are whole feeds, not samples on a batch axis")
+    trial, _freed = free_batch(model, keep)
+    if not _has_dynamic_batch(trial):
+        raise ConversionError("no input has a batch axis of size 1 or a dynamic one to fix at "
+                              f"{size}")
+    problem = per_sample_problem(trial, model, evaluation, (size,))
+    if problem is not None:
+        raise ConversionError(f"ONNX Runtime does not compute each sample alone at batch "
+                              f"{size}: {problem}")
+    return trial, _stacked(evaluation.inputs, size)
 
 
 def _shape_notes(options: ConvertOptions, framework: str) -> list[str]:

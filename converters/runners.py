@@ -29,6 +29,8 @@ class Runner(Protocol):
     """Runs batches given and returned in the model's own tensor signature."""
 
     batch_one: bool
+    max_batch: int
+    """the most samples one call takes (≤ 0: any number)"""
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
@@ -87,6 +89,7 @@ class OrtRunner:
         self._inputs = [i.name for i in self._session.get_inputs()]
         first = self._session.get_inputs()[0].shape
         self.batch_one = bool(first) and first[0] == 1
+        self.max_batch = 1 if self.batch_one else 0
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         outputs = self._session.run(None, {k: feeds[k] for k in self._inputs})
@@ -94,15 +97,18 @@ class OrtRunner:
 
 
 class LiteRtRunner:
-    """``ai_edge_litert`` interpreter; artifact tensors mapped to model tensors by position."""
-
-    batch_one = True
+    """``ai_edge_litert`` interpreter; artifact tensors mapped to model tensors by position.
+    ``batch`` > 1: the artifact's batch is fixed at that size (a batch-N variant); a call with
+    fewer samples is padded with copies of its last one, whose outputs are dropped."""
 
     def __init__(self, path: Path, model_inputs: Sequence[TensorSpec],
                  model_outputs: Sequence[TensorSpec], artifact_inputs: Sequence[TensorSpec],
-                 artifact_outputs: Sequence[TensorSpec], threads: int = 1) -> None:
+                 artifact_outputs: Sequence[TensorSpec], threads: int = 1,
+                 batch: int = 1) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        self.batch_one = batch == 1
+        self.max_batch = batch
         try:
             self._interp = Interpreter(model_path=str(path), num_threads=threads)
             self._interp.allocate_tensors()
@@ -116,11 +122,17 @@ class LiteRtRunner:
                      for m, a in zip(model_outputs, artifact_outputs, strict=True)]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        count = None  # samples given, when fewer than a batch-N variant takes (padded)
         for model, artifact, index in self._in:
-            self._interp.set_tensor(index, to_artifact(feeds[model.name], model, artifact))
+            x = feeds[model.name]
+            if self.max_batch > 1 and x.shape[0] < self.max_batch:
+                count = x.shape[0]
+                x = np.concatenate([x, np.repeat(x[-1:], self.max_batch - count, axis=0)])
+            self._interp.set_tensor(index, to_artifact(x, model, artifact))
         self._interp.invoke()
-        return [from_artifact(self._interp.get_tensor(index), model, artifact)
-                for model, artifact, index in self._out]
+        outputs = [from_artifact(self._interp.get_tensor(index), model, artifact)
+                   for model, artifact, index in self._out]
+        return outputs if count is None else [y[:count] for y in outputs]
 
 
 def run_dataset(runner: Runner, inputs: Mapping[str, np.ndarray], signature: ModelSignature,
@@ -129,8 +141,9 @@ def run_dataset(runner: Runner, inputs: Mapping[str, np.ndarray], signature: Mod
     output order: run as :mod:`edgeserve.samples` says (the rule the package's health-check
     samples and the device agent follow too), never more than one sample per call for an
     artifact whose batch is fixed at one."""
+    size = 1 if runner.batch_one else runner.max_batch if runner.max_batch > 0 else batch
     joined = run_samples(runner.run, signature.inputs, signature.outputs, inputs,
-                         max_batch=1 if runner.batch_one else batch, where="data")
+                         max_batch=size, where="data")
     return [joined[name] for name in signature.output_names]
 
 

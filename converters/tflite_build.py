@@ -169,12 +169,16 @@ def _spec_from_detail(detail: Mapping[str, object], name: str, layout: str | Non
     return TensorSpec(name=name, dtype=dtype, shape=shape, layout=layout, quantization=quant)  # type: ignore[arg-type]
 
 
-def _static_shape(spec: TensorSpec) -> list[int]:
-    return [d if isinstance(d, int) else 1 for d in spec.shape]
+def _static_shape(spec: TensorSpec, batch: int = 1) -> list[int]:
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+    if batch > 1 and shape:
+        shape[0] = batch
+    return shape
 
 
 def _read_signature(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                    renames: Mapping[str, str], result: TfliteOutput, variant: str) -> None:
+                    renames: Mapping[str, str], result: TfliteOutput, variant: str,
+                    batch: int = 1) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(path))
@@ -189,7 +193,7 @@ def _read_signature(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[
     specs_out = []
     for i, spec in enumerate(outputs):
         detail = found_out.get(back[spec.name]) or list(interp.get_output_details())[i]
-        shape, want = [int(d) for d in detail["shape"]], _static_shape(spec)
+        shape, want = [int(d) for d in detail["shape"]], _static_shape(spec, batch)
         layout = spec.layout
         if shape != want and len(want) in (3, 4, 5) and shape == [want[0], *want[2:], want[1]]:
             first, last = channels_last(len(want))
@@ -227,8 +231,10 @@ def _log_summary(log: str) -> str:
 
 def build_tflite(static: Path, work: Path, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], variants: set[str], io_dtype: str = "int8",
-                 calibration: Dataset | None = None, timeout: float = 3600) -> TfliteOutput:
-    """Run onnx2tf once for ``variants`` (keys of ``variant_of``); missing files are absent."""
+                 calibration: Dataset | None = None, timeout: float = 3600,
+                 batch: int = 1) -> TfliteOutput:
+    """Run onnx2tf once for ``variants`` (keys of ``variant_of``); missing files are absent.
+    ``batch``: the batch ``static`` is fixed at (a batch-N variant's graph)."""
     work.mkdir(parents=True, exist_ok=True)
     src, renames = _scratch_model(static, work, inputs, outputs)
     out = work / "onnx2tf-out"
@@ -249,5 +255,5 @@ def build_tflite(static: Path, work: Path, inputs: Sequence[TensorSpec],
         path = out / f"{src.stem}_{_SUFFIX[variant]}.tflite"
         if path.exists():
             result.files[variant] = path
-            _read_signature(path, inputs, outputs, renames, result, variant)
+            _read_signature(path, inputs, outputs, renames, result, variant, batch)
     return result

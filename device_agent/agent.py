@@ -32,11 +32,12 @@ from edgeserve.manifest import Artifact, Manifest, parse_manifest
 from edgeserve.package import atomic_write
 from edgeserve.profiles import HardwareProfile, load_profile
 from edgeserve.samples import run_samples
+from edgeserve.selection import batch_variant
 from edgeserve.signing import TrustStore
 from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
-from .batching import BatchingRuntime, BatchPolicy
+from .batching import BatchingRuntime, BatchPolicy, PaddedRuntime, batchable
 from .cache import CacheCheck, ModelCache, VersionRecord
 from .events import EventLog
 from .feedback import FeedbackLog, Prediction
@@ -343,6 +344,8 @@ class Agent:
         policy = self.batching.get(model)
         if policy is not None:
             try:
+                runtime, policy = self._batched(record, manifest, artifact, runtime, policy,
+                                                extra)
                 runtime = BatchingRuntime(runtime, policy, self._batch_reporter(model, version))
                 extra["batching"] = {"max_batch": policy.max_batch,
                                      "max_queue_delay_us": policy.max_queue_delay_us}
@@ -350,6 +353,32 @@ class Agent:
                 log.warning("%s %s (%s): dynamic batching is off for this artifact: %s", model,
                             version, artifact.id, exc)
         return LoadedModel(record, manifest, artifact, runtime, adapter, extra)
+
+    def _batched(self, record: VersionRecord, manifest: Manifest, artifact: Artifact,
+                 runtime: Runtime, policy: BatchPolicy,
+                 extra: dict[str, object]) -> tuple[Runtime, BatchPolicy]:
+        """A fixed-batch artifact with a batch-N variant installed beside it: both runtimes as
+        one with a dynamic batch axis, and the policy's ``max_batch`` capped at N (raises
+        :class:`ConfigError` when the variant cannot be used)."""
+        if batchable(runtime) is None:
+            return runtime, policy
+        variant = batch_variant(manifest, artifact)
+        if variant is None or variant.batch is None:
+            return runtime, policy  # BatchingRuntime says why it cannot batch
+        if any(name not in record.files for name in manifest.artifact_files(variant)):
+            raise ConfigError(f"its batch-N variant {variant.id} was not installed (installed "
+                              "before this agent kept variants: install the package again)")
+        many = load_runtime(variant.format, self._source(record, manifest, variant),
+                            self.profile, self.concurrency)
+        try:
+            padded = PaddedRuntime(runtime, many)
+        except ConfigError:
+            many.close()
+            raise
+        extra["batch_variant"] = variant.id
+        if policy.max_batch > padded.size:
+            policy = BatchPolicy(padded.size, policy.max_queue_delay_us)
+        return padded, policy
 
     def _batch_reporter(self, model: str, version: str) -> Callable[[int, int], None]:
         def report(requests: int, samples: int) -> None:

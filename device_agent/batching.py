@@ -6,6 +6,12 @@ dynamic (axis 0 of every runtime input and output): requests whose other dimensi
 agree are concatenated on it, up to ``max_batch`` samples, waiting at most
 ``max_queue_delay_us`` for company, run once, and the outputs are split back per request.
 
+A *fixed-batch* artifact (``[1, …]`` on every tensor: TFLite, whose shapes are static) is
+batched through its package's batch-N variant (``Artifact.batch``, built by the converter when
+the profile's ``[batching] static_batch`` asks): :class:`PaddedRuntime` runs a lone sample on
+the batch-1 artifact and a stack of 2…N on the variant, padding a partial stack with copies of
+its last sample, whose outputs are dropped.
+
 No thread of its own (no hand-off): the first caller to arrive becomes the *leader*, waits for
 the delay or a full batch, runs the batch on its own thread and hands each follower its slice;
 once it has taken its batch the next caller may lead, so batches overlap on several cores.
@@ -29,7 +35,7 @@ from edgeserve.errors import ConfigError
 
 from .runtimes import Runtime, TensorInfo
 
-__all__ = ["BatchPolicy", "BatchingRuntime", "batchable", "parse_batch_option"]
+__all__ = ["BatchPolicy", "BatchingRuntime", "PaddedRuntime", "batchable", "parse_batch_option"]
 
 # A caller counts as alone when no other thread has called for this long.
 _SOLO_S = 0.05
@@ -74,6 +80,67 @@ def batchable(runtime: Runtime) -> str | None:
                 return (f"{what} {tensor.name!r} has no dynamic batch axis (shape "
                         f"{list(tensor.shape)})")
     return None
+
+
+class PaddedRuntime:
+    """A fixed-batch artifact with a dynamic batch axis: ``single`` (batch 1) runs one sample,
+    ``batched`` (the batch-N variant, every tensor's batch fixed at ``batched.inputs[i].shape[0]``)
+    runs 2…N, a partial batch padded with copies of its last sample. Both runtimes speak the same
+    tensor names, in the same order (the converter builds them from one graph)."""
+
+    def __init__(self, single: Runtime, batched: Runtime) -> None:
+        sizes = {t.shape[0] if t.shape else None for t in [*batched.inputs, *batched.outputs]}
+        size = next(iter(sizes))
+        if len(sizes) != 1 or size is None or size < 2:
+            raise ConfigError("the batch-N variant must fix the batch axis of every input and "
+                              f"output at one size ≥ 2; it has {sorted(map(str, sizes))}")
+        for what, one, many in (("inputs", single.inputs, batched.inputs),
+                                ("outputs", single.outputs, batched.outputs)):
+            if [(t.dtype, t.shape[1:]) for t in one] != [(t.dtype, t.shape[1:]) for t in many]:
+                raise ConfigError(f"the batch-N variant's {what} do not match the artifact's: "
+                                  f"{[(t.name, list(t.shape)) for t in many]} against "
+                                  f"{[(t.name, list(t.shape)) for t in one]}")
+        self.size = size
+        self.single, self.batched = single, batched
+        self.kind = single.kind
+        self.inputs = [TensorInfo(t.name, t.dtype, (None, *t.shape[1:]), t.quantization)
+                       for t in single.inputs]
+        self.outputs = [TensorInfo(t.name, t.dtype, (None, *t.shape[1:]), t.quantization)
+                        for t in single.outputs]
+        # the variant may name its tensors apart (onnx2tf): by position, as the adapter maps
+        self._names = [(a.name, b.name) for a, b in zip(single.inputs, batched.inputs,
+                                                          strict=True)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        count = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+        if count <= 1:
+            return self.single.run(feeds)
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, count, self.size):
+            chunk = {name: feeds[name][start:start + self.size] for name, _ in self._names}
+            taken = int(next(iter(chunk.values())).shape[0])
+            if taken == 1:
+                parts.append(self.single.run(chunk))
+                continue
+            padded = {other: _pad(chunk[name], self.size) for name, other in self._names}
+            parts.append([o[:taken] for o in self.batched.run(padded)])
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
+
+    def close(self) -> None:
+        try:
+            self.batched.close()
+        finally:
+            self.single.close()
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with its last sample repeated up to ``size`` samples."""
+    if array.shape[0] == size:
+        return array
+    filler = np.repeat(array[-1:], size - array.shape[0], axis=0)
+    return np.concatenate([array, filler])
 
 
 class _Request:

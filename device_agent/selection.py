@@ -12,7 +12,12 @@ import sys
 from edgeserve.errors import RuntimeUnavailableError
 from edgeserve.manifest import Artifact, Manifest
 from edgeserve.profiles import HardwareProfile
-from edgeserve.selection import RUNTIME_FORMATS, artifact_io_dtype, choose_artifact
+from edgeserve.selection import (
+    RUNTIME_FORMATS,
+    artifact_io_dtype,
+    batch_variant,
+    choose_artifact,
+)
 
 __all__ = ["artifact_io_dtype", "required_files", "runnable_formats", "select_artifact"]
 
@@ -60,13 +65,17 @@ def _cannot_run(artifact: Artifact, profile: HardwareProfile, formats: list[str]
 
 def required_files(manifest: Manifest, profile: HardwareProfile,
                    artifact_id: str | None = None) -> list[str]:
-    """Package members a device with ``profile`` needs: its artifact, reference and samples.
+    """Package members a device with ``profile`` needs: its artifact (and that artifact's batch-N
+    variant, if the package has one), reference and samples.
 
     A package's ``samples``/``reference`` fields may name one file; the conventional
     ``samples/inputs.npz`` + ``samples/expected.npz`` pair is included whenever present.
     """
     artifact = select_artifact(manifest, profile, artifact_id)
     names = set(manifest.artifact_files(artifact))
+    variant = batch_variant(manifest, artifact)
+    if variant is not None:  # kept for dynamic batching (the agent loads it only then)
+        names.update(manifest.artifact_files(variant))
     for extra in (manifest.reference, manifest.samples):
         if extra:
             names.add(extra)

@@ -124,6 +124,10 @@ class Artifact(Document):
     outputs: list[TensorSpec] | None = None
     size_bytes: Annotated[int, Meta(ge=0)] = 0
     validation: dict[str, Any] = field(default_factory=dict)
+    batch: Annotated[int, Meta(ge=2, le=256, description=(
+        "a batch-N variant: every input and output has its batch fixed at this size; it ships "
+        "beside the batch-1 artifact of the same format, precision and quantization, is never "
+        "chosen on its own, and serves the agent's dynamic batching"))] | None = None
 
 
 class Manifest(Document):
@@ -182,7 +186,12 @@ class Manifest(Document):
                           f"it has: {known}")
 
     def canonical_bytes(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json", by_alias=True))
+        data = self.model_dump(mode="json", by_alias=True)
+        for artifact in data["artifacts"]:
+            # written only when set: agents older than batch-N variants read the rest unchanged
+            if artifact.get("batch") is None:
+                artifact.pop("batch", None)
+        return canonical_json(data)
 
 
 def manifest_json_schema() -> dict[str, Any]:

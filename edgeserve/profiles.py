@@ -211,11 +211,17 @@ class Limits(Document):
 class Batching(Document):
     """How this device class batches requests. ``dynamic``: the converter makes a batch axis the
     source fixes at 1 dynamic (checked per sample with ONNX Runtime), so the agent can stack
-    concurrent requests into one call (its dynamic batching)."""
+    concurrent requests into one call (its dynamic batching). ``static_batch``: the static route
+    (TFLite), whose shapes are all fixed, also gets a *batch-N variant* of each artifact, built
+    with the batch fixed at N; the agent stacks up to N concurrent requests into one call of it
+    (padding a partial batch) and runs a lone request on the batch-1 artifact."""
 
     dynamic: Annotated[bool, Meta(description=(
         "make a batch the source fixes at 1 dynamic when the graph computes each sample alone"))] \
         = False
+    static_batch: Annotated[int, Meta(ge=1, le=256, description=(
+        "also build each TFLite artifact with its batch fixed at this size (1: none), for the "
+        "agent's dynamic batching; built only when the graph computes each sample alone"))] = 1
 
 
 class HardwareProfile(Document):

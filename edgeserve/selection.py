@@ -18,7 +18,8 @@ from .errors import RuntimeUnavailableError
 from .manifest import Artifact, Manifest
 from .profiles import ArtifactTarget, HardwareProfile
 
-__all__ = ["RUNTIME_FORMATS", "artifact_io_dtype", "choose_artifact", "declared_formats"]
+__all__ = ["RUNTIME_FORMATS", "artifact_io_dtype", "batch_variant", "choose_artifact",
+           "declared_formats"]
 
 RUNTIME_FORMATS = {"onnx": ("onnxruntime",), "tflite": ("litert",), "coreml": ("coreml",)}
 """Artifact format -> the profile runtimes that run it."""
@@ -50,19 +51,33 @@ def choose_artifact(manifest: Manifest, profile: HardwareProfile,
     for target in profile.artifacts:
         if target.format not in formats:
             continue
-        found = [a for a in manifest.artifacts if _matches(target, a)]
+        found = [a for a in manifest.artifacts if a.batch is None and _matches(target, a)]
         if found:
             found.sort(key=lambda a: (artifact_io_dtype(a, manifest) != target.io_dtype,
                                       profile.name not in a.profiles))
             return found[0]
-    named = [a for a in manifest.artifacts if profile.name in a.profiles and a.format in formats]
+    named = [a for a in manifest.artifacts
+             if a.batch is None and profile.name in a.profiles and a.format in formats]
     if named:
         return named[0]
-    has = ", ".join(f"{a.id} ({a.format} {a.precision} {a.quantization})"
-                    for a in manifest.artifacts)
+    has = ", ".join(f"{a.id} ({a.format} {a.precision} {a.quantization}"
+                    f"{f' batch {a.batch}' if a.batch else ''})" for a in manifest.artifacts)
     wants = ", ".join(t.key for t in profile.artifacts)
     raise RuntimeUnavailableError(
         f"package {manifest.name} {manifest.version} has no artifact that profile "
         f"{profile.name!r} can run {where} (runnable formats: {', '.join(formats) or 'none'}); "
         f"the package has: {has}; the profile wants: {wants}"
     )
+
+
+def batch_variant(manifest: Manifest, artifact: Artifact) -> Artifact | None:
+    """The batch-N variant of ``artifact`` (``Artifact.batch``: the same format, precision,
+    quantization and I/O dtype, every batch fixed at N), the largest when there are several;
+    None when the package has none. Batch-N variants are never chosen on their own: a device
+    keeps one beside its artifact for the agent's dynamic batching."""
+    same = [a for a in manifest.artifacts
+            if a.batch is not None and a.id != artifact.id
+            and (a.format, a.precision, a.quantization) ==
+            (artifact.format, artifact.precision, artifact.quantization)
+            and artifact_io_dtype(a, manifest) == artifact_io_dtype(artifact, manifest)]
+    return max(same, key=lambda a: a.batch or 0, default=None)

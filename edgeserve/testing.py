@@ -20,7 +20,8 @@ from .manifest import Manifest, parse_manifest
 from .package import PackageWriter
 from .signing import TrustStore, load_private_key, write_keypair
 
-__all__ = ["KeyPair", "make_keypair", "make_manifest", "publish_versions", "write_test_package"]
+__all__ = ["KeyPair", "make_keypair", "make_manifest", "publish_versions", "write_test_package",
+           "write_test_profile"]
 
 
 class _Publisher(Protocol):
@@ -47,6 +48,36 @@ def make_keypair(directory: Path, name: str = "test") -> KeyPair:
     private, public = directory / f"{name}.key", directory / f"{name}.pub.pem"
     keyid = write_keypair(private, public, overwrite=True)
     return KeyPair(private, public, keyid)
+
+
+def write_test_profile(directory: Path, name: str, body: str, *, title: str = "",
+                       runtimes: str = "[runtimes.onnxruntime]\n[runtimes.litert]\n",
+                       memory_mb: int = 4096) -> Path:
+    """``directory/NAME.toml``: a desktop-class profile with generous budgets, ``runtimes``
+    (TOML tables) and ``body`` (its ``[[artifacts]]`` and any other tables) as given."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.toml"
+    path.write_text(f'''schema = "edgeserve.profile/1"
+name = "{name}"
+title = "{title or f'test profile {name}'}"
+device_class = "desktop"
+vendor = "test"
+
+[hardware]
+arch = "any"
+cpu = "any"
+cores = 2
+memory_mb = {memory_mb}
+storage_mb = 4096
+
+[budgets]
+max_model_bytes = 2_000_000_000
+cache_bytes = 4_000_000_000
+
+{runtimes}
+{body}
+''')
+    return path
 
 
 def make_manifest(name: str = "toy", version: str = "1.0.0", release: int = 1,

@@ -14,7 +14,7 @@ import numpy as np
 from edgeserve.manifest import parse_manifest
 from edgeserve.package import PackageWriter
 from edgeserve.telemetry import ReferenceStats
-from edgeserve.testing import KeyPair
+from edgeserve.testing import KeyPair, write_test_profile
 
 __all__ = ["MlpWeights", "build_conv_package", "build_mlp_package", "conv_weights", "mlp_weights",
            "write_profile"]
@@ -253,26 +253,9 @@ def build_conv_package(out: Path, key: KeyPair, tflite_content: bytes | None = N
 
 
 def write_profile(directory: Path, name: str, artifacts: str) -> Path:
-    """A profile TOML (generic CPU hardware) whose artifact list is ``artifacts`` (TOML text)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.toml"
-    path.write_text(f'''schema = "edgeserve.profile/1"
-name = "{name}"
-title = "test profile {name}"
-device_class = "desktop"
-vendor = "test"
-
-[hardware]
-arch = "any"
-cpu = "any"
-cores = 2
-memory_mb = 2048
-storage_mb = 4096
-
-[budgets]
-max_model_bytes = 1_000_000_000
-cache_bytes = 1_000_000_000
-
+    """A profile TOML (generic CPU hardware, one runtime thread) whose artifact list is
+    ``artifacts`` (TOML text)."""
+    return write_test_profile(directory, name, artifacts, memory_mb=2048, runtimes="""\
 [runtimes.onnxruntime]
 execution_providers = ["CPUExecutionProvider"]
 intra_op_threads = 1
@@ -280,7 +263,4 @@ intra_op_threads = 1
 [runtimes.litert]
 delegates = ["xnnpack"]
 threads = 1
-
-{artifacts}
-''')
-    return path
+""")
