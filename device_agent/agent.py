@@ -368,10 +368,20 @@ class Agent:
         if any(name not in record.files for name in manifest.artifact_files(variant)):
             raise ConfigError(f"its batch-N variant {variant.id} was not installed (installed "
                               "before this agent kept variants: install the package again)")
-        many = load_runtime(variant.format, self._source(record, manifest, variant),
-                            self.profile, self.concurrency)
         try:
-            padded = PaddedRuntime(runtime, many)
+            many = load_runtime(variant.format, self._source(record, manifest, variant),
+                                self.profile, self.concurrency)
+        except Exception as exc:  # a bad variant costs the batching, never the model
+            raise ConfigError(f"its batch-N variant {variant.id} cannot be loaded: "
+                              f"{_first_line(exc)}") from None
+        # the two artifacts' signatures list tensors in the model's order: pair their names
+        # (PaddedRuntime checks the pairs against both runtimes)
+        pairs = [[(a.name, b.name) for a, b in zip(mine or model, theirs or model, strict=False)]
+                 for mine, theirs, model in ((artifact.inputs, variant.inputs, manifest.inputs),
+                                             (artifact.outputs, variant.outputs,
+                                              manifest.outputs))]
+        try:
+            padded = PaddedRuntime(runtime, many, *pairs)
         except ConfigError:
             many.close()
             raise

@@ -84,22 +84,22 @@ def batchable(runtime: Runtime) -> str | None:
 
 class PaddedRuntime:
     """A fixed-batch artifact with a dynamic batch axis: ``single`` (batch 1) runs one sample,
-    ``batched`` (the batch-N variant, every tensor's batch fixed at ``batched.inputs[i].shape[0]``)
-    runs 2…N, a partial batch padded with copies of its last sample. Both runtimes speak the same
-    tensor names, in the same order (the converter builds them from one graph)."""
+    ``batched`` (the batch-N variant, every tensor's batch fixed at one N ≥ 2) runs 2…N, a
+    partial batch padded with copies of its last sample. ``inputs``/``outputs`` pair each
+    tensor name of ``single`` with the variant's name for the same model tensor (the manifest's
+    artifact signatures, which list tensors in the model's order); by position when omitted.
+    The variant's outputs are returned in ``single``'s order."""
 
-    def __init__(self, single: Runtime, batched: Runtime) -> None:
+    def __init__(self, single: Runtime, batched: Runtime,
+                 inputs: list[tuple[str, str]] | None = None,
+                 outputs: list[tuple[str, str]] | None = None) -> None:
         sizes = {t.shape[0] if t.shape else None for t in [*batched.inputs, *batched.outputs]}
         size = next(iter(sizes))
         if len(sizes) != 1 or size is None or size < 2:
             raise ConfigError("the batch-N variant must fix the batch axis of every input and "
                               f"output at one size ≥ 2; it has {sorted(map(str, sizes))}")
-        for what, one, many in (("inputs", single.inputs, batched.inputs),
-                                ("outputs", single.outputs, batched.outputs)):
-            if [(t.dtype, t.shape[1:]) for t in one] != [(t.dtype, t.shape[1:]) for t in many]:
-                raise ConfigError(f"the batch-N variant's {what} do not match the artifact's: "
-                                  f"{[(t.name, list(t.shape)) for t in many]} against "
-                                  f"{[(t.name, list(t.shape)) for t in one]}")
+        ins = _paired("inputs", single.inputs, batched.inputs, inputs)
+        outs = _paired("outputs", single.outputs, batched.outputs, outputs)
         self.size = size
         self.single, self.batched = single, batched
         self.kind = single.kind
@@ -107,9 +107,9 @@ class PaddedRuntime:
                        for t in single.inputs]
         self.outputs = [TensorInfo(t.name, t.dtype, (None, *t.shape[1:]), t.quantization)
                         for t in single.outputs]
-        # the variant may name its tensors apart (onnx2tf): by position, as the adapter maps
-        self._names = [(a.name, b.name) for a, b in zip(single.inputs, batched.inputs,
-                                                          strict=True)]
+        self._names = [(a.name, b.name) for a, b in ins]
+        position = {t.name: k for k, t in enumerate(batched.outputs)}
+        self._order = [position[b.name] for _, b in outs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         count = int(next(iter(feeds.values())).shape[0]) if feeds else 1
@@ -123,7 +123,8 @@ class PaddedRuntime:
                 parts.append(self.single.run(chunk))
                 continue
             padded = {other: _pad(chunk[name], self.size) for name, other in self._names}
-            parts.append([o[:taken] for o in self.batched.run(padded)])
+            results = self.batched.run(padded)
+            parts.append([results[k][:taken] for k in self._order])
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
@@ -133,6 +134,28 @@ class PaddedRuntime:
             self.batched.close()
         finally:
             self.single.close()
+
+
+def _paired(what: str, one: list[TensorInfo], many: list[TensorInfo],
+            names: list[tuple[str, str]] | None) -> list[tuple[TensorInfo, TensorInfo]]:
+    """``one``'s tensors (in order) with the variant's tensor for each; ConfigError when the
+    names do not resolve or a pair differs in dtype or in anything but the batch."""
+    if len(one) != len(many):
+        raise ConfigError(f"the batch-N variant has {len(many)} {what}, the artifact {len(one)}")
+    by_one = {t.name: t for t in one}
+    by_many = {t.name: t for t in many}
+    if names is not None and all(a in by_one and b in by_many for a, b in names) \
+            and len({a for a, _ in names}) == len(one):
+        wanted = dict(names)
+        pairs = [(t, by_many[wanted[t.name]]) for t in one]
+    else:
+        pairs = list(zip(one, many, strict=True))
+    for a, b in pairs:
+        if (a.dtype, a.shape[1:]) != (b.dtype, b.shape[1:]):
+            raise ConfigError(f"the batch-N variant's {what} do not match the artifact's: "
+                              f"{b.name} {list(b.shape)} ({b.dtype}) for {a.name} "
+                              f"{list(a.shape)} ({a.dtype})")
+    return pairs
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
