@@ -247,13 +247,17 @@ def _batched_static_graph(ctx: BuildContext, size: int) -> Path:
 
     path = ctx.batched_static_paths.get(size)
     if path is None:
-        keep = [k for k, v in ctx.input_shapes.items() if v and v[0] is not None]
+        # a batch given as 1 (--input-shape x=1x3x224x224, often written only to fix the other
+        # axes) is freed for the variant like any batch fixed at 1; another size stays
+        shapes = {k: [None, *v[1:]] if v and v[0] == 1 else list(v)
+                  for k, v in ctx.input_shapes.items()}
+        keep = [k for k, v in shapes.items() if v and v[0] is not None]
         try:
             model, stacked = batched_graph(onnx.load(str(ctx.reference_path)), ctx.evaluation,
                                            size, keep)
         except ConversionError as exc:
             raise ConversionError(f"no batch-{size} variant: {exc}") from None
-        prepared = prepare_static(model, ctx.input_shapes, stacked, batch=size)
+        prepared = prepare_static(model, shapes, stacked, batch=size)
         path = ctx.work / f"static-b{size}.onnx"
         onnx.save(prepared, str(path))
         ctx.batched_static_paths[size] = path
@@ -289,6 +293,14 @@ def build_tflite_artifacts(ctx: BuildContext, plans: Sequence[PlannedArtifact],
         except ConversionError as exc:
             for artifact_id in wanted:
                 built[artifact_id].fail(str(exc))
+            continue
+        except Exception as exc:
+            if batch == 1:
+                raise
+            # a variant is never required: whatever breaks it leaves the conversion standing
+            for artifact_id in wanted:
+                built[artifact_id].fail(f"no batch-{batch} variant: {type(exc).__name__}: "
+                                        f"{str(exc)[:300]}")
             continue
         if batch == 1:
             _apply_output_layouts(ctx, result.model_output_layouts)

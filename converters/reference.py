@@ -149,10 +149,14 @@ def per_sample_problem(stacked_model: Any, model: Any, evaluation: Dataset,
                 if output.shape != single.shape:
                     return (f"output {index} is {list(output.shape)} at batch {count}, "
                             f"{list(single.shape)} one sample at a time")
-                if not np.allclose(output, single, rtol=1e-4,
-                                   atol=1e-5 * max(1.0, float(np.abs(single).max(initial=0)))):
+                # round-off, not mixing: kernels picked for a batch of N may sum in another
+                # order (magika's probabilities moved by 2e-4 at batch 4); a graph that mixes
+                # samples moves outputs by the size of the signal
+                scale = max(1.0, float(np.abs(single).max(initial=0)))
+                if not np.allclose(output, single, rtol=1e-3, atol=1e-4 * scale):
+                    worst = float(np.abs(output - single).max())
                     return (f"output {index} at batch {count} differs from one sample at a "
-                            "time (the graph mixes samples)")
+                            f"time by up to {worst:.3g} (the graph mixes samples)")
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return None
