@@ -151,9 +151,10 @@ def per_sample_problem(stacked_model: Any, model: Any, evaluation: Dataset,
                             f"{list(single.shape)} one sample at a time")
                 # round-off, not mixing: kernels picked for a batch of N may sum in another
                 # order (magika's probabilities moved by 2e-4 at batch 4); a graph that mixes
-                # samples moves outputs by the size of the signal
+                # samples moves outputs by the size of the signal. (Each artifact's accuracy is
+                # judged apart, against the reference, by the profile's budget.)
                 scale = max(1.0, float(np.abs(single).max(initial=0)))
-                if not np.allclose(output, single, rtol=1e-3, atol=1e-4 * scale):
+                if not np.allclose(output, single, rtol=1e-3, atol=1e-3 * scale):
                     worst = float(np.abs(output - single).max())
                     return (f"output {index} at batch {count} differs from one sample at a "
                             f"time by up to {worst:.3g} (the graph mixes samples)")
