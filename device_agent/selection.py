@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from edgeserve.errors import RuntimeUnavailableError
+from edgeserve.errors import ConfigError, RuntimeUnavailableError
 from edgeserve.manifest import Artifact, Manifest
 from edgeserve.profiles import HardwareProfile
 from edgeserve.selection import (
@@ -49,6 +49,12 @@ def select_artifact(manifest: Manifest, profile: HardwareProfile,
     formats = runnable_formats(profile)
     if artifact_id is not None:
         chosen = manifest.artifact(artifact_id)
+        if chosen.batch is not None:
+            raise ConfigError(
+                f"artifact {chosen.id} is a batch-{chosen.batch} variant: it serves only beside "
+                "the batch-1 artifact of its format and precision (the agent's dynamic "
+                "batching loads it); choose one of "
+                f"{', '.join(a.id for a in manifest.artifacts if a.batch is None)}")
         if chosen.format not in formats:
             raise RuntimeUnavailableError(_cannot_run(chosen, profile, formats))
         return chosen

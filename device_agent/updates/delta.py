@@ -78,7 +78,8 @@ def _artifact_of(manifest: Manifest, member: str) -> tuple[str, str] | None:
 
 def find_base(agent: Agent, model: str, manifest: Manifest, member: str) -> Base | None:
     """The newest installed version's file for the same artifact (id) and relative path, read
-    and verified from the cache; None when there is none (or it cannot be read)."""
+    and verified from the cache; None when there is none (or it cannot be read). The artifact
+    may be the version's own or one kept beside it (its batch-N variant)."""
     found = _artifact_of(manifest, member)
     if found is None:
         return None
@@ -86,16 +87,16 @@ def find_base(agent: Agent, model: str, manifest: Manifest, member: str) -> Base
     try:
         records = sorted(agent.cache.records(model), key=lambda r: r.release, reverse=True)
         for record in records:
-            if record.artifact_id != artifact_id:
-                continue
             raw = agent.cache.read_verified(record.manifest_sha256, f"{model} {record.version}")
             old = parse_manifest(raw, where=f"{model} {record.version} manifest.json")
-            artifact = next(a for a in old.artifacts if a.id == artifact_id)
+            artifact = next((a for a in old.artifacts if a.id == artifact_id), None)
+            if artifact is None:
+                continue
             sha = record.files.get(artifact.path + rest)
             if sha is not None:
                 data = agent.cache.read_verified(sha, f"{model} {record.version} {member}")
                 return Base(sha, data, record.version)
-    except (EdgeserveError, StopIteration, OSError) as exc:
+    except (EdgeserveError, OSError) as exc:
         log.info("%s: no delta base (%s)", member, exc)
     return None
 

@@ -138,3 +138,12 @@ def test_a_broken_variant_costs_the_batching_not_the_model(
                                    rtol=1e-6)
         assert not isinstance(agent.model("heads").runtime, BatchingRuntime)
     assert "onnx-fp32-b4 cannot be loaded" in caplog.text, caplog.text
+
+
+def test_a_variant_cannot_be_installed_as_the_artifact(tmp_path: Path, keypair: KeyPair) -> None:
+    """Named by hand (``agent install --artifact``), a batch-N variant would fail every request
+    of one sample: refused, naming the artifacts that can be chosen."""
+    package = _package(tmp_path, keypair, _two_heads(4, ("head_a", "head_b")))
+    with Agent(tmp_path / "a", trusted_keys=[keypair.public_path]) as agent, \
+            pytest.raises(ConfigError, match=r"onnx-fp32-b4 is a batch-4 variant.*one of onnx-fp32$"):
+        agent.install(package, artifact_id="onnx-fp32-b4")
