@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgeserve.contract import Health
+from edgeserve.contract import BatchingSummary, Health
 from edgeserve.errors import SchemaError
 from edgeserve.telemetry import DistributionSketch, LatencyHistogram, ReferenceStats
 
@@ -195,6 +195,9 @@ class Monitor:
         self._start = clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._batches: dict[Key, list[int]] = {}  # calls, requests, samples, largest
+        self._batches_lock = threading.Lock()
+        self.add_source("batching", self._drain_batches)
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -229,6 +232,24 @@ class Monitor:
                     lock.release()
         except Exception as exc:
             self._failed(exc)
+
+    def on_batch(self, model: str, version: str, requests: int, samples: int) -> None:
+        """Count one runtime call of the agent's dynamic batching (once per call, not per
+        request); it joins the version's window as ``batching``."""
+        with self._batches_lock:
+            tally = self._batches.get((model, version))
+            if tally is None:
+                tally = self._batches[(model, version)] = [0, 0, 0, 0]
+            tally[0] += 1
+            tally[1] += requests
+            tally[2] += samples
+            tally[3] = max(tally[3], requests)
+
+    def _drain_batches(self) -> dict[Key, BatchingSummary]:
+        with self._batches_lock:
+            batches, self._batches = self._batches, {}
+        return {key: BatchingSummary(calls=c, requests=r, samples=n, largest=m)
+                for key, (c, r, n, m) in batches.items()}
 
     def _due(self, acc: _Accumulator, event: InferenceEvent) -> None:
         """A request at which buffered latencies are added, the stride is recomputed and/or a

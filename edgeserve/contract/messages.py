@@ -40,6 +40,7 @@ __all__ = [
     "DESIRED_CONTEXT",
     "MAX_PAYLOAD_BYTES",
     "Ack",
+    "BatchingSummary",
     "Desired",
     "DesiredModel",
     "ErrorInfo",
@@ -263,6 +264,17 @@ class FeedbackSummary(Message):
         "predate the field leave it unset and readers then use count"))] = None
 
 
+class BatchingSummary(Message):
+    """The agent's dynamic batching of this window's model version: runtime calls it made, the
+    requests and samples they carried, and the most requests one call carried (mean batch =
+    samples / calls)."""
+
+    calls: Count
+    requests: Count
+    samples: Count
+    largest: Count = 0
+
+
 class Health(Message):
     mem_used_mb: Annotated[float, Meta(ge=0)] | None = None
     mem_total_mb: Annotated[float, Meta(ge=0)] | None = None
@@ -288,6 +300,9 @@ class Window(Message):
     drift_outputs: DriftScore | None = None
     shadow: ShadowReport | None = None
     feedback: FeedbackSummary | None = None
+    batching: Annotated[BatchingSummary | None, Meta(description=(
+        "set when the agent batched this version's requests (agents that predate it, and "
+        "fleets that predate it, leave it out and ignore it)"))] = None
     health: Health | None = None
     dropped: Annotated[Count, Meta(description="windows the outbox dropped before this one")] = 0
 

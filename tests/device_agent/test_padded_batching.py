@@ -5,6 +5,7 @@ the batching, never the model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -16,6 +17,8 @@ from edgeserve.device_agent import Agent
 from edgeserve.device_agent.batching import BatchingRuntime, BatchPolicy, PaddedRuntime
 from edgeserve.device_agent.runtimes import ArtifactSource
 from edgeserve.device_agent.runtimes.onnx import OnnxRuntime
+from edgeserve.device_agent.telemetry.monitor import Monitor
+from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import ConfigError
 from edgeserve.profiles import load_profile
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
@@ -98,8 +101,11 @@ def _package(tmp_path: Path, keypair: KeyPair, variant: bytes) -> Path:
 def test_an_agent_batches_concurrent_requests_on_the_variant(tmp_path: Path,
                                                              keypair: KeyPair) -> None:
     package = _package(tmp_path, keypair, _two_heads(4, ("head_a", "head_b"), swap=True))
-    with Agent(tmp_path / "a", trusted_keys=[keypair.public_path], concurrency=8,
-               batching={"heads": BatchPolicy(16, 5000)}) as agent:
+    with Outbox(tmp_path / "outbox.db") as outbox, \
+            Agent(tmp_path / "a", trusted_keys=[keypair.public_path], concurrency=8,
+                  batching={"heads": BatchPolicy(16, 5000)}) as agent:
+        monitor = Monitor(outbox)
+        agent.add_observer(monitor)
         assert agent.install(package).artifact_id == "onnx-fp32"
         loaded = agent.model("heads")
         assert loaded.extra["batch_variant"] == "onnx-fp32-b4"
@@ -123,6 +129,15 @@ def test_an_agent_batches_concurrent_requests_on_the_variant(tmp_path: Path,
             np.testing.assert_allclose(out["a"], rows[i] @ W, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(out["b"], np.tanh(rows[i] @ V), rtol=1e-5, atol=1e-6)
         assert runtime.samples == 64 and runtime.batches < 64
+        # the telemetry window reports the batching: what the runtime saw, call for call
+        monitor.flush()
+        windows = [json.loads(r.data) for r in outbox.pending(limit=100)]
+        (window,) = [w for w in windows if w.get("model") == "heads"]
+        assert window["requests"] == 64
+        batching = {k: v for k, v in window["batching"].items() if k != "v"}
+        assert batching == {"calls": runtime.batches, "requests": 64, "samples": 64,
+                            "largest": batching["largest"]}
+        assert 2 <= window["batching"]["largest"] <= 4
 
 
 def test_a_broken_variant_costs_the_batching_not_the_model(
