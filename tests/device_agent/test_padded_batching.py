@@ -162,3 +162,20 @@ def test_a_variant_cannot_be_installed_as_the_artifact(tmp_path: Path, keypair: 
     with Agent(tmp_path / "a", trusted_keys=[keypair.public_path]) as agent, \
             pytest.raises(ConfigError, match=r"onnx-fp32-b4 is a batch-4 variant.*one of onnx-fp32$"):
         agent.install(package, artifact_id="onnx-fp32-b4")
+
+
+@pytest.mark.parametrize(("one", "other", "same"), [
+    (None, None, True),
+    ((0.004704130347818136, 5), (0.004704129416495562, 5), True),  # measured: two calibrations
+    ((0.0047, 5), (0.0047, 6), False),                               # another zero point
+    ((0.0047, 5), (0.0048, 5), False),                               # another scale
+    ((0.0047, 5), None, False),                                      # int8 against float
+])
+def test_a_variant_must_share_the_artifacts_quantization(
+        one: tuple[float, int] | None, other: tuple[float, int] | None, same: bool) -> None:
+    """The adapter (de)quantizes with the batch-1 artifact's scale and zero point: a variant
+    calibrated apart is taken only when they agree to the calibration's round-off."""
+    from edgeserve.device_agent.batching import _same_quantization
+
+    assert _same_quantization(one, other) is same
+    assert _same_quantization(other, one) is same
