@@ -16,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
-__all__ = ["resources", "wait_for_count", "wait_until"]
+__all__ = ["from_threads", "resources", "wait_for_count", "wait_until"]
 
 _UNSET = object()
+T = TypeVar("T")
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
@@ -94,3 +97,30 @@ def _switch_interval_restored() -> Iterator[None]:
     interval = sys.getswitchinterval()
     yield
     sys.setswitchinterval(interval)
+
+
+def from_threads(call: Callable[[int, int], T], threads: int, per_thread: int,
+                 timeout: float = 60.0) -> list[T]:
+    """``call(thread, i)`` for ``i < per_thread`` on each of ``threads`` threads, released at
+    once; every result (in no set order). The first error any thread met is raised."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def run(thread: int) -> None:
+        try:
+            start.wait(10)
+            for i in range(per_thread):
+                results.append(call(thread, i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout)
+    if errors:
+        raise errors[0]
+    assert len(results) == threads * per_thread, (len(results), threads * per_thread)
+    return results

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from edgeserve.converters import convert
 from edgeserve.manifest import parse_manifest
 from edgeserve.profiles import load_profile
 from edgeserve.testing import KeyPair
+from tests.support import from_threads
 
 from .conftest import write_profile
 from .test_dynamic_batch import _mlp
@@ -95,28 +95,13 @@ def test_the_variant_is_built_kept_and_batched_bit_identically(
         assert isinstance(loaded.runtime, BatchingRuntime)
         assert isinstance(loaded.runtime.runtime, PaddedRuntime)
 
-        pairs: list[tuple[np.ndarray, np.ndarray]] = []
-        errors: list[BaseException] = []
-        start = threading.Barrier(THREADS)
+        rngs = [np.random.default_rng(seed) for seed in range(THREADS)]
 
-        def client(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            try:
-                start.wait(10)
-                for _ in range(15):
-                    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
-                    out = batched.predict("cnn", {"input": x}).outputs
-                    pairs.append((x, next(iter(out.values()))))
-            except BaseException as exc:
-                errors.append(exc)
+        def call(thread: int, _: int) -> tuple[np.ndarray, np.ndarray]:
+            x = rngs[thread].normal(size=(1, 3, 8, 8)).astype(np.float32)
+            return x, next(iter(batched.predict("cnn", {"input": x}).outputs.values()))
 
-        threads = [threading.Thread(target=client, args=(s,)) for s in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
-        assert len(pairs) == THREADS * 15
+        pairs = from_threads(call, THREADS, 15)
         for x, out in pairs:
             alone = next(iter(plain.predict("cnn", {"input": x}).outputs.values()))
             np.testing.assert_array_equal(out, alone)  # bit-identical, padded batches included

@@ -4,7 +4,6 @@ and batches concurrent requests of such a model."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from edgeserve.converters import convert
 from edgeserve.testing import KeyPair
+from tests.support import from_threads
 
 from .conftest import write_profile
 from .test_preflight import ONNX_ONLY
@@ -94,17 +94,9 @@ def test_a_fixed_batch_becomes_dynamic_and_the_agent_batches_it(
                                    rtol=1e-4, atol=1e-4)
         # concurrent one-sample requests, stacked by the batcher: each gets its own answer
         rows = np.random.default_rng(2).standard_normal((64, 1, 4)).astype(np.float32)
-        answers: dict[int, np.ndarray] = {}
-
-        def call(start: int) -> None:
-            for i in range(start, 64, 8):
-                answers[i] = agent.predict("fixed", {"x": rows[i]}).outputs["y"]
-
-        threads = [threading.Thread(target=call, args=(s,)) for s in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        answers = dict(from_threads(
+            lambda thread, i: (thread + 8 * i, agent.predict("fixed", {
+                "x": rows[thread + 8 * i]}).outputs["y"]), 8, 8))
         assert sorted(answers) == list(range(64))
         for i, y in answers.items():
             np.testing.assert_allclose(y, _forward(rows[i]), rtol=1e-4, atol=1e-4)

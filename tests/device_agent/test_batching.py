@@ -4,7 +4,6 @@ the outputs it would have got alone (ONNX Runtime and LiteRT), and the stacking 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from edgeserve.device_agent.server.metrics import MetricsRegistry
 from edgeserve.errors import ConfigError
 from edgeserve.profiles import HardwareProfile
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from tests.support import from_threads
 
 THREADS = 8
 PER_THREAD = 12
@@ -23,29 +23,14 @@ PER_THREAD = 12
 
 def _concurrent_requests(agent: Agent, model: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Requests of 1-3 images from 8 threads at once; (input, output) pairs."""
-    results: list[tuple[np.ndarray, np.ndarray]] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(THREADS)
+    rngs = [np.random.default_rng(seed) for seed in range(THREADS)]
 
-    def client(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        try:
-            start.wait(10)
-            for _ in range(PER_THREAD):
-                images = rng.normal(size=(int(rng.integers(1, 4)), 3, 8, 8)).astype(np.float32)
-                out = agent.predict(model, {"image": images}).outputs["logits"]
-                results.append((images, np.array(out)))
-        except BaseException as exc:
-            errors.append(exc)
+    def call(thread: int, _: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = rngs[thread]
+        images = rng.normal(size=(int(rng.integers(1, 4)), 3, 8, 8)).astype(np.float32)
+        return images, np.array(agent.predict(model, {"image": images}).outputs["logits"])
 
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert len(results) == THREADS * PER_THREAD
-    return results
+    return from_threads(call, THREADS, PER_THREAD)
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "tflite"])

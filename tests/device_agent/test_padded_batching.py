@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from edgeserve.device_agent.telemetry.outbox import Outbox
 from edgeserve.errors import ConfigError
 from edgeserve.profiles import load_profile
 from edgeserve.testing import KeyPair, make_manifest, write_test_package
+from tests.support import from_threads
 
 W = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
 V = np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)
@@ -113,17 +113,9 @@ def test_an_agent_batches_concurrent_requests_on_the_variant(tmp_path: Path,
         runtime = loaded.runtime
         assert isinstance(runtime, BatchingRuntime) and isinstance(runtime.runtime, PaddedRuntime)
         rows = np.random.default_rng(2).standard_normal((64, 1, 4)).astype(np.float32)
-        answers: dict[int, dict[str, np.ndarray]] = {}
-
-        def call(first: int) -> None:
-            for i in range(first, 64, 8):
-                answers[i] = agent.predict("heads", {"x": rows[i]}).outputs
-
-        threads = [threading.Thread(target=call, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        answers = dict(from_threads(
+            lambda thread, i: (thread + 8 * i, agent.predict("heads", {
+                "x": rows[thread + 8 * i]}).outputs), 8, 8))
         assert sorted(answers) == list(range(64))
         for i, out in answers.items():
             np.testing.assert_allclose(out["a"], rows[i] @ W, rtol=1e-5, atol=1e-6)
