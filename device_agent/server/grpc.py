@@ -56,6 +56,12 @@ log = logging.getLogger("edgeserve.agent.grpc")
 T = TypeVar("T")
 SERVICE = "inference.GRPCInferenceService"
 
+SMALL_MESSAGE = 64 << 10
+"""Messages and answers of at most this many bytes are not counted in the memory budget. No
+larger than the flow-control window every open stream may already hold, they are bounded by the
+gate's capacity instead: ``workers + queue`` calls, each holding under 256 KiB uncounted (the
+message, its parsed copy and the answer twice)."""
+
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
              "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
@@ -105,6 +111,32 @@ def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
         return np.array(list(values), dtype=object).reshape(shape)
     # streamed: a list of the values first would cost ~32 bytes per number
     return np.fromiter(values, dtype=DATATYPES[datatype], count=count).reshape(shape)
+
+
+class _LazyHold:
+    """A :class:`Hold` made at its first reservation: most calls are small and reserve nothing,
+    and finding the client (the call's peer, a string formatted by gRPC core) cost ~5 % of a
+    small call's throughput (docs/benchmarks.md)."""
+
+    __slots__ = ("_budget", "_context", "_hold")
+
+    def __init__(self, budget: MemoryBudget, context: grpc.aio.ServicerContext) -> None:
+        self._budget, self._context = budget, context
+        self._hold: Hold | None = None
+
+    def _get(self) -> Hold:
+        if self._hold is None:
+            self._hold = self._budget.hold(_client_of(self._context))
+        return self._hold
+
+    def force(self, n: int) -> None:
+        self._get().force(n)
+
+    async def take(self, n: int) -> None:
+        await self._get().take(n)
+
+    def release(self) -> int:
+        return self._hold.release() if self._hold is not None else 0
 
 
 def _client_of(context: grpc.aio.ServicerContext) -> str:
@@ -182,14 +214,14 @@ class InferenceServicer:
         return await self._now(context, build)
 
     async def ModelInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        hold = self.budget.hold(_client_of(context))
+        hold = _LazyHold(self.budget, context)
         try:
             return await self._call(context, lambda: self._infer(context, hold))
         finally:
             if hold.release() >= TRIM_AT:  # hand a big request's heap back, off the loop
                 asyncio.get_running_loop().run_in_executor(None, release_memory)
 
-    async def _infer(self, context: grpc.aio.ServicerContext, hold: Hold) -> Any:
+    async def _infer(self, context: grpc.aio.ServicerContext, hold: _LazyHold) -> Any:
         """Admit the call, then read its message: :func:`service_handler` registers ModelInfer
         as client-streaming (the same bytes on the wire as a unary call), so that the message
         is read only here. Until then it waits in the stream's 64 KiB flow-control window; as
@@ -207,14 +239,15 @@ class InferenceServicer:
                 # reserve what decoding takes (a copy of the raw contents, or the arrays of
                 # typed contents)
                 size = request.ByteSize()
-                hold.force(2 * size)
-                await hold.take(size)
+                if size > SMALL_MESSAGE:
+                    hold.force(2 * size)
+                    await hold.take(size)
                 return await self.gate.run(lambda: self._infer_sync(request, hold),
                                            request.model_name, size)
         finally:
             self.gate.release()
 
-    def _infer_sync(self, request: Any, hold: Hold) -> Any:
+    def _infer_sync(self, request: Any, hold: _LazyHold) -> Any:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
@@ -231,7 +264,9 @@ class InferenceServicer:
         if unknown:
             raise InvalidInputError(f"requested output(s) {unknown} do not exist; the model has "
                                     f"{list(result.outputs)}")
-        hold.force(sum(int(result.outputs[n].nbytes) * 2 for n in wanted))
+        produced = sum(int(result.outputs[n].nbytes) * 2 for n in wanted)
+        if produced > SMALL_MESSAGE:
+            hold.force(produced)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=result.version, id=request.id)
         for name in wanted:

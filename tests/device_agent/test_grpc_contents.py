@@ -21,13 +21,16 @@ import json, sys
 import grpc, numpy as np
 from edgeserve.device_agent import Agent
 from edgeserve.device_agent.server import BearerTokenAuth, start_grpc_server
+from edgeserve.device_agent.server.limits import MemoryBudget
 from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2 as pb
 from edgeserve.device_agent._grpc_gen import open_inference_grpc_pb2_grpc as pbg
 
 cache, key, pkg = sys.argv[1:4]
 agent = Agent(cache, trusted_keys=[key])
 agent.install(pkg)
-handle = start_grpc_server(agent, auth=BearerTokenAuth(["tok"]), workers=2, queue=4)
+budget = MemoryBudget()
+handle = start_grpc_server(agent, auth=BearerTokenAuth(["tok"]), workers=2, queue=4,
+                           budget=budget)
 stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(handle.address))
 auth = [("authorization", "Bearer tok")]
 x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
@@ -40,6 +43,14 @@ tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
 tensor.contents.fp32_contents.extend(x.ravel().tolist())
 response = stub.ModelInfer(request, metadata=auth)
 out["id"] = response.id
+out["small_peak"] = budget.peak
+# a message past the stream window is counted (twice, with what decoding and the answer take)
+big = pb.ModelInferRequest(model_name="toy")
+big.inputs.add(name="x", datatype="FP32", shape=[20000, 4])
+big.raw_input_contents.append(np.ones((20000, 4), np.float32).tobytes())
+out["big_rows"] = len(np.frombuffer(stub.ModelInfer(big, metadata=auth).raw_output_contents[0],
+                                    np.float32)) // 3
+out["big_size"], out["big_peak"], out["big_left"] = big.ByteSize(), budget.peak, budget.in_use
 out["y"] = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 3).tolist()
 def code(call, *args, **kwargs):
     try:
@@ -96,6 +107,11 @@ def test_grpc_typed_contents_and_errors(tmp_path: Path, agent_assets: dict[str, 
     x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
     np.testing.assert_allclose(out["y"], mlp_weights().forward(x), atol=1e-5)
     assert out["id"] == "q1"
+    # a small call reserves nothing (bounded by the gate's capacity instead); a large one is
+    # counted, and all of it is given back
+    assert out["small_peak"] == 0
+    assert out["big_rows"] == 20000
+    assert out["big_peak"] >= 3 * out["big_size"] and out["big_left"] == 0
     assert out["no_auth"][0] == "UNAUTHENTICATED"
     assert out["short"][0] == "INVALID_ARGUMENT" and "needs 8 values" in out["short"][1]
     assert out["fp16"][0] == "INVALID_ARGUMENT" and "raw_input_contents" in out["fp16"][1]
