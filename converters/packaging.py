@@ -28,6 +28,7 @@ from edgeserve import __version__
 from edgeserve.manifest import Artifact, Manifest, SourceInfo, parse_manifest
 from edgeserve.package import PackageWriter, atomic_write
 from edgeserve.profiles import HardwareProfile
+from edgeserve.selection import Family, family
 from edgeserve.telemetry import ReferenceStats
 
 from .context import BuildContext, BuiltArtifact
@@ -173,11 +174,11 @@ def _manifest(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any]
 def _with_siblings(kept: list[BuiltArtifact]) -> list[BuiltArtifact]:
     """``kept`` without batch-N variants whose batch-1 artifact is not kept (never chosen on
     their own, they would be dead weight in the package)."""
-    def family(b: BuiltArtifact) -> tuple[str, str, str, str]:
-        return b.format, b.precision, b.quantization, b.plan.key.io_dtype
+    def of(b: BuiltArtifact) -> Family:
+        return family(b.format, b.precision, b.quantization, b.plan.key.io_dtype)
 
-    singles = {family(b) for b in kept if b.batch is None}
-    return [b for b in kept if b.batch is None or family(b) in singles]
+    singles = {of(b) for b in kept if b.batch is None}
+    return [b for b in kept if b.batch is None or of(b) in singles]
 
 
 def write_outputs(options: ConvertOptions, ctx: BuildContext, report: dict[str, Any],

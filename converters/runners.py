@@ -18,6 +18,7 @@ import numpy as np
 from edgeserve.errors import ConversionError
 from edgeserve.manifest import TensorSpec
 from edgeserve.samples import run_samples
+from edgeserve.selection import pad_batch
 
 from .signature import ModelSignature
 
@@ -127,7 +128,7 @@ class LiteRtRunner:
             x = feeds[model.name]
             if self.max_batch > 1 and x.shape[0] < self.max_batch:
                 count = x.shape[0]
-                x = np.concatenate([x, np.repeat(x[-1:], self.max_batch - count, axis=0)])
+                x = pad_batch(x, self.max_batch)
             self._interp.set_tensor(index, to_artifact(x, model, artifact))
         self._interp.invoke()
         outputs = [from_artifact(self._interp.get_tensor(index), model, artifact)

@@ -27,17 +27,17 @@ from edgeserve.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotFoundError,
+    first_line,
 )
 from edgeserve.manifest import Artifact, Manifest, parse_manifest
 from edgeserve.package import atomic_write
 from edgeserve.profiles import HardwareProfile, load_profile
 from edgeserve.samples import run_samples
-from edgeserve.selection import batch_variant
 from edgeserve.signing import TrustStore
 from edgeserve.telemetry import ReferenceStats
 
 from .adapter import IOAdapter
-from .batching import BatchingRuntime, BatchPolicy, PaddedRuntime, batchable
+from .batching import BatchingRuntime, BatchPolicy, with_variant
 from .cache import CacheCheck, ModelCache, VersionRecord
 from .events import EventLog
 from .feedback import FeedbackLog, Prediction
@@ -105,11 +105,6 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.record.version
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:500]
 
 
 def _trust(trusted_keys: TrustStore | Iterable[Path | str] | None) -> TrustStore:
@@ -344,8 +339,12 @@ class Agent:
         policy = self.batching.get(model)
         if policy is not None:
             try:
-                runtime, policy = self._batched(record, manifest, artifact, runtime, policy,
-                                                extra)
+                runtime, policy, variant = with_variant(
+                    runtime, manifest, artifact, policy, record.files.__contains__,
+                    lambda a: load_runtime(a.format, self._source(record, manifest, a),
+                                           self.profile, self.concurrency))
+                if variant is not None:
+                    extra["batch_variant"] = variant
                 runtime = BatchingRuntime(runtime, policy, self._batch_reporter(model, version))
                 extra["batching"] = {"max_batch": policy.max_batch,
                                      "max_queue_delay_us": policy.max_queue_delay_us}
@@ -353,42 +352,6 @@ class Agent:
                 log.warning("%s %s (%s): dynamic batching is off for this artifact: %s", model,
                             version, artifact.id, exc)
         return LoadedModel(record, manifest, artifact, runtime, adapter, extra)
-
-    def _batched(self, record: VersionRecord, manifest: Manifest, artifact: Artifact,
-                 runtime: Runtime, policy: BatchPolicy,
-                 extra: dict[str, object]) -> tuple[Runtime, BatchPolicy]:
-        """A fixed-batch artifact with a batch-N variant installed beside it: both runtimes as
-        one with a dynamic batch axis, and the policy's ``max_batch`` capped at N (raises
-        :class:`ConfigError` when the variant cannot be used)."""
-        if batchable(runtime) is None:
-            return runtime, policy
-        variant = batch_variant(manifest, artifact)
-        if variant is None or variant.batch is None:
-            return runtime, policy  # BatchingRuntime says why it cannot batch
-        if any(name not in record.files for name in manifest.artifact_files(variant)):
-            raise ConfigError(f"its batch-N variant {variant.id} was not installed (installed "
-                              "before this agent kept variants: install the package again)")
-        try:
-            many = load_runtime(variant.format, self._source(record, manifest, variant),
-                                self.profile, self.concurrency)
-        except Exception as exc:  # a bad variant costs the batching, never the model
-            raise ConfigError(f"its batch-N variant {variant.id} cannot be loaded: "
-                              f"{_first_line(exc)}") from None
-        # the two artifacts' signatures list tensors in the model's order: pair their names
-        # (PaddedRuntime checks the pairs against both runtimes)
-        pairs = [[(a.name, b.name) for a, b in zip(mine or model, theirs or model, strict=False)]
-                 for mine, theirs, model in ((artifact.inputs, variant.inputs, manifest.inputs),
-                                             (artifact.outputs, variant.outputs,
-                                              manifest.outputs))]
-        try:
-            padded = PaddedRuntime(runtime, many, *pairs)
-        except ConfigError:
-            many.close()
-            raise
-        extra["batch_variant"] = variant.id
-        if policy.max_batch > padded.size:
-            policy = BatchPolicy(padded.size, policy.max_queue_delay_us)
-        return padded, policy
 
     def _batch_reporter(self, model: str, version: str) -> Callable[[int, int], None]:
         def report(requests: int, samples: int) -> None:
@@ -450,7 +413,7 @@ class Agent:
                 raise
             raise InferenceError(
                 f"{model} {loaded.record.version} ({loaded.artifact.format}) failed on this "
-                f"request: {_first_line(exc)}") from exc
+                f"request: {first_line(exc)}") from exc
         if self._observers:
             latency = self._notify(model, version, loaded, arrays, outputs, start, None,
                                    request_id)

@@ -31,11 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeserve.errors import ConfigError
+from edgeserve.errors import ConfigError, first_line
+from edgeserve.manifest import Artifact, Manifest
+from edgeserve.selection import batch_variant, pad_batch
 
 from .runtimes import Runtime, TensorInfo
 
-__all__ = ["BatchPolicy", "BatchingRuntime", "PaddedRuntime", "batchable", "parse_batch_option"]
+__all__ = ["BatchPolicy", "BatchingRuntime", "PaddedRuntime", "batchable", "parse_batch_option",
+           "with_variant"]
 
 # A caller counts as alone when no other thread has called for this long.
 _SOLO_S = 0.05
@@ -82,6 +85,45 @@ def batchable(runtime: Runtime) -> str | None:
     return None
 
 
+def with_variant(runtime: Runtime, manifest: Manifest, artifact: Artifact, policy: BatchPolicy,
+                 installed: Callable[[str], bool], load: Callable[[Artifact], Runtime]
+                 ) -> tuple[Runtime, BatchPolicy, str | None]:
+    """``runtime`` (``artifact``'s) ready for ``policy``: when its batch is fixed and the package
+    has a batch-N variant, a :class:`PaddedRuntime` over both (the variant loaded by ``load``),
+    with ``max_batch`` capped at N, and the variant's id; otherwise ``runtime`` as it is
+    (:class:`BatchingRuntime` says why it cannot batch). ``installed`` tells whether a package
+    file is on the device. Raises :class:`ConfigError` when the variant cannot be used."""
+    if batchable(runtime) is None:
+        return runtime, policy, None
+    variant = batch_variant(manifest, artifact)
+    if variant is None or variant.batch is None:
+        return runtime, policy, None
+    if not all(installed(name) for name in manifest.artifact_files(variant)):
+        raise ConfigError(f"its batch-N variant {variant.id} was not installed (installed "
+                          "before this agent kept variants: install the package again)")
+    try:
+        many = load(variant)
+    except Exception as exc:  # a bad variant costs the batching, never the model
+        raise ConfigError(f"its batch-N variant {variant.id} cannot be loaded: "
+                          f"{first_line(exc)}") from None
+    # the two artifacts' signatures list tensors in the model's order: pair their names
+    # (PaddedRuntime checks the pairs against both runtimes)
+    inputs, outputs = ([(a.name, b.name) for a, b in zip(mine or model, theirs or model,
+                                                        strict=False)]
+                       for mine, theirs, model in ((artifact.inputs, variant.inputs,
+                                                    manifest.inputs),
+                                                   (artifact.outputs, variant.outputs,
+                                                    manifest.outputs)))
+    try:
+        padded = PaddedRuntime(runtime, many, inputs, outputs)
+    except ConfigError:
+        many.close()
+        raise
+    if policy.max_batch > padded.size:
+        policy = BatchPolicy(padded.size, policy.max_queue_delay_us)
+    return padded, policy, variant.id
+
+
 class PaddedRuntime:
     """A fixed-batch artifact with a dynamic batch axis: ``single`` (batch 1) runs one sample,
     ``batched`` (the batch-N variant, every tensor's batch fixed at one N ≥ 2) runs 2…N, a
@@ -122,7 +164,7 @@ class PaddedRuntime:
             if taken == 1:
                 parts.append(self.single.run(chunk))
                 continue
-            padded = {other: _pad(chunk[name], self.size) for name, other in self._names}
+            padded = {other: pad_batch(chunk[name], self.size) for name, other in self._names}
             results = self.batched.run(padded)
             parts.append([results[k][:taken] for k in self._order])
         if len(parts) == 1:
@@ -168,14 +210,6 @@ def _same_quantization(a: tuple[float, int] | None, b: tuple[float, int] | None)
     if a is None or b is None:
         return a is b
     return a[1] == b[1] and abs(a[0] - b[0]) <= 1e-4 * max(abs(a[0]), abs(b[0]))
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-    """``array`` with its last sample repeated up to ``size`` samples."""
-    if array.shape[0] == size:
-        return array
-    filler = np.repeat(array[-1:], size - array.shape[0], axis=0)
-    return np.concatenate([array, filler])
 
 
 class _Request:

@@ -83,6 +83,7 @@ __all__ = [
     "UntrustedKeyError",
     "VersionConflictError",
     "exit_code_for",
+    "first_line",
     "http_status_for",
 ]
 
@@ -280,3 +281,10 @@ def exit_code_for(exc: BaseException) -> int:
 def http_status_for(exc: BaseException) -> int:
     """The HTTP status for an exception (500 for anything that is not ours)."""
     return exc.http_status if isinstance(exc, EdgeserveError) else 500
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (at most 500 characters), or its type's
+    name when it has none: for a runtime's or library's error quoted inside one of ours."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:500]

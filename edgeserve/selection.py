@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import numpy as np
+
 from .errors import RuntimeUnavailableError
 from .manifest import Artifact, Manifest
 from .profiles import ArtifactTarget, HardwareProfile
 
-__all__ = ["RUNTIME_FORMATS", "artifact_io_dtype", "batch_variant", "choose_artifact",
-           "declared_formats"]
+__all__ = ["RUNTIME_FORMATS", "Family", "artifact_io_dtype", "batch_variant", "choose_artifact",
+           "declared_formats", "family", "pad_batch"]
 
 RUNTIME_FORMATS = {"onnx": ("onnxruntime",), "tflite": ("litert",), "coreml": ("coreml",)}
 """Artifact format -> the profile runtimes that run it."""
@@ -70,14 +72,34 @@ def choose_artifact(manifest: Manifest, profile: HardwareProfile,
     )
 
 
+Family = tuple[str, str, str, str]
+"""What a batch-N variant shares with the batch-1 artifact it stands beside."""
+
+
+def family(format: str, precision: str, quantization: str, io_dtype: str) -> Family:
+    """The family of an artifact: a batch-N variant serves beside the batch-1 artifact of its
+    family (the same format, precision, quantization and I/O dtype), never on its own."""
+    return format, precision, quantization, io_dtype
+
+
 def batch_variant(manifest: Manifest, artifact: Artifact) -> Artifact | None:
-    """The batch-N variant of ``artifact`` (``Artifact.batch``: the same format, precision,
-    quantization and I/O dtype, every batch fixed at N), the largest when there are several;
-    None when the package has none. Batch-N variants are never chosen on their own: a device
-    keeps one beside its artifact for the agent's dynamic batching."""
+    """The batch-N variant of ``artifact`` (``Artifact.batch``: its :func:`family`, every batch
+    fixed at N), the largest when there are several; None when the package has none. Batch-N
+    variants are never chosen on their own: a device keeps one beside its artifact for the
+    agent's dynamic batching."""
+    def of(a: Artifact) -> Family:
+        return family(a.format, a.precision, a.quantization, artifact_io_dtype(a, manifest))
+
+    mine = of(artifact)
     same = [a for a in manifest.artifacts
-            if a.batch is not None and a.id != artifact.id
-            and (a.format, a.precision, a.quantization) ==
-            (artifact.format, artifact.precision, artifact.quantization)
-            and artifact_io_dtype(a, manifest) == artifact_io_dtype(artifact, manifest)]
+            if a.batch is not None and a.id != artifact.id and of(a) == mine]
     return max(same, key=lambda a: a.batch or 0, default=None)
+
+
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with its last sample repeated up to ``size`` samples: a partial batch for a
+    batch-N variant, whose outputs for the copies are then dropped."""
+    if array.shape[0] >= size:
+        return array
+    filler = np.repeat(array[-1:], size - array.shape[0], axis=0)
+    return np.concatenate([array, filler])
