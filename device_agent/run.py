@@ -41,6 +41,7 @@ from .cli import (
     batch_option,
     batching_of,
     limit_options,
+    loop_option,
     server_limits,
     tls_options,
     tls_settings,
@@ -346,6 +347,7 @@ def _origin(value: str) -> str:
                    "--public-url); repeatable [default: wherever the fleet's signed desired "
                    "state says; env EDGESERVE_ARTIFACT_ORIGINS, space-separated].")
 @batch_option
+@loop_option("asyncio")
 @agent_options
 def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fleet_name: str,
         window: float, labels: tuple[str, ...], outbox_max_bytes: int, username: str | None,
@@ -355,8 +357,8 @@ def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fl
         auth: str | None, duration: float | None, tls_cert: Path | None, tls_key: Path | None,
         tls_client_ca: Path | None, insecure: bool, memory_budget: int,
         max_connections: int | None, header_timeout: float, fleet_keys: tuple[Path, ...],
-        artifact_origins: tuple[str, ...], batch: tuple[str, ...], cache_dir: Path | None,
-        profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
+        artifact_origins: tuple[str, ...], batch: tuple[str, ...], event_loop: str,
+        cache_dir: Path | None, profile: str | None, trusted_keys: tuple[Path, ...]) -> None:
     """Serve installed models and send their telemetry (windows, drift, health) to the fleet."""
     from .server import check_exposure, parse_auth_option
 
@@ -388,7 +390,7 @@ def run(host: str, port: int, broker: tuple[str, ...], device_id: str | None, fl
         _run(config, device, link, window, outbox_max_bytes, labels, host, port, authenticator,
              workers, duration, fleet_name, tls,
              server_limits(memory_budget, max_connections, header_timeout), artifact_origins,
-             batching)
+             batching, event_loop)
     finally:
         os.close(lock)
 
@@ -397,7 +399,8 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
          outbox_max_bytes: int, labels: tuple[str, ...], host: str, port: int,
          authenticator: Authenticator | None, workers: int, duration: float | None,
          fleet_name: str, tls: Any = None, limits: Any = None,
-         artifact_origins: tuple[str, ...] = (), batching: Any = None) -> None:
+         artifact_origins: tuple[str, ...] = (), batching: Any = None,
+         event_loop: str = "asyncio") -> None:
     agent = open_agent(config, concurrency=workers, feedback=True, batching=batching)
     running = AgentRun.build(agent, window_s=window,
                              outbox_path=config.cache_dir / "telemetry" / "outbox.db",
@@ -409,7 +412,7 @@ def _run(config: AgentConfig, device: str, link: LinkSettings | None, window: fl
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         running.start(host, None if port < 0 else port, auth=authenticator, workers=workers,
-                      tls=tls, limits=limits)
+                      tls=tls, limits=limits, loop=event_loop)
         where = running.http.url if running.http is not None else "no HTTP API"
         target = (f"telemetry to {link.broker.url} as {device} in fleet {fleet_name}"
                   if link is not None else "no broker: telemetry waits in the outbox")

@@ -60,7 +60,8 @@ def test_agent_run_sends_windows_the_fleet_cli_shows(tmp_path: Path, fleet_name:
          str(key.public_path), "--port", str(http_port), "--broker",
          f"mqtt://127.0.0.1:{mqtt_port}", "--fleet", fleet_name, "--device-id", "cam-7",
          "--window", "1", "--label", "site=lab"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     output: list[str] = []
     assert agent_proc.stdout is not None
     threading.Thread(target=lambda: output.extend(agent_proc.stdout or []), daemon=True).start()
@@ -98,6 +99,10 @@ def test_agent_run_sends_windows_the_fleet_cli_shows(tmp_path: Path, fleet_name:
                 agent_proc.kill()
                 agent_proc.wait()
             agent_proc.stdout.close()
+    # agent run serves HTTP on asyncio's loop by default (--loop): uvloop is never imported
+    imported = {line.rsplit("|", 1)[-1].strip() for line in output
+                if line.startswith("import time:")}
+    assert "edgeserve.device_agent.server.http" in imported and "uvloop" not in imported
     wait_for(lambda: cli("fleet", "devices", "--db", db, "--json")[0]["state"] == "offline", 30,
              "the device to go offline")
     stats = fleet.stop()
