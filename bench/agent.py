@@ -434,7 +434,9 @@ def ensure_device_venv() -> Path:
 
 def _serve_once(command: str, cache: Path, profile: Path, key: Path, work: Path,
                 bin_dir: Path | None = None) -> tuple[float, float]:
-    """(RSS in MB after 50 requests, seconds from spawn to the model's ready answer)."""
+    """(RSS in MB after 50 requests, seconds from spawn to the model's ready answer). ``agent
+    run`` sends 1-second windows and is measured after its first ones went out (health read,
+    outbox written, MQTT published): the figure of an agent that has been running."""
     import urllib.request
 
     port = _free_port()
@@ -443,7 +445,7 @@ def _serve_once(command: str, cache: Path, profile: Path, key: Path, work: Path,
             str(cache), "--profile", str(profile), "--trusted-key", str(key), "--port", str(port)]
     if command == "run":
         args += ["--broker", "mqtt://127.0.0.1:1883", "--device-id", f"bench-{os.getpid()}",
-                 "--fleet", f"bench-footprint-{os.getpid()}"]
+                 "--fleet", f"bench-footprint-{os.getpid()}", "--window", "1"]
     log = work / f"footprint-{command}.log"
     start = time.perf_counter()
     with log.open("wb") as sink:
@@ -468,7 +470,7 @@ def _serve_once(command: str, cache: Path, profile: Path, key: Path, work: Path,
             request = urllib.request.Request(infer, body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
-        time.sleep(0.3)
+        time.sleep(2.5 if command == "run" else 0.3)
         return _rss_mb(process.pid), ready
     finally:
         _stop(process)
