@@ -23,6 +23,7 @@ from edgeserve.samples import batch_axis
 
 from ..agent import Agent, PredictResult
 from .codec import tensor_metadata
+from .limits import MemoryBudget, small_request_cost
 from .metrics import MetricsRegistry
 
 __all__ = ["PLATFORMS", "DataPlane", "LoadGate"]
@@ -61,9 +62,16 @@ class LoadGate:
     slow on the loop stays on the workers until it is tried again :data:`RETRY_INLINE_S` later.
     """
 
-    def __init__(self, workers: int = 2, queue: int = 64, retry_after_s: float = 1.0) -> None:
+    def __init__(self, workers: int = 2, queue: int = 64, retry_after_s: float = 1.0,
+                 budget: MemoryBudget | None = None) -> None:
         self.workers = max(1, workers)
         self.capacity = self.workers + max(0, queue)
+        # what the admitted requests can cost while small (limits.SMALL_BODY: not reserved one
+        # by one) is kept back from ``budget`` while the gate is open
+        self._budget = budget
+        self._aside = self.capacity * small_request_cost() if budget is not None else 0
+        if budget is not None:
+            budget.set_aside(self._aside)
         self.retry_after_s = retry_after_s
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeserve-infer")
         self.admitted = 0
@@ -133,6 +141,9 @@ class LoadGate:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        aside, self._aside = self._aside, 0
+        if self._budget is not None and aside:
+            self._budget.give_back(aside)
 
 
 def _average(mean: float | None, sample: float) -> float:

@@ -47,7 +47,7 @@ from .codec import (
     encode_bytes_tensor,
 )
 from .dataplane import DataPlane, LoadGate
-from .limits import TRIM_AT, Hold, MemoryBudget, release_memory
+from .limits import SMALL_ANSWER, SMALL_BODY, TRIM_AT, Hold, MemoryBudget, release_memory
 from .metrics import MetricsRegistry
 
 __all__ = ["SERVICE", "InferenceServicer", "service_handler", "status_for"]
@@ -55,12 +55,6 @@ __all__ = ["SERVICE", "InferenceServicer", "service_handler", "status_for"]
 log = logging.getLogger("edgeserve.agent.grpc")
 T = TypeVar("T")
 SERVICE = "inference.GRPCInferenceService"
-
-SMALL_MESSAGE = 64 << 10
-"""Messages and answers of at most this many bytes are not counted in the memory budget. No
-larger than the flow-control window every open stream may already hold, they are bounded by the
-gate's capacity instead: ``workers + queue`` calls, each holding under 256 KiB uncounted (the
-message, its parsed copy and the answer twice)."""
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
@@ -114,9 +108,10 @@ def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
 
 
 class _LazyHold:
-    """A :class:`Hold` made at its first reservation: most calls are small and reserve nothing,
-    and finding the client (the call's peer, a string formatted by gRPC core) cost ~5 % of a
-    small call's throughput (docs/benchmarks.md)."""
+    """A :class:`Hold` made at its first reservation: small calls reserve nothing (the server
+    keeps back for them at start, :data:`~.limits.SMALL_BODY`), and finding the client (the
+    call's peer, a string formatted by gRPC core) cost ~5 % of a small call's throughput
+    (docs/benchmarks.md)."""
 
     __slots__ = ("_budget", "_context", "_hold")
 
@@ -239,15 +234,16 @@ class InferenceServicer:
                 # reserve what decoding takes (a copy of the raw contents, or the arrays of
                 # typed contents)
                 size = request.ByteSize()
-                if size > SMALL_MESSAGE:
+                small = size <= SMALL_BODY  # kept back for at start (limits.SMALL_BODY)
+                if not small:
                     hold.force(2 * size)
                     await hold.take(size)
-                return await self.gate.run(lambda: self._infer_sync(request, hold),
+                return await self.gate.run(lambda: self._infer_sync(request, hold, small),
                                            request.model_name, size)
         finally:
             self.gate.release()
 
-    def _infer_sync(self, request: Any, hold: _LazyHold) -> Any:
+    def _infer_sync(self, request: Any, hold: _LazyHold, small: bool = False) -> Any:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
@@ -265,7 +261,7 @@ class InferenceServicer:
             raise InvalidInputError(f"requested output(s) {unknown} do not exist; the model has "
                                     f"{list(result.outputs)}")
         produced = sum(int(result.outputs[n].nbytes) * 2 for n in wanted)
-        if produced > SMALL_MESSAGE:
+        if not small or produced > SMALL_ANSWER:
             hold.force(produced)
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=result.version, id=request.id)

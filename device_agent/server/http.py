@@ -38,6 +38,8 @@ from .codec import decode_request, encode_response
 from .dataplane import DataPlane, LoadGate
 from .limits import (
     JSON_EXPANSION,
+    SMALL_ANSWER,
+    SMALL_BODY,
     TRIM_AT,
     ConnectionGuard,
     Hold,
@@ -255,16 +257,18 @@ class HttpApp:
         raise ModelNotFoundError(f"no such endpoint under model {model!r}: /{'/'.join(rest)}")
 
     async def _read_body(self, headers: dict[str, str], receive: Receive, hold: Hold,
-                         limit: int, expansion: int = 1, floor: int = 1) -> bytearray:
+                         limit: int, expansion: int = 1, floor: int = 1,
+                         counted: bool = True) -> bytearray:
         """The body, at most ``limit`` bytes, reserved in ``hold`` before it is read.
 
         With a Content-Length, ``expansion`` times the body (what the request is expected to
         cost all told) is reserved up front, at most the client's share: a request waits or is
         refused before a byte is read, and does not reserve in pieces while others hold theirs.
         ``floor`` times the body is what it costs at least: past the client's share it is 413.
-        A chunked body reserves as it arrives. The body must keep arriving."""
+        A chunked body reserves as it arrives. The body must keep arriving. A small request
+        (``counted`` False: :data:`~.limits.SMALL_BODY`) reserves nothing."""
         declared = _content_length(headers)
-        if declared is not None:
+        if declared is not None and counted:
             if declared > limit:
                 raise TooLargeError(f"request body of {declared} bytes exceeds the limit of "
                                     f"{limit} bytes{_why_limit(limit, self.max_body)}")
@@ -316,35 +320,43 @@ class HttpApp:
                             415)
         self.gate.check()  # a full queue refuses before a byte of the body is read
         limit = self.plane.body_limit(model, version, self.max_body)
+        declared = _content_length(headers)
+        # small: kept back for by the server's set-aside (limits.SMALL_BODY), not reserved
+        small = encoding == "identity" and declared is not None and declared <= min(
+            SMALL_BODY, limit)
         if encoding == "identity":
             # JSON: the body, its text copy and Python numbers; binary: the body and the
             # runtime's copy of the tensors
             body = await self._read_body(headers, receive, hold, limit,
                                          JSON_EXPANSION if json_length is None else 2,
-                                         2 if json_length is None else 1)
+                                         2 if json_length is None else 1, counted=not small)
         else:
             body = await self._read_body(headers, receive, hold, limit)
             compressed = len(body)
             body = await asyncio.to_thread(_inflate, body, encoding, limit, hold)
             hold.give(compressed)
-        cost = _decode_cost(body, json_length)
-        if not hold.settled(cost):
-            await hold.settle(cost)
+        if not small:
+            cost = _decode_cost(body, json_length)
+            if not hold.settled(cost):
+                await hold.settle(cost)
         accept = headers.get("accept-encoding", "")
         self.gate.admit()
         try:
             return await self.gate.run(lambda: self._infer_sync(
-                model, version, body, json_length, accept, hold), model, len(body))
+                model, version, body, json_length, accept, hold, small), model, len(body))
         finally:
             self.gate.release()
 
     def _infer_sync(self, model: str, version: str | None, body: bytearray,
-                    header_length: int | None, accept: str, hold: Hold) -> Response:
+                    header_length: int | None, accept: str, hold: Hold,
+                    small: bool = False) -> Response:
         request = decode_request(body, header_length)
         key = request.parameters.get("request_key")
         result = self.plane.infer(model, version, request.inputs, request.id,
                                   str(key) if key is not None else None)
-        hold.force(_encoding_cost(result.outputs))
+        answer = _encoding_cost(result.outputs)
+        if not small or answer > SMALL_ANSWER:
+            hold.force(answer)
         if request.id is None and result.request_id is not None:
             request.id = result.request_id  # generated for feedback: the client needs it
         payload, json_length = encode_response(model, result.version, result.outputs, request)

@@ -202,7 +202,7 @@ def start_http_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     budget = budget or MemoryBudget.of(limits)
     tune_allocator()
     metrics = _metrics_for(agent, metrics)
-    gate = LoadGate(workers, queue)
+    gate = LoadGate(workers, queue, budget=budget)
     guard = None
     protocol: Any = "h11"
     if importlib.util.find_spec("httptools") is not None:
@@ -307,7 +307,7 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     plane.preload()
     workers = max(1, workers)
     message_cap = grpc_message_cap(max_message_bytes, budget, workers)
-    gate = LoadGate(workers, queue)
+    gate = LoadGate(workers, queue, budget=budget)
     # The gate admits exactly workers + queue calls (RESOURCE_EXHAUSTED past them). gRPC's own
     # stream and call limits leave it room: a call stays open on the server for a moment after
     # its client has its answer, and a client that keeps to the limit would see its next

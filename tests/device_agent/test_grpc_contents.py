@@ -107,8 +107,8 @@ def test_grpc_typed_contents_and_errors(tmp_path: Path, agent_assets: dict[str, 
     x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
     np.testing.assert_allclose(out["y"], mlp_weights().forward(x), atol=1e-5)
     assert out["id"] == "q1"
-    # a small call reserves nothing (bounded by the gate's capacity instead); a large one is
-    # counted, and all of it is given back
+    # a small call reserves nothing (the server keeps its worst case back at start); a large
+    # one is counted, and all of it is given back
     assert out["small_peak"] == 0
     assert out["big_rows"] == 20000
     assert out["big_peak"] >= 3 * out["big_size"] and out["big_left"] == 0
