@@ -338,6 +338,10 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
                         bool(params.get("binary_data_output", False)), params)
 
 
+_CHECK_IN_PYTHON = 64
+"""Outputs of at most this many floats are checked for NaN and infinity value by value."""
+
+
 def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
                     request: InferRequest) -> tuple[bytes, int | None]:
     """Response body and, when any output is binary, the JSON header length."""
@@ -365,9 +369,13 @@ def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
             tensor["data"] = [v.decode(errors="replace") if isinstance(v, bytes) else str(v)
                               for v in array.ravel()]
         else:
-            if array.dtype.kind in "fc" and finite and not np.isfinite(array).all():
-                finite = False
-            tensor["data"] = array.ravel().tolist()
+            data = array.ravel().tolist()
+            if finite and array.dtype.kind in "fc":
+                # a few floats are checked as Python numbers (0.12 against 0.85 µs for numpy's
+                # ufunc and reduction on three values)
+                finite = all(map(math.isfinite, data)) if array.dtype.kind == "f" and \
+                    len(data) <= _CHECK_IN_PYTHON else bool(np.isfinite(array).all())
+            tensor["data"] = data
         tensors.append(tensor)
     response: dict[str, Any] = {"model_name": model, "model_version": version,
                                 "outputs": tensors}

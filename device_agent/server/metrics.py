@@ -59,16 +59,25 @@ class VersionStats:
     last_inference_ms: int = 0
 
 
+class _Record:
+    """One model version's figures: the statistics extension's and the latency histogram's,
+    updated together (one lookup per request on every transport's path)."""
+
+    __slots__ = ("buckets", "seconds", "stats")
+
+    def __init__(self) -> None:
+        self.stats = VersionStats()
+        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.seconds = 0.0
+
+
 class MetricsRegistry:
     """Counters and latency histograms per model version, plus HTTP/gRPC request counts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._infer: dict[tuple[str, str, str], int] = defaultdict(int)
-        self._buckets: dict[tuple[str, str], list[int]] = {}
-        self._sum: dict[tuple[str, str], float] = defaultdict(float)
+        self._records: dict[tuple[str, str], _Record] = {}
         self._requests: dict[tuple[str, str], int] = defaultdict(int)
-        self._stats: dict[tuple[str, str], VersionStats] = {}
         self._batches: dict[tuple[str, str], list[int]] = {}
         self._batch_sum: dict[tuple[str, str], int] = defaultdict(int)
         self.gauges: dict[str, float] = {}
@@ -86,40 +95,31 @@ class MetricsRegistry:
 
     def on_inference(self, event: InferenceEvent) -> None:
         # Requests for unknown models share one label, so clients cannot create series at will.
-        model = event.model if event.version else "_unknown"
-        key = (model, event.version)
+        key = (event.model if event.version else "_unknown", event.version)
         seconds = event.latency_ms / 1000.0
-        with self._lock:
-            self._infer[(model, event.version,
-                         "success" if event.error is None else "error")] += 1
-            buckets = self._buckets.get(key)
-            if buckets is None:
-                buckets = self._buckets[key] = [0] * (len(LATENCY_BUCKETS_S) + 1)
-            buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-            self._sum[key] += seconds
-            self._count_version(key, event)
-
-    def _count_version(self, key: tuple[str, str], event: InferenceEvent) -> None:
-        # (called with the lock held)
-        stats = self._stats.get(key)
-        if stats is None:
-            stats = self._stats[key] = VersionStats()
         ns = int(event.latency_ms * 1e6)
-        if event.error is None:
-            stats.success += 1
-            stats.success_ns += ns
-            stats.execution_count += 1
-            stats.inference_count += event.batch_size
-        else:
-            stats.fail += 1
-            stats.fail_ns += ns
-        stats.last_inference_ms = int(time.time() * 1000)
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:
+                record = self._records[key] = _Record()
+            record.buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            record.seconds += seconds
+            stats = record.stats
+            if event.error is None:
+                stats.success += 1
+                stats.success_ns += ns
+                stats.execution_count += 1
+                stats.inference_count += event.batch_size
+            else:
+                stats.fail += 1
+                stats.fail_ns += ns
+            stats.last_inference_ms = int(time.time() * 1000)
 
     def version_stats(self, model: str, version: str) -> VersionStats:
         """A copy of one version's figures (zeros when it has not run since the start)."""
         with self._lock:
-            stats = self._stats.get((model, version))
-            return VersionStats(**stats.__dict__) if stats is not None else VersionStats()
+            record = self._records.get((model, version))
+            return VersionStats(**record.stats.__dict__) if record is not None else VersionStats()
 
     def count_request(self, protocol: str, code: int | str) -> None:
         with self._lock:
@@ -129,14 +129,19 @@ class MetricsRegistry:
         lines = ["# HELP edgeserve_inference_total Inferences by model, version and outcome.",
                  "# TYPE edgeserve_inference_total counter"]
         with self._lock:
-            for (model, version, outcome), n in sorted(self._infer.items()):
-                lines.append(f"edgeserve_inference_total"
-                             f"{_labels(model=model, version=version, outcome=outcome)} {n}")
+            records = sorted(self._records.items())
+            for (model, version), record in records:
+                for outcome, n in (("error", record.stats.fail),
+                                   ("success", record.stats.success)):
+                    if n:
+                        lines.append(f"edgeserve_inference_total"
+                                     f"{_labels(model=model, version=version, outcome=outcome)} "
+                                     f"{n}")
             lines += ["# HELP edgeserve_inference_seconds Inference latency in the agent.",
                       "# TYPE edgeserve_inference_seconds histogram"]
-            for key, buckets in sorted(self._buckets.items()):
+            for key, record in records:
                 lines += _histogram("edgeserve_inference_seconds", key, LATENCY_BUCKETS_S,
-                                    buckets, f"{self._sum[key]:.6f}")
+                                    record.buckets, f"{record.seconds:.6f}")
             if self._batches:
                 lines += ["# HELP edgeserve_batch_requests Requests stacked into one runtime "
                           "call (dynamic batching).", "# TYPE edgeserve_batch_requests histogram"]
