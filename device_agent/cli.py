@@ -43,7 +43,7 @@ from edgeserve.errors import (
 from edgeserve.manifest import Manifest
 
 from .agent import Agent
-from .config import load_config, open_agent
+from .config import EVENT_LOOPS, load_config, open_agent
 from .inputs import INPUT_SUFFIXES, read_inputs
 
 __all__ = ["agent", "agent_from_options", "agent_options"]
@@ -480,10 +480,8 @@ def loop_option(default: str) -> Callable[[Any], Any]:
     """``--loop auto|uvloop|asyncio``: the servers' event loop (``agent serve`` takes uvloop when
     installed, for throughput; ``agent run`` asyncio's, 2.6 MB less on a device)."""
     def decorate(fn: Any) -> Any:
-        # the choices are written out here: importing the server package for them would cost
-        # every other command its import
         return click.option(
-            "--loop", "event_loop", type=click.Choice(["auto", "uvloop", "asyncio"]),
+            "--loop", "event_loop", type=click.Choice(EVENT_LOOPS),
             default=default, show_default=True,
             help="The servers' event loop: uvloop serves ~30 % more small requests, asyncio's "
                  "uses 2.6 MB less memory; auto is uvloop when installed.")(fn)

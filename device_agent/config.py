@@ -23,7 +23,10 @@ from edgeserve.errors import ConfigError
 
 from .agent import Agent
 
-__all__ = ["AgentConfig", "default_cache_dir", "load_config", "open_agent"]
+__all__ = ["EVENT_LOOPS", "AgentConfig", "default_cache_dir", "load_config", "open_agent"]
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+"""The servers' event loops (``--loop``): ``auto`` is uvloop when installed, else asyncio's."""
 
 
 def default_cache_dir() -> Path:

@@ -20,6 +20,7 @@ from edgeserve.auth import Authenticator, is_loopback
 from edgeserve.errors import ConfigError
 
 from ..agent import Agent
+from ..config import EVENT_LOOPS
 from .dataplane import DataPlane, LoadGate
 from .http import DEFAULT_MAX_BODY, HttpApp
 from .limits import ConnectionGuard, MemoryBudget, ServerLimits, guarded_protocol, tune_allocator
@@ -352,10 +353,6 @@ def start_grpc_server(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
         raise ConfigError(f"cannot listen for gRPC on {host}:{port}; give another port with "
                           "--grpc-port (0 picks a free one)")
     return GrpcServerHandle(f"{display}:{bound}", bound, server, metrics, grpc_loop, thread, gate)
-
-
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-"""The servers' event loops: ``auto`` is uvloop when installed, else asyncio's."""
 
 
 def event_loop(choice: str) -> str:
